@@ -1,0 +1,217 @@
+"""A cascade: a text encoder spec and a list of stages (a base stage, then super-resolution stages).
+
+On disk a cascade is one folder, laid out like DeepFloyd IF's diffusers folders so each stage loads with
+diffusers alone:
+
+    cascade.json                    text encoder spec, stage list (resolution, kind, augmentation levels), sampling defaults
+    <stage>/unet/config.json        UNet2DConditionModel.save_pretrained
+    <stage>/unet/diffusion_pytorch_model.safetensors
+    <stage>/scheduler/scheduler_config.json   the training noise schedule (DDPMScheduler)
+
+Loading reads JSON and safetensors only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+from .text import TextEncoderSpec, text_dim
+from .unet import build_unet, count_parameters
+
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).parent / "models"
+
+# preset -> (text encoder, [(stage name, kind, resolution, U-Net preset)])
+CASCADE_PRESETS: dict[str, tuple[str, list[tuple[str, str, int, str]]]] = {
+    "tiny": ("tiny", [("base", "base", 16, "tiny"), ("sr", "sr", 32, "tiny")]),
+    "small": ("minilm", [("base", "base", 16, "small"), ("sr", "sr", 32, "small-sr")]),
+    "base64": ("minilm", [("base", "base", 64, "base64"), ("sr", "sr", 256, "small")]),
+}
+
+DEFAULT_SAMPLING = dict(sampler="dpmpp", steps=25, guidance=3.0, thresholding="dynamic", percentile=0.95, max_value=1.5)
+
+
+@dataclass
+class Stage:
+    """One U-Net of the cascade with its training noise schedule. SR stages also know their input resolution."""
+
+    name: str
+    kind: str  # base | sr
+    resolution: int
+    unet: Any  # diffusers.UNet2DConditionModel
+    scheduler: Any  # diffusers.DDPMScheduler: the training schedule
+    lowres: int | None = None
+    aug_level_sample: int = 100  # noise-augmentation level of the low-res input at sampling (Imagen sec. 2.5)
+
+    @property
+    def channels(self) -> int:
+        return self.unet.config.in_channels // (2 if self.kind == "sr" else 1)
+
+    def meta(self) -> dict:
+        return dict(name=self.name, kind=self.kind, resolution=self.resolution, lowres=self.lowres,
+                    aug_level_sample=self.aug_level_sample, parameters=count_parameters(self.unet))
+
+
+@dataclass
+class Cascade:
+    text_encoder: TextEncoderSpec
+    stages: list[Stage]
+    sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
+    info: dict = field(default_factory=dict)  # free-form provenance (source, training run)
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise UserError(f"no stage '{name}' in this cascade; stages: {', '.join(s.name for s in self.stages)}")
+
+    @property
+    def resolution(self) -> int:
+        return self.stages[-1].resolution
+
+
+def training_scheduler(prediction_type: str = "epsilon"):
+    """Imagen's cosine schedule (Nichol & Dhariwal 2021) over 1000 steps, as diffusers' DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
+                         clip_sample=False, variance_type="fixed_small")
+
+
+def check_text_length(max_length: int) -> None:
+    """diffusers' SimpleCrossAttn pads the text mask only when its length differs from the number of spatial
+    tokens (Attention.prepare_attention_mask); a square length such as 16 or 64 can collide with it and crash."""
+    if math.isqrt(max_length) ** 2 == max_length:
+        raise UserError(f"max_text_length {max_length} is a perfect square, which diffusers' SimpleCrossAttn "
+                        "mishandles; use e.g. 20, 32 or 77")
+
+
+def init_cascade(preset: str, *, text_encoder: str | None = None, max_text_length: int = 20,
+                 prediction_type: str = "epsilon", seed: int = 0) -> Cascade:
+    """A randomly initialised cascade from a named preset (the same seed gives the same weights)."""
+    if preset not in CASCADE_PRESETS:
+        raise UserError(f"unknown preset '{preset}'; known: {', '.join(CASCADE_PRESETS)}")
+    check_text_length(max_text_length)
+    default_encoder, layout = CASCADE_PRESETS[preset]
+    spec = TextEncoderSpec.parse(text_encoder or default_encoder, max_text_length)
+    dim = text_dim(spec)
+    torch.manual_seed(seed)
+    stages, previous = [], None
+    for name, kind, resolution, unet_preset in layout:
+        unet = build_unet(unet_preset, kind=kind, resolution=resolution, text_dim=dim)
+        stages.append(Stage(name, kind, resolution, unet, training_scheduler(prediction_type),
+                            lowres=previous if kind == "sr" else None))
+        previous = resolution
+    return Cascade(spec, stages, info={"preset": preset, "seed": seed})
+
+
+def _atomic_replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder into place; an existing one is swapped out first and removed after."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a safetensors file with its floating-point tensors in `dtype` (fp16 for shipping)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a cascade folder (see module doc). `dtype=torch.float16` halves the size for shipping."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for stage in cascade.stages:
+        unet_dir = tmp / stage.name / "unet"
+        stage.unet.save_pretrained(unet_dir, safe_serialization=True)
+        if dtype is not None:
+            _cast_safetensors(unet_dir / "diffusion_pytorch_model.safetensors", dtype)
+        stage.scheduler.save_pretrained(tmp / stage.name / "scheduler")
+    meta = dict(format="imagen-transfer-cascade", format_version=FORMAT_VERSION,
+                text_encoder=cascade.text_encoder.to_dict(), stages=[s.meta() for s in cascade.stages],
+                sampling=cascade.sampling, info=cascade.info)
+    (tmp / "cascade.json").write_text(json.dumps(meta, indent=2))
+    _atomic_replace_dir(tmp, out)
+    return out
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """A cascade folder, or a short name of a shipped cascade (e.g. `cifar10`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = SHIPPED_DIR / str(name_or_path)
+    if shipped.is_dir():
+        return shipped
+    known = sorted(p.name for p in SHIPPED_DIR.iterdir() if p.is_dir()) if SHIPPED_DIR.is_dir() else []
+    raise UserError(f"model folder not found: {name_or_path} (shipped cascades: {', '.join(known) or 'none'})")
+
+
+def read_cascade_json(folder: Path) -> dict:
+    meta_file = folder / "cascade.json"
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder; pass a cascade folder written by `imagen-transfer init`")
+    if not meta_file.is_file():
+        raise UserError(f"{folder} is not a cascade: it has no cascade.json (create one with `imagen-transfer init`)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{meta_file} is not valid JSON: {err}") from None
+    if meta.get("format") != "imagen-transfer-cascade":
+        raise UserError(f"{meta_file} is not an imagen-transfer cascade description")
+    return meta
+
+
+def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Cascade:
+    """Read a cascade folder (JSON + safetensors only) into fp32 (default) modules in eval mode."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    folder = resolve_model(name_or_path)
+    meta = read_cascade_json(folder)
+    stages = []
+    for entry in meta["stages"]:
+        unet_dir = folder / entry["name"] / "unet"
+        if not (unet_dir / "config.json").is_file():
+            raise UserError(f"{folder} is incomplete: missing {unet_dir}/config.json")
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype).to(device).eval()
+        scheduler = DDPMScheduler.from_pretrained(folder / entry["name"] / "scheduler")
+        stages.append(Stage(entry["name"], entry["kind"], entry["resolution"], unet, scheduler,
+                            lowres=entry.get("lowres"), aug_level_sample=entry.get("aug_level_sample", 100)))
+    spec = TextEncoderSpec(**meta["text_encoder"])
+    return Cascade(spec, stages, sampling={**DEFAULT_SAMPLING, **meta.get("sampling", {})}, info=meta.get("info", {}))
+
+
+def describe(cascade: Cascade) -> str:
+    """A short human-readable summary (for `imagen-transfer info`)."""
+    spec = cascade.text_encoder
+    lines = [f"text encoder: {spec.kind}{':' + spec.name_or_path if spec.name_or_path else ''} "
+             f"(max {spec.max_length} tokens)"]
+    for s in cascade.stages:
+        c = s.unet.config
+        src = f"{s.lowres}->{s.resolution}px, aug level {s.aug_level_sample}" if s.kind == "sr" else f"{s.resolution}px"
+        lines.append(f"stage {s.name} ({s.kind}, {src}): {count_parameters(s.unet) / 1e6:.2f}M parameters, "
+                     f"channels {list(c.block_out_channels)}, prediction {s.scheduler.config.prediction_type}")
+    lines.append("sampling defaults: " + ", ".join(f"{k}={v}" for k, v in cascade.sampling.items()))
+    for k, v in cascade.info.items():
+        lines.append(f"{k}: {v}")
+    return "\n".join(lines)

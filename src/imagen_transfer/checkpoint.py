@@ -1,0 +1,113 @@
+"""Run folders and checkpoints that survive a crash at any moment.
+
+A run folder holds `config.yaml` (the resolved config), `metrics.jsonl`, `tensorboard/`, `samples/`,
+`checkpoints/<stage>/step-NNNNNNN/` and, when a run ends, `cascade/` (the trained cascade, EMA weights).
+
+A checkpoint is written into `step-NNNNNNN.tmp/`, renamed into place, and only then named by the `latest` pointer
+file (itself replaced atomically). A kill at any moment therefore leaves `latest` naming a complete checkpoint;
+half-written `.tmp` folders are removed on the next start. Weights are safetensors; the optimizer state is loaded
+with `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "checkpoints" / stage
+
+
+def save_checkpoint(run_dir: Path, stage: str, step: int, *, model: dict[str, torch.Tensor],
+                    ema: dict[str, torch.Tensor], optimizer: dict, state: dict, keep: int = 2) -> Path:
+    """Write one checkpoint atomically and point `latest` at it; keep the newest `keep` (and `best`)."""
+    root = stage_dir(run_dir, stage)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f"step-{step:07d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, tmp / "model.safetensors")
+    save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+    torch.save(optimizer, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
+    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomic(root / "latest", final.name)
+    _prune(root, keep, protect={final.name, _read_pointer(root / "best")})
+    return final
+
+
+def mark_best(run_dir: Path, stage: str, checkpoint: Path) -> None:
+    write_atomic(stage_dir(run_dir, stage) / "best", checkpoint.name)
+
+
+def _read_pointer(path: Path) -> str | None:
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _prune(root: Path, keep: int, protect: set) -> None:
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.name not in protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partial(run_dir: Path) -> int:
+    """Remove `.tmp` leftovers of a checkpoint write that was killed; returns how many."""
+    removed = 0
+    for tmp in Path(run_dir).glob("checkpoints/*/step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def latest_checkpoint(run_dir: Path, stage: str, which: str = "latest") -> Path | None:
+    name = _read_pointer(stage_dir(run_dir, stage) / which)
+    if name is None:
+        return None
+    path = stage_dir(run_dir, stage) / name
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """{'model', 'ema', 'optimizer', 'state'} of a checkpoint folder; refuses pickled objects."""
+    path = Path(path)
+    return dict(
+        model=load_file(path / "model.safetensors"),
+        ema=load_file(path / "ema.safetensors"),
+        optimizer=torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+        state=json.loads((path / "state.json").read_text()),
+    )

@@ -1,0 +1,176 @@
+"""Run configuration: dataclasses per section, YAML loading, `key=value` overrides.
+
+Every run saves its *resolved* config (defaults + file + overrides) to `config.yaml` in its run folder, so a
+run can be reproduced from that file alone. Unknown keys are errors, not silent no-ops: a typo such as
+`train.learing_rate=1e-4` must not train with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Which cascade to build (`preset`) or start from (`init_from`, a cascade folder or a short name)."""
+
+    preset: str = "tiny"
+    text_encoder: str = "tiny"  # tiny | minilm | t5:<path or hub name>
+    max_text_length: int = 20
+    init_from: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """A dataset spec (short name or path), its caption templates and the subset to use."""
+
+    dataset: str = "cifar10"
+    split: str = "train"
+    val_split: str = "test"
+    val_size: int = 256
+    captions: list[str] = field(default_factory=lambda: ["a photo of a {label}"])
+    fraction: float = 1.0
+    per_class: int | None = None
+    skip_bad: bool = False
+    hflip: bool = True
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """The denoising objective (see diffusion.training_loss)."""
+
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    min_snr_gamma: float | None = 5.0
+    cond_drop_prob: float = 0.1
+    aug_level_max: int = 500  # SR stages: noise-augmentation levels drawn from [0, aug_level_max]
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (see train.train)."""
+
+    stages: list[str] = field(default_factory=lambda: ["base", "sr"])
+    steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no | bf16
+    log_every: int = 50
+    val_every: int = 500
+    val_batches: int = 4
+    sample_every: int = 1000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    threads: int | None = None
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for sample grids written during training and for `imagen-transfer sample`."""
+
+    sampler: str = "dpmpp"
+    steps: int = 25
+    guidance: float = 3.0
+    thresholding: str = "dynamic"  # off | static | dynamic
+    percentile: float = 0.95
+    max_value: float = 1.5
+    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    per_prompt: int = 4
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    out: str | None = None
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: section '{name}' must be a mapping, got {value!r}")
+            value = _build(type(default), value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {key}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.steps=100", "sample.prompts=[a, b]"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"override '{pair}' is not of the form section.key=value")
+        key, raw = pair.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- `key=value` overrides, validated into a RunConfig."""
+    tree: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections")
+        where = str(path)
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return _build(RunConfig, tree, where)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

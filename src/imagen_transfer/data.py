@@ -1,0 +1,332 @@
+"""Datasets of images + captions, decoded once into memory at the cascade's resolution.
+
+Sources (named by a path, or by a short name resolved in `IMAGEN_TRANSFER_DATA`):
+- an image folder or a zip of one, either with a `metadata.jsonl` (Hugging Face imagefolder convention:
+  `file_name`, `text`, optional `label`) or with class subfolders (`<class>/<image>`); an optional split level
+  (`train/`, `test/`, ...) above either;
+- a MedMNIST `.npz` file (`train_images`, `train_labels`, `val_*`, `test_*`).
+
+Images are decoded in the main process (never inside a DataLoader worker), converted to RGB or grayscale,
+centre-cropped and resized to the requested resolution, and held as one uint8 tensor: the datasets this toolkit
+targets (CIFAR-10, MedMNIST) are a few hundred MB at most. Decoded arrays are cached on disk (npz, no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SHORT_NAMES = {"cifar10": "cifar10-jpg.zip", "pneumoniamnist": "pneumoniamnist.npz"}
+MEDMNIST_LABELS = {"pneumoniamnist": ["normal", "pneumonia"]}
+
+# Report-like captions per finding, in the wording of chest X-ray reports (IU X-ray style).
+REPORT_CAPTIONS = {
+    "normal": [
+        "chest x-ray, normal. The lungs are clear. No focal consolidation, effusion or pneumothorax.",
+        "chest x-ray, normal. Clear lungs bilaterally. Normal heart size and mediastinal contours.",
+        "chest x-ray, normal. No acute cardiopulmonary abnormality.",
+    ],
+    "pneumonia": [
+        "chest x-ray, pneumonia. Patchy airspace opacities consistent with pneumonia.",
+        "chest x-ray, pneumonia. Focal consolidation in the lung, compatible with infection.",
+        "chest x-ray, pneumonia. Bilateral interstitial and airspace opacities suggesting pneumonia.",
+    ],
+}
+
+
+@dataclass
+class ImageTextData:
+    """Decoded images (N, H, W, C) uint8, one caption each, optional integer labels and their names."""
+
+    images: torch.Tensor
+    captions: list[str]
+    labels: torch.Tensor  # (N,) long, -1 where unknown
+    label_names: list[str]
+    source: str
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, idx) -> ImageTextData:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return ImageTextData(self.images[idx], [self.captions[i] for i in idx.tolist()], self.labels[idx],
+                             self.label_names, self.source, self.skipped)
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("IMAGEN_TRANSFER_DATA", Path.cwd().parent / "shared" / "data"))
+
+
+def resolve_dataset(spec: str) -> Path:
+    """A path, or a short name (cifar10, pneumoniamnist) looked up in IMAGEN_TRANSFER_DATA."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec in SHORT_NAMES:
+        found = data_root() / SHORT_NAMES[spec]
+        if found.exists():
+            return found
+        raise UserError(f"dataset '{spec}' expects {found}, which does not exist: set IMAGEN_TRANSFER_DATA to the "
+                        f"folder that holds {SHORT_NAMES[spec]}")
+    raise UserError(f"dataset not found: {spec} (a folder, .zip or .npz path, or one of {', '.join(SHORT_NAMES)})")
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def _to_array(data: bytes, name: str, resolution: int, channels: int) -> np.ndarray:
+    """Decode, convert to RGB/L, centre-crop to a square and resize (bicubic, antialiased) to `resolution`."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        img = img.convert("RGB" if channels == 3 else "L")
+    w, h = img.size
+    side = min(w, h)
+    if w != h:
+        img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    if side != resolution:
+        img = img.resize((resolution, resolution), Image.BICUBIC, reducing_gap=None)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _safe_member(root_name: str, file_name: str, where: str) -> str:
+    """Join a metadata `file_name` to its folder, refusing absolute paths and `..` that escape the dataset root."""
+    root_parts = PurePosixPath(root_name).parts if root_name else ()
+    parts: list[str] = list(root_parts)
+    inside = not PurePosixPath(file_name).is_absolute()
+    for part in PurePosixPath(file_name).parts:
+        if part == "..":
+            inside = inside and len(parts) > len(root_parts)
+            parts = parts[:-1]
+        elif part not in ("", "."):
+            parts.append(part)
+    if not inside or len(parts) == len(root_parts):
+        raise UserError(f"{where}: file_name '{file_name}' escapes the dataset root; use a relative path inside it")
+    return "/".join(parts)
+
+
+class _Archive:
+    """Uniform read access to a folder or a zip: list member names (posix) and read bytes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.zip = zipfile.ZipFile(path) if path.suffix == ".zip" else None
+        if self.zip is not None:
+            self.names = [n for n in self.zip.namelist() if not n.endswith("/")]
+        else:
+            self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        self.name_set = set(self.names)
+
+    def read(self, name: str) -> bytes:
+        if self.zip is not None:
+            return self.zip.read(name)
+        return (self.path / name).read_bytes()
+
+    def where(self, name: str) -> str:
+        return f"{self.path}:{name}" if self.zip is not None else str(self.path / name)
+
+
+def _split_prefix(archive: _Archive, split: str) -> str:
+    """'train/' when the archive has a split level (optionally under one top folder), else the root."""
+    tops = {n.split("/")[0] for n in archive.names}
+    if split in tops:
+        return split + "/"
+    if len(tops) == 1:
+        (top,) = tops
+        if any(n.startswith(f"{top}/{split}/") for n in archive.names):
+            return f"{top}/{split}/"
+    return ""
+
+
+def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None, str | None]], str]:
+    """(member name, text or None, label or None) for each example of a split, and the prefix used."""
+    prefix = _split_prefix(archive, split)
+    meta_name = prefix + "metadata.jsonl"
+    if meta_name in archive.name_set:
+        entries = []
+        for lineno, line in enumerate(archive.read(meta_name).decode().splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{archive.where(meta_name)} line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: not valid JSON ({err})") from None
+            if "file_name" not in row:
+                raise UserError(f"{where}: missing 'file_name'")
+            member = _safe_member(prefix.rstrip("/"), row["file_name"], where)
+            if member not in archive.name_set:
+                raise UserError(f"{where}: file '{row['file_name']}' does not exist in the dataset")
+            label = row.get("label")
+            entries.append((member, row.get("text"), None if label is None else str(label)))
+        return entries, prefix
+    entries = []
+    for name in archive.names:
+        if not name.startswith(prefix) or name == prefix + "metadata.jsonl":
+            continue
+        rel = name[len(prefix):].split("/")
+        if any(part.startswith(".") for part in rel):
+            continue  # hidden files (.DS_Store, ._foo)
+        label = rel[0] if len(rel) >= 2 else None
+        entries.append((name, None, label))
+    return entries, prefix
+
+
+def _decode_archive(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):
+    archive = _Archive(path)
+    entries, prefix = _entries(archive, split)
+    images, texts, labels, skipped = [], [], [], 0
+    from tqdm.auto import tqdm
+
+    for name, text, label in tqdm(entries, desc=f"decoding {path.name}:{split}", leave=False,
+                                  disable=len(entries) < 2000):
+        try:
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError("not an image file (unknown extension)")
+            arr = _to_array(archive.read(name), name, resolution, channels)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is reported with the file's name
+            if skip_bad:
+                skipped += 1
+                continue
+            raise UserError(f"{archive.where(name)}: cannot read image ({err}); fix or remove the file, "
+                            "or set data.skip_bad=true to skip unreadable files") from None
+        images.append(arr)
+        texts.append(text)
+        labels.append(label)
+    return images, texts, labels, skipped
+
+
+def _decode_npz(path: Path, split: str, resolution: int, channels: int):
+    with np.load(path, allow_pickle=False) as npz:
+        if f"{split}_images" not in npz.files:
+            splits = sorted(k[: -len("_images")] for k in npz.files if k.endswith("_images"))
+            raise UserError(f"{path}: no split '{split}' (splits: {', '.join(splits)})")
+        raw, raw_labels = npz[f"{split}_images"], npz[f"{split}_labels"].reshape(-1)
+    x = torch.from_numpy(raw).float()
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, 3, -1, -1)
+    if x.shape[-1] != resolution:
+        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True,
+                                            align_corners=False)
+    images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    names = MEDMNIST_LABELS.get(path.stem.lower())
+    labels = [names[i] if names else str(i) for i in raw_labels.tolist()]
+    return images, labels
+
+
+def _cache_file(path: Path, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
+    if path.is_dir():
+        return None
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|{resolution}|{channels}|{skip_bad}|v1"
+    root = Path(os.environ.get("IMAGEN_TRANSFER_CACHE", Path.home() / ".cache" / "imagen-transfer")) / "data"
+    return root / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".npz")
+
+
+def _decoded(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):
+    """(images uint8 NHWC, texts or None each, label names or None each, skipped); cached for zip files."""
+    if path.suffix == ".npz":
+        images, labels = _decode_npz(path, split, resolution, channels)
+        return images, [None] * len(labels), labels, 0
+    cache = _cache_file(path, split, resolution, channels, skip_bad)
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            texts = [t if has else None for t, has in zip(z["texts"].tolist(), z["has_text"].tolist())]
+            labels = [lab if has else None for lab, has in zip(z["labels"].tolist(), z["has_label"].tolist())]
+            return torch.from_numpy(z["images"]), texts, labels, int(z["skipped"])
+    images, texts, labels, skipped = _decode_archive(path, split, resolution, channels, skip_bad)
+    if not images:
+        raise UserError(f"{path}: split '{split}' holds no readable images")
+    stacked = np.stack(images)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, images=stacked, texts=np.array([t or "" for t in texts]),
+                 has_text=np.array([t is not None for t in texts]), labels=np.array([lab or "" for lab in labels]),
+                 has_label=np.array([lab is not None for lab in labels]), skipped=np.array(skipped))
+        os.replace(tmp, cache)
+    return torch.from_numpy(stacked), texts, labels, skipped
+
+
+# ----------------------------------------------------------------------------------------------- captions, subsets
+
+
+def caption_for(label: str, index: int, templates: list[str]) -> str:
+    """A caption from a label: report-like sentences for known findings when templates say `{report}`,
+    else `templates[index % len(templates)]` with `{label}` filled in (underscores become spaces)."""
+    template = templates[index % len(templates)]
+    if "{report}" in template:
+        sentences = REPORT_CAPTIONS.get(label)
+        if sentences is None:
+            raise UserError(f"no report-like captions for label '{label}'; use a '{{label}}' template")
+        return template.replace("{report}", sentences[index % len(sentences)])
+    return template.replace("{label}", label.replace("_", " "))
+
+
+def select_subset(labels: torch.Tensor, *, fraction: float = 1.0, per_class: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Deterministic indices: a fraction of each class (at least one), or `per_class` of each class."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"data fraction must be in (0, 1], got {fraction}")
+    if fraction == 1 and per_class is None:
+        return torch.arange(len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for value in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == value).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        k = per_class if per_class is not None else max(1, round(fraction * len(members)))
+        chosen.append(members[:k])
+    return torch.cat(chosen).sort().values
+
+
+def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, channels: int = 3,
+                 captions: list[str] | None = None, fraction: float = 1.0, per_class: int | None = None,
+                 seed: int = 0, skip_bad: bool = False, limit: int | None = None) -> ImageTextData:
+    """Load a split of a dataset spec as in-memory images with one caption each (see module doc)."""
+    path = resolve_dataset(spec)
+    templates = captions or ["a photo of a {label}"]
+    images, texts, label_strs, skipped = _decoded(path, split, resolution, channels, skip_bad)
+    if len(images) == 0:
+        raise UserError(f"{path}: split '{split}' is empty")
+    names = sorted({lab for lab in label_strs if lab is not None})
+    if path.suffix == ".npz" and path.stem.lower() in MEDMNIST_LABELS:
+        names = MEDMNIST_LABELS[path.stem.lower()]
+    index = {name: i for i, name in enumerate(names)}
+    labels = torch.tensor([index[lab] if lab is not None else -1 for lab in label_strs], dtype=torch.long)
+    final_captions = []
+    for i, (text, label) in enumerate(zip(texts, label_strs)):
+        if text is None:
+            if label is None:
+                raise UserError(f"{path}: example {i} of split '{split}' has neither a 'text' caption nor a label")
+            text = caption_for(label, i, templates)
+        final_captions.append(text)
+    data = ImageTextData(images, final_captions, labels, names, f"{path}:{split}", skipped)
+    if fraction < 1 or per_class is not None:
+        data = data.subset(select_subset(labels, fraction=fraction, per_class=per_class, seed=seed))
+    if limit is not None and limit < len(data):
+        data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())  # spread over classes
+    return data
+
+
+def to_float(images_uint8: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], area-downsampled to `resolution` if smaller."""
+    x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
+    if resolution is not None and resolution != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="area" if resolution < x.shape[-1]
+                                            else "bilinear")
+    return x

@@ -1,0 +1,5 @@
+"""The one exception type for bad user input: the CLI prints it as a single line and exits non-zero."""
+
+
+class UserError(Exception):
+    """Bad input (a missing file, an unknown preset, an out-of-range option) with a message that says the fix."""

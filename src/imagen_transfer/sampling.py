@@ -1,0 +1,161 @@
+"""One sampling loop for every stage and for the whole cascade.
+
+The pieces, each small (after k-diffusion's cut): a *denoiser* is a function (x_t, t) -> prediction; classifier-free
+guidance is a wrapper that builds one from a U-Net and two text encodings (Ho & Salimans 2022:
+pred = pred_uncond + w (pred_cond - pred_uncond)); the *scheduler* (diffusers DDPM, DDIM or DPM-Solver++) turns
+predictions into steps and applies Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3: s = the p-th
+percentile of |x0|, s = max(s, 1), x0 = clip(x0, -s, s) / s; diffusers also caps s at `sample_max_value`).
+
+Every image has its own torch.Generator seeded from its own seed, and all of its random draws (initial noise, DDPM
+step noise, the SR stage's augmentation noise) come from it, so an image does not depend on which batch it is in.
+A fresh scheduler is made per call because diffusers' schedulers keep state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion import condition_lowres, denoise
+from .errors import UserError
+from .text import TextEncoding, cat_encodings, load_text_encoder
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
+THRESHOLDING = ("off", "static", "dynamic")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_scheduler(training_config: dict, sampler: str = "dpmpp", thresholding: str = "dynamic",
+                   percentile: float = 0.95, max_value: float = 1.5):
+    """A fresh sampling scheduler on the stage's training noise schedule.
+
+    `static` thresholding clips x0 to [-1, 1] (diffusers' thresholding with s capped at 1); `dynamic` is Imagen's.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
+    if thresholding not in THRESHOLDING:
+        raise UserError(f"unknown thresholding '{thresholding}'; use one of {', '.join(THRESHOLDING)}")
+    if not 0 < percentile <= 1 or max_value < 1:
+        raise UserError(f"thresholding needs 0 < percentile <= 1 and max_value >= 1 (got {percentile}, {max_value})")
+    common = dict(thresholding=thresholding != "off", dynamic_thresholding_ratio=percentile,
+                  sample_max_value=1.0 if thresholding == "static" else max_value)
+    config = {k: v for k, v in dict(training_config).items() if not k.startswith("_")}
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(config, clip_sample=False, variance_type="fixed_small", **common)
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing="trailing", **common)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2, **common)
+
+
+def guided_denoiser(unet, text: TextEncoding, null_text: TextEncoding, guidance: float,
+                    lowres: torch.Tensor | None = None, aug_level: torch.Tensor | None = None) -> Denoiser:
+    """Classifier-free guidance as a wrapper: both branches in one batched U-Net call."""
+    if guidance < 0:
+        raise UserError(f"guidance scale must be >= 0 (got {guidance})")
+    n = text.states.shape[0]
+    both_text = cat_encodings([text, null_text.repeat(n)])
+    both_lowres = None if lowres is None else torch.cat([lowres, lowres])
+    both_level = None if aug_level is None else torch.cat([aug_level, aug_level])
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_batch = t.expand(2 * n) if t.dim() == 0 else t.repeat(2)
+        cond, uncond = denoise(unet, torch.cat([x, x]), t_batch, both_text, both_lowres, both_level).chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return predict
+
+
+def randn(shape: tuple[int, ...], generators: list[torch.Generator], device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Noise with row i drawn from generators[i]: independent of batch composition."""
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generators]).to(device)
+
+
+def run_sampler(predict: Denoiser, scheduler, shape: tuple[int, ...], generators: list[torch.Generator],
+                steps: int, device="cpu", progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """The sampling loop: x_T ~ N(0, I), then one scheduler step per timestep. Returns x_0 clipped to [-1, 1]."""
+    scheduler.set_timesteps(steps, device=device)
+    x = randn(shape, generators, device) * scheduler.init_noise_sigma
+    for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
+        prediction = predict(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(prediction, t, x, generator=generators).prev_sample
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators: list[torch.Generator], *,
+                 lowres: torch.Tensor | None = None, sampler: str = "dpmpp", steps: int = 25, guidance: float = 3.0,
+                 thresholding: str = "dynamic", percentile: float = 0.95, max_value: float = 1.5,
+                 progress: bool = True) -> torch.Tensor:
+    """Sample one stage: a base stage from text alone, an SR stage from text and the previous stage's images."""
+    if steps < 1:
+        raise UserError(f"steps must be >= 1 (got {steps})")
+    device = next(stage.unet.parameters()).device
+    n = len(generators)
+    shape = (n, stage.channels, stage.resolution, stage.resolution)
+    level = None
+    if stage.kind == "sr":
+        if lowres is None:
+            raise ValueError(f"stage {stage.name} is a super-resolution stage and needs the low-res images")
+        level = torch.full((n,), stage.aug_level_sample, device=device, dtype=torch.long)
+        aug_noise = randn(shape, generators, device)
+        lowres = condition_lowres(lowres.to(device), stage.resolution, level, aug_noise, stage.scheduler.alphas_cumprod)
+    predict = guided_denoiser(stage.unet, text.to(device), null_text.to(device), guidance, lowres, level)
+    scheduler = make_scheduler(stage.scheduler.config, sampler, thresholding, percentile, max_value)
+    return run_sampler(predict, scheduler, shape, generators, steps, device, progress, desc=f"stage {stage.name}")
+
+
+def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: list[str] | None = None,
+                   batch_size: int = 16, progress: bool = True, **options) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] for N prompts, one seed each, through every stage (or the named ones).
+
+    `options` override the cascade's sampling defaults (sampler, steps, guidance, thresholding, percentile,
+    max_value). Prompts are processed in batches of `batch_size`; the results do not depend on it.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    settings = {**cascade.sampling, **{k: v for k, v in options.items() if v is not None}}
+    use = [s for s in cascade.stages if stages is None or s.name in stages]
+    encoder = load_text_encoder(cascade.text_encoder)
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        enc = encoder(list(chunk) + [""])
+        text, null = enc.index(slice(0, len(chunk))), enc.index(slice(len(chunk), len(chunk) + 1))
+        x = None
+        for stage in use:
+            x = sample_stage(stage, text, null, generators, lowres=x, progress=progress, **settings)
+        outputs.append(x.cpu())
+    return torch.cat(outputs)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W, C)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1):
+    """Write images in [-1, 1] as one PNG grid (nrow images per row), optionally enlarged by `scale`."""
+    import math
+
+    from PIL import Image
+
+    pixels = to_uint8(images).numpy()
+    n, h, w, c = pixels.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = Image.new("RGB", (nrow * (w + 2) + 2, rows * (h + 2) + 2), (255, 255, 255))
+    for i, img in enumerate(pixels):
+        tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB")
+        grid.paste(tile, (2 + (i % nrow) * (w + 2), 2 + (i // nrow) * (h + 2)))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return grid

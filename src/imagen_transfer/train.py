@@ -1,0 +1,352 @@
+"""`train_stage()`: the one training loop (pretraining, resume and transfer), and `pretrain()` around it.
+
+The loop trains one cascade stage at a time (Imagen trains its stages independently), driven by accelerate so the
+same code runs on a CPU, one GPU, or `accelerate launch` over many processes. Per step it:
+
+1. picks the global batch from a per-epoch permutation (seeded: resume needs no data-loader state);
+2. draws all randomness of the global batch (flips, timesteps, noise, dropout, augmentation) from a generator seeded
+   by (seed, stage, step), and keeps this process's slice: N processes then compute exactly the one-process step;
+3. accumulates gradients over micro-batches, clips, steps AdamW with warmup + cosine, and updates the EMA.
+
+Every `val_every` steps it computes the validation loss of the EMA weights at fixed noise and timesteps; every
+`sample_every` steps it writes a sample grid; every `checkpoint_every` steps an atomic checkpoint (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .cascade import Cascade, Stage, init_cascade, load_cascade, save_cascade
+from .checkpoint import (
+    append_jsonl,
+    clean_partial,
+    latest_checkpoint,
+    load_checkpoint,
+    mark_best,
+    read_jsonl,
+    save_checkpoint,
+)
+from .config import RunConfig, save_config
+from .data import ImageTextData, load_dataset, to_float
+from .diffusion import draw, training_loss
+from .errors import UserError
+from .sampling import sample_stage, save_grid
+from .text import EmbeddingCache, TextEncoding, default_cache_dir, load_text_encoder
+
+
+@dataclass
+class Captioned:
+    """Images with caption indices into a table of encoded unique captions (each caption encoded once)."""
+
+    images: torch.Tensor  # uint8 (N, H, W, C)
+    caption_ids: torch.Tensor  # (N,)
+    table: TextEncoding  # (U, L, D)
+    captions: list[str]
+
+
+def encode_captions(data: ImageTextData, cache: EmbeddingCache) -> Captioned:
+    unique = sorted(set(data.captions))
+    index = {c: i for i, c in enumerate(unique)}
+    ids = torch.tensor([index[c] for c in data.captions], dtype=torch.long)
+    return Captioned(data.images, ids, cache(unique), data.captions)
+
+
+def epoch_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch of `step`: consecutive slices of a seeded permutation per epoch."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    if n < batch_size:
+        perm = perm.repeat(math.ceil(batch_size / n))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def stage_inputs(stage: Stage, images: torch.Tensor, flips: torch.Tensor | None, device) -> tuple:
+    """x0 at the stage's resolution and, for SR stages, the clean low-res image (area-downsampled)."""
+    x = to_float(images.to(device))
+    if flips is not None:
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+    if x.shape[1] != stage.channels:
+        x = x.mean(1, keepdim=True) if stage.channels == 1 else x.expand(-1, stage.channels, -1, -1)
+    x0 = to_float_resize(x, stage.resolution)
+    lowres = to_float_resize(x, stage.lowres) if stage.kind == "sr" else None
+    return x0, lowres
+
+
+def to_float_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size:
+        return x
+    mode = "area" if size < x.shape[-1] else "bilinear"
+    return torch.nn.functional.interpolate(x, size=(size, size), mode=mode)
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _named_trainable(unet) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def validation_loss(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, device,
+                    batch_size: int) -> float:
+    """Mean loss over the validation set at fixed noise, timesteps and augmentation (seed 1234), no dropout."""
+    gen = torch.Generator().manual_seed(1234)
+    total, count = 0.0, 0
+    for start in range(0, len(val.caption_ids), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(val.caption_ids)))
+        x0, lowres = stage_inputs(stage, val.images[idx], None, device)
+        loss = training_loss(stage.unet, stage.scheduler.alphas_cumprod, x0,
+                             val.table.index(val.caption_ids[idx]).to(device), null_text=null,
+                             prediction_type=stage.scheduler.config.prediction_type,
+                             min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
+                             aug_level_max=config.loss.aug_level_max, generator=gen)
+        total += loss.sum().item()
+        count += len(idx)
+    return total / count
+
+
+def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, path: Path, device,
+                  encode) -> None:
+    """Base stage: a row per prompt. SR stage: real low-res input | SR output | real image, for validation images."""
+    s = config.sample
+    opts = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, thresholding=s.thresholding,
+                percentile=s.percentile, max_value=s.max_value, progress=False)
+    if stage.kind == "base":
+        prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
+        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        images = sample_stage(stage, encode(prompts), null, gens, **opts)
+        save_grid(images.cpu(), path, nrow=s.per_prompt, scale=4)
+        return
+    k = min(8, len(val.caption_ids))
+    idx = torch.linspace(0, len(val.caption_ids) - 1, k).round().long()
+    real, lowres = stage_inputs(stage, val.images[idx], None, device)
+    gens = [torch.Generator().manual_seed(i) for i in range(k)]
+    out = sample_stage(stage, val.table.index(val.caption_ids[idx]), null, gens, lowres=lowres, **opts)
+    upsampled = to_float_resize(lowres, stage.resolution)
+    save_grid(torch.cat([upsampled.cpu(), out.cpu(), real.cpu()]), path, nrow=k, scale=4)
+
+
+def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captioned, val: Captioned,
+                null: TextEncoding, run_dir: Path, *, encode, resume: bool = False, accelerator=None) -> dict:
+    """Train one stage in place (its U-Net ends holding the EMA weights). Returns a summary dict.
+
+    `encode` maps prompts to a TextEncoding (for sample grids); only parameters with requires_grad are trained.
+    """
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    tc = config.train
+    accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    if tc.batch_size % (world * tc.grad_accum):
+        raise UserError(f"train.batch_size {tc.batch_size} must be divisible by processes x grad_accum "
+                        f"({world} x {tc.grad_accum})")
+    local = tc.batch_size // world
+    micro = local // tc.grad_accum
+    stage_index = [s.name for s in cascade.stages].index(stage.name)
+
+    unet = stage.unet.to(device).train()
+    named = _named_trainable(unet)
+    if not named:
+        raise UserError(f"stage {stage.name}: no trainable parameters")
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=device.type == "cuda")
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
+    ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3)
+
+    step, best = 0, float("inf")
+    ckpt = latest_checkpoint(run_dir, stage.name) if resume else None
+    if ckpt is not None:
+        saved = load_checkpoint(ckpt)
+        unet.load_state_dict(saved["model"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        ema.shadow_params = [saved["ema"][n].to(device) for n, _ in named]
+        ema.optimization_step = saved["state"]["ema_step"]
+        step, best = saved["state"]["step"], saved["state"].get("best_val", float("inf"))
+        with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                lr_schedule.step()
+        if main:
+            print(f"[{stage.name}] resumed from {ckpt} at step {step}")
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    raw_unet = accelerator.unwrap_model(unet)
+
+    null = null.to(device)
+    table = train.table.to(device)
+    alphas = stage.scheduler.alphas_cumprod.to(device)
+    pred_type = stage.scheduler.config.prediction_type
+    shape = (stage.channels, stage.resolution, stage.resolution)
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard" / stage.name))
+
+    def save(done: bool) -> Path | None:
+        path = None
+        if main:
+            state = dict(stage=stage.name, ema_step=ema.optimization_step, best_val=best, done=done)
+            path = save_checkpoint(run_dir, stage.name, step, model=dict(raw_unet.named_parameters()),
+                                   ema={n: p for (n, _), p in zip(named, ema.shadow_params)},
+                                   optimizer=optimizer.state_dict(), state=state, keep=tc.keep_checkpoints)
+        accelerator.wait_for_everyone()  # nobody runs ahead while the main process writes
+        return path
+
+    def evaluate() -> float:
+        ema.store(params)
+        ema.copy_to(params)
+        raw_unet.eval()
+        value = validation_loss(stage, val, null, config, device, batch_size=max(micro, 16))
+        if main and tc.sample_every and step % tc.sample_every == 0:
+            write_samples(stage, val, null, config, run_dir / "samples" / f"{stage.name}-step-{step:07d}.png", device,
+                          encode)
+        raw_unet.train()
+        ema.restore(params)
+        return value
+
+    metrics_file = run_dir / "metrics.jsonl"
+    if main:
+        append_jsonl(metrics_file, dict(stage=stage.name, event="start", step=step, processes=world,
+                                        device=str(device), time=time.time()))
+    bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage.name}", disable=not main, dynamic_ncols=True)
+    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+    while step < tc.steps:
+        gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + stage_index * 100_003 + step)
+        idx = epoch_batch(len(train.caption_ids), tc.batch_size, step, tc.seed + stage_index)
+        flips = (torch.rand(tc.batch_size, generator=gen, device=device) < 0.5) if config.data.hflip else None
+        draws = draw(tc.batch_size, shape, alphas.shape[0], cond_drop_prob=config.loss.cond_drop_prob,
+                     aug_level_max=config.loss.aug_level_max if stage.kind == "sr" else None, generator=gen,
+                     device=device)
+        lo = rank * local
+        for k in range(tc.grad_accum):
+            a, b = lo + k * micro, lo + (k + 1) * micro
+            x0, lowres = stage_inputs(stage, train.images[idx[a:b]], None if flips is None else flips[a:b], device)
+            text = table.index(train.caption_ids[idx[a:b]].to(device))
+            sync = nullcontext() if k == tc.grad_accum - 1 else accelerator.no_sync(unet)
+            with sync, accelerator.autocast():
+                loss = training_loss(unet, alphas, x0, text, null_text=null, prediction_type=pred_type,
+                                     min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
+                                     aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
+                accelerator.backward(loss / tc.grad_accum)
+            window_loss += loss.item() / tc.grad_accum
+        if tc.grad_clip:
+            accelerator.clip_grad_norm_(params, tc.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(params)
+        step += 1
+        window_images += tc.batch_size
+        bar.update(1)
+
+        record = None
+        if step % tc.log_every == 0 or step == tc.steps:
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = (step - 1) % tc.log_every + 1
+            record = dict(stage=stage.name, step=step, loss=window_loss / steps_in_window,
+                          lr=lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed, time=time.time())
+            window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
+            record = record or dict(stage=stage.name, step=step, time=time.time())
+            record["val_loss"] = evaluate()
+        if record is not None and main:
+            append_jsonl(metrics_file, record)
+            for key, value in record.items():
+                if isinstance(value, float) and key != "time":
+                    writer.add_scalar(f"{stage.name}/{key}", value, step)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_loss", "images_per_s")})
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            improved = record is not None and record.get("val_loss", float("inf")) < best
+            if improved:
+                best = record["val_loss"]
+            path = save(done=step == tc.steps)
+            if main and improved:
+                mark_best(run_dir, stage.name, path)
+    bar.close()
+    ema.copy_to(params)  # the stage leaves training holding its EMA weights
+    raw_unet.eval()
+    stage.unet = raw_unet
+    if writer is not None:
+        writer.close()
+    history = [r for r in read_jsonl(metrics_file) if r.get("stage") == stage.name]
+    return dict(stage=stage.name, steps=step, best_val_loss=best,
+                images_per_s=[r["images_per_s"] for r in history if "images_per_s" in r][-1:] or None)
+
+
+def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
+    run_dir = Path(config.out or "runs/pretrain")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it, or choose another --out")
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    removed = clean_partial(run_dir)
+    if removed:
+        print(f"removed {removed} partial checkpoint(s) left by an interrupted save")
+    return run_dir
+
+
+def build_or_load_cascade(config: RunConfig) -> Cascade:
+    m = config.model
+    if m.init_from:
+        return load_cascade(m.init_from)
+    return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
+                        prediction_type=config.loss.prediction_type, seed=config.train.seed)
+
+
+def pretrain(config: RunConfig, resume: bool = False) -> Path:
+    """Train every stage named in `config.train.stages`, one after the other, and write `<run>/cascade`."""
+    from accelerate import Accelerator
+
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+    run_dir = prepare_run_dir(config, resume) if accelerator.is_main_process else Path(config.out or "runs/pretrain")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_config(config, run_dir / "config.yaml")
+    torch.manual_seed(config.train.seed)
+    cascade = build_or_load_cascade(config)
+    d = config.data
+    common = dict(resolution=cascade.resolution, channels=cascade.stages[0].channels, captions=d.captions,
+                  skip_bad=d.skip_bad)
+    train_data = load_dataset(d.dataset, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
+    val_data = load_dataset(d.dataset, d.val_split, limit=d.val_size, **common)
+    if train_data.skipped and accelerator.is_main_process:
+        print(f"skipped {train_data.skipped} unreadable file(s) in {train_data.source}")
+    encoder = load_text_encoder(cascade.text_encoder)
+    cache = EmbeddingCache(encoder, default_cache_dir())
+    train_set, val_set = encode_captions(train_data, cache), encode_captions(val_data, cache)
+    null = cache([""])
+    summaries = []
+    for name in config.train.stages:
+        summaries.append(train_stage(config, cascade, cascade.stage(name), train_set, val_set, null, run_dir,
+                                     encode=cache, resume=resume, accelerator=accelerator))
+    cascade.info.update(trained_on=f"{train_data.source} ({len(train_data)} images)", run=str(run_dir),
+                        steps={s["stage"]: s["steps"] for s in summaries})
+    if accelerator.is_main_process:
+        save_cascade(cascade, run_dir / "cascade")
+        append_jsonl(run_dir / "metrics.jsonl", dict(event="done", summaries=summaries, time=time.time()))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir

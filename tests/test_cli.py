@@ -1,0 +1,87 @@
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from imagen_transfer.cli import main
+
+NO_NETWORK = (
+    "import socket\n"
+    "def _refuse(*a, **k): raise RuntimeError('network call attempted')\n"
+    "socket.socket.connect = _refuse\nsocket.create_connection = _refuse\nsocket.getaddrinfo = _refuse\n"
+)
+
+
+def _run_python(code: str, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", NO_NETWORK + code], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_import_and_help_are_fast_and_offline():
+    code = (
+        "import time, sys; t = time.perf_counter()\n"
+        "import imagen_transfer\nfrom imagen_transfer.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('ELAPSED', time.perf_counter() - t); print('TORCH', 'torch' in sys.modules)\n"
+    )
+    out = _run_python(code)
+    assert out.returncode == 0, out.stderr
+    elapsed = float(out.stdout.split("ELAPSED")[1].split()[0])
+    assert elapsed < 3.0, elapsed
+    assert "TORCH False" in out.stdout, "--help must not import torch"
+    assert "init" in out.stdout and "sample" in out.stdout
+
+
+def test_init_then_sample_writes_a_png_without_network(tmp_path):
+    code = (
+        "from imagen_transfer.cli import main\n"
+        f"assert main(['init', '--preset', 'tiny', '--out', r'{tmp_path / 'tiny-cascade'}']) == 0\n"
+        f"assert main(['sample', '--model', r'{tmp_path / 'tiny-cascade'}', '--prompt', 'a photo of a cat', "
+        f"'--n', '4', '--steps', '3', '--out', r'{tmp_path / 'grid.png'}']) == 0\n"
+    )
+    out = _run_python(code, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.size == (4 * (4 * 34 + 2), 4 * (34 + 2))
+
+
+def test_info(tiny_cascade_dir, capsys):
+    assert main(["info", str(tiny_cascade_dir)]) == 0
+    assert "stage sr (sr, 16->32px" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["init", "--preset", "gigantic", "--out", "{tmp}/x"], "unknown preset 'gigantic'"),
+        (["sample", "--model", "{tmp}/missing", "--prompt", "a cat"], "model folder not found"),
+        (["sample", "--model", "{tmp}", "--prompt", "a cat"], "is not a cascade"),
+        (["info", "{tmp}/missing"], "model folder not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(argv, message, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = subprocess.run([sys.executable, "-m", "imagen_transfer.cli", *argv], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+
+
+def test_negative_guidance_is_refused(tiny_cascade_dir):
+    out = subprocess.run([sys.executable, "-m", "imagen_transfer.cli", "sample", "--model", str(tiny_cascade_dir),
+                          "--prompt", "a cat", "--guidance", "-1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "must be >= 0" in out.stderr
+
+
+def test_help_runs_quickly_as_a_command():
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "imagen_transfer.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "pretrain" in out.stdout
+    assert time.perf_counter() - start < 5

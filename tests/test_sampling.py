@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from imagen_transfer.cascade import training_scheduler
+from imagen_transfer.diffusion import denoise
+from imagen_transfer.errors import UserError
+from imagen_transfer.sampling import guided_denoiser, make_scheduler, sample_cascade, save_grid
+from imagen_transfer.text import TinyTextEncoder
+from imagen_transfer.unet import build_unet
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return build_unet("tiny", kind="base", resolution=16, text_dim=32).eval()
+
+
+def test_guidance_one_equals_the_conditional_prediction(unet):
+    enc = TinyTextEncoder()
+    text, null = enc(["a cat", "a dog"]), enc([""])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor(500)
+    with torch.no_grad():
+        guided = guided_denoiser(unet, text, null, 1.0)(x, t)
+        cond = denoise(unet, x, t.expand(2), text)
+        uncond = denoise(unet, x, t.expand(2), null.repeat(2))
+        w3 = guided_denoiser(unet, text, null, 3.0)(x, t)
+    torch.testing.assert_close(guided, cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w3, uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserError, match="guidance"):
+        guided_denoiser(unet, text, null, -0.5)
+
+
+def _imagen_dynamic_threshold(x0, p, cap):
+    """Saharia et al. 2022, sec. 2.3, written out per sample: s = max(quantile_p |x0|, 1), capped; clip and divide."""
+    out = []
+    for sample in x0:
+        s = torch.quantile(sample.abs().flatten(), p)
+        s = min(max(s.item(), 1.0), cap)
+        out.append(sample.clamp(-s, s) / s)
+    return torch.stack(out)
+
+
+def test_dynamic_thresholding_matches_the_imagen_algorithm():
+    x0 = torch.tensor([[[[0.5, -3.0], [2.0, 1.0]]], [[[0.2, -0.4], [0.1, 0.3]]], [[[8.0, -6.0], [4.0, 5.0]]]])
+    scheduler = make_scheduler(training_scheduler().config, "ddpm", "dynamic", percentile=0.5, max_value=2.0)
+    got = scheduler._threshold_sample(x0.clone())
+    # by hand: sample 1 -> s = 1.5 (median of 0.5, 1, 2, 3); sample 2 -> s = 1 (unchanged); sample 3 -> s = 2 (cap)
+    expected = torch.tensor([[[[0.5 / 1.5, -1.0], [1.0, 1 / 1.5]]], [[[0.2, -0.4], [0.1, 0.3]]], [[[1.0, -1.0], [1.0, 1.0]]]])
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, _imagen_dynamic_threshold(x0, 0.5, 2.0))
+    for sampler in ("ddim", "dpmpp"):
+        other = make_scheduler(training_scheduler().config, sampler, "dynamic", percentile=0.5, max_value=2.0)
+        torch.testing.assert_close(other._threshold_sample(x0.clone()), expected)
+
+
+def test_static_thresholding_clips_to_unit_range():
+    x0 = torch.tensor([[[[0.5, -3.0], [2.0, 1.0]]]])
+    scheduler = make_scheduler(training_scheduler().config, "dpmpp", "static")
+    torch.testing.assert_close(scheduler._threshold_sample(x0.clone()), x0.clamp(-1, 1))
+    assert not make_scheduler(training_scheduler().config, "ddim", "off").config.thresholding
+
+
+def test_bad_sampler_options():
+    with pytest.raises(UserError, match="unknown sampler"):
+        make_scheduler(training_scheduler().config, "euler")
+    with pytest.raises(UserError, match="percentile"):
+        make_scheduler(training_scheduler().config, "ddpm", "dynamic", percentile=1.5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(tiny_cascade, sampler):
+    opts = dict(sampler=sampler, steps=4, guidance=2.0, progress=False)
+    both = sample_cascade(tiny_cascade, ["a photo of a cat", "a photo of a dog"], [11, 12], **opts)
+    assert both.shape == (2, 3, 32, 32) and both.abs().max() <= 1
+    again = sample_cascade(tiny_cascade, ["a photo of a cat", "a photo of a dog"], [11, 12], **opts)
+    assert torch.equal(both, again)
+    alone = sample_cascade(tiny_cascade, ["a photo of a dog"], [12], **opts)
+    torch.testing.assert_close(alone[0], both[1], atol=1e-4, rtol=1e-4)
+    chunked = sample_cascade(tiny_cascade, ["a photo of a cat", "a photo of a dog"], [11, 12], batch_size=1, **opts)
+    torch.testing.assert_close(chunked, both, atol=1e-4, rtol=1e-4)
+    other_seed = sample_cascade(tiny_cascade, ["a photo of a dog"], [13], **opts)
+    assert not torch.allclose(other_seed[0], both[1])
+
+
+def test_base_stage_only_and_grid(tiny_cascade, tmp_path):
+    images = sample_cascade(tiny_cascade, ["a cat"] * 3, [0, 1, 2], stages=["base"], steps=2, progress=False)
+    assert images.shape == (3, 3, 16, 16)
+    grid = save_grid(images, tmp_path / "g.png", nrow=3, scale=2)
+    assert grid.size == (2 * (3 * 18 + 2), 2 * (18 + 2)) and (tmp_path / "g.png").stat().st_size > 0

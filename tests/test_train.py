@@ -1,0 +1,176 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_npz
+from safetensors.torch import load_file
+
+from imagen_transfer import train as train_module
+from imagen_transfer.cascade import load_cascade
+from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, read_jsonl
+from imagen_transfer.config import load_config
+from imagen_transfer.errors import UserError
+from imagen_transfer.train import epoch_batch, pretrain
+
+
+def tiny_config(data: Path, out: Path, *extra: str):
+    return load_config(None, [
+        f"data.dataset={data}", "data.val_split=val", "data.val_size=8", "data.captions=['{report}']",
+        "model.preset=tiny", "train.stages=[base]", "train.steps=6", "train.batch_size=8", "train.warmup_steps=2",
+        "train.log_every=2", "train.val_every=3", "train.sample_every=6", "train.checkpoint_every=3",
+        "sample.steps=2", "sample.per_prompt=2", "sample.prompts=['chest x-ray, normal']", f"out={out}", *extra,
+    ])
+
+
+@pytest.fixture
+def pneumonia_npz(tmp_path):
+    return make_npz(tmp_path / "pneumoniamnist.npz")
+
+
+def test_pretrain_writes_a_self_describing_run_folder(pneumonia_npz, tmp_path):
+    run = pretrain(tiny_config(pneumonia_npz, tmp_path / "run", "train.stages=[base, sr]"))
+    assert (run / "config.yaml").is_file() and "tiny" in (run / "config.yaml").read_text()
+    records = read_jsonl(run / "metrics.jsonl")
+    for stage in ("base", "sr"):
+        rows = [r for r in records if r.get("stage") == stage]
+        assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
+        assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+        assert all(r["images_per_s"] > 0 for r in rows if "loss" in r)
+        assert (run / "samples" / f"{stage}-step-0000006.png").is_file()
+        assert latest_checkpoint(run, stage).name == "step-0000006"
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    cascade = load_cascade(run / "cascade")
+    assert cascade.info["steps"] == {"base": 6, "sr": 6}
+    with pytest.raises(UserError, match="already exists"):
+        pretrain(tiny_config(pneumonia_npz, tmp_path / "run"))
+
+
+def test_validation_loss_falls(pneumonia_npz, tmp_path):
+    run = pretrain(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=40", "train.val_every=20",
+                               "train.lr=0.002", "train.ema_decay=0.9", "train.checkpoint_every=40",
+                               "train.sample_every=0"))
+    vals = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]
+
+
+def test_resume_after_a_crash_is_exact(pneumonia_npz, tmp_path, monkeypatch):
+    straight = pretrain(tiny_config(pneumonia_npz, tmp_path / "straight"))
+
+    real_save = train_module.save_checkpoint
+
+    def crash_after_step_3(run_dir, stage, step, **kw):
+        path = real_save(run_dir, stage, step, **kw)
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(pneumonia_npz, tmp_path / "resumed"))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = pretrain(tiny_config(pneumonia_npz, tmp_path / "resumed"), resume=True)
+    a = load_cascade(straight / "cascade").stages[0].unet.state_dict()
+    b = load_cascade(resumed / "cascade").stages[0].unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must equal an uninterrupted one"
+
+
+def test_kill_during_checkpoint_save_then_resume(pneumonia_npz, tmp_path):
+    """SIGKILL the moment a checkpoint is being written; the last good checkpoint must load, and resume finishes."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "imagen_transfer.cli", "pretrain", "--out", str(out), "--set",
+               f"data.dataset={pneumonia_npz}", "data.val_split=val", "data.val_size=8", "model.preset=tiny",
+               "train.stages=[base]", "train.batch_size=4", "train.checkpoint_every=1", "train.val_every=0",
+               "train.sample_every=0", "train.log_every=50", "train.keep_checkpoints=1"]
+    proc = subprocess.Popen([*command, "train.steps=1000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = out / "checkpoints" / "base"
+    killed_mid_save = False
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            names = os.listdir(ckpts)
+        except FileNotFoundError:
+            continue
+        if any(n.endswith(".tmp") for n in names) and "step-0000002" <= max(names):
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_mid_save = True
+            break
+    proc.wait()
+    assert killed_mid_save, proc.stderr.read().decode()[-2000:]
+    good = latest_checkpoint(out, "base")
+    assert good is not None
+    loaded = load_checkpoint(good)  # loads: no torn files
+    step = loaded["state"]["step"]
+    assert step >= 1 and loaded["model"] and loaded["optimizer"]["state"]
+    done = subprocess.run([*command, f"train.steps={step + 2}", "--resume"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {good}" in done.stdout + done.stderr
+    assert not list(ckpts.glob("*.tmp"))
+    assert latest_checkpoint(out, "base").name == f"step-{step + 2:07d}"
+    load_cascade(out / "cascade")
+
+
+def test_epoch_batches_cover_the_data_once_per_epoch():
+    seen = torch.cat([epoch_batch(20, 5, step, seed=0) for step in range(4)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert not torch.equal(epoch_batch(20, 5, 0, 0), epoch_batch(20, 5, 4, 0))
+    assert len(epoch_batch(3, 8, 0, 0)) == 8  # fewer examples than a batch: repeated
+
+
+DIST_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    from pathlib import Path
+    from accelerate import Accelerator
+    from safetensors.torch import save_file
+    from imagen_transfer.cascade import init_cascade
+    from imagen_transfer.config import load_config
+    from imagen_transfer.data import load_dataset
+    from imagen_transfer.text import EmbeddingCache, load_text_encoder
+    from imagen_transfer.train import encode_captions, train_stage
+
+    data, out = sys.argv[1], Path(sys.argv[2])
+    config = load_config(None, ["model.preset=tiny", "train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
+                                "train.val_every=0", "train.sample_every=0", "train.checkpoint_every=100",
+                                "train.log_every=2", "train.lr=0.001"])
+    accelerator = Accelerator(cpu=True)
+    # ranks start from different weights on purpose: preparing the model for DDP broadcasts rank 0's
+    cascade = init_cascade("tiny", seed=accelerator.process_index)
+    cache = EmbeddingCache(load_text_encoder(cascade.text_encoder))
+    ds = load_dataset(data, "train", resolution=32, captions=["{report}"])
+    val = load_dataset(data, "val", resolution=32, captions=["{report}"])
+    stage = cascade.stage("base")
+    out.mkdir(parents=True, exist_ok=True)
+    train_stage(config, cascade, stage, encode_captions(ds, cache), encode_captions(val, cache), cache([""]), out,
+                encode=cache, accelerator=accelerator)
+    save_file({k: v.contiguous() for k, v in stage.unet.state_dict().items()},
+              out / f"rank{accelerator.process_index}-of-{accelerator.num_processes}.safetensors")
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()
+''')
+
+
+def test_two_processes_match_one(pneumonia_npz, tmp_path):
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no"]
+    two = subprocess.run([*accelerate, "--multi_gpu", "--num_processes", "2", str(script), str(pneumonia_npz),
+                          str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run([*accelerate, "--num_processes", "1", str(script), str(pneumonia_npz), str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    r0 = load_file(tmp_path / "two" / "rank0-of-2.safetensors")
+    r1 = load_file(tmp_path / "two" / "rank1-of-2.safetensors")
+    single = load_file(tmp_path / "one" / "rank0-of-1.safetensors")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks must end bit-identical"
+    for k in r0:
+        torch.testing.assert_close(r0[k], single[k], atol=2e-5, rtol=1e-4, msg=f"{k} differs from the one-process run")
