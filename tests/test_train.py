@@ -172,5 +172,33 @@ def test_two_processes_match_one(pneumonia_npz, tmp_path):
     r1 = load_file(tmp_path / "two" / "rank1-of-2.safetensors")
     single = load_file(tmp_path / "one" / "rank0-of-1.safetensors")
     assert all(torch.equal(r0[k], r1[k]) for k in r0), "ranks must end bit-identical"
-    for k in r0:
-        torch.testing.assert_close(r0[k], single[k], atol=2e-5, rtol=1e-4, msg=f"{k} differs from the one-process run")
+    # Equal up to float reduction order. Biases that feed a GroupNorm have a true gradient of zero; Adam divides
+    # their float-noise gradients by sqrt(v) and moves them by up to ~lr per step, differently in each run. So:
+    # nearly every weight within 1e-4, and none further than 3 x lr (lr = 1e-3 here).
+    total = sum(v.numel() for v in r0.values())
+    close = sum(((r0[k] - single[k]).abs() <= 1e-4).sum().item() for k in r0)
+    assert close / total > 0.999, f"only {close} of {total} weights match the one-process run"
+    worst = max((r0[k] - single[k]).abs().max().item() for k in r0)
+    assert worst < 3e-3, worst
+
+
+def _final_weights(run):
+    return load_cascade(run / "cascade").stages[0].unet.state_dict()
+
+
+def test_gradient_accumulation_matches_the_full_batch(pneumonia_npz, tmp_path):
+    full = _final_weights(pretrain(tiny_config(pneumonia_npz, tmp_path / "full", "train.val_every=0",
+                                               "train.sample_every=0")))
+    accum = _final_weights(pretrain(tiny_config(pneumonia_npz, tmp_path / "accum", "train.grad_accum=2",
+                                                "train.val_every=0", "train.sample_every=0")))
+    total = sum(v.numel() for v in full.values())
+    close = sum(((full[k] - accum[k]).abs() <= 1e-4).sum().item() for k in full)
+    assert close / total > 0.999  # see test_two_processes_match_one for why not every weight
+
+
+def test_bf16_autocast_trains(pneumonia_npz, tmp_path):
+    run = pretrain(tiny_config(pneumonia_npz, tmp_path / "bf16", "train.mixed_precision=bf16", "train.steps=2",
+                               "train.val_every=2", "train.sample_every=0"))
+    losses = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert next(load_cascade(run / "cascade").stages[0].unet.parameters()).dtype == torch.float32

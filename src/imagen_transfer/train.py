@@ -170,13 +170,15 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
                                   fused=device.type == "cuda")
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
-    ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3)
+    unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
+    raw_unet = accelerator.unwrap_model(unet)
+    ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3)  # after the broadcast
 
     step, best = 0, float("inf")
     ckpt = latest_checkpoint(run_dir, stage.name) if resume else None
     if ckpt is not None:
         saved = load_checkpoint(ckpt)
-        unet.load_state_dict(saved["model"], strict=False)
+        raw_unet.load_state_dict(saved["model"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         ema.shadow_params = [saved["ema"][n].to(device) for n, _ in named]
         ema.optimization_step = saved["state"]["ema_step"]
@@ -187,8 +189,6 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                 lr_schedule.step()
         if main:
             print(f"[{stage.name}] resumed from {ckpt} at step {step}")
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    raw_unet = accelerator.unwrap_model(unet)
 
     null = null.to(device)
     table = train.table.to(device)
@@ -317,9 +317,11 @@ def build_or_load_cascade(config: RunConfig) -> Cascade:
 def pretrain(config: RunConfig, resume: bool = False) -> Path:
     """Train every stage named in `config.train.stages`, one after the other, and write `<run>/cascade`."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
     run_dir = prepare_run_dir(config, resume) if accelerator.is_main_process else Path(config.out or "runs/pretrain")
     accelerator.wait_for_everyone()
