@@ -16,7 +16,7 @@ from imagen_transfer.cascade import load_cascade
 from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, read_jsonl
 from imagen_transfer.config import load_config
 from imagen_transfer.errors import UserError
-from imagen_transfer.train import epoch_batch, pretrain
+from imagen_transfer.train import epoch_batch, train
 
 
 def tiny_config(data: Path, out: Path, *extra: str):
@@ -34,7 +34,7 @@ def pneumonia_npz(tmp_path):
 
 
 def test_pretrain_writes_a_self_describing_run_folder(pneumonia_npz, tmp_path):
-    run = pretrain(tiny_config(pneumonia_npz, tmp_path / "run", "train.stages=[base, sr]"))
+    run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.stages=[base, sr]"))
     assert (run / "config.yaml").is_file() and "tiny" in (run / "config.yaml").read_text()
     records = read_jsonl(run / "metrics.jsonl")
     for stage in ("base", "sr"):
@@ -48,11 +48,11 @@ def test_pretrain_writes_a_self_describing_run_folder(pneumonia_npz, tmp_path):
     cascade = load_cascade(run / "cascade")
     assert cascade.info["steps"] == {"base": 6, "sr": 6}
     with pytest.raises(UserError, match="already exists"):
-        pretrain(tiny_config(pneumonia_npz, tmp_path / "run"))
+        train(tiny_config(pneumonia_npz, tmp_path / "run"))
 
 
 def test_validation_loss_falls(pneumonia_npz, tmp_path):
-    run = pretrain(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=40", "train.val_every=20",
+    run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=40", "train.val_every=20",
                                "train.lr=0.002", "train.ema_decay=0.9", "train.checkpoint_every=40",
                                "train.sample_every=0"))
     vals = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
@@ -60,7 +60,7 @@ def test_validation_loss_falls(pneumonia_npz, tmp_path):
 
 
 def test_resume_after_a_crash_is_exact(pneumonia_npz, tmp_path, monkeypatch):
-    straight = pretrain(tiny_config(pneumonia_npz, tmp_path / "straight"))
+    straight = train(tiny_config(pneumonia_npz, tmp_path / "straight"))
 
     real_save = train_module.save_checkpoint
 
@@ -72,9 +72,9 @@ def test_resume_after_a_crash_is_exact(pneumonia_npz, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "save_checkpoint", crash_after_step_3)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(tiny_config(pneumonia_npz, tmp_path / "resumed"))
+        train(tiny_config(pneumonia_npz, tmp_path / "resumed"))
     monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    resumed = pretrain(tiny_config(pneumonia_npz, tmp_path / "resumed"), resume=True)
+    resumed = train(tiny_config(pneumonia_npz, tmp_path / "resumed"), resume=True)
     a = load_cascade(straight / "cascade").stages[0].unet.state_dict()
     b = load_cascade(resumed / "cascade").stages[0].unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must equal an uninterrupted one"
@@ -187,9 +187,9 @@ def _final_weights(run):
 
 
 def test_gradient_accumulation_matches_the_full_batch(pneumonia_npz, tmp_path):
-    full = _final_weights(pretrain(tiny_config(pneumonia_npz, tmp_path / "full", "train.val_every=0",
+    full = _final_weights(train(tiny_config(pneumonia_npz, tmp_path / "full", "train.val_every=0",
                                                "train.sample_every=0")))
-    accum = _final_weights(pretrain(tiny_config(pneumonia_npz, tmp_path / "accum", "train.grad_accum=2",
+    accum = _final_weights(train(tiny_config(pneumonia_npz, tmp_path / "accum", "train.grad_accum=2",
                                                 "train.val_every=0", "train.sample_every=0")))
     total = sum(v.numel() for v in full.values())
     close = sum(((full[k] - accum[k]).abs() <= 1e-4).sum().item() for k in full)
@@ -197,7 +197,7 @@ def test_gradient_accumulation_matches_the_full_batch(pneumonia_npz, tmp_path):
 
 
 def test_bf16_autocast_trains(pneumonia_npz, tmp_path):
-    run = pretrain(tiny_config(pneumonia_npz, tmp_path / "bf16", "train.mixed_precision=bf16", "train.steps=2",
+    run = train(tiny_config(pneumonia_npz, tmp_path / "bf16", "train.mixed_precision=bf16", "train.steps=2",
                                "train.val_every=2", "train.sample_every=0"))
     losses = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -49,13 +50,21 @@ def cmd_info(args) -> None:
 
 def cmd_pretrain(args) -> None:
     from .config import load_config
-    from .train import pretrain
+    from .train import train
 
     config = load_config(args.config, args.set)
-    if args.out:
-        config.out = args.out
-    run_dir = pretrain(config, resume=args.resume)
-    print(f"run folder: {run_dir}")
+    config.out = args.out or config.out or f"runs/{Path(args.config).stem if args.config else 'pretrain'}"
+    print(f"run folder: {train(config, resume=args.resume)}")
+
+
+def cmd_finetune(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    config = load_config(args.config, [f"model.init_from={args.source}", f"data.dataset={args.data}",
+                                       f"transfer.method={args.method}", *args.set])
+    config.out = args.out or config.out or f"runs/finetune-{Path(str(args.data)).stem}-{args.method}"
+    print(f"run folder: {train(config, resume=args.resume)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="transfer a cascade to a new dataset (full, freeze, bitfit, difffit, lora)")
+    p.add_argument("--source", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
+    p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
+    p.add_argument("--method", required=True, choices=["full", "freeze", "bitfit", "difffit", "lora"])
+    p.add_argument("--config", default=None, help="a YAML file (e.g. configs/finetune-pneumonia.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.steps=200")
+    p.add_argument("--out", default=None, help="run folder (default: runs/finetune-<data>-<method>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

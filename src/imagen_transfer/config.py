@@ -22,7 +22,7 @@ class ModelConfig:
     """Which cascade to build (`preset`) or start from (`init_from`, a cascade folder or a short name)."""
 
     preset: str = "tiny"
-    text_encoder: str = "tiny"  # tiny | minilm | t5:<path or hub name>
+    text_encoder: str | None = None  # tiny | minilm | t5:<path or hub name>; None: the preset's (or source's)
     max_text_length: int = 20
     init_from: str | None = None
 
@@ -35,7 +35,7 @@ class DataConfig:
     split: str = "train"
     val_split: str = "test"
     val_size: int = 256
-    captions: list[str] = field(default_factory=lambda: ["a photo of a {label}"])
+    captions: list[str] | None = None  # templates; None: the dataset's default (data.default_captions)
     fraction: float = 1.0
     per_class: int | None = None
     skip_bad: bool = False
@@ -61,7 +61,8 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 64
     grad_accum: int = 1
-    lr: float = 2e-4
+    lr: float | None = None  # None: the method's default (transfer.DEFAULT_LR)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # glob over parameter names -> factor
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -75,6 +76,24 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     threads: int | None = None
+    early_stopping_patience: int = 0  # validations without improvement before stopping; 0: off
+    early_stopping_min_delta: float = 0.0
+    restore_best: bool = True  # with early stopping: end on the best validated EMA weights
+
+
+@dataclass
+class TransferConfig:
+    """What a run trains (see transfer.py): none/full, freeze, bitfit, difffit or lora."""
+
+    method: str = "none"
+    freeze_patterns: list[str] = field(default_factory=list)
+    freeze_first_k: int = 0
+    train_patterns: list[str] = field(default_factory=list)
+    difffit_blocks: str = "all"  # all | early | late
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj",
+                                                             "add_v_proj"])
 
 
 @dataclass
@@ -87,7 +106,7 @@ class SampleConfig:
     thresholding: str = "dynamic"  # off | static | dynamic
     percentile: float = 0.95
     max_value: float = 1.5
-    prompts: list[str] = field(default_factory=lambda: ["a photo of a cat"])
+    prompts: list[str] = field(default_factory=list)  # empty: one training caption per label
     per_prompt: int = 4
 
 
@@ -97,6 +116,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     out: str | None = None
 

@@ -294,12 +294,17 @@ def select_subset(labels: torch.Tensor, *, fraction: float = 1.0, per_class: int
     return torch.cat(chosen).sort().values
 
 
+def default_captions(path: Path) -> list[str]:
+    """Report-like sentences for the chest X-ray sets, "a photo of a {label}" elsewhere."""
+    return ["{report}"] if path.stem.lower() == "pneumoniamnist" else ["a photo of a {label}"]
+
+
 def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, channels: int = 3,
                  captions: list[str] | None = None, fraction: float = 1.0, per_class: int | None = None,
                  seed: int = 0, skip_bad: bool = False, limit: int | None = None) -> ImageTextData:
     """Load a split of a dataset spec as in-memory images with one caption each (see module doc)."""
     path = resolve_dataset(spec)
-    templates = captions or ["a photo of a {label}"]
+    templates = captions or default_captions(path)
     images, texts, label_strs, skipped = _decoded(path, split, resolution, channels, skip_bad)
     if len(images) == 0:
         raise UserError(f"{path}: split '{split}' is empty")

@@ -1,4 +1,4 @@
-"""`train_stage()`: the one training loop (pretraining, resume and transfer), and `pretrain()` around it.
+"""`train_stage()`: the one training loop (pretraining, resume and transfer), and `train()` around it.
 
 The loop trains one cascade stage at a time (Imagen trains its stages independently), driven by accelerate so the
 same code runs on a CPU, one GPU, or `accelerate launch` over many processes. Per step it:
@@ -39,7 +39,15 @@ from .data import ImageTextData, load_dataset, to_float
 from .diffusion import draw, training_loss
 from .errors import UserError
 from .sampling import sample_stage, save_grid
-from .text import EmbeddingCache, TextEncoding, default_cache_dir, load_text_encoder
+from .text import (
+    EmbeddingCache,
+    TextEncoderSpec,
+    TextEncoding,
+    default_cache_dir,
+    load_text_encoder,
+    text_dim,
+)
+from .transfer import DEFAULT_LR, finish_transfer, parameter_groups, prepare_transfer
 
 
 @dataclass
@@ -167,22 +175,32 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     if not named:
         raise UserError(f"stage {stage.name}: no trainable parameters")
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay,
-                                  fused=device.type == "cuda")
+    base_lr = tc.lr if tc.lr is not None else DEFAULT_LR[config.transfer.method]
+    optimizer = torch.optim.AdamW(parameter_groups(named, base_lr, tc.lr_multipliers), lr=base_lr,
+                                  weight_decay=tc.weight_decay, fused=device.type == "cuda")
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
     raw_unet = accelerator.unwrap_model(unet)
     ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3)  # after the broadcast
 
-    step, best = 0, float("inf")
+    step, done = 0, False
+    best = dict(val=float("inf"), step=None, stale=0)  # early stopping: best validation so far
+    best_ema = None  # the EMA weights of the best validation (kept when restore_best and early stopping)
+    keep_best = tc.restore_best and tc.early_stopping_patience > 0
     ckpt = latest_checkpoint(run_dir, stage.name) if resume else None
     if ckpt is not None:
         saved = load_checkpoint(ckpt)
-        raw_unet.load_state_dict(saved["model"], strict=False)
+        unexpected = raw_unet.load_state_dict(saved["model"], strict=False).unexpected_keys
+        if unexpected:
+            raise UserError(f"{ckpt}: weights {unexpected[:3]}... do not fit this model; resume with the same config")
         optimizer.load_state_dict(saved["optimizer"])
         ema.shadow_params = [saved["ema"][n].to(device) for n, _ in named]
         ema.optimization_step = saved["state"]["ema_step"]
-        step, best = saved["state"]["step"], saved["state"].get("best_val", float("inf"))
+        step, done = saved["state"]["step"], saved["state"].get("done", False)
+        best = saved["state"].get("best", best)
+        best_ckpt = latest_checkpoint(run_dir, stage.name, "best")
+        if keep_best and best_ckpt is not None:
+            best_ema = [load_checkpoint(best_ckpt)["ema"][n].to(device) for n, _ in named]
         with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended here
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step):
@@ -204,7 +222,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     def save(done: bool) -> Path | None:
         path = None
         if main:
-            state = dict(stage=stage.name, ema_step=ema.optimization_step, best_val=best, done=done)
+            state = dict(stage=stage.name, ema_step=ema.optimization_step, best=best, done=done)
             path = save_checkpoint(run_dir, stage.name, step, model=dict(raw_unet.named_parameters()),
                                    ema={n: p for (n, _), p in zip(named, ema.shadow_params)},
                                    optimizer=optimizer.state_dict(), state=state, keep=tc.keep_checkpoints)
@@ -229,7 +247,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                                         device=str(device), time=time.time()))
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage.name}", disable=not main, dynamic_ncols=True)
     window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-    while step < tc.steps:
+    while step < tc.steps and not done:
         gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + stage_index * 100_003 + step)
         idx = epoch_batch(len(train.caption_ids), tc.batch_size, step, tc.seed + stage_index)
         flips = (torch.rand(tc.batch_size, generator=gen, device=device) < 0.5) if config.data.hflip else None
@@ -265,30 +283,47 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
             record = dict(stage=stage.name, step=step, loss=window_loss / steps_in_window,
                           lr=lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed, time=time.time())
             window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        improved = False
         if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
             record = record or dict(stage=stage.name, step=step, time=time.time())
             record["val_loss"] = evaluate()
+            improved = record["val_loss"] < best["val"] - tc.early_stopping_min_delta
+            if improved:
+                best = dict(val=record["val_loss"], step=step, stale=0)
+                best_ema = [p.detach().clone() for p in ema.shadow_params] if keep_best else None
+            else:
+                best["stale"] += 1
+            if tc.early_stopping_patience and best["stale"] >= tc.early_stopping_patience:
+                done = True
+                record["early_stop"] = True
+                if main:
+                    tqdm.write(f"[{stage.name}] early stopping at step {step}: val_loss {record['val_loss']:.5f} has not "
+                               f"improved on {best['val']:.5f} (step {best['step']}) by more than "
+                               f"{tc.early_stopping_min_delta} for {best['stale']} validations")
         if record is not None and main:
             append_jsonl(metrics_file, record)
             for key, value in record.items():
                 if isinstance(value, float) and key != "time":
                     writer.add_scalar(f"{stage.name}/{key}", value, step)
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_loss", "images_per_s")})
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            improved = record is not None and record.get("val_loss", float("inf")) < best
-            if improved:
-                best = record["val_loss"]
-            path = save(done=step == tc.steps)
+        if step % tc.checkpoint_every == 0 or step == tc.steps or done or improved and keep_best:
+            path = save(done=done or step == tc.steps)
             if main and improved:
                 mark_best(run_dir, stage.name, path)
     bar.close()
+    if best_ema is not None:
+        ema.shadow_params = best_ema
+        if main:
+            tqdm.write(f"[{stage.name}] restored the best EMA weights: step {best['step']}, val_loss {best['val']:.5f}")
+            append_jsonl(metrics_file, dict(stage=stage.name, event="restore_best", step=best["step"],
+                                            val_loss=best["val"], time=time.time()))
     ema.copy_to(params)  # the stage leaves training holding its EMA weights
     raw_unet.eval()
     stage.unet = raw_unet
     if writer is not None:
         writer.close()
     history = [r for r in read_jsonl(metrics_file) if r.get("stage") == stage.name]
-    return dict(stage=stage.name, steps=step, best_val_loss=best,
+    return dict(stage=stage.name, steps=step, best_val_loss=best["val"], best_step=best["step"],
                 images_per_s=[r["images_per_s"] for r in history if "images_per_s" in r][-1:] or None)
 
 
@@ -307,15 +342,34 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
 
 
 def build_or_load_cascade(config: RunConfig) -> Cascade:
+    """A new cascade from `model.preset`, or the source cascade named by `model.init_from` (transfer: weights only)."""
     m = config.model
-    if m.init_from:
-        return load_cascade(m.init_from)
-    return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
-                        prediction_type=config.loss.prediction_type, seed=config.train.seed)
+    if not m.init_from:
+        return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
+                            prediction_type=config.loss.prediction_type, seed=config.train.seed)
+    cascade = load_cascade(m.init_from)
+    if m.text_encoder is not None:
+        spec = TextEncoderSpec.parse(m.text_encoder, cascade.text_encoder.max_length)
+        expected = cascade.stages[0].unet.config.encoder_hid_dim
+        if text_dim(spec) != expected:
+            raise UserError(f"text encoder '{m.text_encoder}' gives {text_dim(spec)}-d states, but the source cascade "
+                            f"{m.init_from} was trained on {expected}-d states ({cascade.text_encoder.kind}); "
+                            "leave model.text_encoder unset to use the source's encoder")
+        cascade.text_encoder = spec
+    return cascade
 
 
-def pretrain(config: RunConfig, resume: bool = False) -> Path:
-    """Train every stage named in `config.train.stages`, one after the other, and write `<run>/cascade`."""
+def default_prompts(data: ImageTextData) -> list[str]:
+    """One training caption per label (or the first few captions): what sample grids show by default."""
+    first: dict[int, str] = {}
+    for caption, label in zip(data.captions, data.labels.tolist()):
+        first.setdefault(label, caption)
+    return list(first.values())[:10]
+
+
+def train(config: RunConfig, resume: bool = False) -> Path:
+    """The one entry point for pretraining, resuming and transfer: train the stages in `config.train.stages` one
+    after the other (each prepared by `config.transfer`), then write `<run>/cascade`."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -323,10 +377,9 @@ def pretrain(config: RunConfig, resume: bool = False) -> Path:
         torch.set_num_threads(config.train.threads)
     AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
-    run_dir = prepare_run_dir(config, resume) if accelerator.is_main_process else Path(config.out or "runs/pretrain")
+    main = accelerator.is_main_process
+    run_dir = prepare_run_dir(config, resume) if main else Path(config.out or "runs/pretrain")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.train.seed)
     cascade = build_or_load_cascade(config)
     d = config.data
@@ -334,19 +387,34 @@ def pretrain(config: RunConfig, resume: bool = False) -> Path:
                   skip_bad=d.skip_bad)
     train_data = load_dataset(d.dataset, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
     val_data = load_dataset(d.dataset, d.val_split, limit=d.val_size, **common)
-    if train_data.skipped and accelerator.is_main_process:
-        print(f"skipped {train_data.skipped} unreadable file(s) in {train_data.source}")
+    if not config.sample.prompts:
+        config.sample.prompts = default_prompts(train_data)
+    if main:
+        save_config(config, run_dir / "config.yaml")
+        if train_data.skipped:
+            print(f"skipped {train_data.skipped} unreadable file(s) in {train_data.source}")
     encoder = load_text_encoder(cascade.text_encoder)
     cache = EmbeddingCache(encoder, default_cache_dir())
     train_set, val_set = encode_captions(train_data, cache), encode_captions(val_data, cache)
     null = cache([""])
     summaries = []
     for name in config.train.stages:
-        summaries.append(train_stage(config, cascade, cascade.stage(name), train_set, val_set, null, run_dir,
-                                     encode=cache, resume=resume, accelerator=accelerator))
+        stage = cascade.stage(name)
+        summary = prepare_transfer(stage.unet, config.transfer)
+        if main:
+            print(f"[{name}] {summary}")
+            append_jsonl(run_dir / "metrics.jsonl", dict(stage=name, event="trainable", method=summary.method,
+                                                         trainable=summary.trainable, total=summary.total,
+                                                         percent=summary.percent, time=time.time()))
+        result = train_stage(config, cascade, stage, train_set, val_set, null, run_dir, encode=cache, resume=resume,
+                             accelerator=accelerator)
+        finish_transfer(stage.unet)
+        summaries.append({**result, "method": summary.method, "trainable_percent": summary.percent})
     cascade.info.update(trained_on=f"{train_data.source} ({len(train_data)} images)", run=str(run_dir),
                         steps={s["stage"]: s["steps"] for s in summaries})
-    if accelerator.is_main_process:
+    if config.model.init_from:
+        cascade.info.update(source=str(config.model.init_from), method=config.transfer.method)
+    if main:
         save_cascade(cascade, run_dir / "cascade")
         append_jsonl(run_dir / "metrics.jsonl", dict(event="done", summaries=summaries, time=time.time()))
     accelerator.wait_for_everyone()

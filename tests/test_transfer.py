@@ -1,0 +1,162 @@
+import copy
+
+import pytest
+import torch
+
+from imagen_transfer.cascade import load_cascade
+from imagen_transfer.checkpoint import read_jsonl
+from imagen_transfer.config import TransferConfig
+from imagen_transfer.diffusion import denoise
+from imagen_transfer.errors import UserError
+from imagen_transfer.text import TinyTextEncoder
+from imagen_transfer.transfer import finish_transfer, parameter_groups, prepare_transfer
+from imagen_transfer.unet import build_unet
+
+
+@pytest.fixture
+def unet():
+    torch.manual_seed(0)
+    return build_unet("tiny", kind="base", resolution=16, text_dim=32)
+
+
+def _out(unet):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        return denoise(unet, x, torch.tensor([10, 700]), TinyTextEncoder()(["a cat", "a dog"]))
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "difffit", "lora"])
+def test_methods_start_from_the_source_function_and_fold_back_to_plain_weights(unet, method):
+    before = _out(unet)
+    keys = set(unet.state_dict())
+    summary = prepare_transfer(unet, TransferConfig(method=method, freeze_first_k=1))
+    assert 0 < summary.trainable <= summary.total
+    torch.testing.assert_close(_out(unet), before)  # DiffFit scales start at 1, LoRA's B at 0
+    with torch.no_grad():  # pretend training moved the new parameters
+        for name, p in unet.named_parameters():
+            if "difffit_scale" in name or "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    moved = _out(unet)
+    finish_transfer(unet)
+    assert set(unet.state_dict()) == keys, "a fine-tuned stage must be a plain diffusers U-Net again"
+    torch.testing.assert_close(_out(unet), moved, atol=1e-5, rtol=1e-4)
+    if method in ("difffit", "lora"):
+        assert not torch.allclose(moved, before)
+
+
+def test_trainable_fractions_follow_the_method(unet):
+    pct = {m: prepare_transfer(copy.deepcopy(unet), TransferConfig(method=m)).percent
+           for m in ("full", "bitfit", "difffit", "lora")}
+    assert pct["full"] == 100
+    assert 0 < pct["bitfit"] < pct["difffit"] < 5
+    assert 0 < pct["lora"] < 30
+    with pytest.raises(UserError, match="unknown transfer method"):
+        prepare_transfer(unet, TransferConfig(method="magic"))
+    with pytest.raises(UserError, match="no parameter trainable"):
+        prepare_transfer(unet, TransferConfig(method="freeze", freeze_patterns=["*"]))
+
+
+def test_bitfit_trains_only_biases_and_norms(unet):
+    prepare_transfer(unet, TransferConfig(method="bitfit"))
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert names and all(n.endswith(".bias") or "norm" in n for n in names)
+    assert "down_blocks.0.resnets.0.norm1.weight" in names and "conv_in.weight" not in names
+
+
+def test_frozen_early_blocks_get_no_backward_pass_and_no_gradient(unet):
+    prepare_transfer(unet, TransferConfig(method="freeze", freeze_first_k=1, freeze_patterns=["*.norm_cross.*"]))
+    calls = []
+    unet.down_blocks[0].register_full_backward_hook(lambda *a: calls.append("down0"))
+    unet.up_blocks[0].register_full_backward_hook(lambda *a: calls.append("up0"))
+    x = torch.randn(2, 3, 16, 16)
+    loss = denoise(unet, x, torch.tensor([3, 4]), TinyTextEncoder()(["a", "b"])).square().mean()
+    loss.backward()
+    assert "up0" in calls and "down0" not in calls
+    for name, p in unet.named_parameters():
+        if name.startswith(("down_blocks.0.", "conv_in.", "time_embedding.", "add_embedding.")) or "norm_cross" in name:
+            assert not p.requires_grad and p.grad is None, name
+    named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    groups = parameter_groups(named, 1e-4, {"up_blocks.*": 10.0})
+    assert sorted(g["lr"] for g in groups) == [1e-4, 1e-3]
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_difffit_blocks_choose_where_scales_go(unet):
+    early = copy.deepcopy(unet)
+    prepare_transfer(early, TransferConfig(method="difffit", difffit_blocks="early"))
+    scaled = [n for n, _ in early.named_parameters() if n.endswith("difffit_scale")]
+    assert scaled and all(n.startswith(("down_blocks.", "mid_block.")) for n in scaled)
+    with pytest.raises(UserError, match="difffit_blocks"):
+        prepare_transfer(unet, TransferConfig(method="difffit", difffit_blocks="middle"))
+
+
+# ------------------------------------------------------------------------------------------ end to end through train()
+
+
+def _finetune_config(source, data, out, method, *extra):
+    from imagen_transfer.config import load_config
+
+    return load_config(None, [
+        f"model.init_from={source}", f"data.dataset={data}", "data.val_split=val", "data.val_size=8",
+        f"transfer.method={method}", "train.stages=[base]", "train.steps=4", "train.batch_size=4",
+        "train.warmup_steps=1", "train.log_every=2", "train.val_every=2", "train.sample_every=4",
+        "train.checkpoint_every=4", "sample.steps=2", "sample.per_prompt=2", f"out={out}", *extra])
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "difffit", "lora"])
+def test_finetune_each_method_end_to_end(tiny_cascade_dir, tmp_path, method):
+    from conftest import make_npz
+
+    from imagen_transfer.train import train
+
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    run = train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", method, "transfer.freeze_first_k=1"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    trainable = next(r for r in rows if r.get("event") == "trainable")
+    assert trainable["method"] == method and 0 < trainable["percent"] <= 100
+    tuned = load_cascade(run / "cascade")
+    assert tuned.info["source"] == str(tiny_cascade_dir) and tuned.info["method"] == method
+    source = load_cascade(tiny_cascade_dir)
+    a, b = source.stage("base").unet.state_dict(), tuned.stage("base").unet.state_dict()
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a), "fine-tuning changed nothing"
+    sa, sb = source.stage("sr").unet.state_dict(), tuned.stage("sr").unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "the source SR stage is reused unchanged"
+    assert (run / "samples" / "base-step-0000004.png").is_file()
+    assert "chest x-ray" in (run / "config.yaml").read_text()  # default prompts come from the report captions
+
+
+def test_early_stopping_triggers_and_restores_the_best_step(tiny_cascade_dir, tmp_path, capsys):
+    from conftest import make_npz
+    from safetensors.torch import load_file
+
+    from imagen_transfer.train import train
+
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    # min_delta so large that no later validation counts as an improvement: stop at the 2nd one, restore the 1st
+    run = train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", "bitfit", "train.steps=20",
+                                 "train.early_stopping_patience=2", "train.early_stopping_min_delta=1000",
+                                 "train.sample_every=0"))
+    captured = capsys.readouterr()
+    log = captured.out + captured.err
+    assert "[base] early stopping at step 6" in log and "restored the best EMA weights: step 2" in log
+    rows = read_jsonl(run / "metrics.jsonl")
+    stop = next(r for r in rows if r.get("early_stop"))
+    restored = next(r for r in rows if r.get("event") == "restore_best")
+    assert stop["step"] == 6 and restored["step"] == 2
+    assert not any(r.get("step", 0) > 6 for r in rows if "loss" in r)
+    best_ema = load_file(run / "checkpoints" / "base" / "step-0000002" / "ema.safetensors")
+    tuned = load_cascade(run / "cascade").stage("base").unet.state_dict()
+    assert all(torch.equal(tuned[k], v) for k, v in best_ema.items())
+
+
+def test_text_encoder_mismatch_is_a_clear_error(tiny_cascade_dir, tmp_path):
+    from conftest import make_npz
+
+    from imagen_transfer.train import build_or_load_cascade
+
+    config = _finetune_config(tiny_cascade_dir, make_npz(tmp_path / "x.npz"), tmp_path / "run", "full",
+                              "model.text_encoder=minilm")
+    with pytest.raises(UserError, match="384-d states, but the source cascade"):
+        build_or_load_cascade(config)
