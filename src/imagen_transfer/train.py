@@ -96,6 +96,15 @@ def to_float_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(size, size), mode=mode)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's maximum resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -281,7 +290,9 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
             elapsed = time.perf_counter() - window_start
             steps_in_window = (step - 1) % tc.log_every + 1
             record = dict(stage=stage.name, step=step, loss=window_loss / steps_in_window,
-                          lr=lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed, time=time.time())
+                          lr=lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed,
+                          seconds_per_step=elapsed / steps_in_window, peak_memory_mb=peak_memory_mb(device),
+                          time=time.time())
             window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
         improved = False
         if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
