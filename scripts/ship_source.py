@@ -18,7 +18,6 @@ import yaml
 
 from imagen_transfer.cascade import load_cascade, save_cascade
 from imagen_transfer.checkpoint import read_jsonl
-from imagen_transfer.data import data_root
 from imagen_transfer.sampling import sample_cascade, save_grid
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -85,7 +84,7 @@ that imagen-transfer fine-tunes, probes and fuses. Load it by name: `--source ci
 | median training throughput | {base['images_per_s']:.1f} images/s | {sr['images_per_s']:.1f} images/s |
 | final training loss (min-SNR weighted) | {base['final_loss']:.4f} | {sr['final_loss']:.4f} |
 
-- **Data**: CIFAR-10 train split (50,000 JPEG images, `{data_root().name}/cifar10-jpg.zip`), random horizontal flips;
+- **Data**: CIFAR-10 train split (50,000 JPEG images, `$IMAGEN_TRANSFER_DATA/cifar10-jpg.zip`), random horizontal flips;
   captions from three templates ("a photo of a {{label}}", "a picture of a {{label}}", "a small photo of the {{label}}").
   Validation loss on 256 images of the CIFAR-10 test split at fixed noise and timesteps.
 - **Text encoder**: all-MiniLM-L6-v2 (frozen, 384-d token states, 32 tokens), from the registry package

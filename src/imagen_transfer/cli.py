@@ -13,13 +13,6 @@ from pathlib import Path
 from .errors import UserError
 
 
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def cmd_init(args) -> None:
     from .cascade import describe, init_cascade, save_cascade
 
@@ -33,6 +26,10 @@ def cmd_sample(args) -> None:
     from .cascade import load_cascade
     from .sampling import sample_cascade, save_grid
 
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0 (got {args.guidance}); 0 is unconditional, 1 conditional")
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1 (got {args.n})")
     cascade = load_cascade(args.model)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -84,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one row each)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=_nonneg_float, default=None)
+    p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None)
     p.add_argument("--thresholding", choices=["off", "static", "dynamic"], default=None)
     p.add_argument("--stages", nargs="+", default=None, help="only these stages (e.g. base)")
