@@ -22,6 +22,7 @@ import torch
 from imagen_transfer.cascade import init_cascade
 from imagen_transfer.checkpoint import read_jsonl
 from imagen_transfer.config import load_config
+from imagen_transfer.data import to_float
 from imagen_transfer.diffusion import upsample
 from imagen_transfer.text import load_text_encoder
 from imagen_transfer.train import Captioned, train_stage
@@ -37,8 +38,7 @@ def plain_diffusers_loop(stage, images, text, steps: int, batch: int) -> float:
         if step == 1:
             start = time.perf_counter()
         idx = torch.randint(0, len(images), (batch,))
-        x = images[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
-        x0 = torch.nn.functional.interpolate(x, size=stage.resolution, mode="area") if x.shape[-1] != stage.resolution else x
+        x0 = to_float(images[idx], stage.resolution)
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
         model_in = scheduler.add_noise(x0, noise, t)

@@ -328,10 +328,15 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
     return data
 
 
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images (N, C, H, W) to size x size: area averaging to shrink, bilinear to enlarge, as-is if equal."""
+    if x.shape[-1] == size:
+        return x
+    mode = "area" if size < x.shape[-1] else "bilinear"
+    return torch.nn.functional.interpolate(x, size=(size, size), mode=mode)
+
+
 def to_float(images_uint8: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], area-downsampled to `resolution` if smaller."""
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], resized to `resolution` if given."""
     x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
-    if resolution is not None and resolution != x.shape[-1]:
-        x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="area" if resolution < x.shape[-1]
-                                            else "bilinear")
-    return x
+    return x if resolution is None else resize(x, resolution)

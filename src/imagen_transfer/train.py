@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import RunConfig, save_config
-from .data import ImageTextData, load_dataset, to_float
+from .data import ImageTextData, load_dataset, resize, to_float
 from .diffusion import draw, training_loss
 from .errors import UserError
 from .sampling import sample_stage, save_grid
@@ -84,16 +84,9 @@ def stage_inputs(stage: Stage, images: torch.Tensor, flips: torch.Tensor | None,
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
     if x.shape[1] != stage.channels:
         x = x.mean(1, keepdim=True) if stage.channels == 1 else x.expand(-1, stage.channels, -1, -1)
-    x0 = to_float_resize(x, stage.resolution)
-    lowres = to_float_resize(x, stage.lowres) if stage.kind == "sr" else None
+    x0 = resize(x, stage.resolution)
+    lowres = resize(x, stage.lowres) if stage.kind == "sr" else None
     return x0, lowres
-
-
-def to_float_resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size:
-        return x
-    mode = "area" if size < x.shape[-1] else "bilinear"
-    return torch.nn.functional.interpolate(x, size=(size, size), mode=mode)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -155,7 +148,7 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
     real, lowres = stage_inputs(stage, val.images[idx], None, device)
     gens = [torch.Generator().manual_seed(i) for i in range(k)]
     out = sample_stage(stage, val.table.index(val.caption_ids[idx]), null, gens, lowres=lowres, **opts)
-    upsampled = to_float_resize(lowres, stage.resolution)
+    upsampled = resize(lowres, stage.resolution)
     save_grid(torch.cat([upsampled.cpu(), out.cpu(), real.cpu()]), path, nrow=k, scale=4)
 
 
