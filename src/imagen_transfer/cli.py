@@ -64,6 +64,14 @@ def cmd_finetune(args) -> None:
     print(f"run folder: {train(config, resume=args.resume)}")
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
+    """The arguments every training command shares: config file, overrides, run folder, resume."""
+    p.add_argument("--config", default=None, help="a YAML file (see configs/)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.steps=100")
+    p.add_argument("--out", default=None, help=f"run folder (default: {out_default})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagen-transfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,20 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("pretrain", help="train a cascade (stage by stage) from a YAML config")
-    p.add_argument("--config", default=None, help="a YAML file (see configs/)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.steps=100")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_run_arguments(p, out_default="runs/<config name>")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="transfer a cascade to a new dataset (full, freeze, bitfit, difffit, lora)")
     p.add_argument("--source", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
     p.add_argument("--method", required=True, choices=["full", "freeze", "bitfit", "difffit", "lora"])
-    p.add_argument("--config", default=None, help="a YAML file (e.g. configs/finetune-pneumonia.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.steps=200")
-    p.add_argument("--out", default=None, help="run folder (default: runs/finetune-<data>-<method>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_run_arguments(p, out_default="runs/finetune-<data>-<method>")
     p.set_defaults(func=cmd_finetune)
     return parser
 

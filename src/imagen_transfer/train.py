@@ -331,8 +331,12 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                 images_per_s=[r["images_per_s"] for r in history if "images_per_s" in r][-1:] or None)
 
 
+def run_dir_of(config: RunConfig) -> Path:
+    return Path(config.out or "runs/pretrain")
+
+
 def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    run_dir = Path(config.out or "runs/pretrain")
+    run_dir = run_dir_of(config)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it, or choose another --out")
     if resume and not (run_dir / "config.yaml").is_file():
@@ -382,7 +386,7 @@ def train(config: RunConfig, resume: bool = False) -> Path:
     AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
     accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
-    run_dir = prepare_run_dir(config, resume) if main else Path(config.out or "runs/pretrain")
+    run_dir = prepare_run_dir(config, resume) if main else run_dir_of(config)
     accelerator.wait_for_everyone()
     torch.manual_seed(config.train.seed)
     cascade = build_or_load_cascade(config)
