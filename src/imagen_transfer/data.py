@@ -59,6 +59,12 @@ class ImageTextData:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @property
+    def grayscale(self) -> bool:
+        """True when every image has equal colour channels (an X-ray set stored as RGB counts as grayscale)."""
+        x = self.images
+        return x.shape[-1] == 1 or bool((x[..., :1] == x).all())
+
     def subset(self, idx) -> ImageTextData:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return ImageTextData(self.images[idx], [self.captions[i] for i in idx.tolist()], self.labels[idx],
@@ -229,13 +235,24 @@ def _decode_npz(path: Path, split: str, resolution: int, channels: int):
     return images, labels
 
 
+def cache_root() -> Path:
+    """Where decoded data, text embeddings, features and judges are cached ($IMAGEN_TRANSFER_CACHE)."""
+    return Path(os.environ.get("IMAGEN_TRANSFER_CACHE", Path.home() / ".cache" / "imagen-transfer"))
+
+
+def dataset_fingerprint(path: Path) -> str:
+    """Identifies a dataset file's content cheaply (path, size, mtime); folders by path only."""
+    if path.is_dir():
+        return str(path.resolve())
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def _cache_file(path: Path, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
     if path.is_dir():
         return None
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|{resolution}|{channels}|{skip_bad}|v1"
-    root = Path(os.environ.get("IMAGEN_TRANSFER_CACHE", Path.home() / ".cache" / "imagen-transfer")) / "data"
-    return root / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".npz")
+    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{channels}|{skip_bad}|v1"
+    return cache_root() / "data" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".npz")
 
 
 def _decoded(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):

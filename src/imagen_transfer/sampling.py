@@ -115,11 +115,13 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
     """Images (N, C, H, W) in [-1, 1] for N prompts, one seed each, through every stage (or the named ones).
 
     `options` override the cascade's sampling defaults (sampler, steps, guidance, thresholding, percentile,
-    max_value). Prompts are processed in batches of `batch_size`; the results do not depend on it.
+    max_value, grayscale: average the colour channels of the final images, set for models trained on gray data).
+    Prompts are processed in batches of `batch_size`; the results do not depend on it.
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
     settings = {**cascade.sampling, **{k: v for k, v in options.items() if v is not None}}
+    grayscale = settings.pop("grayscale", False)
     use = [s for s in cascade.stages if stages is None or s.name in stages]
     encoder = load_text_encoder(cascade.text_encoder)
     outputs = []
@@ -131,6 +133,8 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
         x = None
         for stage in use:
             x = sample_stage(stage, text, null, generators, lowres=x, progress=progress, **settings)
+        if grayscale:
+            x = x.mean(dim=1, keepdim=True).expand_as(x)
         outputs.append(x.cpu())
     return torch.cat(outputs)
 

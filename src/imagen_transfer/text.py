@@ -166,7 +166,9 @@ def text_dim(spec: TextEncoderSpec) -> int:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("IMAGEN_TRANSFER_CACHE", Path.home() / ".cache" / "imagen-transfer")) / "text"
+    from .data import cache_root
+
+    return cache_root() / "text"
 
 
 class EmbeddingCache:

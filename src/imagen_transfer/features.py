@@ -1,0 +1,204 @@
+"""`imagen-transfer features`: a diffusion U-Net as a feature extractor (and the baselines to judge it by).
+
+Following "Denoising Diffusion Autoencoders are Unified Self-supervised Learners" (Xiang et al. 2023) and
+"Diffusion Hyperfeatures" (Luo et al. 2023): noise a clean image to timestep t with fixed noise, run the U-Net once,
+and read the activations of named blocks through forward hooks (`down0..`, `mid`, `up0..`), globally average-pooled
+(or kept as spatial maps). The conditioning text is the empty prompt by default, so the label never leaks in.
+
+A feature folder holds one safetensors file per feature set (a model, or a baseline: raw pixels, the same U-Net with
+random weights, the captions' text-encoder embeddings) with tensors named `<split>/<view>` (a view is `down1@t100`,
+`pixels` or `text`), plus `manifest.json` (dataset, splits with their labels, views, dimensions, settings).
+
+Image i of a split always gets the noise of generator seed `seed * 1_000_000 + i`, so features do not depend on the
+batch size or on how the images are sharded across processes (`accelerate launch ... imagen-transfer features`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import ImageTextData, load_dataset, resolve_dataset, to_float
+from .errors import UserError
+
+DEFAULT_TIMESTEPS = (10, 100, 300)
+
+
+def block_names(unet) -> list[str]:
+    return ([f"down{i}" for i in range(len(unet.down_blocks))] + ["mid"]
+            + [f"up{i}" for i in range(len(unet.up_blocks))])
+
+
+def _block(unet, name: str):
+    if name == "mid":
+        return unet.mid_block
+    kind, index = name[: 2 if name.startswith("up") else 4], name[2 if name.startswith("up") else 4 :]
+    blocks = {"down": unet.down_blocks, "up": unet.up_blocks}.get(kind)
+    if blocks is None or not index.isdigit() or int(index) >= len(blocks):
+        raise UserError(f"unknown block '{name}'; this U-Net has {', '.join(block_names(unet))}")
+    return blocks[int(index)]
+
+
+@torch.inference_mode()
+def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: list[int], text,
+                  first_index: int = 0, seed: int = 0, batch_size: int = 64, pool: bool = True,
+                  progress: bool = True, desc: str = "features") -> dict[str, torch.Tensor]:
+    """{'<block>@t<t>': (N, C) pooled, or (N, C, h, w)} for uint8 images (N, H, W, C) at the stage's resolution.
+
+    `text` is a one-row TextEncoding (the conditioning prompt); `first_index` is image 0's index in its split (its
+    noise seed). SR stages see the image's own downsampled copy as their clean low-res input.
+    """
+    from tqdm.auto import tqdm
+
+    from .diffusion import add_noise, condition_lowres, denoise
+    from .sampling import randn
+
+    unet = stage.unet.eval()
+    device = next(unet.parameters()).device
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def keep(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            captured[name] = out.float().mean(dim=(2, 3)) if pool else out.float()
+        return keep
+
+    handles = [_block(unet, name).register_forward_hook(hook(name)) for name in blocks]
+    alphas = stage.scheduler.alphas_cumprod
+    out: dict[str, list[torch.Tensor]] = {f"{b}@t{t}": [] for b in blocks for t in timesteps}
+    try:
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
+            x0 = to_float(images[start : start + batch_size], stage.resolution).to(device)
+            n = len(x0)
+            gens = [torch.Generator().manual_seed(seed * 1_000_000 + first_index + start + i) for i in range(n)]
+            noise = randn(tuple(x0.shape), gens, device)
+            lowres = level = None
+            if stage.kind == "sr":
+                level = torch.zeros(n, dtype=torch.long, device=device)
+                small = to_float(images[start : start + batch_size], stage.lowres).to(device)
+                lowres = condition_lowres(small, stage.resolution, level, torch.zeros_like(x0), alphas)
+            for t in timesteps:
+                tt = torch.full((n,), int(t), dtype=torch.long, device=device)
+                denoise(unet, add_noise(x0, tt, noise, alphas), tt, text.repeat(n).to(device), lowres, level)
+                for b in blocks:
+                    out[f"{b}@t{t}"].append(captured[b].cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def pixel_features(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Raw pixels at `resolution`, flattened, in [-1, 1]: the baseline every representation must beat."""
+    return to_float(images, resolution).flatten(1)
+
+
+def random_like(stage, seed: int = 0):
+    """The same stage with freshly initialised U-Net weights (the 'architecture only' baseline)."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    clone = copy.copy(stage)
+    clone.unet = UNet2DConditionModel.from_config(stage.unet.config).to(stage.unet.device).eval()
+    return clone
+
+
+def _shard(n: int, state):
+    """(indices of this process, gather function) under accelerate; everything in one process otherwise.
+    Shards are contiguous and padded to equal size, so gathering in rank order and cutting to n restores the order."""
+    if state.num_processes == 1:
+        return list(range(n)), lambda t: t
+    from accelerate.utils import gather
+
+    with state.split_between_processes(list(range(n)), apply_padding=True) as idx:
+        mine = list(idx)
+    return mine, lambda t: gather(t.contiguous().to(state.device)).cpu()[:n]
+
+
+def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tuple[str, ...] = ("train", "val", "test"),
+            stage_name: str = "base", blocks: list[str] | None = None, timesteps: list[int] | None = None,
+            prompt: str = "", baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0,
+            batch_size: int = 64, pool: bool = True, limit: int | None = None, progress: bool = True) -> Path:
+    """Write a feature folder for each model in `models` (name -> cascade) plus the baselines; see module doc."""
+    from accelerate import PartialState
+
+    from .cascade import load_cascade, resolve_model
+    from .text import load_text_encoder
+
+    if not models:
+        raise UserError("give at least one --model")
+    out = Path(out)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    cascades = {name: load_cascade(path, device=state.device) for name, path in models.items()}
+    first = next(iter(cascades.values()))
+    stage0 = first.stage(stage_name)
+    blocks = blocks or block_names(stage0.unet)
+    timesteps = [int(t) for t in (timesteps or DEFAULT_TIMESTEPS)]
+    bad = [t for t in timesteps if not 0 <= t < len(stage0.scheduler.alphas_cumprod)]
+    if bad:
+        raise UserError(f"timesteps must be in [0, {len(stage0.scheduler.alphas_cumprod) - 1}] (got {bad})")
+    data: dict[str, ImageTextData] = {s: load_dataset(dataset, s, resolution=stage0.resolution, channels=3,
+                                                      limit=limit) for s in splits}
+    sets: dict[str, dict[str, torch.Tensor]] = {}
+    encoder = load_text_encoder(first.text_encoder)
+    for name, cascade in cascades.items():
+        stage = cascade.stage(stage_name)
+        sources = [(name, stage)] + ([("random", random_like(stage, 1000 + seed))] if "random" in baselines and
+                                     name == next(iter(cascades)) else [])
+        text = load_text_encoder(cascade.text_encoder)([prompt])
+        for set_name, st in sources:
+            tensors = {}
+            for split, d in data.items():
+                mine, gather = _shard(len(d), state)
+                feats = unet_features(st, d.images[mine], blocks=blocks, timesteps=timesteps, text=text,
+                                      first_index=mine[0] if mine else 0, seed=seed, batch_size=batch_size,
+                                      pool=pool, progress=progress, desc=f"{set_name} {split}")
+                tensors.update({f"{split}/{view}": gather(v) for view, v in feats.items()})
+            sets[set_name] = tensors
+    if "pixels" in baselines:
+        sets["pixels"] = {f"{s}/pixels": pixel_features(d.images, stage0.resolution) for s, d in data.items()}
+    if "text" in baselines:
+        sets["text"] = {f"{s}/text": encoder(d.captions).pooled.float() for s, d in data.items()}
+    if state.is_main_process:
+        _write(out, sets, data, dict(models={k: str(resolve_model(v)) for k, v in models.items()},
+                                     dataset=str(resolve_dataset(dataset)), stage=stage_name,
+                                     resolution=stage0.resolution, blocks=blocks, timesteps=timesteps, prompt=prompt,
+                                     seed=seed, pool=pool))
+    state.wait_for_everyone()
+    return out
+
+
+def _write(out: Path, sets: dict, data: dict[str, ImageTextData], settings: dict) -> None:
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(data.values()))
+    manifest = dict(**settings, label_names=first.label_names,
+                    splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist()) for s, d in data.items()},
+                    sets={})
+    for name, tensors in sets.items():
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        tmp = out / f"{name}.safetensors.tmp{os.getpid()}"
+        save_file(tensors, tmp)
+        os.replace(tmp, out / f"{name}.safetensors")
+        split = next(iter(data))
+        views = [k.split("/", 1)[1] for k in tensors if k.startswith(f"{split}/")]
+        manifest["sets"][name] = dict(file=f"{name}.safetensors", views=views,
+                                      dims={v: list(tensors[f"{split}/{v}"].shape[1:]) for v in views})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def load_features(folder: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(manifest, {set name: {'<split>/<view>': tensor}}) of a feature folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        raise UserError(f"{folder} is not a feature folder (no manifest.json); write one with `imagen-transfer features`")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return manifest, {name: load_file(folder / info["file"]) for name, info in manifest["sets"].items()}

@@ -1,0 +1,291 @@
+"""`imagen-transfer probe`: downstream heads on cached features (see features.py), chosen on validation, reported
+on test.
+
+Classification: a grid of heads, one per (feature set, view, learning rate), all trained together in one pass over
+the cached features (each mini-batch updates every head; the heads share nothing, so this equals training them one
+by one, only faster). Features are standardised with the training split's statistics. The head with the best
+validation accuracy per feature set is reported on test: accuracy, AUC (one-vs-rest macro for more than two classes)
+and per-class accuracy. A label-efficiency curve retrains each set's chosen head on 1%, 10% and 100% of the training
+labels (stratified, several seeds). A heat-map shows validation accuracy per block x timestep.
+
+Retrieval: test images query the training images by cosine similarity of standardised features; recall@k (a
+same-label image among the k nearest), mAP over the whole ranking, and k-NN (k=10) majority-vote accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import select_subset
+from .errors import UserError
+from .features import load_features
+
+LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+LABEL_FRACTIONS = (0.01, 0.1, 1.0)
+
+
+def _standardised(tensors: dict[str, torch.Tensor], view: str, splits=("train", "val", "test")):
+    x = {s: tensors[f"{s}/{view}"].float().flatten(1) for s in splits}
+    mean, std = x["train"].mean(0), x["train"].std(0).clamp_min(1e-6)
+    return {s: (v - mean) / std for s, v in x.items()}
+
+
+def _head(dim: int, classes: int, kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(dim, classes)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(dim, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, classes))
+    raise UserError(f"unknown head '{kind}' (linear | mlp)")
+
+
+def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: int, *, lrs=LEARNING_RATES,
+                head: str = "linear", epochs: int = 30, batch_size: int = 256, seed: int = 0,
+                progress: bool = True) -> dict[tuple[str, float], nn.Module]:
+    """One head per (input name, lr), trained together: AdamW, cosine schedule, weight decay 1e-4."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    heads = {(name, lr): _head(x.shape[1], classes, head) for name, x in inputs.items() for lr in lrs}
+    opt = torch.optim.AdamW([dict(params=h.parameters(), lr=lr) for (_, lr), h in heads.items()], weight_decay=1e-4)
+    n = len(labels)
+    steps = epochs * max(1, -(-n // batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    for h in heads.values():
+        h.train()
+    with tqdm(total=steps, desc=f"probe ({len(heads)} heads)", disable=not progress, unit="step") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                loss = sum(nn.functional.cross_entropy(h(inputs[name][idx]), labels[idx])
+                           for (name, _), h in heads.items())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update()
+    return {k: h.eval() for k, h in heads.items()}
+
+
+def classification_scores(probs: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict:
+    """Accuracy, AUC and per-class accuracy from class probabilities."""
+    from sklearn.metrics import roc_auc_score
+
+    pred = probs.argmax(1)
+    out = dict(accuracy=float((pred == labels).float().mean()))
+    try:
+        if probs.shape[1] == 2:
+            out["auc"] = float(roc_auc_score(labels.numpy(), probs[:, 1].numpy()))
+        else:
+            out["auc"] = float(roc_auc_score(labels.numpy(), probs.numpy(), multi_class="ovr", average="macro"))
+    except ValueError:  # a split with a single class
+        out["auc"] = None
+    out["per_class_accuracy"] = {name: float((pred[labels == i] == i).float().mean())
+                                 for i, name in enumerate(label_names) if (labels == i).any()}
+    return out
+
+
+@torch.inference_mode()
+def _probs(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return head(x).softmax(-1)
+
+
+def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 30, seed: int = 0,
+             fractions=LABEL_FRACTIONS, efficiency_seeds: int = 3, progress: bool = True) -> dict:
+    """The head grid, the chosen head per feature set with its test scores, and the label-efficiency curve."""
+    labels = {s: torch.tensor(v["labels"]) for s, v in manifest["splits"].items()}
+    for split in ("train", "val", "test"):
+        if split not in labels:
+            raise UserError(f"the feature folder has no '{split}' split (extract with --splits train val test)")
+    names = manifest["label_names"]
+    inputs, by_key = {}, {}
+    for set_name, tensors in sets.items():
+        for view in manifest["sets"][set_name]["views"]:
+            key = f"{set_name}:{view}"
+            by_key[key] = _standardised(tensors, view)
+            inputs[key] = by_key[key]["train"]
+    heads = train_heads(inputs, labels["train"], len(names), head=head, epochs=epochs, seed=seed, progress=progress)
+    grid = []
+    for (key, lr), h in heads.items():
+        val = classification_scores(_probs(h, by_key[key]["val"]), labels["val"], names)
+        grid.append(dict(set=key.split(":", 1)[0], view=key.split(":", 1)[1], lr=lr, val_accuracy=val["accuracy"],
+                         val_auc=val["auc"]))
+    best = {}
+    for set_name in sets:
+        rows = [r for r in grid if r["set"] == set_name]
+        choice = max(rows, key=lambda r: (r["val_accuracy"], r["val_auc"] or 0))
+        key = f"{set_name}:{choice['view']}"
+        test = classification_scores(_probs(heads[(key, choice["lr"])], by_key[key]["test"]), labels["test"], names)
+        best[set_name] = dict(view=choice["view"], lr=choice["lr"], val_accuracy=choice["val_accuracy"],
+                              val_auc=choice["val_auc"], test=test)
+    curve = label_efficiency(best, by_key, labels, names, head=head, epochs=epochs, fractions=fractions,
+                             seeds=efficiency_seeds, progress=progress)
+    return dict(head=head, epochs=epochs, grid=grid, best=best, label_efficiency=curve)
+
+
+def label_efficiency(best: dict, by_key: dict, labels: dict, names: list[str], *, head: str, epochs: int,
+                     fractions, seeds: int, progress: bool) -> dict:
+    """Test accuracy / AUC of each set's chosen (view, lr) retrained on a stratified fraction of the train labels."""
+    curve = {}
+    for fraction in fractions:
+        for s in range(seeds if fraction < 1 else 1):
+            idx = select_subset(labels["train"], fraction=fraction, seed=s)
+            inputs = {f"{name}:{b['view']}": by_key[f"{name}:{b['view']}"]["train"][idx] for name, b in best.items()}
+            # few labels: scale epochs so every run takes about the same number of steps (at least the full one's)
+            scaled = max(epochs, int(epochs / max(fraction, 1e-3) ** 0.5))
+            for name, b in best.items():
+                key = f"{name}:{b['view']}"
+                trained = train_heads({key: inputs[key]}, labels["train"][idx], len(names), lrs=(b["lr"],), head=head,
+                                      epochs=scaled, seed=s, progress=False)[(key, b["lr"])]
+                scores = classification_scores(_probs(trained, by_key[key]["test"]), labels["test"], names)
+                curve.setdefault(name, {}).setdefault(str(fraction), []).append(
+                    dict(seed=s, n_labels=len(idx), accuracy=scores["accuracy"], auc=scores["auc"]))
+    return curve
+
+
+def retrieval(manifest: dict, sets: dict, ks=(1, 5, 10)) -> dict:
+    """Per feature set, the view with the best validation mAP, and its test recall@k, mAP and 10-NN accuracy."""
+    labels = {s: torch.tensor(v["labels"]) for s, v in manifest["splits"].items()}
+    out = {}
+    for set_name, tensors in sets.items():
+        scored = []
+        for view in manifest["sets"][set_name]["views"]:
+            x = _standardised(tensors, view)
+            scored.append((retrieval_scores(x["val"], labels["val"], x["train"], labels["train"], ks)["map"], view, x))
+        val_map, view, x = max(scored, key=lambda r: r[0])
+        out[set_name] = dict(view=view, val_map=val_map,
+                             test=retrieval_scores(x["test"], labels["test"], x["train"], labels["train"], ks))
+    return out
+
+
+def retrieval_scores(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 10)) -> dict:
+    q = nn.functional.normalize(queries, dim=1)
+    g = nn.functional.normalize(gallery, dim=1)
+    order = (q @ g.T).argsort(dim=1, descending=True)
+    relevant = (gallery_labels[order] == query_labels[:, None]).float()  # (Q, G) in ranked order
+    out = {f"recall@{k}": float(relevant[:, :k].amax(1).mean()) for k in ks}
+    hits = relevant.cumsum(1)
+    ranks = torch.arange(1, relevant.shape[1] + 1).float()
+    ap = (relevant * hits / ranks).sum(1) / relevant.sum(1).clamp_min(1)
+    out["map"] = float(ap.mean())
+    top = gallery_labels[order[:, :10]]
+    vote = torch.mode(top, dim=1).values
+    out["knn10_accuracy"] = float((vote == query_labels).float().mean())
+    return out
+
+
+def heatmap(grid: list[dict], set_name: str, out: Path) -> Path | None:
+    """Validation accuracy (best lr) per block x timestep for one feature set, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for r in grid:
+        if r["set"] == set_name and "@t" in r["view"]:
+            block, t = r["view"].split("@t")
+            cells[(block, int(t))] = max(cells.get((block, int(t)), 0), r["val_accuracy"])
+    if not cells:
+        return None
+    blocks = list(dict.fromkeys(b for b, _ in cells))
+    steps = sorted({t for _, t in cells})
+    values = torch.tensor([[cells.get((b, t), float("nan")) for t in steps] for b in blocks])
+    fig, ax = plt.subplots(figsize=(1.2 * len(steps) + 2.5, 0.45 * len(blocks) + 1.5))
+    im = ax.imshow(values.numpy(), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(steps)), [f"t={t}" for t in steps])
+    ax.set_yticks(range(len(blocks)), blocks)
+    for i in range(len(blocks)):
+        for j in range(len(steps)):
+            ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_title(f"{set_name}: validation accuracy (linear probe)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def efficiency_plot(curve: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, points in curve.items():
+        xs = sorted(points, key=float)
+        means = [torch.tensor([p["accuracy"] for p in points[x]]).mean().item() for x in xs]
+        stds = [torch.tensor([p["accuracy"] for p in points[x]]).std(unbiased=False).item() for x in xs]
+        ax.errorbar([float(x) * 100 for x in xs], means, yerr=stds, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("% of training labels")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run_probe(features: str | Path, *, task: str = "classification", head: str = "linear", epochs: int = 30,
+              out: str | Path | None = None, reference: dict | None = None, progress: bool = True) -> dict:
+    """Probe a feature folder and write probe.json, probe.md and the plots into `out` (default: the folder)."""
+    manifest, sets = load_features(features)
+    out = Path(out or features)
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"],
+                  n={s: v["n"] for s, v in manifest["splits"].items()})
+    if task == "classification":
+        result.update(classify(manifest, sets, head=head, epochs=epochs, progress=progress))
+        for name in sets:
+            if heatmap(result["grid"], name, out / f"heatmap-{name}.png"):
+                result.setdefault("plots", []).append(f"heatmap-{name}.png")
+        efficiency_plot(result["label_efficiency"], out / "label_efficiency.png")
+        result.setdefault("plots", []).append("label_efficiency.png")
+    elif task == "retrieval":
+        result["retrieval"] = retrieval(manifest, sets)
+    else:
+        raise UserError(f"unknown task '{task}' (classification | retrieval)")
+    if reference:
+        result["reference"] = reference
+    (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
+    (out / f"probe-{task}.md").write_text(probe_markdown(result))
+    return result
+
+
+def probe_markdown(result: dict) -> str:
+    lines = [f"# Probe of {result['features']} ({result['dataset']}, stage {result['stage']})", "",
+             "n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items()), ""]
+    if "best" in result:
+        lines += [f"Head: {result['head']}, {result['epochs']} epochs; chosen on validation accuracy.", "",
+                  "| features | view | lr | val acc | test acc | test AUC | per-class test acc |", "|---|---|---|---|---|---|---|"]
+        for name, b in result["best"].items():
+            t = b["test"]
+            per = ", ".join(f"{k} {v:.3f}" for k, v in t["per_class_accuracy"].items())
+            auc = f"{t['auc']:.3f}" if t["auc"] is not None else "n/a"
+            lines.append(f"| {name} | {b['view']} | {b['lr']:g} | {b['val_accuracy']:.3f} | {t['accuracy']:.3f} | "
+                         f"{auc} | {per} |")
+        for name, ref in (result.get("reference") or {}).items():
+            lines.append(f"| {name} (published) | | | | {ref['accuracy']:.3f} | {ref['auc']:.3f} | |")
+        lines += ["", "Label efficiency (test accuracy, mean +- std over seeds):", "",
+                  "| features | " + " | ".join(f"{float(f) * 100:g}% labels" for f in LABEL_FRACTIONS) + " |",
+                  "|---|" + "---|" * len(LABEL_FRACTIONS)]
+        for name, points in result["label_efficiency"].items():
+            cells = []
+            for f in LABEL_FRACTIONS:
+                accs = torch.tensor([p["accuracy"] for p in points.get(str(f), [])])
+                cells.append(f"{accs.mean():.3f} +- {accs.std(unbiased=False):.3f}" if len(accs) else "")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "retrieval" in result:
+        lines += ["| features | view | " + " | ".join(k for k in next(iter(result["retrieval"].values()))["test"]) + " |"]
+        lines.append("|---|---|" + "---|" * len(next(iter(result["retrieval"].values()))["test"]))
+        for name, r in result["retrieval"].items():
+            lines.append(f"| {name} | {r['view']} | " + " | ".join(f"{v:.3f}" for v in r["test"].values()) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""`evaluate`: the protocol end to end on a tiny cascade, the reference cache, the judge, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_npz
+from torch import nn
+
+
+@pytest.fixture(scope="module")
+def small_feature_net(tmp_path_factory):
+    """A tiny TorchScript 'Inception' (16-d features) so the protocol test runs in seconds."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    path = tmp_path_factory.mktemp("nets") / "features.pt"
+    torch.jit.save(torch.jit.script(net.eval()), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_npz(tmp_path_factory):
+    return make_npz(tmp_path_factory.mktemp("data") / "toy.npz", n_train=64, n_val=24)
+
+
+def test_evaluate_writes_eval_json_with_protocol_and_metrics(tiny_cascade_dir, toy_npz, small_feature_net, tmp_path):
+    from imagen_transfer.evaluate import evaluate
+
+    out = tmp_path / "eval.json"
+    result = evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=12, seed=1, batch_size=6,
+                      sampling=dict(steps=2), feature_net=str(small_feature_net), out=out, progress=False)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["n_generated"] == 12 and saved["n_real"] == 24 and saved["split"] == "test"
+    assert saved["resolution"] == 32 and saved["sampling"]["steps"] == 2
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"):
+        assert isinstance(saved[key], float), key
+    assert saved["kid_subset_size"] == 12
+    assert saved["inception_score"] is None and "no logits" in saved["inception_score_absent"]
+    assert 0 <= saved["judge"]["real_accuracy"] <= 1
+    assert (tmp_path / saved["samples_grid"]).is_file()
+    # the same seed gives the same numbers; the real features come from the cache the second time
+    again = evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=12, seed=1, batch_size=12,
+                     sampling=dict(steps=2), feature_net=str(small_feature_net), progress=False)
+    assert again["fid"] == pytest.approx(result["fid"], rel=1e-4)
+    assert again["conditioning_accuracy"] == result["conditioning_accuracy"]
+
+
+def test_evaluate_with_logits_network_reports_inception_score(tiny_cascade_dir, toy_npz, small_feature_net):
+    from imagen_transfer.evaluate import evaluate
+
+    result = evaluate(str(tiny_cascade_dir), str(toy_npz), n=6, sampling=dict(steps=1), judge=False,
+                      feature_net=str(small_feature_net), logits_net=str(small_feature_net), progress=False)
+    assert result["inception_score"] >= 1.0 and "inception_score_absent" not in result
+    assert "conditioning_accuracy" not in result
+
+
+def test_judge_learns_the_classes_and_scores_conditioning(toy_npz):
+    from imagen_transfer.data import load_dataset
+    from imagen_transfer.judge import conditioning_accuracy, load_or_train_judge
+
+    judge, info = load_or_train_judge(str(toy_npz), 32, epochs=15, progress=False)
+    assert info["classes"] == ["0", "1"] and info["real_accuracy"] > 0.9
+    real = load_dataset(str(toy_npz), "test", resolution=32, channels=3)
+    right = conditioning_accuracy(judge, real.images, real.labels, info["classes"])
+    wrong = conditioning_accuracy(judge, real.images, 1 - real.labels, info["classes"])
+    assert right["conditioning_accuracy"] == pytest.approx(info["real_accuracy"])
+    assert wrong["conditioning_accuracy"] == pytest.approx(1 - info["real_accuracy"])
+    assert set(right["conditioning_accuracy_per_class"]) == {"0", "1"}
+    cached, _ = load_or_train_judge(str(toy_npz), 32, epochs=15, progress=False)  # read back, not retrained
+    assert all(torch.equal(a, b) for a, b in zip(judge.state_dict().values(), cached.state_dict().values()))
+
+
+def test_evaluate_cli_rejects_bad_n(tiny_cascade_dir, toy_npz, capsys):
+    from imagen_transfer.cli import main
+
+    assert main(["evaluate", "--model", str(tiny_cascade_dir), "--data", str(toy_npz), "--n", "1"]) == 2
+    assert "--n must be >= 2" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""`features` and `probe`: hooks read the named blocks, noise is per image, sharding changes nothing, heads learn."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, make_npz
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_npz(tmp_path_factory.mktemp("data") / "toy.npz", n_train=96, n_val=32)
+
+
+@pytest.fixture(scope="module")
+def feature_dir(tiny_cascade_dir, toy, tmp_path_factory):
+    from imagen_transfer.features import extract
+
+    out = tmp_path_factory.mktemp("features") / "f"
+    return extract({"tiny": str(tiny_cascade_dir)}, str(toy), out, timesteps=[10, 200], batch_size=16,
+                   baselines=("pixels", "random", "text"), progress=False)
+
+
+def test_feature_folder_layout(feature_dir, tiny_cascade):
+    from imagen_transfer.features import block_names, load_features
+
+    manifest, sets = load_features(feature_dir)
+    unet = tiny_cascade.stage("base").unet
+    assert set(sets) == {"tiny", "random", "pixels", "text"}
+    assert manifest["splits"]["train"]["n"] == 96 and manifest["splits"]["test"]["labels"][:4] == [0, 1, 0, 1]
+    views = manifest["sets"]["tiny"]["views"]
+    assert views == [f"{b}@t{t}" for b in block_names(unet) for t in (10, 200)]
+    assert manifest["sets"]["tiny"]["dims"]["mid@t10"] == [unet.config.block_out_channels[-1]]
+    assert manifest["sets"]["pixels"]["dims"]["pixels"] == [3 * 16 * 16]
+    assert sets["tiny"]["val/down0@t10"].shape == (32, unet.config.block_out_channels[0])
+    assert not torch.allclose(sets["tiny"]["val/mid@t10"], sets["random"]["val/mid@t10"])
+
+
+def test_hook_reads_the_named_block_and_noise_is_per_image(tiny_cascade, toy):
+    from imagen_transfer.data import load_dataset
+    from imagen_transfer.diffusion import add_noise, denoise
+    from imagen_transfer.features import unet_features
+    from imagen_transfer.sampling import randn
+    from imagen_transfer.text import load_text_encoder
+
+    stage = tiny_cascade.stage("base")
+    images = load_dataset(str(toy), "val", resolution=16).images[:6]
+    text = load_text_encoder(tiny_cascade.text_encoder)([""])
+    one = unet_features(stage, images, blocks=["mid"], timesteps=[50], text=text, batch_size=6, progress=False)
+    split = unet_features(stage, images[3:], blocks=["mid"], timesteps=[50], text=text, first_index=3, batch_size=2,
+                          progress=False)
+    assert torch.allclose(one["mid@t50"][3:], split["mid@t50"], atol=1e-5)  # batch- and shard-independent
+    # by hand: the same noise, a hook on mid_block, global average pooling
+    from imagen_transfer.data import to_float
+
+    x0 = to_float(images)
+    noise = randn(tuple(x0.shape), [torch.Generator().manual_seed(i) for i in range(6)])
+    t = torch.full((6,), 50)
+    seen = {}
+    handle = stage.unet.mid_block.register_forward_hook(lambda m, i, o: seen.update(mid=o))
+    with torch.no_grad():
+        denoise(stage.unet, add_noise(x0, t, noise, stage.scheduler.alphas_cumprod), t, text.repeat(6))
+    handle.remove()
+    assert torch.allclose(one["mid@t50"], seen["mid"].mean(dim=(2, 3)), atol=1e-5)
+
+
+def test_spatial_maps_sr_stage_and_bad_names(tiny_cascade, toy):
+    from imagen_transfer.data import load_dataset
+    from imagen_transfer.errors import UserError
+    from imagen_transfer.features import unet_features
+    from imagen_transfer.text import load_text_encoder
+
+    text = load_text_encoder(tiny_cascade.text_encoder)([""])
+    sr = tiny_cascade.stage("sr")
+    images = load_dataset(str(toy), "val", resolution=32).images[:3]
+    maps = unet_features(sr, images, blocks=["down0", "up0"], timesteps=[5], text=text, pool=False, progress=False)
+    assert maps["down0@t5"].shape[0] == 3 and maps["down0@t5"].dim() == 4 and maps["up0@t5"].shape[-1] > 1
+    with pytest.raises(UserError, match="unknown block 'down9'"):
+        unet_features(sr, images, blocks=["down9"], timesteps=[5], text=text, progress=False)
+
+
+def test_probe_learns_toy_classes_and_writes_outputs(feature_dir):
+    from imagen_transfer.probe import run_probe
+
+    result = run_probe(feature_dir, epochs=10, progress=False)
+    views = sum(len(s["views"]) for s in json.loads((feature_dir / "manifest.json").read_text())["sets"].values())
+    assert len(result["grid"]) == 3 * views  # one head per (set, view, learning rate)
+    assert result["best"]["pixels"]["test"]["accuracy"] > 0.9  # the toy classes differ by a bright centre
+    assert result["best"]["text"]["test"]["accuracy"] == 1.0  # captions name the class
+    assert set(result["label_efficiency"]["pixels"]) == {"0.01", "0.1", "1.0"}
+    assert len(result["label_efficiency"]["pixels"]["0.1"]) == 3
+    assert (feature_dir / "heatmap-tiny.png").is_file() and (feature_dir / "label_efficiency.png").is_file()
+    assert "| pixels | pixels |" in (feature_dir / "probe-classification.md").read_text()
+    retrieval = run_probe(feature_dir, task="retrieval", progress=False)["retrieval"]
+    assert retrieval["pixels"]["test"]["recall@1"] > 0.9
+
+
+def test_retrieval_scores_by_hand():
+    from imagen_transfer.probe import retrieval_scores
+
+    gallery = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    scores = retrieval_scores(torch.tensor([[1.0, 0.12]]), torch.tensor([1]), gallery, labels, ks=(1, 2))
+    # ranking: item 1 (label 1), item 0 (label 0), item 2 (label 1): AP = (1/1 + 2/3) / 2
+    assert scores["recall@1"] == 1.0 and scores["map"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_two_processes_extract_the_same_features(tiny_cascade_dir, toy, feature_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "-m", "imagen_transfer.cli",
+               "features", "--model", f"tiny={tiny_cascade_dir}", "--data", str(toy), "--timesteps", "10", "200",
+               "--batch-size", "16", "--baselines", "none", "--out", str(tmp_path / "two")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, one = load_file(tmp_path / "two" / "tiny.safetensors"), load_file(feature_dir / "tiny.safetensors")
+    assert set(two) == set(one)
+    assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
