@@ -32,7 +32,7 @@ def cmd_sample(args) -> None:
     cascade = load_cascade(args.model)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    images = sample_cascade(cascade, prompts, seeds, stages=args.stages, **sampling)
+    images = sample_cascade(cascade, prompts, seeds, stages=args.stages, mix=_mixture(args.mix), **sampling)
     save_grid(images, args.out, nrow=args.n, scale=args.scale)
     print(f"wrote {args.out}: {len(prompts)} images at {images.shape[-1]}px (seeds {seeds[0]}..{seeds[-1]})")
 
@@ -62,6 +62,38 @@ def cmd_finetune(args) -> None:
     print(f"run folder: {train(config, resume=args.resume)}")
 
 
+def _mixture(values: list[str] | None) -> list:
+    """`--mix DIR=WEIGHT ...` -> [(cascade, weight)] (output-space fusion; the main model gets 1 - sum)."""
+    from .cascade import load_cascade
+
+    mix = []
+    for value in values or []:
+        path, _, weight = value.rpartition("=")
+        try:
+            mix.append((load_cascade(path), float(weight)))
+        except ValueError:
+            raise UserError(f"--mix expects DIR=WEIGHT (got '{value}')") from None
+    return mix
+
+
+def cmd_merge(args) -> None:
+    from .cascade import describe, load_cascade, save_cascade
+    from .fusion import merge_cascades
+
+    cascades = [load_cascade(m) for m in args.models]
+    stage_from = {}
+    for value in args.stage_from or []:
+        stage, _, path = value.partition("=")
+        if not path:
+            raise UserError(f"--stage-from expects STAGE=DIR (got '{value}')")
+        stage_from[stage] = load_cascade(path)
+    merged = merge_cascades(cascades, args.models, weights=args.weights, method=args.method,
+                            base=load_cascade(args.base) if args.base else None, scale=args.scale,
+                            density=args.density, stage_from=stage_from, seed=args.seed)
+    save_cascade(merged, args.out)
+    print(f"wrote {args.out}\n{describe(merged)}")
+
+
 def _check_sampling(args) -> dict:
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance must be >= 0 (got {args.guidance}); 0 is unconditional, 1 conditional")
@@ -77,7 +109,7 @@ def cmd_evaluate(args) -> None:
         raise UserError(f"--n must be >= 2 (got {args.n})")
     result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
                       batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
-                      logits_net=args.logits_net, judge=not args.no_judge, out=args.out)
+                      logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix))
     shown = ["fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"]
     print(", ".join(f"{k}={result[k]:.4g}" for k in shown if result.get(k) is not None))
     print(f"wrote {args.out} (N={result['n_generated']} generated vs {result['n_real']} real, {args.split} split)")
@@ -136,6 +168,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None)
     p.add_argument("--thresholding", choices=["off", "static", "dynamic"], default=None)
+    p.add_argument("--mix", nargs="+", default=None, metavar="DIR=WEIGHT",
+                   help="mix other models' predictions in (the main model gets 1 - their sum): guidance between models "
+                        "is --mix SOURCE=-0.5 (1.5 x tuned - 0.5 x source), an ensemble --mix OTHER=0.5")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
@@ -199,6 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-judge", action="store_true", help="skip conditioning accuracy")
     p.add_argument("--out", default="eval.json")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("merge", help="fuse cascades in weight space into a new cascade folder")
+    p.add_argument("--models", nargs="+", required=True, help="cascade folders or shipped names")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="one per model (default: uniform)")
+    p.add_argument("--method", choices=["average", "task-arithmetic", "ties", "dare-linear", "dare-ties"],
+                   default="average")
+    p.add_argument("--base", default=None, help="the model the fine-tunes started from (task vectors)")
+    p.add_argument("--scale", type=float, default=1.0, help="task-vector scale lambda")
+    p.add_argument("--density", type=float, default=0.5, help="TIES / DARE: share of each task vector kept")
+    p.add_argument("--stage-from", nargs="+", default=None, metavar="STAGE=DIR",
+                   help="take these stages whole from another model, e.g. sr=cifar10")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("features", help="U-Net (and baseline) features of a dataset's splits, for probes")
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",

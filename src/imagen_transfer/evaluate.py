@@ -36,12 +36,13 @@ def draw_captions(data: ImageTextData, n: int, seed: int) -> tuple[list[str], to
     return [data.captions[i] for i in idx.tolist()], data.labels[idx]
 
 
-def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, **sampling) -> Generator:
-    """Generation through every stage of a cascade with its sampling defaults overridden by `sampling`."""
+def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=None, **sampling) -> Generator:
+    """Generation through every stage of a cascade with its sampling defaults overridden by `sampling`, optionally
+    mixing other models' predictions in (`mix`, see sampling.mixed_denoiser)."""
     from .sampling import sample_cascade
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return sample_cascade(cascade, prompts, seeds, batch_size=batch_size, progress=progress, **sampling)
+        return sample_cascade(cascade, prompts, seeds, batch_size=batch_size, progress=progress, mix=mix, **sampling)
 
     return generate
 
@@ -90,7 +91,8 @@ def reference_features(dataset: str, split: str, resolution: int, net, net_id: s
 def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1000, n_real: int | None = None,
              seed: int = 0, batch_size: int = 64, sampling: dict | None = None, feature_net: str | None = None,
              logits_net: str | None = None, judge: bool = True, out: str | Path | None = None,
-             generate: Generator | None = None, resolution: int | None = None, progress: bool = True) -> dict:
+             generate: Generator | None = None, resolution: int | None = None, mix=None,
+             progress: bool = True) -> dict:
     """Generate n images from `model` (or from a custom `generate` producing `resolution`-pixel images), compare them
     with the real split, return (and write) the result dictionary. See the module doc for the protocol."""
     from .cascade import load_cascade, resolve_model
@@ -103,8 +105,10 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     if generate is None:
         cascade = load_cascade(model)
         resolution = cascade.resolution
-        generate = cascade_generator(cascade, batch_size=batch_size, progress=False, **sampling)
+        generate = cascade_generator(cascade, batch_size=batch_size, progress=False, mix=mix, **sampling)
         sampling = {**cascade.sampling, **sampling}
+        if mix:
+            sampling["mix"] = [dict(model=str(c.info.get("run") or c.info), weight=w) for c, w in mix]
         model_name = str(resolve_model(model))
     else:
         if resolution is None:

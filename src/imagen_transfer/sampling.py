@@ -71,6 +71,21 @@ def guided_denoiser(unet, text: TextEncoding, null_text: TextEncoding, guidance:
     return predict
 
 
+def mixed_denoiser(denoisers: list[Denoiser], weights: list[float]) -> Denoiser:
+    """Output-space fusion: sum_i w_i D_i(x, t) with weights summing to 1. Two models with weights (1 - w, w) are
+    guidance between models, D = D_ref + w (D_model - D_ref) (w > 1 extrapolates away from the reference, as in
+    autoguidance, Karras et al. 2024); equal weights are an ensemble."""
+    if abs(sum(weights) - 1) > 1e-6:
+        raise UserError(f"mixture weights must sum to 1 (got {weights})")
+    if len(denoisers) == 1:
+        return denoisers[0]
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return sum(w * d(x, t) for d, w in zip(denoisers, weights))
+
+    return predict
+
+
 def randn(shape: tuple[int, ...], generators: list[torch.Generator], device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Noise with row i drawn from generators[i]: independent of batch composition."""
     return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generators]).to(device)
@@ -91,8 +106,10 @@ def run_sampler(predict: Denoiser, scheduler, shape: tuple[int, ...], generators
 def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators: list[torch.Generator], *,
                  lowres: torch.Tensor | None = None, sampler: str = "dpmpp", steps: int = 25, guidance: float = 3.0,
                  thresholding: str = "dynamic", percentile: float = 0.95, max_value: float = 1.5,
-                 progress: bool = True) -> torch.Tensor:
-    """Sample one stage: a base stage from text alone, an SR stage from text and the previous stage's images."""
+                 mix: list[tuple[object, float]] | None = None, progress: bool = True) -> torch.Tensor:
+    """Sample one stage: a base stage from text alone, an SR stage from text and the previous stage's images.
+    `mix` = [(other stage, weight)]: their guided predictions are mixed in (see mixed_denoiser); this stage gets
+    1 - sum(weights)."""
     if steps < 1:
         raise UserError(f"steps must be >= 1 (got {steps})")
     device = next(stage.unet.parameters()).device
@@ -106,17 +123,27 @@ def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators:
         aug_noise = randn(shape, generators, device)
         lowres = condition_lowres(lowres.to(device), stage.resolution, level, aug_noise, stage.scheduler.alphas_cumprod)
     predict = guided_denoiser(stage.unet, text.to(device), null_text.to(device), guidance, lowres, level)
+    if mix:
+        for other, _ in mix:
+            if other.scheduler.config.prediction_type != stage.scheduler.config.prediction_type:
+                raise UserError(f"stage {stage.name}: cannot mix a {other.scheduler.config.prediction_type} model "
+                                f"into a {stage.scheduler.config.prediction_type} one")
+        others = [guided_denoiser(o.unet, text.to(device), null_text.to(device), guidance, lowres, level)
+                  for o, _ in mix]
+        predict = mixed_denoiser([predict, *others], [1 - sum(w for _, w in mix), *(w for _, w in mix)])
     scheduler = make_scheduler(stage.scheduler.config, sampler, thresholding, percentile, max_value)
     return run_sampler(predict, scheduler, shape, generators, steps, device, progress, desc=f"stage {stage.name}")
 
 
 def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: list[str] | None = None,
-                   batch_size: int = 16, progress: bool = True, **options) -> torch.Tensor:
+                   batch_size: int = 16, mix: list[tuple[object, float]] | None = None, progress: bool = True,
+                   **options) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for N prompts, one seed each, through every stage (or the named ones).
 
     `options` override the cascade's sampling defaults (sampler, steps, guidance, thresholding, percentile,
     max_value, grayscale: average the colour channels of the final images, set for models trained on gray data).
-    Prompts are processed in batches of `batch_size`; the results do not depend on it.
+    Prompts are processed in batches of `batch_size`; the results do not depend on it. `mix` = [(other cascade,
+    weight)] mixes other models' predictions into every stage they share (output-space fusion, see mixed_denoiser).
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
@@ -124,6 +151,9 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
     grayscale = settings.pop("grayscale", False)
     use = [s for s in cascade.stages if stages is None or s.name in stages]
     encoder = load_text_encoder(cascade.text_encoder)
+    for other, _ in mix or []:
+        if other.text_encoder != cascade.text_encoder:
+            raise UserError("models mixed at sampling time must share a text encoder")
     outputs = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -132,7 +162,8 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
         text, null = enc.index(slice(0, len(chunk))), enc.index(slice(len(chunk), len(chunk) + 1))
         x = None
         for stage in use:
-            x = sample_stage(stage, text, null, generators, lowres=x, progress=progress, **settings)
+            partners = [(o.stage(stage.name), w) for o, w in mix or [] if any(s.name == stage.name for s in o.stages)]
+            x = sample_stage(stage, text, null, generators, lowres=x, mix=partners, progress=progress, **settings)
         if grayscale:
             x = x.mean(dim=1, keepdim=True).expand_as(x)
         outputs.append(x.cpu())
