@@ -76,6 +76,12 @@ def _mixture(values: list[str] | None) -> list:
     return mix
 
 
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
 def cmd_merge(args) -> None:
     from .cascade import describe, load_cascade, save_cascade
     from .fusion import merge_cascades
@@ -234,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-judge", action="store_true", help="skip conditioning accuracy")
     p.add_argument("--out", default="eval.json")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: CIFAR-10 source -> PneumoniaMNIST fine-tune, evaluate, fuse, "
+                                    "probe, report (about 20 min on 2 CPU cores; --quick about 5)")
+    p.add_argument("--quick", action="store_true", help="smaller settings (about 5 minutes)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo-<date>-<time>)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("merge", help="fuse cascades in weight space into a new cascade folder")
     p.add_argument("--models", nargs="+", required=True, help="cascade folders or shipped names")

@@ -109,10 +109,17 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         if result.get("samples_grid") and (path.parent / result["samples_grid"]).is_file():
             images.append((f"Evaluation samples ({path.name})", path.parent / result["samples_grid"],
                            "generated for captions drawn from the split, sorted by class"))
+    probe_file = run / "features" / "probe-classification.json"
+    probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+    for plot in (probe or {}).get("plots", []):
+        if (run / "features" / plot).is_file():
+            images.append((f"Probe: {Path(plot).stem}", run / "features" / plot,
+                           "validation accuracy per block x timestep" if plot.startswith("heatmap") else
+                           "test accuracy with 1%, 10%, 100% of the training labels"))
     summaries = stage_summaries(rows)
     html_path, md_path = run / "report.html", run / "report.md"
-    html_path.write_text(_html(run, summaries, evals, images, config))
-    md_path.write_text(_markdown(run, summaries, evals, images, config))
+    html_path.write_text(_html(run, summaries, evals, images, config, probe))
+    md_path.write_text(_markdown(run, summaries, evals, images, config, probe))
     return html_path, md_path
 
 
@@ -131,7 +138,8 @@ STAGE_COLUMNS = [("stage", "stage"), ("method", "method"), ("trainable_percent",
                  ("seconds_per_step", "s/step"), ("peak_memory_mb", "peak MB")]
 
 
-def _tables(summaries: list[dict], evals: list[tuple[Path, dict]]) -> list[tuple[str, list[str], list[list[str]]]]:
+def _tables(summaries: list[dict], evals: list[tuple[Path, dict]],
+            probe: dict | None = None) -> list[tuple[str, list[str], list[list[str]]]]:
     tables = []
     if summaries:
         tables.append(("Training", [t for _, t in STAGE_COLUMNS],
@@ -140,10 +148,16 @@ def _tables(summaries: list[dict], evals: list[tuple[Path, dict]]) -> list[tuple
         head = ["evaluation", "split"] + [t for _, t in EVAL_COLUMNS]
         body = [[p.name, r.get("split", "")] + [_fmt(r.get(k)) for k, _ in EVAL_COLUMNS] for p, r in evals]
         tables.append(("Metrics", head, body))
+    if probe and probe.get("best"):
+        body = [[name, b["view"], _fmt(b["lr"]), _fmt(b["val_accuracy"]), _fmt(b["test"]["accuracy"]),
+                 _fmt(b["test"]["auc"])] for name, b in probe["best"].items()]
+        body += [[f"{name} (published)", "", "", "", _fmt(r["accuracy"]), _fmt(r["auc"])]
+                 for name, r in (probe.get("reference") or {}).items()]
+        tables.append(("Probes", ["features", "view", "lr", "val acc", "test acc", "test AUC"], body))
     return tables
 
 
-def _html(run: Path, summaries, evals, images, config: str) -> str:
+def _html(run: Path, summaries, evals, images, config: str, probe: dict | None = None) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>imagen-transfer report: {e(run.name)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
@@ -151,7 +165,7 @@ def _html(run: Path, summaries, evals, images, config: str) -> str:
              "img{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}pre{background:#f6f6f6;"
              "padding:1em;overflow:auto}figure{margin:1em 0}</style></head><body>",
              f"<h1>Run report: {e(run.name)}</h1><p>{e(str(run.resolve()))}</p>"]
-    for title, head, body in _tables(summaries, evals):
+    for title, head, body in _tables(summaries, evals, probe):
         parts.append(f"<h2>{e(title)}</h2><table id='{e(title.lower())}'><tr>"
                      + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in body]
@@ -173,9 +187,9 @@ def _html(run: Path, summaries, evals, images, config: str) -> str:
     return "\n".join(parts)
 
 
-def _markdown(run: Path, summaries, evals, images, config: str) -> str:
+def _markdown(run: Path, summaries, evals, images, config: str, probe: dict | None = None) -> str:
     lines = [f"# Run report: {run.name}", ""]
-    for title, head, body in _tables(summaries, evals):
+    for title, head, body in _tables(summaries, evals, probe):
         lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")

@@ -291,19 +291,24 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
             record = record or dict(stage=stage.name, step=step, time=time.time())
             record["val_loss"] = evaluate()
-            improved = record["val_loss"] < best["val"] - tc.early_stopping_min_delta
+            # Patience counts validations without an improvement of more than min_delta on the last such value
+            # (the anchor); restore-best keeps the lowest validation loss seen, however small its margin.
+            value, anchor = record["val_loss"], best.get("anchor", best["val"])
+            improved = value < best["val"]
             if improved:
-                best = dict(val=record["val_loss"], step=step, stale=0)
+                best.update(val=value, step=step)
                 best_ema = [p.detach().clone() for p in ema.shadow_params] if keep_best else None
+            if value < anchor - tc.early_stopping_min_delta:
+                best.update(anchor=value, stale=0)
             else:
                 best["stale"] += 1
             if tc.early_stopping_patience and best["stale"] >= tc.early_stopping_patience:
                 done = True
                 record["early_stop"] = True
                 if main:
-                    tqdm.write(f"[{stage.name}] early stopping at step {step}: val_loss {record['val_loss']:.5f} has not "
-                               f"improved on {best['val']:.5f} (step {best['step']}) by more than "
-                               f"{tc.early_stopping_min_delta} for {best['stale']} validations")
+                    tqdm.write(f"[{stage.name}] early stopping at step {step}: val_loss {value:.5f} has not improved "
+                               f"on {best.get('anchor', anchor):.5f} by more than {tc.early_stopping_min_delta} for "
+                               f"{best['stale']} validations (best {best['val']:.5f} at step {best['step']})")
         if record is not None and main:
             append_jsonl(metrics_file, record)
             for key, value in record.items():

@@ -1,0 +1,112 @@
+"""`imagen-transfer demo`: the main job on the embedded default, end to end, into one run folder.
+
+From the shipped CIFAR-10 source cascade to PneumoniaMNIST chest X-rays with report-like captions:
+1. fine-tune the base stage (full fine-tuning: the best validation loss in benchmarks/results/finetune_methods_cpu.md),
+   with early stopping on the validation loss; the source SR stage is reused unchanged;
+2. evaluate the source and the fine-tuned cascade on the test split (FID, KID, precision / recall, conditioning
+   accuracy);
+3. fuse: weight interpolation between source and fine-tune (mixing weight 0.5), and guidance between the two models
+   at sampling time (1.5 x fine-tuned - 0.5 x source), each evaluated the same way;
+4. probe: U-Net features of the source and fine-tuned base stages against raw pixels and random weights;
+5. write report.html / report.md.
+Every phase prints its progress and wall time; `demo.json` records them with the settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+FULL = dict(steps=300, n_eval=256, feature_limit=1200, val_every=50, batch=32, probe_epochs=30, sample_steps=None)
+QUICK = dict(steps=60, n_eval=64, feature_limit=240, val_every=20, batch=32, probe_epochs=15, sample_steps=None)
+
+
+def _phase(name: str, timings: dict, fn, *args, **kwargs):
+    print(f"\n== {name} ==", flush=True)
+    start = time.time()
+    result = fn(*args, **kwargs)
+    timings[name] = round(time.time() - start, 1)
+    print(f"== {name}: {timings[name]} s ==", flush=True)
+    return result
+
+
+def default_out() -> Path:
+    return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+
+
+def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str = "cifar10",
+             data: str = "pneumoniamnist", method: str = "full", settings: dict | None = None,
+             feature_net: str | None = None) -> Path:
+    """Run the five phases (module doc) into `out` (default: runs/demo-<time>); `settings` overrides the sizes
+    (tests use tiny ones) and `feature_net` the FID network."""
+    from .cascade import load_cascade, save_cascade
+    from .config import load_config
+    from .data import resolve_dataset
+    from .evaluate import evaluate
+    from .features import extract
+    from .fusion import merge_cascades
+    from .probe import run_probe
+    from .report import write_report
+    from .train import train
+
+    settings = {**(QUICK if quick else FULL), **(settings or {})}
+    resolve_dataset(data)  # a missing data file fails here, naming the file, before any work
+    out = Path(out) if out else default_out()
+    started, timings = time.time(), {}
+    overrides = [f"model.init_from={source}", f"data.dataset={data}", "data.split=train", "data.val_split=val",
+                 "data.val_size=256", "data.hflip=false", f"transfer.method={method}", "train.stages=[base]",
+                 f"train.steps={settings['steps']}", f"train.batch_size={settings['batch']}", "train.warmup_steps=10",
+                 f"train.log_every={settings['val_every'] // 2}", f"train.val_every={settings['val_every']}",
+                 f"train.sample_every={settings['steps']}", f"train.checkpoint_every={settings['steps']}",
+                 "train.early_stopping_patience=3", "train.early_stopping_min_delta=0.0002", "train.restore_best=true",
+                 'sample.prompts=["chest x-ray, normal", "chest x-ray, pneumonia"]', "sample.per_prompt=8"]
+    config = load_config(None, overrides)
+    config.out = str(out)
+    run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} steps)", timings, train, config)
+    tuned_dir = run / "cascade"
+    tuned, source_cascade = load_cascade(tuned_dir), load_cascade(source)
+
+    n = settings["n_eval"]
+    common = dict(split="test", n=n, seed=0, sampling=dict(guidance=1.5, steps=settings["sample_steps"]),
+                  feature_net=feature_net)
+
+    def evaluate_all():
+        results = {"source": evaluate(source, data, out=run / "eval-0-source.json", **common),
+                   "fine-tuned": evaluate(str(tuned_dir), data, out=run / "eval-1-finetuned.json", **common)}
+        return results
+
+    results = _phase(f"2/5 evaluate source and fine-tune (N={n} each)", timings, evaluate_all)
+
+    def fuse():
+        interp = merge_cascades([source_cascade, tuned], [source, "fine-tuned"], weights=[0.5, 0.5])
+        interp.sampling = dict(tuned.sampling)
+        save_cascade(interp, run / "fused-interp-0.5")
+        results["interpolation 0.5"] = evaluate(str(run / "fused-interp-0.5"), data,
+                                                out=run / "eval-2-interp-0.5.json", **common)
+        results["model guidance 1.5"] = evaluate(str(tuned_dir), data, out=run / "eval-3-guidance-1.5.json",
+                                                 mix=[(source_cascade, -0.5)], **common)
+
+    _phase("3/5 fuse (weight interpolation, guidance between models) and evaluate", timings, fuse)
+
+    def probe():
+        folder = extract({"source": source, "fine-tuned": str(tuned_dir)}, data, run / "features",
+                         limit=settings["feature_limit"], baselines=("pixels", "random"))
+        from .cli import PUBLISHED
+
+        return run_probe(folder, epochs=settings["probe_epochs"],
+                         reference=PUBLISHED.get(resolve_dataset(data).stem.lower()))
+
+    probe_result = _phase(f"4/5 features and probes (up to {settings['feature_limit']} images per split)", timings,
+                          probe)
+    html_path, _ = _phase("5/5 report", timings, write_report, run)
+    timings["total"] = round(time.time() - started, 1)
+    summary = dict(quick=quick, source=source, data=data, method=method, settings=settings, timings_s=timings,
+                   kid={k: v["kid_mean"] for k, v in results.items()},
+                   conditioning_accuracy={k: v.get("conditioning_accuracy") for k, v in results.items()},
+                   probe_test_accuracy={k: v["test"]["accuracy"] for k, v in probe_result["best"].items()})
+    (run / "demo.json").write_text(json.dumps(summary, indent=2))
+    print(f"\ndemo done in {timings['total']} s: {html_path}")
+    for name, value in summary["kid"].items():
+        print(f"  {name:20s} KID {value:.4f}  conditioning accuracy {summary['conditioning_accuracy'][name]:.3f}")
+    return run

@@ -1,0 +1,44 @@
+"""`demo`: all five phases on a tiny cascade and a toy dataset; a missing data file is one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from conftest import make_npz
+
+
+def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
+    from imagen_transfer.demo import run_demo
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    torch.jit.save(torch.jit.script(net.eval()), str(tmp_path / "net.pt"))
+    data = make_npz(tmp_path / "toy.npz", n_train=40, n_val=16)
+    tiny = dict(steps=4, n_eval=8, feature_limit=16, val_every=2, batch=8, probe_epochs=2, sample_steps=2)
+    run = run_demo(tmp_path / "demo", source=str(tiny_cascade_dir), data=str(data), settings=tiny,
+                   feature_net=str(tmp_path / "net.pt"))
+    summary = json.loads((run / "demo.json").read_text())
+    assert set(summary["kid"]) == {"source", "fine-tuned", "interpolation 0.5", "model guidance 1.5"}
+    assert set(summary["probe_test_accuracy"]) == {"source", "fine-tuned", "random", "pixels"}
+    assert summary["timings_s"]["total"] > 0 and len(summary["timings_s"]) == 6
+    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-interp-0.5.json",
+                 "eval-3-guidance-1.5.json", "report.html", "cascade/cascade.json", "fused-interp-0.5/cascade.json",
+                 "features/probe-classification.json"):
+        assert (run / name).is_file(), name
+    guided = json.loads((run / "eval-3-guidance-1.5.json").read_text())
+    assert guided["sampling"]["mix"][0]["weight"] == -0.5
+    md = (run / "report.md").read_text()
+    assert "## Probes" in md and "eval-2-interp-0.5.json" in md
+
+
+def test_demo_without_data_names_the_missing_file(tmp_path, monkeypatch, capsys):
+    from imagen_transfer.cli import main
+
+    monkeypatch.setenv("IMAGEN_TRANSFER_DATA", str(tmp_path / "nowhere"))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "pneumoniamnist.npz" in err and "IMAGEN_TRANSFER_DATA" in err
+    assert not (tmp_path / "d").exists()
