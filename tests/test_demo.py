@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from torch import nn
-
 from conftest import make_npz
+from torch import nn
 
 
 def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):

@@ -87,9 +87,11 @@ def test_spatial_maps_sr_stage_and_bad_names(tiny_cascade, toy):
 def test_probe_learns_toy_classes_and_writes_outputs(feature_dir):
     from imagen_transfer.probe import run_probe
 
-    result = run_probe(feature_dir, epochs=10, progress=False)
+    result = run_probe(feature_dir, epochs=10, fuse=[["tiny", "pixels"]], progress=False)
     views = sum(len(s["views"]) for s in json.loads((feature_dir / "manifest.json").read_text())["sets"].values())
-    assert len(result["grid"]) == 3 * views  # one head per (set, view, learning rate)
+    assert len(result["grid"]) == 3 * (views + 1)  # one head per (set, view, learning rate), and the fused set
+    fused = result["best"]["tiny+pixels"]
+    assert fused["view"] == f"{result['best']['tiny']['view']}+pixels" and fused["test"]["accuracy"] > 0.9
     assert result["best"]["pixels"]["test"]["accuracy"] > 0.9  # the toy classes differ by a bright centre
     assert result["best"]["text"]["test"]["accuracy"] == 1.0  # captions name the class
     assert set(result["label_efficiency"]["pixels"]) == {"0.01", "0.1", "1.0"}

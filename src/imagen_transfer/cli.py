@@ -162,7 +162,7 @@ def cmd_probe(args) -> None:
     manifest, _ = load_features(args.features)
     reference = PUBLISHED.get(Path(manifest["dataset"]).stem.lower())
     result = run_probe(args.features, task=args.task, head=args.head, epochs=args.epochs, out=args.out,
-                       reference=reference)
+                       reference=reference, fuse=[group.split("+") for group in args.fuse or []])
     print(Path(args.out or args.features) / f"probe-{args.task}.md")
     print(Path(args.out or args.features, f"probe-{args.task}.md").read_text())
     del result
@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["classification", "retrieval"], default="classification")
     p.add_argument("--head", choices=["linear", "mlp"], default="linear")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
+                   help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text")
     p.add_argument("--out", default=None, help="default: the feature folder")
     p.set_defaults(func=cmd_probe)
 

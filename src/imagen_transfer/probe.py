@@ -96,8 +96,13 @@ def _probs(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 30, seed: int = 0,
-             fractions=LABEL_FRACTIONS, efficiency_seeds: int = 3, progress: bool = True) -> dict:
-    """The head grid, the chosen head per feature set with its test scores, and the label-efficiency curve."""
+             fractions=LABEL_FRACTIONS, efficiency_seeds: int = 3, fuse: list[list[str]] | None = None,
+             progress: bool = True) -> dict:
+    """The head grid, the chosen head per feature set with its test scores, and the label-efficiency curve.
+
+    `fuse` = groups of feature-set names: each group becomes one more feature set whose single view concatenates the
+    standardised view each member chose on validation (feature fusion: several models, or U-Net and text encoder).
+    """
     labels = {s: torch.tensor(v["labels"]) for s, v in manifest["splits"].items()}
     for split in ("train", "val", "test"):
         if split not in labels:
@@ -123,6 +128,26 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
         test = classification_scores(_probs(heads[(key, choice["lr"])], by_key[key]["test"]), labels["test"], names)
         best[set_name] = dict(view=choice["view"], lr=choice["lr"], val_accuracy=choice["val_accuracy"],
                               val_auc=choice["val_auc"], test=test)
+    for group in fuse or []:
+        unknown = [g for g in group if g not in best]
+        if unknown or len(group) < 2:
+            raise UserError(f"--fuse needs two or more of {', '.join(best)} (got {'+'.join(group)})")
+        fused_name, fused_key = "+".join(group), "+".join(group) + ":" + "+".join(best[g]["view"] for g in group)
+        by_key[fused_key] = {split: torch.cat([by_key[f"{g}:{best[g]['view']}"][split] for g in group], dim=1)
+                             for split in ("train", "val", "test")}
+        fused_heads = train_heads({fused_key: by_key[fused_key]["train"]}, labels["train"], len(names), head=head,
+                                  epochs=epochs, seed=seed, progress=False)
+        rows = []
+        for (key, lr), h in fused_heads.items():
+            val = classification_scores(_probs(h, by_key[key]["val"]), labels["val"], names)
+            rows.append(dict(set=fused_name, view=key.split(":", 1)[1], lr=lr, val_accuracy=val["accuracy"],
+                             val_auc=val["auc"]))
+        grid += rows
+        choice = max(rows, key=lambda r: (r["val_accuracy"], r["val_auc"] or 0))
+        test = classification_scores(_probs(fused_heads[(fused_key, choice["lr"])], by_key[fused_key]["test"]),
+                                     labels["test"], names)
+        best[fused_name] = dict(view=choice["view"], lr=choice["lr"], val_accuracy=choice["val_accuracy"],
+                                val_auc=choice["val_auc"], test=test)
     curve = label_efficiency(best, by_key, labels, names, head=head, epochs=epochs, fractions=fractions,
                              seeds=efficiency_seeds, progress=progress)
     return dict(head=head, epochs=epochs, grid=grid, best=best, label_efficiency=curve)
@@ -235,7 +260,8 @@ def efficiency_plot(curve: dict, out: Path) -> Path:
 
 
 def run_probe(features: str | Path, *, task: str = "classification", head: str = "linear", epochs: int = 30,
-              out: str | Path | None = None, reference: dict | None = None, progress: bool = True) -> dict:
+              out: str | Path | None = None, reference: dict | None = None, fuse: list[list[str]] | None = None,
+              progress: bool = True) -> dict:
     """Probe a feature folder and write probe.json, probe.md and the plots into `out` (default: the folder)."""
     manifest, sets = load_features(features)
     out = Path(out or features)
@@ -243,7 +269,7 @@ def run_probe(features: str | Path, *, task: str = "classification", head: str =
     result = dict(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"],
                   n={s: v["n"] for s, v in manifest["splits"].items()})
     if task == "classification":
-        result.update(classify(manifest, sets, head=head, epochs=epochs, progress=progress))
+        result.update(classify(manifest, sets, head=head, epochs=epochs, fuse=fuse, progress=progress))
         for name in sets:
             if heatmap(result["grid"], name, out / f"heatmap-{name}.png"):
                 result.setdefault("plots", []).append(f"heatmap-{name}.png")
