@@ -187,6 +187,13 @@ def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, d
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     folder = resolve_model(name_or_path)
+    from .interop import is_pipeline_folder, load_pipeline_folder
+
+    if is_pipeline_folder(folder):  # a DeepFloyd IF stage-I diffusers folder
+        cascade = load_pipeline_folder(folder)
+        for stage in cascade.stages:
+            stage.unet.to(device=device, dtype=dtype)
+        return cascade
     meta = read_cascade_json(folder)
     stages = []
     for entry in meta["stages"]:

@@ -76,6 +76,23 @@ def _mixture(values: list[str] | None) -> list:
     return mix
 
 
+def cmd_import_if(args) -> None:
+    from .cascade import describe, save_cascade
+    from .interop import import_if
+
+    cascade = import_if(args.stage1, args.stage2, args.text_encoder)
+    save_cascade(cascade, args.out)
+    print(f"wrote {args.out}\n{describe(cascade)}")
+
+
+def cmd_export(args) -> None:
+    from .cascade import load_cascade
+    from .interop import export_diffusers
+
+    out = export_diffusers(load_cascade(args.model), args.out)
+    print(f"wrote {out} (stage_I: IFPipeline, stage_II: IFSuperResolutionPipeline; see {out}/README.md)")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -240,6 +257,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-judge", action="store_true", help="skip conditioning accuracy")
     p.add_argument("--out", default="eval.json")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("import-if", help="a cascade folder from DeepFloyd IF diffusers folders (stage I [+ II])")
+    p.add_argument("--stage1", required=True, help="IF stage I folder (unet/, scheduler/, text_encoder/, tokenizer/)")
+    p.add_argument("--stage2", default=None, help="IF stage II folder")
+    p.add_argument("--text-encoder", default=None, help="T5 folder, if stage I has no text_encoder/")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import_if)
+
+    p = sub.add_parser("export", help="write a cascade as diffusers IF pipelines")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", choices=["diffusers"], default="diffusers")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: CIFAR-10 source -> PneumoniaMNIST fine-tune, evaluate, fuse, "
                                     "probe, report (about 20 min on 2 CPU cores; --quick about 5)")

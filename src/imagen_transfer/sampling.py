@@ -45,7 +45,8 @@ def make_scheduler(training_config: dict, sampler: str = "dpmpp", thresholding: 
         raise UserError(f"thresholding needs 0 < percentile <= 1 and max_value >= 1 (got {percentile}, {max_value})")
     common = dict(thresholding=thresholding != "off", dynamic_thresholding_ratio=percentile,
                   sample_max_value=1.0 if thresholding == "static" else max_value)
-    config = {k: v for k, v in dict(training_config).items() if not k.startswith("_")}
+    # the model boundary returns C channels, so a learned-variance (IF) training config samples with fixed variance
+    config = {k: v for k, v in dict(training_config).items() if not k.startswith("_") and k != "variance_type"}
     if sampler == "ddpm":
         return DDPMScheduler.from_config(config, clip_sample=False, variance_type="fixed_small", **common)
     if sampler == "ddim":

@@ -51,6 +51,7 @@ class TextEncoderSpec:
     max_length: int = 20
     name_or_path: str | None = None
     dim: int | None = None  # tiny only; the others read it from their config
+    masked: bool = True  # False: IF's convention, every token (padding included) is attended to and kept
 
     @classmethod
     def parse(cls, text: str, max_length: int = 20) -> TextEncoderSpec:
@@ -107,15 +108,18 @@ class TinyTextEncoder:
 class HFTextEncoder:
     """A transformers encoder (MiniLM's BERT or T5's encoder) run frozen, in eval mode, without gradients."""
 
-    def __init__(self, path: str, *, kind: str, max_length: int):
+    def __init__(self, path: str, *, kind: str, max_length: int, masked: bool = True):
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
-        self.max_length = max_length
-        self.id = f"{kind}-{Path(path).name or path}-l{max_length}"
+        self.max_length, self.masked = max_length, masked
+        self.id = f"{kind}-{Path(path).name or path}-l{max_length}" + ("" if masked else "-unmasked")
+        # a diffusers pipeline folder (DeepFloyd IF) keeps them in tokenizer/ and text_encoder/
+        pipeline = (Path(path) / "text_encoder").is_dir()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(Path(path) / "tokenizer" if pipeline else path)
             loader = T5EncoderModel if kind == "t5" else AutoModel
-            self.model = loader.from_pretrained(path).eval().requires_grad_(False)
+            self.model = loader.from_pretrained(Path(path) / "text_encoder" if pipeline else path)
+            self.model = self.model.eval().requires_grad_(False)
         except OSError as err:
             raise UserError(
                 f"cannot load the {kind} text encoder from '{path}': {err}. Pass a local folder that holds "
@@ -129,6 +133,9 @@ class HFTextEncoder:
             list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         states = self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        if not self.masked:  # IF: the U-Net sees all max_length states, padding included, with no mask
+            return TextEncoding(states.float(), torch.ones_like(tokens.attention_mask),
+                                _masked_mean(states.float(), tokens.attention_mask))
         states = states * tokens.attention_mask.unsqueeze(-1)  # padded positions carry no content
         return TextEncoding(states.float(), tokens.attention_mask, _masked_mean(states.float(), tokens.attention_mask))
 
@@ -153,9 +160,10 @@ def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
         if spec.kind == "tiny":
             _LOADED[spec] = TinyTextEncoder(dim=spec.dim or 32, max_length=spec.max_length)
         elif spec.kind == "minilm":
-            _LOADED[spec] = HFTextEncoder(minilm_path(), kind="minilm", max_length=spec.max_length)
+            _LOADED[spec] = HFTextEncoder(minilm_path(), kind="minilm", max_length=spec.max_length, masked=spec.masked)
         elif spec.kind == "t5":
-            _LOADED[spec] = HFTextEncoder(spec.name_or_path, kind="t5", max_length=spec.max_length)
+            _LOADED[spec] = HFTextEncoder(spec.name_or_path, kind="t5", max_length=spec.max_length,
+                                          masked=spec.masked)
         else:
             raise UserError(f"unknown text encoder kind '{spec.kind}'")
     return _LOADED[spec]

@@ -1,0 +1,158 @@
+"""DeepFloyd IF interoperability: IF's diffusers folders as a source, and export to plain diffusers pipelines.
+
+Import (`import_if`, `imagen-transfer import-if`, or any `--source` / `--model` that is an IF stage-I folder): the
+U-Nets and schedulers load as they are. IF's U-Nets predict a learned variance (2C output channels); the model
+boundary (`diffusion.denoise`) keeps the epsilon half, training uses it alone, and sampling uses a fixed-variance
+schedule, as diffusers' IF fine-tuning notes advise. IF's T5 reads 77 tokens and its U-Net attends to all of them
+with no attention mask (that is how `IFPipeline` calls it), so imported cascades record an unmasked 77-token T5
+(`TextEncoderSpec.masked = False`). Stage II gets IF's noise-augmentation level 250 and stage I IF's thresholding
+(percentile 0.95, maximum 1.5).
+
+Export (`export_diffusers`, `imagen-transfer export`): `<out>/stage_I` loads with `IFPipeline.from_pretrained` and
+`<out>/stage_II` with `IFSuperResolutionPipeline.from_pretrained`, without this package. Their DDPM scheduler is the
+one our `ddpm` sampler builds, so for cascades that follow IF's text convention (imported ones) the reloaded pipeline
+gives our images for the same seed. Cascades trained here with a masked encoder (MiniLM, 20 tokens) still load and
+run, but IFPipeline always encodes 77 tokens without a mask, so their images differ from ours (noted in the card).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import UserError
+
+IF_TEXT_LENGTH = 77
+IF_SR_NOISE_LEVEL = 250
+
+
+def is_pipeline_folder(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() and not (folder / "cascade.json").is_file()
+
+
+def _check_layout(folder: Path, what: str) -> None:
+    missing = [p for p in ("unet/config.json", "scheduler/scheduler_config.json") if not (folder / p).is_file()]
+    if not folder.is_dir() or missing:
+        raise UserError(f"{folder} is not an IF-compatible diffusers folder ({what}): missing "
+                        f"{', '.join(missing) if folder.is_dir() else 'the folder itself'} (expected unet/ with "
+                        "config.json and weights, scheduler/ with scheduler_config.json)")
+
+
+def import_if(stage1: str | Path, stage2: str | Path | None = None, text_encoder: str | Path | None = None):
+    """A Cascade from IF stage I (and optionally stage II) diffusers folders; T5 from `text_encoder` or stage I."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from .cascade import DEFAULT_SAMPLING, Cascade, Stage
+    from .text import TextEncoderSpec, load_text_encoder
+
+    stage1 = Path(stage1)
+    _check_layout(stage1, "stage I")
+    t5 = Path(text_encoder) if text_encoder else stage1
+    if not ((t5 / "text_encoder").is_dir() or (t5 / "config.json").is_file()):
+        raise UserError(f"no T5 text encoder in {t5}: pass --text-encoder with IF's text_encoder/ + tokenizer/ "
+                        "folder (or a T5 encoder folder)")
+    spec = TextEncoderSpec("t5", IF_TEXT_LENGTH, str(t5.resolve()), None, masked=False)
+    stages = []
+    for folder, kind in ((stage1, "base"), (Path(stage2) if stage2 else None, "sr")):
+        if folder is None:
+            continue
+        _check_layout(folder, "stage II" if kind == "sr" else "stage I")
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+        scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+        expected = 2 * 3 if kind == "sr" else 3
+        if unet.config.in_channels != expected:
+            raise UserError(f"{folder}/unet takes {unet.config.in_channels} input channels; an IF stage "
+                            f"{'II' if kind == 'sr' else 'I'} takes {expected}")
+        stages.append(Stage("base" if kind == "base" else "sr", kind, unet.config.sample_size, unet, scheduler,
+                            lowres=stages[0].resolution if kind == "sr" else None, aug_level_sample=IF_SR_NOISE_LEVEL))
+    width = getattr(load_text_encoder(spec), "dim", None)
+    hid = stages[0].unet.config.encoder_hid_dim or stages[0].unet.config.cross_attention_dim
+    if width != hid:
+        raise UserError(f"the text encoder in {t5} gives {width}-d states but {stage1}/unet expects {hid}")
+    info = dict(imported_from=dict(stage_I=str(stage1), stage_II=str(stage2) if stage2 else None, format="DeepFloyd IF"))
+    return Cascade(spec, stages, sampling=dict(DEFAULT_SAMPLING), info=info)
+
+
+def sampling_scheduler_config(stage, sampling: dict) -> dict:
+    """The DDPM scheduler config our `ddpm` sampler uses for this stage, for a diffusers pipeline to load."""
+    from .sampling import make_scheduler
+
+    scheduler = make_scheduler(stage.scheduler.config, "ddpm", sampling.get("thresholding", "dynamic"),
+                               sampling.get("percentile", 0.95), sampling.get("max_value", 1.5))
+    return dict(scheduler.config)
+
+
+def _text_components(cascade):
+    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+
+    from .text import minilm_path
+
+    spec = cascade.text_encoder
+    if spec.kind == "tiny":
+        raise UserError("the tiny hash text encoder has no transformers equivalent: export needs a cascade with a "
+                        "minilm or t5 text encoder")
+    path = Path(minilm_path() if spec.kind == "minilm" else spec.name_or_path)
+    pipeline = (path / "text_encoder").is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer" if pipeline else path)
+    loader = T5EncoderModel if spec.kind == "t5" else AutoModel
+    return tokenizer, loader.from_pretrained(path / "text_encoder" if pipeline else path).eval()
+
+
+def export_diffusers(cascade, out: str | Path) -> Path:
+    """Write `<out>/stage_I` (IFPipeline) and, with an SR stage, `<out>/stage_II` (IFSuperResolutionPipeline)."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+
+    out = Path(out)
+    tokenizer, text_encoder = _text_components(cascade)
+    written = []
+    for stage in cascade.stages:
+        scheduler = DDPMScheduler.from_config(sampling_scheduler_config(stage, cascade.sampling))
+        common = dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=stage.unet, scheduler=scheduler,
+                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+        if stage.kind == "base":
+            pipe, folder = IFPipeline(**common), out / "stage_I"
+        else:
+            noising = DDPMScheduler.from_config(stage.scheduler.config)
+            pipe, folder = IFSuperResolutionPipeline(image_noising_scheduler=noising, **common), out / "stage_II"
+        pipe.save_pretrained(folder, safe_serialization=True)
+        written.append((stage, folder))
+    (out / "README.md").write_text(_model_card(cascade, written))
+    return out
+
+
+def _model_card(cascade, written) -> str:
+    spec = cascade.text_encoder
+    faithful = spec.kind == "t5" and not spec.masked and spec.max_length == IF_TEXT_LENGTH
+    lines = ["# Exported from imagen-transfer", "",
+             "Load with diffusers alone (no imagen-transfer needed):", "", "```python",
+             "import torch", "from diffusers import IFPipeline, IFSuperResolutionPipeline",
+             'stage_1 = IFPipeline.from_pretrained("stage_I")',
+             'image = stage_1("chest x-ray, pneumonia", generator=torch.Generator().manual_seed(0), '
+             'output_type="pt", clean_caption=False).images']
+    if len(written) > 1:
+        lines += ['stage_2 = IFSuperResolutionPipeline.from_pretrained("stage_II")',
+                  f'image = stage_2(image=image * 2 - 1, prompt="chest x-ray, pneumonia", noise_level='
+                  f'{written[1][0].aug_level_sample}, output_type="pt", clean_caption=False).images']
+    lines += ["```", "", "| stage | resolution | parameters | prediction |", "|---|---|---|---|"]
+    for stage, folder in written:
+        params = sum(p.numel() for p in stage.unet.parameters()) / 1e6
+        lines.append(f"| {folder.name} | {stage.resolution} px | {params:.2f}M | "
+                     f"{stage.scheduler.config.prediction_type} |")
+    lines += ["", f"Text encoder: {spec.kind} ({spec.name_or_path or 'all-MiniLM-L6-v2'}), trained with "
+              f"{spec.max_length} tokens, {'no attention mask (IF convention)' if not spec.masked else 'an attention mask'}.",
+              "Sampling: DDPM with Imagen's dynamic thresholding "
+              f"(percentile {cascade.sampling.get('percentile')}, maximum {cascade.sampling.get('max_value')}).", ""]
+    if cascade.sampling.get("grayscale"):
+        lines.append("This model was fine-tuned on gray images: average the three output channels, as imagen-transfer "
+                     "does when it samples.")
+    if not faithful:
+        lines.append("Note: IFPipeline always encodes 77 tokens and passes no attention mask to the U-Net, while this "
+                     "model was trained with a masked encoder; images from the pipeline therefore differ from "
+                     "imagen-transfer's own sampling for the same seed.")
+    lines += ["", "Provenance: " + json.dumps(cascade.info), ""]
+    return "\n".join(lines)
+
+
+def load_pipeline_folder(folder: Path):
+    """`--source` / `--model` given an IF stage-I diffusers folder: import it (stage I only)."""
+    return import_if(folder)
