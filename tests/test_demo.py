@@ -16,7 +16,7 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     torch.jit.save(torch.jit.script(net.eval()), str(tmp_path / "net.pt"))
     data = make_npz(tmp_path / "toy.npz", n_train=40, n_val=16)
-    tiny = dict(steps=4, n_eval=8, feature_limit=16, val_every=2, batch=8, probe_epochs=2, sample_steps=2)
+    tiny = dict(steps=4, sr_steps=2, n_eval=8, feature_limit=16, val_every=2, batch=8, probe_epochs=2, sample_steps=2)
     run = run_demo(tmp_path / "demo", source=str(tiny_cascade_dir), data=str(data), settings=tiny,
                    feature_net=str(tmp_path / "net.pt"))
     summary = json.loads((run / "demo.json").read_text())
@@ -27,6 +27,13 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
                  "eval-3-guidance-1.5.json", "report.html", "cascade/cascade.json", "fused-interp-0.5/cascade.json",
                  "features/probe-classification.json"):
         assert (run / name).is_file(), name
+    from imagen_transfer.checkpoint import read_jsonl
+
+    steps = {}
+    for row in read_jsonl(run / "metrics.jsonl"):
+        if "loss" in row:
+            steps[row["stage"]] = max(steps.get(row["stage"], 0), row["step"])
+    assert steps == {"base": 4, "sr": 2}  # both stages fine-tuned, the SR stage for its own step count
     guided = json.loads((run / "eval-3-guidance-1.5.json").read_text())
     assert guided["sampling"]["mix"][0]["weight"] == -0.5
     md = (run / "report.md").read_text()

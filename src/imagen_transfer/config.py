@@ -59,6 +59,7 @@ class TrainConfig:
 
     stages: list[str] = field(default_factory=lambda: ["base", "sr"])
     steps: int = 1000
+    stage_steps: dict[str, int] = field(default_factory=dict)  # per-stage override of steps, e.g. {sr: 100}
     batch_size: int = 64
     grad_accum: int = 1
     lr: float | None = None  # None: the method's default (transfer.DEFAULT_LR)

@@ -1,8 +1,8 @@
 """`imagen-transfer demo`: the main job on the embedded default, end to end, into one run folder.
 
 From the shipped CIFAR-10 source cascade to PneumoniaMNIST chest X-rays with report-like captions:
-1. fine-tune the base stage (full fine-tuning: the best validation loss in benchmarks/results/finetune_methods_cpu.md),
-   with early stopping on the validation loss; the source SR stage is reused unchanged;
+1. fine-tune both stages (full fine-tuning: the best validation loss in benchmarks/results/finetune_methods_cpu.md),
+   the SR stage for fewer steps (it costs ~3x more per step), with early stopping on the validation loss;
 2. evaluate the source and the fine-tuned cascade on the test split (FID, KID, precision / recall, conditioning
    accuracy);
 3. fuse: weight interpolation between source and fine-tune (mixing weight 0.5), and guidance between the two models
@@ -18,8 +18,10 @@ import json
 import time
 from pathlib import Path
 
-FULL = dict(steps=300, n_eval=256, feature_limit=1200, val_every=50, batch=32, probe_epochs=30, sample_steps=None)
-QUICK = dict(steps=60, n_eval=64, feature_limit=240, val_every=20, batch=32, probe_epochs=15, sample_steps=None)
+FULL = dict(steps=300, sr_steps=100, n_eval=200, feature_limit=1200, val_every=50, batch=32, probe_epochs=30,
+            sample_steps=None)
+QUICK = dict(steps=60, sr_steps=20, n_eval=64, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
+             sample_steps=None)
 
 
 def _phase(name: str, timings: dict, fn, *args, **kwargs):
@@ -55,7 +57,9 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     out = Path(out) if out else default_out()
     started, timings = time.time(), {}
     overrides = [f"model.init_from={source}", f"data.dataset={data}", "data.split=train", "data.val_split=val",
-                 "data.val_size=256", "data.hflip=false", f"transfer.method={method}", "train.stages=[base]",
+                 "data.val_size=256", "data.hflip=false", f"transfer.method={method}",
+                 "train.stages=[base, sr]" if settings["sr_steps"] else "train.stages=[base]",
+                 f"train.stage_steps={{sr: {settings['sr_steps']}}}",
                  f"train.steps={settings['steps']}", f"train.batch_size={settings['batch']}", "train.warmup_steps=10",
                  f"train.log_every={settings['val_every'] // 2}", f"train.val_every={settings['val_every']}",
                  f"train.sample_every={settings['steps']}", f"train.checkpoint_every={settings['steps']}",
@@ -63,7 +67,8 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
                  'sample.prompts=["chest x-ray, normal", "chest x-ray, pneumonia"]', "sample.per_prompt=8"]
     config = load_config(None, overrides)
     config.out = str(out)
-    run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} steps)", timings, train, config)
+    run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} base / {settings['sr_steps']} SR "
+                 "steps)", timings, train, config)
     tuned_dir = run / "cascade"
     tuned, source_cascade = load_cascade(tuned_dir), load_cascade(source)
 

@@ -14,6 +14,7 @@ Every `val_every` steps it computes the validation loss of the EMA weights at fi
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -419,8 +420,12 @@ def train(config: RunConfig, resume: bool = False) -> Path:
             append_jsonl(run_dir / "metrics.jsonl", dict(stage=name, event="trainable", method=summary.method,
                                                          trainable=summary.trainable, total=summary.total,
                                                          percent=summary.percent, time=time.time()))
-        result = train_stage(config, cascade, stage, train_set, val_set, null, run_dir, encode=cache, resume=resume,
-                             accelerator=accelerator)
+        stage_config = config
+        if name in config.train.stage_steps:  # this stage trains for its own number of steps
+            stage_config = copy.deepcopy(config)
+            stage_config.train.steps = int(config.train.stage_steps[name])
+        result = train_stage(stage_config, cascade, stage, train_set, val_set, null, run_dir, encode=cache,
+                             resume=resume, accelerator=accelerator)
         finish_transfer(stage.unet)
         summaries.append({**result, "method": summary.method, "trainable_percent": summary.percent})
     cascade.info.update(trained_on=f"{train_data.source} ({len(train_data)} images)", run=str(run_dir),
