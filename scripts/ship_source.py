@@ -123,7 +123,8 @@ that imagen-transfer fine-tunes, probes and fuses. Load it by name: `--source ci
 ```
 imagen-transfer pretrain --config configs/cifar10-small.yaml --set train.stages=[base] --out runs/cifar10-base
 imagen-transfer pretrain --config configs/cifar10-small.yaml --set train.stages=[sr] train.steps={sr['steps']} loss.prediction_type={sr['config']['loss']['prediction_type']} train.val_every={sr['config']['train']['val_every']} train.sample_every={sr['config']['train']['sample_every']} --out runs/cifar10-sr
-imagen-transfer evaluate --model runs/cifar10-sr/cascade --data cifar10 --split test --n 500 --n-real 2000 --out runs/eval/cifar10-source.json
+python scripts/ship_source.py --base runs/cifar10-base --sr runs/cifar10-sr --out src/imagen_transfer/models/cifar10
+imagen-transfer evaluate --model cifar10 --data cifar10 --split test --n 500 --n-real 2000 --out runs/eval/cifar10-source.json
 python scripts/ship_source.py --base runs/cifar10-base --sr runs/cifar10-sr --eval runs/eval/cifar10-source.json --out src/imagen_transfer/models/cifar10
 ```
 
