@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-FULL = dict(steps=300, sr_steps=100, n_eval=200, feature_limit=1200, val_every=50, batch=32, probe_epochs=30,
+FULL = dict(steps=250, sr_steps=80, n_eval=128, feature_limit=800, val_every=50, batch=32, probe_epochs=30,
             sample_steps=None)
 QUICK = dict(steps=60, sr_steps=20, n_eval=64, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
              sample_steps=None)
