@@ -170,8 +170,10 @@ def _html(run: Path, summaries, evals, images, config: str, probe: dict | None =
                      + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in body]
         parts.append("</table>")
+    shown = set()
     for path, result in evals:
-        notes = [f"{k}: {result[k]}" for k in result if k.endswith("_absent")]
+        notes = [f"{k}: {result[k]}" for k in result if k.endswith("_absent") and (k, result[k]) not in shown]
+        shown |= {(k, result[k]) for k in result if k.endswith("_absent")}
         judge = result.get("judge")
         if judge:
             notes.append(f"judge: {judge['trained_on']}, accuracy on real {judge['real_split']} images "
