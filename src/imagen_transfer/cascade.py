@@ -187,10 +187,10 @@ def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, d
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     folder = resolve_model(name_or_path)
-    from .interop import is_pipeline_folder, load_pipeline_folder
+    from .interop import import_if, is_pipeline_folder
 
-    if is_pipeline_folder(folder):  # a DeepFloyd IF stage-I diffusers folder
-        cascade = load_pipeline_folder(folder)
+    if is_pipeline_folder(folder):  # a DeepFloyd IF stage-I diffusers folder (stage I only; import-if adds stage II)
+        cascade = import_if(folder)
         for stage in cascade.stages:
             stage.unet.to(device=device, dtype=dtype)
         return cascade

@@ -178,11 +178,10 @@ def cmd_probe(args) -> None:
 
     manifest, _ = load_features(args.features)
     reference = PUBLISHED.get(Path(manifest["dataset"]).stem.lower())
-    result = run_probe(args.features, task=args.task, head=args.head, epochs=args.epochs, out=args.out,
-                       reference=reference, fuse=[group.split("+") for group in args.fuse or []])
-    print(Path(args.out or args.features) / f"probe-{args.task}.md")
-    print(Path(args.out or args.features, f"probe-{args.task}.md").read_text())
-    del result
+    run_probe(args.features, task=args.task, head=args.head, epochs=args.epochs, out=args.out, reference=reference,
+              fuse=[group.split("+") for group in args.fuse or []])
+    table = Path(args.out or args.features) / f"probe-{args.task}.md"
+    print(f"{table}\n{table.read_text()}")
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:

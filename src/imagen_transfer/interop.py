@@ -151,8 +151,3 @@ def _model_card(cascade, written) -> str:
                      "imagen-transfer's own sampling for the same seed.")
     lines += ["", "Provenance: " + json.dumps(cascade.info), ""]
     return "\n".join(lines)
-
-
-def load_pipeline_folder(folder: Path):
-    """`--source` / `--model` given an IF stage-I diffusers folder: import it (stage I only)."""
-    return import_if(folder)
