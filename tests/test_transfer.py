@@ -1,7 +1,9 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imagen_transfer.cascade import load_cascade
 from imagen_transfer.checkpoint import read_jsonl
@@ -124,6 +126,10 @@ def test_finetune_each_method_end_to_end(tiny_cascade_dir, tmp_path, method):
     sa, sb = source.stage("sr").unet.state_dict(), tuned.stage("sr").unet.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa), "the source SR stage is reused unchanged"
     assert (run / "samples" / "base-step-0000004.png").is_file()
+    # gray training data: the cascade samples gray, and so do the training-time grids
+    assert tuned.sampling.get("grayscale") is True
+    grid = np.asarray(Image.open(run / "samples" / "base-step-0000004.png").convert("RGB")).astype(int)
+    assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all()
     assert "chest x-ray" in (run / "config.yaml").read_text()  # default prompts come from the report captions
 
 

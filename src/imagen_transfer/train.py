@@ -133,8 +133,13 @@ def validation_loss(stage: Stage, val: Captioned, null: TextEncoding, config: Ru
 
 
 def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, path: Path, device,
-                  encode) -> None:
-    """Base stage: a row per prompt. SR stage: real low-res input | SR output | real image, for validation images."""
+                  encode, gray: bool = False) -> None:
+    """Base stage: a row per prompt. SR stage: real low-res input | SR output | real image, for validation images.
+    `gray`: average the generated images' channels, as sampling does for models trained on gray data."""
+
+    def shown(images: torch.Tensor) -> torch.Tensor:
+        return images.mean(dim=1, keepdim=True).expand_as(images) if gray else images
+
     s = config.sample
     opts = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, thresholding=s.thresholding,
                 percentile=s.percentile, max_value=s.max_value, progress=False)
@@ -142,7 +147,7 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
         prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         images = sample_stage(stage, encode(prompts), null, gens, **opts)
-        save_grid(images.cpu(), path, nrow=s.per_prompt, scale=4)
+        save_grid(shown(images.cpu()), path, nrow=s.per_prompt, scale=4)
         return
     k = min(8, len(val.caption_ids))
     idx = torch.linspace(0, len(val.caption_ids) - 1, k).round().long()
@@ -150,7 +155,7 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
     gens = [torch.Generator().manual_seed(i) for i in range(k)]
     out = sample_stage(stage, val.table.index(val.caption_ids[idx]), null, gens, lowres=lowres, **opts)
     upsampled = resize(lowres, stage.resolution)
-    save_grid(torch.cat([upsampled.cpu(), out.cpu(), real.cpu()]), path, nrow=k, scale=4)
+    save_grid(torch.cat([upsampled.cpu(), shown(out.cpu()), real.cpu()]), path, nrow=k, scale=4)
 
 
 def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captioned, val: Captioned,
@@ -239,7 +244,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         value = validation_loss(stage, val, null, config, device, batch_size=max(micro, 16))
         if main and tc.sample_every and step % tc.sample_every == 0:
             write_samples(stage, val, null, config, run_dir / "samples" / f"{stage.name}-step-{step:07d}.png", device,
-                          encode)
+                          encode, gray=cascade.sampling.get("grayscale", False))
         raw_unet.train()
         ema.restore(params)
         return value
@@ -401,6 +406,8 @@ def train(config: RunConfig, resume: bool = False) -> Path:
                   skip_bad=d.skip_bad)
     train_data = load_dataset(d.dataset, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
     val_data = load_dataset(d.dataset, d.val_split, limit=d.val_size, **common)
+    if train_data.grayscale:  # an RGB model trained on gray images samples gray (drops residual colour noise)
+        cascade.sampling["grayscale"] = True
     if not config.sample.prompts:
         config.sample.prompts = default_prompts(train_data)
     if main:
@@ -430,8 +437,6 @@ def train(config: RunConfig, resume: bool = False) -> Path:
         summaries.append({**result, "method": summary.method, "trainable_percent": summary.percent})
     cascade.info.update(trained_on=f"{train_data.source} ({len(train_data)} images)", run=str(run_dir),
                         steps={s["stage"]: s["steps"] for s in summaries})
-    if train_data.grayscale:  # an RGB model fine-tuned on gray images: sample gray (drops residual colour noise)
-        cascade.sampling["grayscale"] = True
     if config.model.init_from:
         cascade.info.update(source=str(config.model.init_from), method=config.transfer.method)
     if main:
