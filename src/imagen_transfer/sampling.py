@@ -166,9 +166,14 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
             partners = [(o.stage(stage.name), w) for o, w in mix or [] if any(s.name == stage.name for s in o.stages)]
             x = sample_stage(stage, text, null, generators, lowres=x, mix=partners, progress=progress, **settings)
         if grayscale:
-            x = x.mean(dim=1, keepdim=True).expand_as(x)
+            x = to_gray(x)
         outputs.append(x.cpu())
     return torch.cat(outputs)
+
+
+def to_gray(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) with every channel set to the channel mean: how models trained on gray data are sampled."""
+    return images.mean(dim=1, keepdim=True).expand_as(images)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

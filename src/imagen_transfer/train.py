@@ -39,7 +39,7 @@ from .config import RunConfig, save_config
 from .data import ImageTextData, load_dataset, resize, to_float
 from .diffusion import draw, training_loss
 from .errors import UserError
-from .sampling import sample_stage, save_grid
+from .sampling import sample_stage, save_grid, to_gray
 from .text import (
     EmbeddingCache,
     TextEncoderSpec,
@@ -136,9 +136,7 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
                   encode, gray: bool = False) -> None:
     """Base stage: a row per prompt. SR stage: real low-res input | SR output | real image, for validation images.
     `gray`: average the generated images' channels, as sampling does for models trained on gray data."""
-
-    def shown(images: torch.Tensor) -> torch.Tensor:
-        return images.mean(dim=1, keepdim=True).expand_as(images) if gray else images
+    shown = to_gray if gray else (lambda images: images)
 
     s = config.sample
     opts = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, thresholding=s.thresholding,
