@@ -145,9 +145,6 @@ def cmd_report(args) -> None:
     print(f"wrote {html_path} and {md_path}")
 
 
-# Published PneumoniaMNIST test numbers (MedMNIST v2, Yang et al. 2023, Table 3), printed beside our probes.
-PUBLISHED = {"pneumoniamnist": {"ResNet-18 (28)": dict(accuracy=0.854, auc=0.944),
-                                "ResNet-50 (28)": dict(accuracy=0.854, auc=0.948)}}
 
 
 def _named_models(values: list[str]) -> dict[str, str]:
@@ -174,7 +171,7 @@ def cmd_features(args) -> None:
 
 def cmd_probe(args) -> None:
     from .features import load_features
-    from .probe import run_probe
+    from .probe import PUBLISHED, run_probe
 
     manifest, _ = load_features(args.features)
     reference = PUBLISHED.get(Path(manifest["dataset"]).stem.lower())

@@ -48,7 +48,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     from .evaluate import evaluate
     from .features import extract
     from .fusion import merge_cascades
-    from .probe import run_probe
+    from .probe import PUBLISHED, run_probe
     from .report import write_report
     from .train import train
 
@@ -97,8 +97,6 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     def probe():
         folder = extract({"source": source, "fine-tuned": str(tuned_dir)}, data, run / "features",
                          limit=settings["feature_limit"], baselines=("pixels", "random"))
-        from .cli import PUBLISHED
-
         return run_probe(folder, epochs=settings["probe_epochs"],
                          reference=PUBLISHED.get(resolve_dataset(data).stem.lower()))
 

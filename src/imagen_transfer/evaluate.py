@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import write_atomic
 from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset
 from .errors import UserError
 from .metrics import extract_features, fid, inception_score, kid, load_feature_net, precision_recall
@@ -66,8 +67,10 @@ def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: i
 
 
 def reference_features(dataset: str, split: str, resolution: int, net, net_id: str, *, n_real: int | None = None,
-                       seed: int = 0, batch_size: int = 50, progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk."""
+                       seed: int = 0, batch_size: int = 50, data: ImageTextData | None = None,
+                       progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk.
+    `data`: the split already loaded at `resolution` (read here only on a cache miss otherwise)."""
     from safetensors.torch import load_file, save_file
 
     path = resolve_dataset(dataset)
@@ -76,7 +79,8 @@ def reference_features(dataset: str, split: str, resolution: int, net, net_id: s
     if file.is_file():
         features = load_file(file)["features"]
         return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=True)
-    data = load_dataset(dataset, split, resolution=resolution, channels=3)
+    if data is None:
+        data = load_dataset(dataset, split, resolution=resolution, channels=3)
     images = data.images
     if n_real is not None and n_real < len(images):
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_real]]
@@ -122,7 +126,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     generation_s = time.time() - t0
     net, net_id = load_feature_net(feature_net)
     t0 = time.time()
-    real, ref_info = reference_features(dataset, split, resolution, net, net_id, n_real=n_real, seed=seed,
+    real, ref_info = reference_features(dataset, split, resolution, net, net_id, n_real=n_real, seed=seed, data=data,
                                         progress=progress)
     fake = extract_features(net, images, progress=progress, desc="features (generated)")
     features_s = time.time() - t0
@@ -155,9 +159,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
         grid = out.with_name(out.stem + "-samples.png")
         save_grid(images[order].permute(0, 3, 1, 2).float() / 127.5 - 1, grid, nrow=8, scale=2)
         result["samples_grid"] = grid.name
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        write_atomic(out, json.dumps(result, indent=2))
     return result
 
 
