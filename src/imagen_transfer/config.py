@@ -19,12 +19,15 @@ from .errors import UserError
 
 @dataclass
 class ModelConfig:
-    """Which cascade to build (`preset`) or start from (`init_from`, a cascade folder or a short name)."""
+    """Which cascade to build (`preset`) or start from (`init_from`, a cascade folder or a short name).
+
+    `random_init` with `init_from` trains the source's exact model from scratch: the baseline of a transfer study."""
 
     preset: str = "tiny"
     text_encoder: str | None = None  # tiny | minilm | t5:<path or hub name>; None: the preset's (or source's)
     max_text_length: int = 20
     init_from: str | None = None
+    random_init: bool = False  # keep init_from's architecture, text encoder and schedule; draw fresh weights (scratch)
 
 
 @dataclass
@@ -186,7 +189,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"{path}: the top level must be a mapping of sections")
         where = str(path)
     tree = _merge(tree, parse_overrides(overrides or []))
-    return _build(RunConfig, tree, where)
+    config = _build(RunConfig, tree, where)
+    if config.train.mixed_precision is False:  # YAML reads a bare `no` as false
+        config.train.mixed_precision = "no"
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -57,7 +57,7 @@ class InceptionFeatures(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
+        x = images.to(next(self.net.parameters()).device).float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
@@ -81,7 +81,7 @@ def load_feature_net(path: str | Path | None = None) -> tuple[InceptionFeatures,
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)
         try:
-            net = torch.jit.load(str(path), map_location="cpu").eval()
+            net = torch.jit.load(str(path), map_location="cpu").eval().float()  # a file stored in fp16 computes in fp32
         except RuntimeError as err:
             raise UserError(f"{path} is not a TorchScript file that torch.jit.load can read: {err}") from None
         probe = net(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE))
@@ -96,7 +96,7 @@ def extract_features(net: nn.Module, images: torch.Tensor, batch_size: int = 50,
 
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
-        out.append(net(images[start : start + batch_size].permute(0, 3, 1, 2)))
+        out.append(net(images[start : start + batch_size].permute(0, 3, 1, 2)).cpu())
     return torch.cat(out) if out else torch.zeros(0, getattr(net, "num_features", 0))
 
 

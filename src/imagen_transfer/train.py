@@ -18,6 +18,7 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ from .text import (
     text_dim,
 )
 from .transfer import DEFAULT_LR, finish_transfer, parameter_groups, prepare_transfer
+
+ValidationHook = Callable[[Cascade, Stage, int], None]
 
 
 @dataclass
@@ -157,10 +160,13 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
 
 
 def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captioned, val: Captioned,
-                null: TextEncoding, run_dir: Path, *, encode, resume: bool = False, accelerator=None) -> dict:
+                null: TextEncoding, run_dir: Path, *, encode, resume: bool = False, accelerator=None,
+                on_validation: ValidationHook | None = None) -> dict:
     """Train one stage in place (its U-Net ends holding the EMA weights). Returns a summary dict.
 
     `encode` maps prompts to a TextEncoding (for sample grids); only parameters with requires_grad are trained.
+    `on_validation(cascade, stage, step)` runs on the main process at every validation, while the stage holds its
+    EMA weights in eval mode (studies sample there to measure quality against steps).
     """
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
@@ -243,6 +249,9 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         if main and tc.sample_every and step % tc.sample_every == 0:
             write_samples(stage, val, null, config, run_dir / "samples" / f"{stage.name}-step-{step:07d}.png", device,
                           encode, gray=cascade.sampling.get("grayscale", False))
+        if main and on_validation is not None:
+            stage.unet = raw_unet
+            on_validation(cascade, stage, step)
         raw_unet.train()
         ema.restore(params)
         return value
@@ -361,6 +370,8 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
 def build_or_load_cascade(config: RunConfig) -> Cascade:
     """A new cascade from `model.preset`, or the source cascade named by `model.init_from` (transfer: weights only)."""
     m = config.model
+    if m.random_init and not m.init_from:
+        raise UserError("model.random_init needs model.init_from: the cascade whose architecture is trained from scratch")
     if not m.init_from:
         return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
                             prediction_type=config.loss.prediction_type, seed=config.train.seed)
@@ -373,6 +384,13 @@ def build_or_load_cascade(config: RunConfig) -> Cascade:
                             f"{m.init_from} was trained on {expected}-d states ({cascade.text_encoder.kind}); "
                             "leave model.text_encoder unset to use the source's encoder")
         cascade.text_encoder = spec
+    if m.random_init:  # the same architecture, text encoder and noise schedule, fresh weights
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(config.train.seed)
+        for stage in cascade.stages:
+            stage.unet = UNet2DConditionModel.from_config(stage.unet.config).eval()
+        cascade.info = {"random_init_from": str(m.init_from), "seed": config.train.seed}
     return cascade
 
 
@@ -384,9 +402,10 @@ def default_prompts(data: ImageTextData) -> list[str]:
     return list(first.values())[:10]
 
 
-def train(config: RunConfig, resume: bool = False) -> Path:
+def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook | None = None) -> Path:
     """The one entry point for pretraining, resuming and transfer: train the stages in `config.train.stages` one
-    after the other (each prepared by `config.transfer`), then write `<run>/cascade`."""
+    after the other (each prepared by `config.transfer`), then write `<run>/cascade`. `on_validation`: see
+    train_stage."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -430,12 +449,12 @@ def train(config: RunConfig, resume: bool = False) -> Path:
             stage_config = copy.deepcopy(config)
             stage_config.train.steps = int(config.train.stage_steps[name])
         result = train_stage(stage_config, cascade, stage, train_set, val_set, null, run_dir, encode=cache,
-                             resume=resume, accelerator=accelerator)
+                             resume=resume, accelerator=accelerator, on_validation=on_validation)
         finish_transfer(stage.unet)
         summaries.append({**result, "method": summary.method, "trainable_percent": summary.percent})
     cascade.info.update(trained_on=f"{train_data.source} ({len(train_data)} images)", run=str(run_dir),
                         steps={s["stage"]: s["steps"] for s in summaries})
-    if config.model.init_from:
+    if config.model.init_from and not config.model.random_init:
         cascade.info.update(source=str(config.model.init_from), method=config.transfer.method)
     if main:
         save_cascade(cascade, run_dir / "cascade")

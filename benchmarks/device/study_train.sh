@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Device call 1 of the transfer study (docs/results.md): GPU throughput / MFU, then every training run of the study
+# with its evaluation samples. Expects .devdata/ (carried): the diffusers wheel (+ importlib_metadata), pneumoniamnist.npz
+# and the MiniLM caption embeddings (cache/text), so the machine needs neither the registry nor the MiniLM weights.
+set -u
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .devdata/*.whl
+export PYTHONPATH=/tmp/site:$PWD/src IMAGEN_TRANSFER_DATA=$PWD/.devdata IMAGEN_TRANSFER_CACHE=/tmp/itcache
+mkdir -p /tmp/itcache && cp -r .devdata/cache/text /tmp/itcache/
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, diffusers, peft, accelerate, transformers, torchmetrics; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
+timeout 120 python3 benchmarks/gpu_mfu.py --batch 512 --steps 60 --out $OUT/mfu.json 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -20
+STUDY="--steps 600 --batch-size 128 --eval-every 100 --n-eval 256 --out runs/study-gpu"
+timeout ${STUDY_TIMEOUT:-400} python3 -m imagen_transfer.cli study transfer $STUDY --jobs ${JOBS:-6} --skip-measure 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -15
+ls runs/study-gpu; nvidia-smi --query-gpu=memory.used --format=csv,noheader
+tar czf $OUT/study-train.tgz --exclude=checkpoints --exclude=tensorboard --exclude='*.tmp*' -C runs study-gpu
+ls -la $OUT

@@ -1,0 +1,406 @@
+"""`imagen-transfer study transfer`: does transfer from the source cascade need less target data, train faster and end
+better than training the same model from scratch? Measured, with seeds, on one step budget.
+
+Design:
+- Two arms. `transfer`: the source cascade fine-tuned in full (transfer.method=full, its default learning rate).
+  `scratch`: the source's exact architecture, text encoder and noise schedule with fresh random weights
+  (`model.random_init`), trained with every parameter at the from-scratch default learning rate. Each arm uses its
+  own default rate; everything else (data, steps, batch, schedule, EMA, loss) is the same.
+- Target data fractions (default 1%, 10%, 100% of the training split, class-stratified) x seeds (default 0, 1, 2:
+  the seed picks the data subset, scratch's initial weights and every noise draw). The base stage only: it is where
+  the text conditioning and the image content are learnt (the SR stage adds detail) and it keeps the study cheap.
+- Every `eval_every` steps the EMA weights draw `n_eval` images for the same captions (drawn from the test split)
+  with the same per-image seeds in every run (common random numbers: the arms differ by their weights alone). They
+  are measured afterwards: KID (Binkowski et al. 2018) against every test image at the base resolution with
+  TF-Inception features, and conditioning accuracy (the judge CNN, judge.py). The untrained source is measured on
+  the same captions and seeds as step 0 of the transfer arm.
+- The transfer methods (full, freeze, bitfit, difffit, lora) run at one fraction with seed 0 for the cost table.
+
+Three phases, each resumable: train (finished runs are skipped, interrupted ones resume from their checkpoint),
+measure (per-file results kept in each run's measures.json), summarise (study.json, plots, results.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_jsonl, write_atomic
+from .errors import UserError
+
+ARMS = ("transfer", "scratch")
+SAMPLES_PREFIX = "samples-step-"
+
+
+@dataclass
+class StudyPlan:
+    """Everything that defines a study; written to `<out>/plan.json` and checked when a study is resumed."""
+
+    source: str = "cifar10"
+    data: str = "pneumoniamnist"
+    config: str | None = "configs/finetune-pneumonia.yaml"
+    overrides: list[str] = field(default_factory=list)
+    fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 600
+    batch_size: int = 128
+    eval_every: int = 100
+    n_eval: int = 256
+    eval_split: str = "test"
+    methods: list[str] = field(default_factory=lambda: ["full", "freeze", "bitfit", "difffit", "lora"])
+    method_fraction: float = 0.1
+    mixed_precision: str = "no"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    arm: str  # transfer | scratch
+    method: str  # the transfer method (scratch: none)
+    fraction: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        label = self.arm if self.arm == "scratch" or self.method == "full" else f"transfer-{self.method}"
+        return f"{label}-f{self.fraction:g}-s{self.seed}"
+
+
+def plan_runs(plan: StudyPlan) -> list[RunSpec]:
+    """Seed-major order, so a study cut short still holds every (arm, fraction) cell with fewer seeds."""
+    runs = [RunSpec(arm, "full" if arm == "transfer" else "none", f, s)
+            for s in plan.seeds for f in plan.fractions for arm in ARMS]
+    for method in plan.methods:
+        spec = RunSpec("transfer", method, plan.method_fraction, plan.seeds[0])
+        if spec not in runs:
+            runs.append(spec)
+    return runs
+
+
+def run_config(plan: StudyPlan, spec: RunSpec, out: Path):
+    """The RunConfig of one run: the study's config file and overrides, then what the study fixes."""
+    from .config import load_config
+
+    fixed = [f"model.init_from={plan.source}", f"model.random_init={spec.arm == 'scratch'}",
+             f"data.dataset={plan.data}", f"data.fraction={spec.fraction}", f"data.seed={spec.seed}",
+             f"transfer.method={spec.method}", "train.stages=[base]", f"train.steps={plan.steps}",
+             f"train.batch_size={plan.batch_size}", f"train.val_every={plan.eval_every}", "train.sample_every=0",
+             f"train.checkpoint_every={max(plan.eval_every, plan.steps // 2)}", "train.keep_checkpoints=1",
+             f"train.log_every={min(50, plan.eval_every)}", "train.early_stopping_patience=0",
+             f"train.seed={spec.seed}", f"train.mixed_precision='{plan.mixed_precision}'"]
+    config = load_config(plan.config, [*plan.overrides, *fixed])
+    config.out = str(out / spec.name)
+    return config
+
+
+def eval_prompts(plan: StudyPlan, resolution: int) -> tuple[list[str], torch.Tensor]:
+    """The captions (and their labels) every run draws its evaluation images for."""
+    from .data import load_dataset
+    from .evaluate import draw_captions
+
+    return draw_captions(load_dataset(plan.data, plan.eval_split, resolution=resolution), plan.n_eval, seed=0)
+
+
+def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
+    """uint8 images (N, H, W, 3) and the labels their captions name, written atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp, metadata={"step": str(step)})
+    os.replace(tmp, path)
+
+
+def sample_for_eval(cascade, stage, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images of one stage for `prompts`, image i with seed i, at the cascade's sampling settings."""
+    from .sampling import sample_stage, to_gray, to_uint8
+    from .text import EmbeddingCache, default_cache_dir, load_text_encoder
+
+    settings = dict(cascade.sampling)
+    gray = settings.pop("grayscale", False)
+    encode = EmbeddingCache(load_text_encoder(cascade.text_encoder), default_cache_dir())
+    null = encode([""])
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        x = sample_stage(stage, encode(chunk), null, gens, progress=False, **settings)
+        x = to_uint8((to_gray(x) if gray else x).cpu())
+        out.append(x.expand(-1, -1, -1, 3) if x.shape[-1] == 1 else x)
+    return torch.cat(out)
+
+
+def _train_run(plan_dict: dict, spec_dict: dict, out: str, threads: int | None) -> str:
+    """One training run with its evaluation samples (a top-level function: it runs in worker processes)."""
+    from .train import train
+
+    plan, spec, out = StudyPlan(**plan_dict), RunSpec(**spec_dict), Path(out)
+    if threads:
+        torch.set_num_threads(threads)
+    config = run_config(plan, spec, out)
+    run_dir = Path(config.out)
+    resume = (run_dir / "config.yaml").is_file()
+    prompts, labels = None, None
+
+    def hook(cascade, stage, step):
+        nonlocal prompts, labels
+        if prompts is None:
+            prompts, labels = eval_prompts(plan, stage.resolution)
+        images = sample_for_eval(cascade, stage, prompts)
+        save_samples(run_dir / "study" / f"{SAMPLES_PREFIX}{step:07d}.safetensors", images, labels, step)
+
+    if not resume and run_dir.exists():
+        raise UserError(f"{run_dir} exists but holds no run; remove it")
+    train(config, resume=resume, on_validation=hook)
+    return spec.name
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "cascade" / "cascade.json").is_file()
+
+
+def train_all(plan: StudyPlan, out: Path, jobs: int = 1, progress: bool = True) -> list[str]:
+    """Train every run not finished yet, `jobs` at a time (worker processes; each one's output goes to its
+    train.log). With jobs > 1 runs share the device: seconds per step are then contended (study.json says so)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    from tqdm.auto import tqdm
+
+    pending = [s for s in plan_runs(plan) if not is_finished(out / s.name)]
+    if not pending:
+        return []
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    done = []
+    bar = tqdm(total=len(pending), desc="study runs", unit="run", disable=not progress)
+    if jobs <= 1:
+        for spec in pending:
+            bar.set_postfix_str(spec.name)
+            done.append(_train_run(asdict(plan), asdict(spec), str(out), threads))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_quiet_worker,
+                                 initargs=(str(out),)) as pool:
+            futures = {pool.submit(_train_run, asdict(plan), asdict(s), str(out), threads): s for s in pending}
+            for future in as_completed(futures):
+                done.append(future.result())  # a failed run raises here, naming its log
+                bar.set_postfix_str(futures[future].name)
+                bar.update()
+    bar.close()
+    return done
+
+
+def _quiet_worker(out: str) -> None:
+    """Worker processes write their progress to <out>/worker-<pid>.log instead of the terminal."""
+    log = open(Path(out) / f"worker-{os.getpid()}.log", "a", buffering=1)  # noqa: SIM115 (open for the worker's life)
+    sys.stdout = sys.stderr = log
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+
+
+def sample_source(plan: StudyPlan, out: Path) -> None:
+    """Step 0 of the transfer arm: the untrained source base stage on the evaluation captions and seeds."""
+    from .cascade import load_cascade
+
+    path = out / "source" / "study" / f"{SAMPLES_PREFIX}{0:07d}.safetensors"
+    if path.is_file():
+        return
+    cascade = load_cascade(plan.source, device="cuda" if torch.cuda.is_available() else "cpu")
+    stage = cascade.stages[0]
+    if plan.data and "grayscale" not in cascade.sampling:
+        from .data import load_dataset
+
+        cascade.sampling["grayscale"] = load_dataset(plan.data, plan.eval_split, resolution=stage.resolution).grayscale
+    prompts, labels = eval_prompts(plan, stage.resolution)
+    save_samples(path, sample_for_eval(cascade, stage, prompts), labels, 0)
+
+
+def measure(plan: StudyPlan, out: Path, feature_net: str | None = None, progress: bool = True) -> None:
+    """KID and conditioning accuracy of every sample file not yet measured, kept in <run>/measures.json."""
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from .evaluate import reference_features
+    from .judge import conditioning_accuracy, load_or_train_judge
+    from .metrics import extract_features, kid, load_feature_net
+
+    files = sorted(out.glob(f"*/study/{SAMPLES_PREFIX}*.safetensors"))
+    todo = [f for f in files if f.name not in _read_measures(f.parent.parent)]
+    if not todo:
+        return
+    resolution = load_file(todo[0])["images"].shape[1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, net_id = load_feature_net(feature_net)
+    net.to(device)
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would move the Inception features by ~1e-3
+    real, _ = reference_features(plan.data, plan.eval_split, resolution, net, net_id, batch_size=250,
+                                 progress=progress)
+    judge, judge_info = load_or_train_judge(plan.data, resolution, eval_split=plan.eval_split, progress=progress)
+    for file in tqdm(todo, desc="measure", unit="file", disable=not progress):
+        saved = load_file(file)
+        fake = extract_features(net, saved["images"], batch_size=250, progress=False)
+        kid_mean, kid_std, subset = kid(real, fake, seed=0)
+        acc = conditioning_accuracy(judge, saved["images"], saved["labels"], judge_info["classes"])
+        run_dir = file.parent.parent
+        measures = _read_measures(run_dir)
+        measures[file.name] = dict(step=int(file.stem.removeprefix(SAMPLES_PREFIX)), kid=kid_mean, kid_std=kid_std,
+                                   kid_subset_size=subset, conditioning_accuracy=acc["conditioning_accuracy"],
+                                   n=len(fake))
+        write_atomic(run_dir / "measures.json", json.dumps(measures, indent=1))
+    info = dict(feature_network=net_id, n_real=len(real), judge_real_accuracy=judge_info["real_accuracy"],
+                resolution=int(resolution))
+    write_atomic(out / "measure-info.json", json.dumps(info, indent=1))
+
+
+def _read_measures(run_dir: Path) -> dict:
+    path = run_dir / "measures.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _mean_std(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return dict(mean=None, std=None, n=0)
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                n=len(values))
+
+
+def _curve(run_dir: Path, key: str) -> dict[int, float]:
+    return {m["step"]: m[key] for m in _read_measures(run_dir).values()}
+
+
+def _cost(run_dir: Path) -> dict:
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    trainable = next((r for r in rows if r.get("event") == "trainable"), {})
+    timed = [r for r in rows if "seconds_per_step" in r][1:]  # the first window holds start-up and compilation
+    return dict(trainable_percent=trainable.get("percent"),
+                seconds_per_step=statistics.median(r["seconds_per_step"] for r in timed) if timed else None,
+                peak_memory_mb=max((r["peak_memory_mb"] for r in timed), default=None),
+                device=next((r["device"] for r in rows if r.get("event") == "start"), None))
+
+
+def _trained_images(run_dir: Path) -> int | None:
+    """How many training images a finished run saw (cascade.json records "<source> (N images)")."""
+    import re
+
+    if not is_finished(run_dir):
+        return None
+    found = re.search(r"\((\d+) images\)", json.loads((run_dir / "cascade" / "cascade.json").read_text())
+                      .get("info", {}).get("trained_on", ""))
+    return int(found.group(1)) if found else None
+
+
+def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
+    """The first evaluated step whose KID is at or below `target` (None: never within the budget)."""
+    return next((step for step in sorted(curve) if curve[step] <= target), None)
+
+
+def summarise(plan: StudyPlan, out: Path, jobs: int = 1) -> dict:
+    """study.json: curves (mean +- std over seeds), final values, steps-to-reach, the methods table, the verdicts."""
+    cells = {}
+    for f in plan.fractions:
+        for arm in ARMS:
+            specs = [RunSpec(arm, "full" if arm == "transfer" else "none", f, s) for s in plan.seeds]
+            dirs = [out / s.name for s in specs if (out / s.name / "measures.json").is_file() and is_finished(out / s.name)]
+            kid_curves = [_curve(d, "kid") for d in dirs]
+            acc_curves = [_curve(d, "conditioning_accuracy") for d in dirs]
+            steps = sorted(set().union(*kid_curves)) if kid_curves else []
+            cells[f"{arm}@{f:g}"] = dict(
+                arm=arm, fraction=f, seeds=[d.name.rsplit("-s", 1)[1] for d in dirs], steps=steps,
+                kid=[_mean_std([c.get(s) for c in kid_curves]) for s in steps],
+                conditioning_accuracy=[_mean_std([c.get(s) for c in acc_curves]) for s in steps],
+                final_kid=_mean_std([c[max(c)] for c in kid_curves if c]),
+                final_conditioning_accuracy=_mean_std([c[max(c)] for c in acc_curves if c]),
+                per_seed_final_kid=[c[max(c)] for c in kid_curves if c])
+    source = _curve(out / "source", "kid")
+    source_acc = _curve(out / "source", "conditioning_accuracy")
+    reach = {}
+    for f in plan.fractions:
+        scratch, transfer = cells[f"scratch@{f:g}"], cells[f"transfer@{f:g}"]
+        if scratch["final_kid"]["mean"] is None or not transfer["seeds"]:
+            continue
+        target = scratch["final_kid"]["mean"]
+        per_seed = []
+        for seed in transfer["seeds"]:
+            curve = {**source, **_curve(out / RunSpec("transfer", "full", f, int(seed)).name, "kid")}
+            per_seed.append(steps_to_reach(curve, target))
+        reached = [s for s in per_seed if s is not None]
+        reach[f"{f:g}"] = dict(target_scratch_final_kid=target, per_seed=per_seed, **_mean_std(reached),
+                               reached=len(reached), budget=plan.steps)
+    methods = {}
+    for method in plan.methods:
+        run_dir = out / RunSpec("transfer", method, plan.method_fraction, plan.seeds[0]).name
+        if not is_finished(run_dir):
+            continue
+        kid_curve, acc_curve = _curve(run_dir, "kid"), _curve(run_dir, "conditioning_accuracy")
+        methods[method] = dict(**_cost(run_dir), final_kid=kid_curve[max(kid_curve)] if kid_curve else None,
+                               final_conditioning_accuracy=acc_curve[max(acc_curve)] if acc_curve else None)
+    info = json.loads((out / "measure-info.json").read_text()) if (out / "measure-info.json").is_file() else {}
+    images = {f"{f:g}": _trained_images(out / RunSpec("transfer", "full", f, plan.seeds[0]).name) for f in plan.fractions}
+    summary = dict(plan=asdict(plan), jobs=jobs, measure=info, images=images, source_step0=dict(kid=source.get(0),
+                   conditioning_accuracy=source_acc.get(0)), cells=cells, steps_to_reach=reach, methods=methods,
+                   verdicts=verdicts(cells, reach, plan), cost_scratch=_cost(out / RunSpec("scratch", "none",
+                   plan.fractions[-1], plan.seeds[0]).name) if is_finished(out / RunSpec("scratch", "none",
+                   plan.fractions[-1], plan.seeds[0]).name) else None)
+    write_atomic(out / "study.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def verdicts(cells: dict, reach: dict, plan: StudyPlan) -> dict:
+    """Each promise confirmed or refuted from the measured means and stds (a difference counts when the means are
+    further apart than the larger std)."""
+    def better(a: dict, b: dict) -> bool | None:  # a's KID clearly below b's
+        if a["mean"] is None or b["mean"] is None:
+            return None
+        return a["mean"] + max(a["std"], b["std"]) < b["mean"]
+
+    full = f"{max(plan.fractions):g}"
+    out = {}
+    quality = {f"{f:g}": better(cells[f"transfer@{f:g}"]["final_kid"], cells[f"scratch@{f:g}"]["final_kid"])
+               for f in plan.fractions}
+    out["better_final_quality"] = dict(per_fraction=quality, confirmed=all(v for v in quality.values() if v is not None)
+                                       and any(v is not None for v in quality.values()))
+    data = {f"{f:g}": better(cells[f"transfer@{f:g}"]["final_kid"], cells[f"scratch@{full}"]["final_kid"])
+            for f in plan.fractions if f < max(plan.fractions)}
+    out["less_target_data"] = dict(per_fraction=data, confirmed=any(bool(v) for v in data.values()),
+                                   meaning=f"transfer at a fraction ends with a clearly lower KID than scratch at {full}")
+    faster = {f: r["mean"] is not None and r["reached"] == len(r["per_seed"]) and r["mean"] < plan.steps
+              for f, r in reach.items()}
+    out["faster_training"] = dict(per_fraction=faster, confirmed=bool(faster) and all(faster.values()),
+                                  meaning="every transfer seed reaches scratch's final KID before the budget ends")
+    return out
+
+
+def study_transfer(plan: StudyPlan, out: str | Path, *, jobs: int = 1, train_runs: bool = True,
+                   measure_runs: bool = True, feature_net: str | None = None, results: str | Path | None = None,
+                   progress: bool = True) -> dict:
+    """Run (or resume) the whole study; returns the summary (also <out>/study.json, plots, results.md)."""
+    from .data import resolve_dataset
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolve_dataset(plan.data)  # a missing dataset fails here, before any work
+    saved = out / "plan.json"
+    if saved.is_file() and json.loads(saved.read_text()) != asdict(plan):
+        raise UserError(f"{out} holds a study with another plan ({saved}); choose another --out or repeat its options")
+    write_atomic(saved, json.dumps(asdict(plan), indent=1))
+    started = time.time()
+    if train_runs:
+        sample_source(plan, out)
+        train_all(plan, out, jobs=jobs, progress=progress)
+    if measure_runs:
+        measure(plan, out, feature_net=feature_net, progress=progress)
+    summary = summarise(plan, out, jobs=jobs)
+    from .study_report import write_results
+
+    write_results(summary, out, results)
+    if progress:
+        print(f"study: {len(plan_runs(plan))} runs in {out} ({time.time() - started:.0f} s this call); "
+              f"results: {results or out / 'results.md'}")
+    return summary
