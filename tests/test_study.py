@@ -58,6 +58,18 @@ def test_transfer_study_end_to_end_and_resume(tiny_cascade_dir, tmp_path, toy_ne
     assert "## Verdicts" in md and "| bitfit |" in md and "results-kid.png" in md
     assert (tmp_path / "docs" / "results-kid.png").stat().st_size > 1000
 
+    assert summary["compare_step"] == 4 and cell["val_loss_steps"] == [2, 4]
+
+    # a study cut short: one run's last point is missing, so every cell is compared at the last step all reached
+    from imagen_transfer.study import summarise
+
+    measures_file = out / "scratch-f1-s1" / "measures.json"
+    measures = json.loads(measures_file.read_text())
+    measures_file.write_text(json.dumps({k: v for k, v in measures.items() if v["step"] == 2}))
+    cut = summarise(plan, out)
+    assert cut["compare_step"] == 2 and cut["cells"]["scratch@1"]["complete_seeds"] == ["0"]
+    assert cut["cells"]["transfer@0.5"]["final_kid"]["n"] == 2  # both seeds, at step 2
+
     assert train_all(plan, out, jobs=1, progress=False) == []  # resumed: nothing left to train
     with pytest.raises(UserError, match="another plan"):
         study_transfer(StudyPlan(**{**plan.__dict__, "steps": 6}), out, feature_net=str(toy_net), progress=False)
@@ -75,8 +87,8 @@ def test_steps_to_reach_and_verdicts():
     plan = StudyPlan(fractions=[0.1, 1.0], steps=600)
     cells = {"transfer@0.1": cell(0.20, 0.01), "scratch@0.1": cell(0.40, 0.02),
              "transfer@1": cell(0.15, 0.01), "scratch@1": cell(0.16, 0.02)}
-    reach = {"0.1": dict(per_seed=[100, 200, 100], reached=3, mean=133.0),
-             "1": dict(per_seed=[300, None, 500], reached=2, mean=400.0)}
+    reach = {"0.1": dict(per_seed=[100, 200, 100], reached=3, mean=133.0, budget=600),
+             "1": dict(per_seed=[300, None, 500], reached=2, mean=400.0, budget=600)}
     v = verdicts(cells, reach, plan)
     assert v["better_final_quality"]["per_fraction"] == {"0.1": True, "1": False}  # 0.15 vs 0.16 is inside the std
     assert not v["better_final_quality"]["confirmed"]

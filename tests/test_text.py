@@ -68,4 +68,21 @@ def test_t5_encoder_from_a_local_folder(tmp_path):
     out = enc(["chest x-ray, normal", "a cat"])
     assert out.states.shape == (2, 20, 16) and enc.dim == 16
     with pytest.raises(UserError, match="cannot load the t5 text encoder"):
-        load_text_encoder(TextEncoderSpec.parse(f"t5:{tmp_path / 'missing'}", 20))
+        load_text_encoder(TextEncoderSpec.parse(f"t5:{tmp_path / 'missing'}", 20))(["x"])  # weights load on first use
+
+
+def test_cached_captions_never_load_the_encoder_weights(tmp_path):
+    """A carried embedding cache is enough: the encoder's weights are read only for a caption the cache lacks."""
+    from imagen_transfer.text import EmbeddingCache, HFTextEncoder, TextEncoding
+
+    def weights_folder() -> str:
+        raise AssertionError("the encoder weights were loaded")
+
+    encoder = HFTextEncoder(weights_folder, kind="minilm", max_length=8, name="model")
+    assert encoder.id == "minilm-model-l8"  # the id of the installed MiniLM's cache entries
+    EmbeddingCache(encoder, tmp_path)._write("chest x-ray", TextEncoding(torch.ones(1, 8, 4), torch.ones(1, 8),
+                                                                        torch.ones(1, 4)))
+    fresh = EmbeddingCache(encoder, tmp_path)
+    assert fresh(["chest x-ray"]).states.shape == (1, 8, 4) and fresh.encoded == 0
+    with pytest.raises(AssertionError, match="weights were loaded"):
+        fresh(["a caption nobody encoded"])

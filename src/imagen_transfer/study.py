@@ -285,54 +285,54 @@ def _cost(run_dir: Path) -> dict:
                 device=next((r["device"] for r in rows if r.get("event") == "start"), None))
 
 
-def _trained_images(run_dir: Path) -> int | None:
-    """How many training images a finished run saw (cascade.json records "<source> (N images)")."""
-    import re
-
-    if not is_finished(run_dir):
-        return None
-    found = re.search(r"\((\d+) images\)", json.loads((run_dir / "cascade" / "cascade.json").read_text())
-                      .get("info", {}).get("trained_on", ""))
-    return int(found.group(1)) if found else None
-
-
 def steps_to_reach(curve: dict[int, float], target: float) -> int | None:
     """The first evaluated step whose KID is at or below `target` (None: never within the budget)."""
     return next((step for step in sorted(curve) if curve[step] <= target), None)
 
 
+def _val_curve(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r}
+
+
 def summarise(plan: StudyPlan, out: Path, jobs: int = 1) -> dict:
-    """study.json: curves (mean +- std over seeds), final values, steps-to-reach, the methods table, the verdicts."""
-    cells = {}
+    """study.json: curves (mean +- std over seeds), values at the comparison step, steps-to-reach, the methods table
+    and the verdicts. The comparison step is the budget when every run finished; when a study was cut short it is
+    the last measured step that every run reached (so every seed of every cell is compared at one step)."""
+    runs = {}
     for f in plan.fractions:
         for arm in ARMS:
             specs = [RunSpec(arm, "full" if arm == "transfer" else "none", f, s) for s in plan.seeds]
-            dirs = [out / s.name for s in specs if (out / s.name / "measures.json").is_file() and is_finished(out / s.name)]
-            kid_curves = [_curve(d, "kid") for d in dirs]
-            acc_curves = [_curve(d, "conditioning_accuracy") for d in dirs]
-            steps = sorted(set().union(*kid_curves)) if kid_curves else []
-            cells[f"{arm}@{f:g}"] = dict(
-                arm=arm, fraction=f, seeds=[d.name.rsplit("-s", 1)[1] for d in dirs], steps=steps,
-                kid=[_mean_std([c.get(s) for c in kid_curves]) for s in steps],
-                conditioning_accuracy=[_mean_std([c.get(s) for c in acc_curves]) for s in steps],
-                final_kid=_mean_std([c[max(c)] for c in kid_curves if c]),
-                final_conditioning_accuracy=_mean_std([c[max(c)] for c in acc_curves if c]),
-                per_seed_final_kid=[c[max(c)] for c in kid_curves if c])
+            runs[f"{arm}@{f:g}"] = [out / s.name for s in specs if (out / s.name / "measures.json").is_file()]
+    curves = {d: dict(kid=_curve(d, "kid"), conditioning_accuracy=_curve(d, "conditioning_accuracy"),
+                      val_loss=_val_curve(d)) for dirs in runs.values() for d in dirs}
+    shared = [set(c["kid"]) & set(c["val_loss"]) for c in curves.values()]
+    compare = max(set.intersection(*shared), default=None) if shared else None
+    cells = {}
+    for key, dirs in runs.items():
+        arm, f = key.split("@")
+        cell = dict(arm=arm, fraction=float(f), seeds=[d.name.rsplit("-s", 1)[1] for d in dirs],
+                    complete_seeds=[d.name.rsplit("-s", 1)[1] for d in dirs if plan.steps in curves[d]["kid"]])
+        for metric in ("kid", "conditioning_accuracy", "val_loss"):
+            steps = sorted(set().union(*(curves[d][metric] for d in dirs))) if dirs else []
+            cell[f"{metric}_steps"] = steps
+            cell[metric] = [_mean_std([curves[d][metric].get(s) for d in dirs]) for s in steps]
+            cell[f"final_{metric}"] = _mean_std([curves[d][metric].get(compare) for d in dirs])
+        cell["steps"] = cell["kid_steps"]
+        cell["per_seed_final_kid"] = [curves[d]["kid"].get(compare) for d in dirs]
+        cells[key] = cell
     source = _curve(out / "source", "kid")
     source_acc = _curve(out / "source", "conditioning_accuracy")
     reach = {}
     for f in plan.fractions:
-        scratch, transfer = cells[f"scratch@{f:g}"], cells[f"transfer@{f:g}"]
-        if scratch["final_kid"]["mean"] is None or not transfer["seeds"]:
+        scratch, transfer_dirs = cells[f"scratch@{f:g}"], runs[f"transfer@{f:g}"]
+        if scratch["final_kid"]["mean"] is None or not transfer_dirs:
             continue
         target = scratch["final_kid"]["mean"]
-        per_seed = []
-        for seed in transfer["seeds"]:
-            curve = {**source, **_curve(out / RunSpec("transfer", "full", f, int(seed)).name, "kid")}
-            per_seed.append(steps_to_reach(curve, target))
+        per_seed = [steps_to_reach({k: v for k, v in {**source, **curves[d]["kid"]}.items() if k <= compare}, target)
+                    for d in transfer_dirs]
         reached = [s for s in per_seed if s is not None]
         reach[f"{f:g}"] = dict(target_scratch_final_kid=target, per_seed=per_seed, **_mean_std(reached),
-                               reached=len(reached), budget=plan.steps)
+                               reached=len(reached), budget=compare)
     methods = {}
     for method in plan.methods:
         run_dir = out / RunSpec("transfer", method, plan.method_fraction, plan.seeds[0]).name
@@ -342,14 +342,19 @@ def summarise(plan: StudyPlan, out: Path, jobs: int = 1) -> dict:
         methods[method] = dict(**_cost(run_dir), final_kid=kid_curve[max(kid_curve)] if kid_curve else None,
                                final_conditioning_accuracy=acc_curve[max(acc_curve)] if acc_curve else None)
     info = json.loads((out / "measure-info.json").read_text()) if (out / "measure-info.json").is_file() else {}
-    images = {f"{f:g}": _trained_images(out / RunSpec("transfer", "full", f, plan.seeds[0]).name) for f in plan.fractions}
-    summary = dict(plan=asdict(plan), jobs=jobs, measure=info, images=images, source_step0=dict(kid=source.get(0),
-                   conditioning_accuracy=source_acc.get(0)), cells=cells, steps_to_reach=reach, methods=methods,
-                   verdicts=verdicts(cells, reach, plan), cost_scratch=_cost(out / RunSpec("scratch", "none",
-                   plan.fractions[-1], plan.seeds[0]).name) if is_finished(out / RunSpec("scratch", "none",
-                   plan.fractions[-1], plan.seeds[0]).name) else None)
+    summary = dict(plan=asdict(plan), jobs=jobs, measure=info, compare_step=compare,
+                   images={f"{f:g}": _training_images(plan, f) for f in plan.fractions},
+                   source_step0=dict(kid=source.get(0), conditioning_accuracy=source_acc.get(0)), cells=cells,
+                   steps_to_reach=reach, methods=methods, verdicts=verdicts(cells, reach, plan))
     write_atomic(out / "study.json", json.dumps(summary, indent=1))
     return summary
+
+
+def _training_images(plan: StudyPlan, fraction: float) -> int:
+    """How many training images a run at `fraction` sees (the subset is class-stratified, data.select_subset)."""
+    from .data import load_dataset
+
+    return len(load_dataset(plan.data, "train", resolution=8, fraction=fraction, seed=plan.seeds[0]))
 
 
 def verdicts(cells: dict, reach: dict, plan: StudyPlan) -> dict:
@@ -369,11 +374,11 @@ def verdicts(cells: dict, reach: dict, plan: StudyPlan) -> dict:
     data = {f"{f:g}": better(cells[f"transfer@{f:g}"]["final_kid"], cells[f"scratch@{full}"]["final_kid"])
             for f in plan.fractions if f < max(plan.fractions)}
     out["less_target_data"] = dict(per_fraction=data, confirmed=any(bool(v) for v in data.values()),
-                                   meaning=f"transfer at a fraction ends with a clearly lower KID than scratch at {full}")
-    faster = {f: r["mean"] is not None and r["reached"] == len(r["per_seed"]) and r["mean"] < plan.steps
+                                   meaning=f"transfer at a fraction ends with a clearly lower KID than scratch at {max(plan.fractions):.0%}")
+    faster = {f: r["mean"] is not None and r["reached"] == len(r["per_seed"]) and r["mean"] < r["budget"]
               for f, r in reach.items()}
     out["faster_training"] = dict(per_fraction=faster, confirmed=bool(faster) and all(faster.values()),
-                                  meaning="every transfer seed reaches scratch's final KID before the budget ends")
+                                  meaning="every transfer seed reaches scratch's KID at the comparison step before that step")
     return out
 
 

@@ -23,11 +23,11 @@ def plot_curves(summary: dict, key: str, path: Path, ylabel: str, scale: float =
 
     fractions = summary["plan"]["fractions"]
     fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 3.4), sharey=True, squeeze=False)
-    step0 = summary["source_step0"].get(key)
+    step0 = summary["source_step0"].get(key)  # None for the validation loss (not measured at step 0)
     for ax, f in zip(axes[0], fractions):
         for arm, colour in (("transfer", "tab:blue"), ("scratch", "tab:orange")):
             cell = summary["cells"][f"{arm}@{f:g}"]
-            points = [(s, v["mean"] * scale, v["std"] * scale) for s, v in zip(cell["steps"], cell[key])
+            points = [(s, v["mean"] * scale, v["std"] * scale) for s, v in zip(cell[f"{key}_steps"], cell[key])
                       if v["mean"] is not None]
             if arm == "transfer" and step0 is not None:
                 points = [(0, step0 * scale, 0.0), *points]
@@ -62,22 +62,26 @@ def results_markdown(summary: dict, plots: dict[str, str]) -> str:
         f"{measure.get('judge_real_accuracy', float('nan')):.1%} of real {plan['eval_split']} images). "
         f"Mean ± std over seeds {plan['seeds']}.",
         "",
-        "## Final quality (end of the budget)",
+        f"## Quality at step {summary['compare_step']}"
+        + (" (the budget)" if summary["compare_step"] == plan["steps"] else
+           f" (the last measured step every run reached; the budget was {plan['steps']})"),
         "",
-        "| data | images | transfer KID | scratch KID | transfer cond. acc. | scratch cond. acc. |",
-        "|---|---|---|---|---|---|",
+        "| data | images | transfer KID | scratch KID | transfer cond. acc. | scratch cond. acc. | transfer val loss "
+        "| scratch val loss |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for f in plan["fractions"]:
         t, s = cells[f"transfer@{f:g}"], cells[f"scratch@{f:g}"]
         lines.append(f"| {f:.0%} | {summary.get('images', {}).get(f'{f:g}', '')} | {_pm(t['final_kid'], 1e3)} | "
                      f"{_pm(s['final_kid'], 1e3)} | {_pm(t['final_conditioning_accuracy'], 1, 3)} | "
-                     f"{_pm(s['final_conditioning_accuracy'], 1, 3)} |")
+                     f"{_pm(s['final_conditioning_accuracy'], 1, 3)} | {_pm(t['final_val_loss'], 1, 4)} | "
+                     f"{_pm(s['final_val_loss'], 1, 4)} |")
     src = summary["source_step0"]
     if src.get("kid") is not None:
         lines += ["", f"The untrained source (step 0 of the transfer arm): KID {src['kid'] * 1e3:.1f}, conditioning "
                   f"accuracy {src['conditioning_accuracy']:.3f}."]
-    lines += ["", "## Steps to reach scratch's final KID", "",
-              "| data | scratch final KID | transfer: first step at or below it (per seed) | mean ± std | budget |",
+    lines += ["", f"## Steps for transfer to reach scratch's KID at step {summary['compare_step']}", "",
+              "| data | scratch KID | transfer: first step at or below it (per seed) | mean ± std | compared up to |",
               "|---|---|---|---|---|"]
     for f, r in summary["steps_to_reach"].items():
         per_seed = ", ".join("never" if s is None else str(s) for s in r["per_seed"])
@@ -115,7 +119,8 @@ def write_results(summary: dict, out: Path, results: str | Path | None = None) -
     stem = "study" if results is None else path.stem
     plots = {}
     if any(cell["steps"] for cell in summary["cells"].values()):
-        for key, label, scale in (("kid", "KID x 1e3", 1e3), ("conditioning_accuracy", "conditioning accuracy", 1.0)):
+        for key, label, scale in (("kid", "KID x 1e3", 1e3), ("conditioning_accuracy", "conditioning accuracy", 1.0),
+                                  ("val_loss", "validation loss", 1.0)):
             file = plot_curves(summary, key, path.parent / f"{stem}-{key.replace('_', '-')}.png", label, scale)
             plots[label] = os.path.relpath(file, path.parent)
     write_atomic(path, results_markdown(summary, plots))
