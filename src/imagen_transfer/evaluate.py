@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .checkpoint import write_atomic
+from .checkpoint import save_safetensors_atomic, write_atomic
 from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset
 from .errors import UserError
 from .metrics import extract_features, fid, inception_score, kid, load_feature_net, precision_recall
@@ -71,7 +70,7 @@ def reference_features(dataset: str, split: str, resolution: int, net, net_id: s
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk.
     `data`: the split already loaded at `resolution` (read here only on a cache miss otherwise)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = resolve_dataset(dataset)
     key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
@@ -85,10 +84,7 @@ def reference_features(dataset: str, split: str, resolution: int, net, net_id: s
     if n_real is not None and n_real < len(images):
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_real]]
     features = extract_features(net, images, batch_size=batch_size, progress=progress, desc=f"features {split} (real)")
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".tmp{os.getpid()}")
-    save_file({"features": features.contiguous()}, tmp)
-    os.replace(tmp, file)
+    save_safetensors_atomic(file, {"features": features})
     return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=False)
 
 

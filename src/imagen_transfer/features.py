@@ -16,7 +16,6 @@ batch size or on how the images are sharded across processes (`accelerate launch
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -174,7 +173,7 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
 
 
 def _write(out: Path, sets: dict, data: dict[str, ImageTextData], settings: dict) -> None:
-    from safetensors.torch import save_file
+    from .checkpoint import save_safetensors_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(data.values()))
@@ -182,10 +181,7 @@ def _write(out: Path, sets: dict, data: dict[str, ImageTextData], settings: dict
                     splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist()) for s, d in data.items()},
                     sets={})
     for name, tensors in sets.items():
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        tmp = out / f"{name}.safetensors.tmp{os.getpid()}"
-        save_file(tensors, tmp)
-        os.replace(tmp, out / f"{name}.safetensors")
+        save_safetensors_atomic(out / f"{name}.safetensors", tensors)
         split = next(iter(data))
         views = [k.split("/", 1)[1] for k in tensors if k.startswith(f"{split}/")]
         manifest["sets"][name] = dict(file=f"{name}.safetensors", views=views,

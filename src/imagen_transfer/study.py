@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_jsonl, write_atomic
+from .checkpoint import read_jsonl, save_safetensors_atomic, write_atomic
 from .errors import UserError
 
 ARMS = ("transfer", "scratch")
@@ -109,12 +109,7 @@ def eval_prompts(plan: StudyPlan, resolution: int) -> tuple[list[str], torch.Ten
 
 def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, step: int) -> None:
     """uint8 images (N, H, W, 3) and the labels their captions name, written atomically."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp, metadata={"step": str(step)})
-    os.replace(tmp, path)
+    save_safetensors_atomic(path, {"images": images, "labels": labels}, metadata={"step": str(step)})
 
 
 def sample_for_eval(cascade, stage, prompts: list[str], batch_size: int = 256) -> torch.Tensor:

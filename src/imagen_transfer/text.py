@@ -13,7 +13,6 @@ attention mask (B, L) and a pooled vector (B, D) (the masked mean of the token s
 from __future__ import annotations
 
 import hashlib
-import os
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -236,15 +235,12 @@ class EmbeddingCache:
         return TextEncoding(t["states"], t["mask"], t["pooled"])
 
     def _write(self, text: str, enc: TextEncoding) -> None:
-        from safetensors.torch import save_file
+        from .checkpoint import save_safetensors_atomic
 
         if self.root is None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self._file(text).with_suffix(f".tmp{os.getpid()}")
-        tensors = {"states": enc.states.contiguous(), "mask": enc.mask.contiguous(), "pooled": enc.pooled.contiguous()}
-        save_file(tensors, tmp, metadata={"text": text[:2000], "encoder": self.encoder.id})
-        os.replace(tmp, self._file(text))
+        save_safetensors_atomic(self._file(text), {"states": enc.states, "mask": enc.mask, "pooled": enc.pooled},
+                                metadata={"text": text[:2000], "encoder": self.encoder.id})
 
     def __call__(self, texts: list[str]) -> TextEncoding:
         missing = []
