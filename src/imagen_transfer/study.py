@@ -331,7 +331,7 @@ def summarise(plan: StudyPlan, out: Path, jobs: int = 1) -> dict:
     methods = {}
     for method in plan.methods:
         run_dir = out / RunSpec("transfer", method, plan.method_fraction, plan.seeds[0]).name
-        if not is_finished(run_dir):
+        if not (run_dir / "measures.json").is_file():  # cascades may be left behind (device archives skip them)
             continue
         kid_curve, acc_curve = _curve(run_dir, "kid"), _curve(run_dir, "conditioning_accuracy")
         methods[method] = dict(**_cost(run_dir), final_kid=kid_curve[max(kid_curve)] if kid_curve else None,
