@@ -22,6 +22,7 @@ measure (per-file results kept in each run's measures.json), summarise (study.js
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -112,14 +113,23 @@ def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, step: i
     save_safetensors_atomic(path, {"images": images, "labels": labels}, metadata={"step": str(step)})
 
 
+@functools.cache
+def _caption_cache(spec, root: str):
+    """One EmbeddingCache per (text encoder, cache folder) and process: every evaluation of a run re-uses its
+    in-memory entries instead of re-reading them from disk."""
+    from .text import EmbeddingCache, load_text_encoder
+
+    return EmbeddingCache(load_text_encoder(spec), root)
+
+
 def sample_for_eval(cascade, stage, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """uint8 (N, H, W, 3) images of one stage for `prompts`, image i with seed i, at the cascade's sampling settings."""
     from .sampling import sample_stage, to_gray, to_uint8
-    from .text import EmbeddingCache, default_cache_dir, load_text_encoder
+    from .text import default_cache_dir
 
     settings = dict(cascade.sampling)
     gray = settings.pop("grayscale", False)
-    encode = EmbeddingCache(load_text_encoder(cascade.text_encoder), default_cache_dir())
+    encode = _caption_cache(cascade.text_encoder, str(default_cache_dir()))
     null = encode([""])
     out = []
     for start in range(0, len(prompts), batch_size):
