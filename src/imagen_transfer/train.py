@@ -249,8 +249,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         if main and tc.sample_every and step % tc.sample_every == 0:
             write_samples(stage, val, null, config, run_dir / "samples" / f"{stage.name}-step-{step:07d}.png", device,
                           encode, gray=cascade.sampling.get("grayscale", False))
-        if main and on_validation is not None:
-            stage.unet = raw_unet
+        if main and on_validation is not None:  # stage.unet is raw_unet: .to() and unwrap_model return the module
             on_validation(cascade, stage, step)
         raw_unet.train()
         ema.restore(params)
