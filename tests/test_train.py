@@ -17,6 +17,7 @@ from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, read_
 from imagen_transfer.config import load_config
 from imagen_transfer.errors import UserError
 from imagen_transfer.train import epoch_batch, train
+from imagen_transfer.unet import resolve_precision, training_attention
 
 
 def tiny_config(data: Path, out: Path, *extra: str):
@@ -24,7 +25,9 @@ def tiny_config(data: Path, out: Path, *extra: str):
         f"data.dataset={data}", "data.val_split=val", "data.val_size=8", "data.captions=['{report}']",
         "model.preset=tiny", "train.stages=[base]", "train.steps=6", "train.batch_size=8", "train.warmup_steps=2",
         "train.log_every=2", "train.val_every=3", "train.sample_every=6", "train.checkpoint_every=3",
-        "sample.steps=2", "sample.per_prompt=2", "sample.prompts=['chest x-ray, normal']", f"out={out}", *extra,
+        "sample.steps=2", "sample.per_prompt=2", "sample.prompts=['chest x-ray, normal']", f"out={out}",
+        "train.mixed_precision=no",  # the same numerics on every CI machine; `auto` and bf16 have their own tests
+        *extra,
     ])
 
 
@@ -196,9 +199,59 @@ def test_gradient_accumulation_matches_the_full_batch(pneumonia_npz, tmp_path):
     assert close / total > 0.999  # see test_two_processes_match_one for why not every weight
 
 
+def test_auto_precision_follows_the_hardware(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", cuda=False) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", cuda=False) == "no"  # bf16 emulated without AMX is slower than fp32
+    assert resolve_precision("no", cuda=False) == "no" and resolve_precision("bf16", cuda=False) == "bf16"
+    assert load_config(None, []).train.mixed_precision == "auto"
+    with pytest.raises(UserError, match="train.mixed_precision 'fp8' is not one of"):
+        load_config(None, ["train.mixed_precision=fp8"])
+
+
+def test_cpu_attention_kernel_is_the_math_one_and_agrees_with_the_default():
+    q, k, v = (torch.randn(2, 4, 24, 8, requires_grad=True) for _ in range(3))
+    with training_attention("cpu"):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.allclose(out, reference, atol=1e-5)
+    for g, r in zip(grads, torch.autograd.grad(reference.square().sum(), (q, k, v))):
+        assert torch.allclose(g, r, atol=1e-4)
+
+
+def test_channels_last_and_compile_train_the_same_model(pneumonia_npz, tmp_path, monkeypatch):
+    plain = "train.val_every=0", "train.sample_every=0", "train.steps=2", "train.log_every=1"
+    compile_calls = []
+    real_compile = torch.compile
+
+    def traced_only(module, **kwargs):  # dynamo traces the step; the eager backend skips inductor's C++ build (~2 min)
+        compile_calls.append(module)
+        return real_compile(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", traced_only)
+
+    def losses(run):
+        return [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+
+    eager = train(tiny_config(pneumonia_npz, tmp_path / "eager", *plain))
+    reference = _final_weights(eager)
+    for name, option in (("nhwc", "train.channels_last=true"), ("compiled", "train.compile=true")):
+        run = train(tiny_config(pneumonia_npz, tmp_path / name, option, *plain))
+        assert losses(run) == pytest.approx(losses(eager), rel=1e-4), name  # the same steps, up to float reassociation
+        weights = _final_weights(run)
+        close = sum(((weights[k] - reference[k]).abs() <= 1e-4).sum().item() for k in reference)
+        assert close / sum(v.numel() for v in reference.values()) > 0.999, name  # Adam magnifies near-zero gradients
+        assert all(v.is_contiguous() for v in weights.values())
+    assert len(compile_calls) == 1
+
+
 def test_bf16_autocast_trains(pneumonia_npz, tmp_path):
     run = train(tiny_config(pneumonia_npz, tmp_path / "bf16", "train.mixed_precision=bf16", "train.steps=2",
                                "train.val_every=2", "train.sample_every=0"))
     losses = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert next(load_cascade(run / "cascade").stages[0].unet.parameters()).dtype == torch.float32
+    assert [r["precision"] for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "start"] == ["bf16"]

@@ -50,6 +50,7 @@ from .text import (
     text_dim,
 )
 from .transfer import DEFAULT_LR, finish_transfer, parameter_groups, prepare_transfer
+from .unet import resolve_precision, training_attention
 
 ValidationHook = Callable[[Cascade, Stage, int], None]
 
@@ -172,7 +173,8 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     from diffusers.training_utils import EMAModel
 
     tc = config.train
-    accelerator = accelerator or Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
     if tc.batch_size % (world * tc.grad_accum):
@@ -183,17 +185,21 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     stage_index = [s.name for s in cascade.stages].index(stage.name)
 
     unet = stage.unet.to(device).train()
+    if tc.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     named = _named_trainable(unet)
     if not named:
         raise UserError(f"stage {stage.name}: no trainable parameters")
     params = [p for _, p in named]
     base_lr = tc.lr if tc.lr is not None else DEFAULT_LR[config.transfer.method]
     optimizer = torch.optim.AdamW(parameter_groups(named, base_lr, tc.lr_multipliers), lr=base_lr,
-                                  weight_decay=tc.weight_decay, fused=device.type == "cuda")
+                                  weight_decay=tc.weight_decay, fused=True)  # one kernel for all tensors (CPU too)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
     raw_unet = accelerator.unwrap_model(unet)
-    ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3)  # after the broadcast
+    if tc.compile:  # the training step only: validation and sampling call the eager module
+        unet = torch.compile(unet)
+    ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)  # after the broadcast
 
     step, done = 0, False
     best = dict(val=float("inf"), step=None, stale=0)  # early stopping: best validation so far
@@ -258,6 +264,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     metrics_file = run_dir / "metrics.jsonl"
     if main:
         append_jsonl(metrics_file, dict(stage=stage.name, event="start", step=step, processes=world,
+                                        precision=accelerator.mixed_precision,
                                         device=str(device), time=time.time()))
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage.name}", disable=not main, dynamic_ncols=True)
     window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
@@ -274,7 +281,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
             x0, lowres = stage_inputs(stage, train.images[idx[a:b]], None if flips is None else flips[a:b], device)
             text = table.index(train.caption_ids[idx[a:b]].to(device))
             sync = nullcontext() if k == tc.grad_accum - 1 else accelerator.no_sync(unet)
-            with sync, accelerator.autocast():
+            with sync, accelerator.autocast(), training_attention(device.type):
                 loss = training_loss(unet, alphas, x0, text, null_text=null, prediction_type=pred_type,
                                      min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
                                      aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
@@ -340,7 +347,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                                             val_loss=best["val"], time=time.time()))
     ema.copy_to(params)  # the stage leaves training holding its EMA weights
     raw_unet.eval()
-    stage.unet = raw_unet
+    stage.unet = raw_unet.to(memory_format=torch.contiguous_format)  # saved and used as an ordinary (NCHW) model
     if writer is not None:
         writer.close()
     history = [r for r in read_jsonl(metrics_file) if r.get("stage") == stage.name]
@@ -411,7 +418,8 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, cpu=not torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.train.mixed_precision, cuda), cpu=not cuda)
     main = accelerator.is_main_process
     run_dir = prepare_run_dir(config, resume) if main else run_dir_of(config)
     accelerator.wait_for_everyone()
