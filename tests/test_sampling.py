@@ -87,3 +87,13 @@ def test_base_stage_only_and_grid(tiny_cascade, tmp_path):
     assert images.shape == (3, 3, 16, 16)
     grid = save_grid(images, tmp_path / "g.png", nrow=3, scale=2)
     assert grid.size == (2 * (3 * 18 + 2), 2 * (18 + 2)) and (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_bf16_sampling_stays_close_to_fp32(tiny_cascade):
+    opts = dict(steps=4, guidance=2.0, progress=False, stages=["base"])
+    fp32 = sample_cascade(tiny_cascade, ["a photo of a cat", "a photo of a dog"], [11, 12], **opts)
+    bf16 = sample_cascade(tiny_cascade, ["a photo of a cat", "a photo of a dog"], [11, 12], precision="bf16", **opts)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # the U-Net really ran in bf16
+    assert (bf16 - fp32).abs().mean() < 0.05  # ...and the sampler's own arithmetic did not
+    with pytest.raises(UserError, match="precision"):
+        sample_cascade(tiny_cascade, ["a cat"], [0], precision="fp8", **opts)

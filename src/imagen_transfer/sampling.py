@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .diffusion import condition_lowres, denoise
 from .errors import UserError
 from .text import TextEncoding, cat_encodings, load_text_encoder
+from .unet import resolve_precision
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp")
 THRESHOLDING = ("off", "static", "dynamic")
@@ -87,6 +88,14 @@ def mixed_denoiser(denoisers: list[Denoiser], weights: list[float]) -> Denoiser:
     return predict
 
 
+def _autocast(predict: Denoiser, device_type: str) -> Denoiser:
+    def autocast_predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return predict(x, t).float()
+
+    return autocast_predict
+
+
 def randn(shape: tuple[int, ...], generators: list[torch.Generator], device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Noise with row i drawn from generators[i]: independent of batch composition."""
     return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype) for g in generators]).to(device)
@@ -107,10 +116,12 @@ def run_sampler(predict: Denoiser, scheduler, shape: tuple[int, ...], generators
 def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators: list[torch.Generator], *,
                  lowres: torch.Tensor | None = None, sampler: str = "dpmpp", steps: int = 25, guidance: float = 3.0,
                  thresholding: str = "dynamic", percentile: float = 0.95, max_value: float = 1.5,
-                 mix: list[tuple[object, float]] | None = None, progress: bool = True) -> torch.Tensor:
+                 mix: list[tuple[object, float]] | None = None, progress: bool = True,
+                 precision: str = "no") -> torch.Tensor:
     """Sample one stage: a base stage from text alone, an SR stage from text and the previous stage's images.
     `mix` = [(other stage, weight)]: their guided predictions are mixed in (see mixed_denoiser); this stage gets
-    1 - sum(weights)."""
+    1 - sum(weights). `precision` (no | bf16 | auto, see unet.resolve_precision): the U-Net calls' autocast; the
+    sampler's own arithmetic stays fp32."""
     if steps < 1:
         raise UserError(f"steps must be >= 1 (got {steps})")
     device = next(stage.unet.parameters()).device
@@ -132,6 +143,10 @@ def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators:
         others = [guided_denoiser(o.unet, text.to(device), null_text.to(device), guidance, lowres, level)
                   for o, _ in mix]
         predict = mixed_denoiser([predict, *others], [1 - sum(w for _, w in mix), *(w for _, w in mix)])
+    if precision not in ("no", "bf16", "auto"):
+        raise UserError(f"sampling precision must be no, bf16 or auto (got {precision})")
+    if resolve_precision(precision, device.type == "cuda") == "bf16":
+        predict = _autocast(predict, device.type)
     scheduler = make_scheduler(stage.scheduler.config, sampler, thresholding, percentile, max_value)
     return run_sampler(predict, scheduler, shape, generators, steps, device, progress, desc=f"stage {stage.name}")
 
