@@ -1,4 +1,5 @@
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -6,7 +7,13 @@ import pytest
 import torch
 from conftest import make_image_folder, make_npz
 
-from imagen_transfer.data import caption_for, load_dataset, resolve_dataset, select_subset
+from imagen_transfer.data import (
+    caption_for,
+    dataset_fingerprint,
+    load_dataset,
+    resolve_dataset,
+    select_subset,
+)
 from imagen_transfer.errors import UserError
 
 
@@ -126,3 +133,14 @@ def test_real_datasets_when_present():
     cifar = load_dataset("cifar10", "test", resolution=32, per_class=3)
     assert len(cifar) == 30 and cifar.label_names[0] == "airplane" and cifar.captions[0] == "a photo of a airplane"
     assert np.asarray(cifar.images).std() > 20
+
+
+def test_fingerprint_follows_content_not_file_time(tmp_path):
+    first = make_npz(tmp_path / "pneumoniamnist.npz")
+    copy = tmp_path / "copy" / "pneumoniamnist.npz"
+    copy.parent.mkdir()
+    copy.write_bytes(first.read_bytes())
+    os.utime(copy, (1, 1))  # a copy with another time (a re-materialised shared folder) keeps its caches
+    assert dataset_fingerprint(first) == dataset_fingerprint(copy)
+    copy.write_bytes(first.read_bytes()[:-1] + b"x")  # changed content: a new fingerprint
+    assert dataset_fingerprint(first) != dataset_fingerprint(copy)

@@ -13,6 +13,7 @@ targets (CIFAR-10, MedMNIST) are a few hundred MB at most. Decoded arrays are ca
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -241,11 +242,21 @@ def cache_root() -> Path:
 
 
 def dataset_fingerprint(path: Path) -> str:
-    """Identifies a dataset file's content cheaply (path, size, mtime); folders by path only."""
+    """Identifies a dataset file by its content (size and sha1, ~0.2 s for CIFAR-10's 62 MB, hashed once per process
+    and file state), so caches survive the file being copied or touched; folders by path only."""
     if path.is_dir():
         return str(path.resolve())
     stat = path.stat()
-    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return _content_hash(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _content_hash(path: Path, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return f"{size}|{digest.hexdigest()}"
 
 
 def _cache_file(path: Path, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
