@@ -40,6 +40,25 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     assert "## Probes" in md and "eval-2-interp-0.5.json" in md
 
 
+def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_dir, tmp_path):
+    from imagen_transfer.checkpoint import read_jsonl
+    from imagen_transfer.demo import QUICK, run_demo
+
+    assert QUICK["sr_steps"] == 0 and QUICK["n_real"] and QUICK["precision"] == "auto"
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    torch.jit.save(torch.jit.script(net.eval()), str(tmp_path / "net.pt"))
+    data = make_npz(tmp_path / "toy.npz", n_train=40, n_val=16)
+    tiny = dict(QUICK, steps=2, n_eval=6, n_real=10, feature_limit=16, val_every=2, batch=8, probe_epochs=1,
+                sample_steps=1)
+    run = run_demo(tmp_path / "demo", source=str(tiny_cascade_dir), data=str(data), settings=tiny,
+                   feature_net=str(tmp_path / "net.pt"))
+    assert {row["stage"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row} == {"base"}
+    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-interp-0.5.json", "eval-3-guidance-1.5.json"):
+        result = json.loads((run / name).read_text())
+        assert result["resolution"] == 16 and result["n_real"] == 10 and result["sampling"]["stages"] == ["base"]
+
+
 def test_demo_without_data_names_the_missing_file(tmp_path, monkeypatch, capsys):
     from imagen_transfer.cli import main
 

@@ -57,6 +57,19 @@ def test_evaluate_with_logits_network_reports_inception_score(tiny_cascade_dir, 
     assert "conditioning_accuracy" not in result
 
 
+def test_evaluate_a_prefix_of_the_cascade_against_a_real_subset(tiny_cascade_dir, toy_npz, small_feature_net):
+    from imagen_transfer.errors import UserError
+    from imagen_transfer.evaluate import evaluate
+
+    result = evaluate(str(tiny_cascade_dir), str(toy_npz), n=6, n_real=10, judge=False, progress=False,
+                      sampling=dict(steps=1, stages=["base"], precision="bf16"), feature_net=str(small_feature_net))
+    assert result["resolution"] == 16 and result["n_real"] == 10  # the base stage's images, against 10 real ones
+    assert result["sampling"]["stages"] == ["base"] and result["sampling"]["precision"] == "bf16"
+    with pytest.raises(UserError, match="no stage named"):
+        evaluate(str(tiny_cascade_dir), str(toy_npz), n=6, sampling=dict(stages=["hd"]), judge=False,
+                 feature_net=str(small_feature_net), progress=False)
+
+
 def test_judge_learns_the_classes_and_scores_conditioning(toy_npz):
     from imagen_transfer.data import load_dataset
     from imagen_transfer.judge import conditioning_accuracy, load_or_train_judge

@@ -2,7 +2,8 @@
 
 From the shipped CIFAR-10 source cascade to PneumoniaMNIST chest X-rays with report-like captions:
 1. fine-tune both stages (full fine-tuning: the best validation loss in benchmarks/results/finetune_methods_cpu.md),
-   the SR stage for fewer steps (it costs ~3x more per step), with early stopping on the validation loss;
+   the SR stage for fewer steps (it costs ~3x more per step), with early stopping on the validation loss
+   (`--quick`: the base stage only, see QUICK);
 2. evaluate the source and the fine-tuned cascade on the test split (FID, KID, precision / recall, conditioning
    accuracy);
 3. fuse: weight interpolation between source and fine-tune (mixing weight 0.5), and guidance between the two models
@@ -18,10 +19,14 @@ import json
 import time
 from pathlib import Path
 
-FULL = dict(steps=250, sr_steps=80, n_eval=128, feature_limit=800, val_every=50, batch=32, probe_epochs=30,
-            sample_steps=None)
-QUICK = dict(steps=60, sr_steps=20, n_eval=64, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
-             sample_steps=None)
+FULL = dict(steps=250, sr_steps=80, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
+            probe_epochs=30, sample_steps=None, precision="no")
+# --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
+# a seeded subset of 256 real test images, bf16 U-Net calls where native (same KID: benchmarks/results/
+# sampler_parity_cpu.md). Measured: 3 min 39 s on 2 cores with empty feature and judge caches (peak RSS 1.9 GB;
+# benchmarks/results/demo_quick_cpu.json), against ~9 min 50 s for the whole cascade at these sizes.
+QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
+             sample_steps=None, precision="auto")
 
 
 def _phase(name: str, timings: dict, fn, *args, **kwargs):
@@ -73,7 +78,10 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     tuned, source_cascade = load_cascade(tuned_dir), load_cascade(source)
 
     n = settings["n_eval"]
-    common = dict(split="test", n=n, seed=0, sampling=dict(guidance=1.5, steps=settings["sample_steps"]),
+    sampling = dict(guidance=1.5, steps=settings["sample_steps"], precision=settings.get("precision"))
+    if not settings["sr_steps"]:  # the SR stage was not fine-tuned: evaluate the base stage's images
+        sampling["stages"] = ["base"]
+    common = dict(split="test", n=n, n_real=settings.get("n_real"), seed=0, sampling=sampling,
                   feature_net=feature_net)
 
     def evaluate_all():
@@ -81,7 +89,8 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
                    "fine-tuned": evaluate(str(tuned_dir), data, out=run / "eval-1-finetuned.json", **common)}
         return results
 
-    results = _phase(f"2/5 evaluate source and fine-tune (N={n} each)", timings, evaluate_all)
+    against = f"{settings['n_real']} real" if settings.get("n_real") else "all real"
+    results = _phase(f"2/5 evaluate source and fine-tune (N={n} each, {against} test images)", timings, evaluate_all)
 
     def fuse():
         interp = merge_cascades([source_cascade, tuned], [source, "fine-tuned"], weights=[0.5, 0.5])

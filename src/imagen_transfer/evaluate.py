@@ -104,7 +104,11 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     if generate is None:
         cascade = load_cascade(model)
-        resolution = cascade.resolution
+        used = [st for st in cascade.stages if st.name in sampling.get("stages", [st.name])]
+        if not used:
+            raise UserError(f"{model}: no stage named {sampling['stages']} (stages: "
+                            f"{', '.join(st.name for st in cascade.stages)})")
+        resolution = used[-1].resolution  # `stages` in `sampling` evaluates a prefix of the cascade, e.g. [base]
         generate = cascade_generator(cascade, batch_size=batch_size, progress=False, mix=mix, **sampling)
         sampling = {**cascade.sampling, **sampling}
         if mix:
