@@ -79,19 +79,20 @@ def build_unet(
 
 def resolve_precision(requested: str, cuda: bool) -> str:
     """The autocast precision a run uses: `auto` means bf16 where the hardware computes it natively (a CUDA GPU
-    with bf16, or a CPU with AMX tiles, where oneDNN runs bf16 matmuls and convolutions at several times the fp32
-    rate) and fp32 elsewhere (bf16 emulated on an older CPU is slower than fp32)."""
+    with bf16, or a CPU with AMX tiles, where oneDNN's bf16 kernels made a `small` training step 1.37x faster than
+    fp32: benchmarks/results/peers_cpu.md) and fp32 elsewhere (bf16 emulated on an older CPU is slower than fp32)."""
     if requested != "auto":
         return requested
     if cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.cpu._is_amx_tile_supported() else "no"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # a private probe: absent means "assume not"
+    return "bf16" if amx() else "no"
 
 
 def training_attention(device_type: str):
     """The attention kernel for training steps. On a CPU, torch's flash-attention backward is slow at these short
     sequences (16-96 tokens): the math kernel (matmul + softmax, differentiated by autograd) trained the `small`
-    base stage 1.34x faster in bf16 and 1.04x in fp32 (benchmarks/peers.py). GPUs keep torch's choice."""
+    base U-Net alone 1.34x faster in bf16 and 1.04x in fp32 (batch 64, 2 threads). GPUs keep torch's choice."""
     from contextlib import nullcontext
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
