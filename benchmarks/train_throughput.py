@@ -1,7 +1,8 @@
 """Training images/s of each stage: our `train_stage` loop against a plain diffusers loop, same U-Net, one run.
 
-The plain loop is what the diffusers training examples do (add_noise, forward, MSE on eps, backward, AdamW); ours
-adds min-SNR weighting, condition dropout, SR noise augmentation, gradient clipping, EMA and accelerate. Both start
+The plain loop is what the diffusers training examples do (add_noise, forward, MSE on eps, backward, AdamW; fp32, fed
+the cached caption states); ours runs with its defaults (see benchmarks/peers.py for each lever alone) and adds
+min-SNR weighting, condition dropout, SR noise augmentation, gradient clipping, EMA and accelerate. Both start
 from the same weights, use the same batch size and threads, and alternate (plain, ours, plain, ours, ...) so a
 noisy machine affects both alike. Reported: median images/s of each and their ratio.
 
