@@ -24,7 +24,7 @@ def _make_run(root):
     (run / "config.yaml").write_text("sample:\n  prompts: [chest x-ray, normal, chest x-ray, pneumonia]\n")
     save_grid(torch.rand(8, 3, 16, 16) * 2 - 1, run / "samples" / "base-step-0000060.png", nrow=4, scale=4)
     save_grid(torch.rand(8, 3, 32, 32) * 2 - 1, run / "eval-samples.png", nrow=4)
-    (run / "eval.json").write_text(json.dumps(dict(split="test", n_generated=8, n_real=24, fid=12.5, kid_mean=0.01,
+    (run / "eval.json").write_text(json.dumps(dict(split="test", resolution=16, n_generated=8, n_real=24, fid=12.5, kid_mean=0.01,
                                                    kid_std=0.002, precision=0.5, recall=0.25, conditioning_accuracy=0.75,
                                                    inception_score=None, inception_score_absent="no logits",
                                                    samples_grid="eval-samples.png")))
@@ -41,7 +41,7 @@ def test_report_tables_curves_and_embedded_images(tmp_path):
     assert page.count("src='data:image/png;base64,") == 3  # curves, training grid, evaluation grid
     assert "http" not in page.replace("http-equiv", "")  # self-contained
     assert "| base | lora | 1 | 60 | 0.05 | 30 | 60 | 30 |" in md  # best val loss 0.05 at 30, stop 60, restored 30
-    assert "| eval.json | test | 8 | 24 | 12.5 | 0.01 |" in md
+    assert "| eval.json | test | 16 | 8 | 24 | 12.5 | 0.01 |" in md
     assert "rows: chest x-ray, normal, chest x-ray, pneumonia" in md
     assert "inception_score_absent: no logits" in page
 

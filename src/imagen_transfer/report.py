@@ -16,7 +16,7 @@ from pathlib import Path
 from .checkpoint import read_jsonl
 from .errors import UserError
 
-EVAL_COLUMNS = [("n_generated", "N gen"), ("n_real", "N real"), ("fid", "FID"), ("kid_mean", "KID"),
+EVAL_COLUMNS = [("resolution", "px"), ("n_generated", "N gen"), ("n_real", "N real"), ("fid", "FID"), ("kid_mean", "KID"),
                 ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
                 ("conditioning_accuracy", "cond. acc."), ("inception_score", "IS")]
 
