@@ -123,22 +123,23 @@ def _caption_cache(spec, root: str):
 
 
 def sample_for_eval(cascade, stage, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N, H, W, 3) images of one stage for `prompts`, image i with seed i, at the cascade's sampling settings."""
-    from .sampling import sample_stage, to_gray, to_uint8
+    """uint8 (N, H, W, 3) images of one stage for `prompts`, image i with seed i, at the cascade's sampling settings
+    (evaluate.generate_images with seed 0, so a study's samples follow the evaluation protocol)."""
+    from .evaluate import generate_images
+    from .sampling import sample_stage, to_gray
     from .text import default_cache_dir
 
     settings = dict(cascade.sampling)
     gray = settings.pop("grayscale", False)
     encode = _caption_cache(cascade.text_encoder, str(default_cache_dir()))
     null = encode([""])
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+
+    def generate(chunk: list[str], seeds: list[int]) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         x = sample_stage(stage, encode(chunk), null, gens, progress=False, **settings)
-        x = to_uint8((to_gray(x) if gray else x).cpu())
-        out.append(x.expand(-1, -1, -1, 3) if x.shape[-1] == 1 else x)
-    return torch.cat(out)
+        return (to_gray(x) if gray else x).cpu()
+
+    return generate_images(generate, prompts, seed=0, chunk=batch_size, progress=False)
 
 
 def _train_run(plan_dict: dict, spec_dict: dict, out: str, threads: int | None) -> str:
