@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from imagen_transfer import train as train_module
 from imagen_transfer.cascade import load_cascade
-from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, read_jsonl
+from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, read_jsonl, save_checkpoint
 from imagen_transfer.config import load_config
 from imagen_transfer.errors import UserError
 from imagen_transfer.train import epoch_batch, train
@@ -117,6 +117,52 @@ def test_kill_during_checkpoint_save_then_resume(pneumonia_npz, tmp_path):
     assert not list(ckpts.glob("*.tmp"))
     assert latest_checkpoint(out, "base").name == f"step-{step + 2:07d}"
     load_cascade(out / "cascade")
+
+
+def test_checkpoints_store_the_optimizer_without_pickle(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    groups = [{"params": model[0].parameters(), "lr": 1e-3}, {"params": model[1].parameters(), "lr": 5e-4}]
+    optimizer = torch.optim.AdamW(groups, fused=True, weight_decay=0.01)
+    for _ in range(2):
+        model(torch.randn(5, 3)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    saved = save_checkpoint(tmp_path, "base", 2, model=model.state_dict(), ema=model.state_dict(),
+                            optimizer=optimizer.state_dict(), state={})
+    assert sorted(p.name for p in saved.iterdir()) == ["ema.safetensors", "model.safetensors",
+                                                       "optimizer.safetensors", "state.json"]
+    loaded = load_checkpoint(saved)["optimizer"]
+    original = optimizer.state_dict()
+    as_json = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in original["param_groups"]]
+    assert loaded["param_groups"] == as_json  # JSON has no tuples: betas come back as a list, which AdamW accepts
+    assert loaded["state"].keys() == original["state"].keys()
+    for index, entries in original["state"].items():
+        assert loaded["state"][index].keys() == entries.keys()
+        for name, value in entries.items():
+            assert torch.equal(loaded["state"][index][name], value), (index, name)
+    # a fresh optimizer given the loaded state takes the same next step as the original
+    twin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = torch.optim.AdamW([{"params": twin[0].parameters()}, {"params": twin[1].parameters()}], fused=True)
+    twin_optimizer.load_state_dict(loaded)
+    x = torch.randn(5, 3)
+    for net, opt in ((model, optimizer), (twin, twin_optimizer)):
+        net(x).square().mean().backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_checkpoints_of_the_pickled_optimizer_format_still_load(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 2)).sum().backward()
+    optimizer.step()
+    saved = save_checkpoint(tmp_path, "base", 1, model=model.state_dict(), ema=model.state_dict(),
+                            optimizer=optimizer.state_dict(), state={})
+    (saved / "optimizer.safetensors").unlink()
+    torch.save(optimizer.state_dict(), saved / "optimizer.pt")  # how checkpoints were written before
+    loaded = load_checkpoint(saved)["optimizer"]
+    assert torch.equal(loaded["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 
 def test_epoch_batches_cover_the_data_once_per_epoch():

@@ -5,8 +5,9 @@ A run folder holds `config.yaml` (the resolved config), `metrics.jsonl`, `tensor
 
 A checkpoint is written into `step-NNNNNNN.tmp/`, renamed into place, and only then named by the `latest` pointer
 file (itself replaced atomically). A kill at any moment therefore leaves `latest` naming a complete checkpoint;
-half-written `.tmp` folders are removed on the next start. Weights are safetensors; the optimizer state is loaded
-with `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
+half-written `.tmp` folders are removed on the next start. Nothing is pickled: weights and the optimizer's tensors are
+safetensors, the optimizer's hyperparameters and scalar state JSON in that file's metadata (`optimizer_to_safetensors`).
+Checkpoints of earlier versions (`optimizer.pt`) still load, through `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -66,7 +68,8 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, *, model: dict[str, to
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, tmp / "model.safetensors")
     save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-    torch.save(optimizer, tmp / "optimizer.pt")
+    tensors, metadata = optimizer_to_safetensors(optimizer)
+    save_file(tensors, tmp / "optimizer.safetensors", metadata=metadata)
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
@@ -117,6 +120,39 @@ def load_checkpoint(path: Path) -> dict:
     return dict(
         model=load_file(path / "model.safetensors"),
         ema=load_file(path / "ema.safetensors"),
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+        optimizer=load_optimizer_state(path),
         state=json.loads((path / "state.json").read_text()),
     )
+
+
+def optimizer_to_safetensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Split a torch optimizer state dict into tensors (`state.<param index>.<name>`) and JSON metadata (the param
+    groups and any non-tensor per-parameter state), so it is stored without pickle."""
+    tensors, scalars = {}, {}
+    for index, entries in state_dict["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    metadata = {"param_groups": json.dumps(state_dict["param_groups"]), "scalars": json.dumps(scalars),
+                "format": "imagen-transfer optimizer v1"}
+    return tensors, metadata
+
+
+def load_optimizer_state(checkpoint: Path) -> dict:
+    """The optimizer state dict of a checkpoint folder (inverse of `optimizer_to_safetensors`)."""
+    path = Path(checkpoint) / "optimizer.safetensors"
+    if not path.is_file() and (Path(checkpoint) / "optimizer.pt").is_file():  # written before the safetensors format
+        return torch.load(Path(checkpoint) / "optimizer.pt", weights_only=True, map_location="cpu")
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if "param_groups" not in metadata:
+            raise ValueError(f"{path} is not an optimizer state written by imagen-transfer (no param_groups metadata)")
+        state: dict[int, dict] = {}
+        for key in f.keys():
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = f.get_tensor(key)
+    for index, entries in json.loads(metadata["scalars"]).items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": dict(sorted(state.items())), "param_groups": json.loads(metadata["param_groups"])}
