@@ -56,6 +56,9 @@ class LossConfig:
     aug_level_max: int = 500  # SR stages: noise-augmentation levels drawn from [0, aug_level_max]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop (see train.train)."""
@@ -74,6 +77,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 where the hardware runs it natively: unet.resolve_precision) | no | bf16
     channels_last: bool = False  # NHWC convolutions; on a 2-core CPU 1.1x in fp32 but slower in bf16 (so off)
     compile: bool = False  # torch.compile the training step's U-Net (no gain measured on a CPU; for GPUs)
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays the step as CUDA graphs on a GPU
     log_every: int = 50
     val_every: int = 500
     val_batches: int = 4
@@ -197,6 +201,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if config.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise UserError(f"{where}: train.mixed_precision '{config.train.mixed_precision}' is not one of auto, no, "
                         "bf16, fp16")
+    if config.train.compile_mode not in COMPILE_MODES:
+        raise UserError(f"{where}: train.compile_mode '{config.train.compile_mode}' is not one of "
+                        f"{', '.join(COMPILE_MODES)}")
     return config
 
 

@@ -198,7 +198,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
     raw_unet = accelerator.unwrap_model(unet)
     if tc.compile:  # the training step only: validation and sampling call the eager module
-        unet = torch.compile(unet)
+        unet = torch.compile(unet, mode=tc.compile_mode)
     ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)  # after the broadcast
 
     step, done = 0, False
@@ -267,7 +267,9 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                                         precision=accelerator.mixed_precision,
                                         device=str(device), time=time.time()))
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage.name}", disable=not main, dynamic_ncols=True)
-    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+    # The loss is summed on the device and read once per log window: a read per step would make the host wait for
+    # the GPU every step, which a small, launch-bound stage cannot afford.
+    window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     while step < tc.steps and not done:
         gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + stage_index * 100_003 + step)
         idx = epoch_batch(len(train.caption_ids), tc.batch_size, step, tc.seed + stage_index)
@@ -281,12 +283,14 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
             x0, lowres = stage_inputs(stage, train.images[idx[a:b]], None if flips is None else flips[a:b], device)
             text = table.index(train.caption_ids[idx[a:b]].to(device))
             sync = nullcontext() if k == tc.grad_accum - 1 else accelerator.no_sync(unet)
+            if tc.compile:  # a new step for CUDA graph trees (reduce-overhead): the last step's outputs may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with sync, accelerator.autocast(), training_attention(device.type):
                 loss = training_loss(unet, alphas, x0, text, null_text=null, prediction_type=pred_type,
                                      min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
                                      aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
                 accelerator.backward(loss / tc.grad_accum)
-            window_loss += loss.item() / tc.grad_accum
+            window_loss += loss.detach().float() / tc.grad_accum
         if tc.grad_clip:
             accelerator.clip_grad_norm_(params, tc.grad_clip)
         optimizer.step()
@@ -299,13 +303,14 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
 
         record = None
         if step % tc.log_every == 0 or step == tc.steps:
-            elapsed = time.perf_counter() - window_start
             steps_in_window = (step - 1) % tc.log_every + 1
-            record = dict(stage=stage.name, step=step, loss=window_loss / steps_in_window,
+            mean_loss = window_loss.item() / steps_in_window  # waits for the device: the window's time is complete
+            elapsed = time.perf_counter() - window_start
+            record = dict(stage=stage.name, step=step, loss=mean_loss,
                           lr=lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed,
                           seconds_per_step=elapsed / steps_in_window, peak_memory_mb=peak_memory_mb(device),
                           time=time.time())
-            window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
         improved = False
         if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
             record = record or dict(stage=stage.name, step=step, time=time.time())
