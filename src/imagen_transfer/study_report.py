@@ -34,14 +34,16 @@ def plot_curves(summary: dict, key: str, path: Path, ylabel: str, scale: float =
             if not points:
                 continue
             xs, ms, ss = zip(*points)
-            ax.plot(xs, ms, marker="o", ms=3, color=colour, label=f"{arm} (n={len(cell['seeds'])})")
+            counts = sorted({v["n"] for v in cell[key] if v["mean"] is not None})  # seeds behind each point
+            seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+            ax.plot(xs, ms, marker="o", ms=3, color=colour, label=f"{arm} (n={seeds})")
             ax.fill_between(xs, [m - s for m, s in zip(ms, ss)], [m + s for m, s in zip(ms, ss)], color=colour,
                             alpha=0.2)
         ax.set_title(f"{f:.0%} of the target data")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")  # per panel: the seed counts differ between fractions when a study is cut short
     axes[0][0].set_ylabel(ylabel)
-    axes[0][0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
