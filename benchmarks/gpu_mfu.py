@@ -109,7 +109,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = device.type == "cuda"
     if args.preset:
-        stage, model = init_cascade(args.preset).stages[0], [f"model.preset={args.preset}"]
+        cascade = init_cascade(args.preset, max_text_length=32)  # the caption cache's length: no encoder needed
+        stage, model = cascade.stages[0], [f"model.preset={args.preset}", "model.max_text_length=32"]
     else:
         stage, model = load_cascade(args.source).stages[0], [f"model.init_from={args.source}"]
     unet = stage.unet.to(device)
