@@ -345,8 +345,11 @@ def summarise(plan: StudyPlan, out: Path, jobs: int = 1) -> dict:
         if not (run_dir / "measures.json").is_file():  # cascades may be left behind (device archives skip them)
             continue
         kid_curve, acc_curve = _curve(run_dir, "kid"), _curve(run_dir, "conditioning_accuracy")
+        val_curve = _val_curve(run_dir)
         methods[method] = dict(**_cost(run_dir), final_kid=kid_curve[max(kid_curve)] if kid_curve else None,
-                               final_conditioning_accuracy=acc_curve[max(acc_curve)] if acc_curve else None)
+                               final_conditioning_accuracy=acc_curve[max(acc_curve)] if acc_curve else None,
+                               final_val_loss=val_curve[max(val_curve)] if val_curve else None,
+                               best_val_loss=min(val_curve.values(), default=None), steps=max(kid_curve, default=None))
     info = json.loads((out / "measure-info.json").read_text()) if (out / "measure-info.json").is_file() else {}
     summary = dict(plan=asdict(plan), jobs=jobs, measure=info, compare_step=compare,
                    images={f"{f:g}": _training_images(plan, f) for f in plan.fractions},

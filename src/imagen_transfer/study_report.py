@@ -98,14 +98,17 @@ def results_markdown(summary: dict, plots: dict[str, str]) -> str:
                      f"({detail}){' - ' + v['meaning'] if 'meaning' in v else ''}")
     if summary["methods"]:
         lines += ["", f"## Transfer methods ({plan['method_fraction']:.0%} of the data, seed {plan['seeds'][0]})", "",
-                  "| method | trainable % | s / step | peak memory (MB) | final KID | final cond. acc. |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | trainable % | s / step | peak memory (MB) | KID x1e3 | cond. acc. | val loss (best) | step |",
+                  "|---|---|---|---|---|---|---|---|"]
+
+        def shown(value, form: str, scale: float = 1.0) -> str:
+            return "-" if value is None else format(value * scale if scale != 1.0 else value, form)
+
         for method, m in summary["methods"].items():
-            sps = "-" if m["seconds_per_step"] is None else f"{m['seconds_per_step']:.4f}"
-            kid = "-" if m["final_kid"] is None else f"{m['final_kid'] * 1e3:.1f}"
-            acc = "-" if m["final_conditioning_accuracy"] is None else f"{m['final_conditioning_accuracy']:.3f}"
-            lines.append(f"| {method} | {m['trainable_percent']:.2f} | {sps} | {m['peak_memory_mb']:.0f} | {kid} | "
-                         f"{acc} |")
+            lines.append(f"| {method} | {shown(m['trainable_percent'], '.2f')} | {shown(m['seconds_per_step'], '.4f')} "
+                         f"| {shown(m['peak_memory_mb'], '.0f')} | {shown(m['final_kid'], '.1f', 1e3)} | "
+                         f"{shown(m['final_conditioning_accuracy'], '.3f')} | {shown(m.get('final_val_loss'), '.4f')} "
+                         f"({shown(m.get('best_val_loss'), '.4f')}) | {shown(m.get('steps'), 'd')} |")
         device = next(iter(summary["methods"].values())).get("device")
         lines += ["", f"Seconds per step and peak memory on {device}"
                   + (f", with {summary['jobs']} runs sharing it (contended: compare them with each other only)."
