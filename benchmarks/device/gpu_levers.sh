@@ -4,12 +4,7 @@
 # shipped 16 px base stage at batch 512 and for a fresh GPU-sized 64 px stage (`base64` preset) at batch 128.
 # Expects .devdata/ (carried, see study_train.sh): the diffusers wheel (+ importlib_metadata), pneumoniamnist.npz and
 # the MiniLM caption embeddings (cache/text). Results: $OUT/mfu-small.json, $OUT/mfu-base64.json.
-set -u
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .devdata/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src IMAGEN_TRANSFER_DATA=$PWD/.devdata IMAGEN_TRANSFER_CACHE=/tmp/itcache
-mkdir -p /tmp/itcache && cp -r .devdata/cache/text /tmp/itcache/
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/setup.sh"
 timeout 300 python3 benchmarks/gpu_mfu.py --batch 512 --steps 90 --variants eager compile cuda_graphs \
     --out $OUT/mfu-small.json 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -30
 timeout 240 python3 benchmarks/gpu_mfu.py --preset base64 --batch 128 --steps 30 --variants eager cuda_graphs \

@@ -5,12 +5,7 @@
 # The tree plus .devdata plus the fp16 Inception (43.7 MB) exceed the 64 MiB a call carries, so KID is measured by
 # study_measure.sh in a second call on the same machine: issue it within the 30 s the machine stays warm. The archive
 # of call 1 leaves out the trained cascades (26 MB each), so the samples come back (~4 MB) even if call 2 misses.
-set -u
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .devdata/*.whl
-export PYTHONPATH=/tmp/site:$PWD/src IMAGEN_TRANSFER_DATA=$PWD/.devdata IMAGEN_TRANSFER_CACHE=/tmp/itcache
-mkdir -p /tmp/itcache && cp -r .devdata/cache/text /tmp/itcache/
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source "$(dirname "$0")/setup.sh"
 python3 -c "import torch, diffusers, peft, accelerate, transformers, torchmetrics; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 timeout 120 python3 benchmarks/gpu_mfu.py --batch 512 --steps 60 --out $OUT/mfu.json 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -20
 STUDY="--steps 600 --batch-size 128 --eval-every 100 --n-eval 256 --out runs/study-gpu"
