@@ -55,6 +55,7 @@ def test_transfer_study_end_to_end_and_resume(tiny_cascade_dir, tmp_path, toy_ne
     assert 0 < summary["methods"]["bitfit"]["trainable_percent"] < 10
     bitfit = summary["methods"]["bitfit"]
     assert bitfit["steps"] == 4 and 0 < bitfit["best_val_loss"] <= bitfit["final_val_loss"]
+    assert bitfit["peak_memory_mb"] > 0  # measured per run (peaks reset at each stage's start)
     assert set(summary["verdicts"]) == {"better_final_quality", "less_target_data", "faster_training"}
     md = (tmp_path / "docs" / "results.md").read_text()
     assert "## Verdicts" in md and "| bitfit |" in md and "results-kid.png" in md

@@ -165,6 +165,22 @@ def test_checkpoints_of_the_pickled_optimizer_format_still_load(tmp_path):
     assert torch.equal(loaded["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 
+def test_peak_memory_is_per_window(pneumonia_npz, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    train_module.reset_peak_memory(cpu)
+    base = train_module.peak_memory_mb(cpu)
+    block = torch.ones(300 * 2**20 // 4)  # 300 MB, written, so resident
+    assert train_module.peak_memory_mb(cpu) >= base + 250
+    del block
+    train_module.reset_peak_memory(cpu)  # the next window forgets the block (on Linux: the VmHWM mark)
+    if Path("/proc/self/clear_refs").exists():
+        assert train_module.peak_memory_mb(cpu) < base + 250
+    resets = []
+    monkeypatch.setattr(train_module, "reset_peak_memory", lambda device: resets.append(device.type))
+    train(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=1", "train.val_every=0", "train.sample_every=0"))
+    assert resets == ["cpu"]  # each stage's peak starts at its own first step, not at the process's
+
+
 def test_epoch_batches_cover_the_data_once_per_epoch():
     seen = torch.cat([epoch_batch(20, 5, step, seed=0) for step in range(4)])
     assert sorted(seen.tolist()) == list(range(20))

@@ -284,11 +284,14 @@ def _curve(run_dir: Path, key: str) -> dict[int, float]:
 def _cost(run_dir: Path) -> dict:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     trainable = next((r for r in rows if r.get("event") == "trainable"), {})
+    start = next((r for r in rows if r.get("event") == "start"), {})
     timed = [r for r in rows if "seconds_per_step" in r][1:]  # the first window holds start-up and compilation
+    # Runs logged before peaks were reset per stage report the whole process's peak (every earlier run sharing it)
+    per_run_peak = start.get("peak_memory_window") == "stage"
     return dict(trainable_percent=trainable.get("percent"),
                 seconds_per_step=statistics.median(r["seconds_per_step"] for r in timed) if timed else None,
-                peak_memory_mb=max((r["peak_memory_mb"] for r in timed), default=None),
-                device=next((r["device"] for r in rows if r.get("event") == "start"), None))
+                peak_memory_mb=max((r["peak_memory_mb"] for r in timed), default=None) if per_run_peak else None,
+                device=start.get("device"))
 
 
 def steps_to_reach(curve: dict[int, float], target: float) -> int | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -94,13 +95,30 @@ def stage_inputs(stage: Stage, images: torch.Tensor, flips: torch.Tensor | None,
     return x0, lowres
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (per stage, so runs sharing a process each report their own peak): CUDA's
+    allocator statistics on a GPU; on Linux CPUs the process's resident-set high-water mark (clear_refs "5")."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: allocated CUDA memory on a GPU, the process's maximum resident set size on a CPU."""
+    """Peak memory since `reset_peak_memory`: allocated CUDA memory on a GPU, the resident set's high-water mark on
+    a CPU (VmHWM; the process's maximum resident set size where /proc is absent)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+    except (OSError, AttributeError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -264,12 +282,13 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     metrics_file = run_dir / "metrics.jsonl"
     if main:
         append_jsonl(metrics_file, dict(stage=stage.name, event="start", step=step, processes=world,
-                                        precision=accelerator.mixed_precision,
-                                        device=str(device), time=time.time()))
+                                        precision=accelerator.mixed_precision, device=str(device),
+                                        peak_memory_window="stage", time=time.time()))
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage.name}", disable=not main, dynamic_ncols=True)
     # The loss is summed on the device and read once per log window: a read per step would make the host wait for
     # the GPU every step, which a small, launch-bound stage cannot afford.
     window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    reset_peak_memory(device)
     while step < tc.steps and not done:
         gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + stage_index * 100_003 + step)
         idx = epoch_batch(len(train.caption_ids), tc.batch_size, step, tc.seed + stage_index)
