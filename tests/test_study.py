@@ -97,6 +97,12 @@ def test_steps_to_reach_and_verdicts():
     assert not v["better_final_quality"]["confirmed"]
     assert v["less_target_data"]["per_fraction"] == {"0.1": False} and not v["less_target_data"]["confirmed"]
     assert v["faster_training"]["per_fraction"] == {"0.1": True, "1": False}  # a seed never reached it
+    assert v["better_final_quality"]["confirmed"] is False and v["less_target_data"]["confirmed"] is False
+
+    one_fraction = verdicts({"transfer@1": cell(0.15, 0.01), "scratch@1": cell(0.40, 0.02)}, {}, StudyPlan(fractions=[1.0]))
+    assert one_fraction["better_final_quality"]["confirmed"] is True
+    assert one_fraction["less_target_data"]["confirmed"] is None  # nothing below 100% was trained: undecided, not refuted
+    assert one_fraction["faster_training"]["confirmed"] is None
 
 
 def test_random_init_keeps_the_architecture_with_fresh_weights(tiny_cascade_dir):

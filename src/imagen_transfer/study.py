@@ -371,7 +371,8 @@ def _training_images(plan: StudyPlan, fraction: float) -> int:
 
 def verdicts(cells: dict, reach: dict, plan: StudyPlan) -> dict:
     """Each promise confirmed or refuted from the measured means and stds (a difference counts when the means are
-    further apart than the larger std)."""
+    further apart than the larger std); `confirmed` is None where the plan measures nothing that could decide it
+    (e.g. less target data in a study of one fraction)."""
     def better(a: dict, b: dict) -> bool | None:  # a's KID clearly below b's
         if a["mean"] is None or b["mean"] is None:
             return None
@@ -381,17 +382,22 @@ def verdicts(cells: dict, reach: dict, plan: StudyPlan) -> dict:
     out = {}
     quality = {f"{f:g}": better(cells[f"transfer@{f:g}"]["final_kid"], cells[f"scratch@{f:g}"]["final_kid"])
                for f in plan.fractions}
-    out["better_final_quality"] = dict(per_fraction=quality, confirmed=all(v for v in quality.values() if v is not None)
-                                       and any(v is not None for v in quality.values()))
+    out["better_final_quality"] = dict(per_fraction=quality, confirmed=_verdict(quality, all))
     data = {f"{f:g}": better(cells[f"transfer@{f:g}"]["final_kid"], cells[f"scratch@{full}"]["final_kid"])
             for f in plan.fractions if f < max(plan.fractions)}
-    out["less_target_data"] = dict(per_fraction=data, confirmed=any(bool(v) for v in data.values()),
+    out["less_target_data"] = dict(per_fraction=data, confirmed=_verdict(data, any),
                                    meaning=f"transfer at a fraction ends with a clearly lower KID than scratch at {max(plan.fractions):.0%}")
     faster = {f: r["mean"] is not None and r["reached"] == len(r["per_seed"]) and r["mean"] < r["budget"]
               for f, r in reach.items()}
-    out["faster_training"] = dict(per_fraction=faster, confirmed=bool(faster) and all(faster.values()),
+    out["faster_training"] = dict(per_fraction=faster, confirmed=_verdict(faster, all),
                                   meaning="every transfer seed reaches scratch's KID at the comparison step before that step")
     return out
+
+
+def _verdict(per_fraction: dict, combine) -> bool | None:
+    """all / any over the fractions that were measured; None when none was."""
+    measured = [v for v in per_fraction.values() if v is not None]
+    return combine(measured) if measured else None
 
 
 def study_transfer(plan: StudyPlan, out: str | Path, *, jobs: int = 1, train_runs: bool = True,

@@ -94,8 +94,10 @@ def results_markdown(summary: dict, plots: dict[str, str]) -> str:
     for promise, v in summary["verdicts"].items():
         detail = ", ".join(f"{float(k):.0%}: {'yes' if x else 'no' if x is not None else 'n/a'}"
                            for k, x in v["per_fraction"].items())
-        lines.append(f"- **{promise.replace('_', ' ')}**: {'confirmed' if v['confirmed'] else 'not confirmed'} "
-                     f"({detail}){' - ' + v['meaning'] if 'meaning' in v else ''}")
+        verdict = "not measured" if v["confirmed"] is None else "confirmed" if v["confirmed"] else "not confirmed"
+        lines.append(f"- **{promise.replace('_', ' ')}**: {verdict} "
+                     f"{f'({detail})' if detail else '(no fraction to judge)'}"
+                     f"{' - ' + v['meaning'] if 'meaning' in v else ''}")
     if summary["methods"]:
         lines += ["", f"## Transfer methods ({plan['method_fraction']:.0%} of the data, seed {plan['seeds'][0]})", "",
                   "| method | trainable % | s / step | peak memory (MB) | KID x1e3 | cond. acc. | val loss (best) | step |",
