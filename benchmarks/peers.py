@@ -327,11 +327,19 @@ def main() -> None:
                                                                                  "three down blocks")):
             frozen = _summary(results["train"].get(name, []), "images_per_s")
             if full and frozen:
-                lines += ["", f"Fine-tuning with {what} frozen against full fine-tuning: **{frozen / full:.2f}x**"]
+                # paired: repeat r of both ran back to back, so their ratio cancels the machine's slow drifts
+                pairs = [f["images_per_s"] / o["images_per_s"] for f, o in zip(results["train"][name],
+                                                                               results["train"]["ours"])
+                         if "images_per_s" in f and "images_per_s" in o]
+                spread = ", ".join(f"{r:.2f}" for r in sorted(pairs))
+                lines += ["", f"Fine-tuning with {what} frozen against full fine-tuning: **{frozen / full:.2f}x** "
+                          f"(ratio of medians); per repeat {spread}, median {statistics.median(pairs):.2f}x"]
     if sample_names:
         lines += [""] + table(results["sample"], sample_names, "ours", f"Sampling (25 steps, guidance 3, "
                                                                       f"{args.sample_batch} images)")
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items())
+    chosen = {"train": ",".join(train_names), "sample": ",".join(sample_names)}
+    chosen = {k: v for k, v in chosen.items() if v != ",".join(TRAIN if k == "train" else SAMPLE)}
+    flags = " ".join(f"--{k.replace('_', '-')} {v if v else chr(34) * 2}" for k, v in {**options, **chosen}.items())
     lines += ["", f"Command: `python benchmarks/peers.py {flags}{' --out ' + args.out if args.out else ''}`"]
     text = "\n".join(lines) + "\n"
     print(text)
