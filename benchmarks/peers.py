@@ -59,7 +59,7 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return peak_memory_mb(torch.device("cpu"))  # the process's maximum resident set, as train_stage logs it
+    return peak_memory_mb(torch.device("cpu"))  # the resident-set high-water mark, as train_stage logs it
 
 
 def _import_imagen_pytorch():
