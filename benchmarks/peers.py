@@ -337,9 +337,10 @@ def main() -> None:
     if sample_names:
         lines += [""] + table(results["sample"], sample_names, "ours", f"Sampling (25 steps, guidance 3, "
                                                                       f"{args.sample_batch} images)")
-    chosen = {"train": ",".join(train_names), "sample": ",".join(sample_names)}
-    chosen = {k: v for k, v in chosen.items() if v != ",".join(TRAIN if k == "train" else SAMPLE)}
-    flags = " ".join(f"--{k.replace('_', '-')} {v if v else chr(34) * 2}" for k, v in {**options, **chosen}.items())
+    subsets = [f'--{task} "{",".join(names)}"' for task, names, every in (("train", train_names, TRAIN),
+                                                                         ("sample", sample_names, SAMPLE))
+               if names != every]  # a run of some contenders only
+    flags = " ".join([*(f"--{k.replace('_', '-')} {v}" for k, v in options.items()), *subsets])
     lines += ["", f"Command: `python benchmarks/peers.py {flags}{' --out ' + args.out if args.out else ''}`"]
     text = "\n".join(lines) + "\n"
     print(text)
