@@ -9,7 +9,9 @@ hits both sides of a pair alike; the result is the median of the per-pair ratios
 
 Each step is our training step reduced to its model work: `diffusion.training_loss` (min-SNR weights, condition
 dropout) under the loop's autocast and attention settings, backward, gradient clipping and fused AdamW over the
-trainable parameters, on the source's base stage prepared by `transfer.prepare_transfer`.
+trainable parameters, on the source's base stage prepared by `transfer.prepare_transfer`. Each step is also split
+into forward, backward and update times, which bound the speed-up: freezing saves the frozen blocks' backward and
+their optimizer work, never the forward pass, and the up path's backward is not touched.
 """
 
 from __future__ import annotations
@@ -30,16 +32,19 @@ def make_step(unet, alphas, null, precision: str):
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
-    def step(x0, text, generator) -> float:
+    def step(x0, text, generator) -> tuple[float, float, float]:
+        """Seconds spent in the forward pass, the backward pass and the update (clipping + AdamW)."""
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), training_attention("cpu"):
             loss = training_loss(unet, alphas, x0, text, null_text=null, cond_drop_prob=0.1,
                                  generator=generator).mean()
+        forward = time.perf_counter()
         loss.backward()
+        backward = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return forward - start, backward - forward, time.perf_counter() - backward
 
     return step
 
@@ -81,7 +86,7 @@ def main() -> None:
         frozen = copy.deepcopy(unet)
         frozen_summary = prepare_transfer(frozen, TransferConfig(method="freeze", freeze_first_k=k))
         frozen_step = make_step(frozen, alphas, null, args.precision)
-        ratios, times = [], {"full": [], "frozen": []}
+        ratios, phases = [], {"full": [], "frozen": []}
         for i in range(args.warmup + args.pairs):
             g_full, g_frozen = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
             if i % 2 == 0:  # alternate which goes first, so neither always runs on a warmer cache
@@ -91,25 +96,29 @@ def main() -> None:
                 b = frozen_step(x0, text, g_frozen)
                 a = full_step(x0, text, g_full)
             if i >= args.warmup:
-                ratios.append(a / b)
-                times["full"].append(a)
-                times["frozen"].append(b)
+                ratios.append(sum(a) / sum(b))
+                phases["full"].append(a)
+                phases["frozen"].append(b)
         q1, median, q3 = statistics.quantiles(ratios, n=4)
-        rows.append(dict(k=k, trainable=frozen_summary.percent, ratio=median, q1=q1, q3=q3,
-                         full_images_per_s=args.batch / statistics.median(times["full"]),
-                         frozen_images_per_s=args.batch / statistics.median(times["frozen"])))
+        ms = {arm: [1e3 * statistics.median(p[j] for p in steps) for j in range(3)] for arm, steps in phases.items()}
+        rows.append(dict(k=k, trainable=frozen_summary.percent, ratio=median, q1=q1, q3=q3, phases_ms=ms,
+                         full_images_per_s=args.batch / statistics.median(map(sum, phases["full"])),
+                         frozen_images_per_s=args.batch / statistics.median(map(sum, phases["frozen"]))))
         print(rows[-1], flush=True)
         del frozen, frozen_step
     lines = [f"# Frozen early blocks against full fine-tuning: paired steps in one process ({args.source} base stage, "
              f"batch {args.batch}, {args.precision}, {args.threads} threads)", "",
              f"{summary.total:,} parameters; {args.pairs} timed pairs per depth after {args.warmup} warm-up pairs, "
              f"the order within a pair alternating; wall time {time.time() - started:.0f} s.", "",
-             "| frozen | trainable % | full images/s | frozen images/s | frozen speed-up (median of pair ratios) | IQR |",
-             "|---|---|---|---|---|---|"]
+             "| frozen | trainable % | full images/s | frozen images/s | frozen speed-up (median of pair ratios) | IQR "
+             "| full ms: forward / backward / update | frozen ms: forward / backward / update |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| stem + first {r['k']} down block{'s' if r['k'] > 1 else ''} | {r['trainable']:.1f} | "
+        full_ms, frozen_ms = ("{:.0f} / {:.0f} / {:.0f}".format(*r["phases_ms"][arm]) for arm in ("full", "frozen"))
+        whole = " (the whole down path)" if r["k"] >= len(unet.down_blocks) else ""
+        lines.append(f"| stem + first {r['k']} down block{'s' if r['k'] > 1 else ''}{whole} | {r['trainable']:.1f} | "
                      f"{r['full_images_per_s']:.1f} | {r['frozen_images_per_s']:.1f} | **{r['ratio']:.2f}x** | "
-                     f"{r['q1']:.2f}-{r['q3']:.2f} |")
+                     f"{r['q1']:.2f}-{r['q3']:.2f} | {full_ms} | {frozen_ms} |")
     lines += ["", f"Command: `python benchmarks/frozen_ratio.py --batch {args.batch} --pairs {args.pairs} --depths "
               f"{' '.join(map(str, args.depths))} --precision {args.precision} --threads {args.threads}`"]
     text_out = "\n".join(lines) + "\n"

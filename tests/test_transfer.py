@@ -59,6 +59,14 @@ def test_trainable_fractions_follow_the_method(unet):
         prepare_transfer(unet, TransferConfig(method="freeze", freeze_patterns=["*"]))
 
 
+def test_lora_adapts_attention_and_resnet_convolutions_by_default(unet):
+    prepare_transfer(unet, TransferConfig(method="lora"))
+    adapted = {n.split(".lora_A")[0] for n, p in unet.named_parameters() if ".lora_A" in n and p.requires_grad}
+    assert "down_blocks.0.resnets.0.conv1" in adapted and "up_blocks.0.resnets.0.conv2" in adapted
+    assert {"mid_block.attentions.0.to_q", "mid_block.attentions.0.add_k_proj"} <= adapted
+    assert not any(n.endswith(("conv_in", "conv_out", "conv_shortcut")) for n in adapted)
+
+
 def test_bitfit_trains_only_biases_and_norms(unet):
     prepare_transfer(unet, TransferConfig(method="bitfit"))
     names = [n for n, p in unet.named_parameters() if p.requires_grad]

@@ -13,7 +13,8 @@ get no gradient and no optimizer state.
 - `difffit`: BitFit plus learnable per-channel scales, initialised at 1, on the residual and attention branches of the
   chosen blocks (Xie et al. 2023, "DiffFit"); `difffit_blocks` = all | early (down blocks and mid) | late (up blocks
   and mid). The scales multiply a conv / linear output, so `finish_transfer` folds them exactly into its weights.
-- `lora`: low-rank adapters through peft on the attention projections (Hu et al. 2022); merged into the weights at the end.
+- `lora`: low-rank adapters through peft (Hu et al. 2022) on the attention projections and the ResNet convolutions
+  (`lora_targets`; attention alone could not make a colour -> X-ray shift); merged into the weights at the end.
 """
 
 from __future__ import annotations
