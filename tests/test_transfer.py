@@ -67,6 +67,19 @@ def test_lora_adapts_attention_and_resnet_convolutions_by_default(unet):
     assert not any(n.endswith(("conv_in", "conv_out", "conv_shortcut")) for n in adapted)
 
 
+def test_a_freeze_that_freezes_nothing_or_a_pattern_that_names_nothing_is_refused(unet):
+    with pytest.raises(UserError, match="freezes nothing"):
+        prepare_transfer(copy.deepcopy(unet), TransferConfig(method="freeze"))
+    with pytest.raises(UserError, match="has 2 down blocks"):
+        prepare_transfer(copy.deepcopy(unet), TransferConfig(method="freeze", freeze_first_k=3))
+    with pytest.raises(UserError, match="'down_block.0.*' matches no parameter"):
+        prepare_transfer(copy.deepcopy(unet), TransferConfig(method="freeze", freeze_patterns=["down_block.0.*"]))
+    with pytest.raises(UserError, match="'*.nrom1.*' matches no parameter"):
+        prepare_transfer(copy.deepcopy(unet), TransferConfig(method="bitfit", train_patterns=["*.nrom1.*"]))
+    summary = prepare_transfer(unet, TransferConfig(method="freeze", freeze_patterns=["down_blocks.0.*"]))
+    assert summary.trainable < summary.total
+
+
 def test_bitfit_trains_only_biases_and_norms(unet):
     prepare_transfer(unet, TransferConfig(method="bitfit"))
     names = [n for n, p in unet.named_parameters() if p.requires_grad]

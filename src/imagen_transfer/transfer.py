@@ -53,6 +53,24 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _check_freeze_config(unet, config) -> None:
+    """A freeze that would freeze nothing, or patterns that name no parameter, are mistakes: say so before training
+    (silently, `freeze` would be full fine-tuning and a mistyped pattern a no-op)."""
+    if config.method == "freeze" and not config.freeze_first_k and not config.freeze_patterns:
+        raise UserError("transfer method 'freeze' freezes nothing: set transfer.freeze_first_k (e.g. 1) or "
+                        "transfer.freeze_patterns (globs over parameter names, e.g. 'down_blocks.0.*')")
+    blocks = len(unet.down_blocks)
+    if config.method == "freeze" and not 0 <= config.freeze_first_k <= blocks:
+        raise UserError(f"transfer.freeze_first_k is {config.freeze_first_k} but this U-Net has {blocks} down blocks; "
+                        f"use 0-{blocks}")
+    names = [n for n, _ in unet.named_parameters()]
+    patterns = [*(config.freeze_patterns if config.method == "freeze" else []), *config.train_patterns]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise UserError(f"transfer pattern '{pattern}' matches no parameter of the U-Net; names look like "
+                            f"'{names[len(names) // 2]}' (globs: '*' matches dots too)")
+
+
 def _norm_parameter_names(unet) -> set[str]:
     names = set()
     for module_name, module in unet.named_modules():
@@ -121,6 +139,7 @@ def prepare_transfer(unet, config) -> TransferSummary:
     method = config.method
     if method not in METHODS:
         raise UserError(f"unknown transfer method '{method}'; use one of {', '.join(METHODS[1:])}")
+    _check_freeze_config(unet, config)
     guard_group_norms(unet)
     if method == "lora":
         from peft import LoraConfig
