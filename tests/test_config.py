@@ -39,3 +39,27 @@ def test_resolved_config_round_trips(tmp_path):
     config = load_config(None, ["train.steps=9", "data.captions=['{report}']"])
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_values_are_checked_against_the_field_types():
+    config = load_config(None, ["train.lr=1e-4", "train.steps=1e3", "sample.thresholding=off",
+                                "train.mixed_precision=no", "train.lr_multipliers={'up_blocks.*': 2}"])
+    assert config.train.lr == 1e-4 and isinstance(config.train.lr, float)  # YAML leaves 1e-4 a string
+    assert config.train.steps == 1000 and isinstance(config.train.steps, int)
+    assert config.sample.thresholding == "off" and config.train.mixed_precision == "no"  # YAML reads off / no as false
+    assert config.train.lr_multipliers == {"up_blocks.*": 2.0}
+    for override, message in [("train.steps=abc", "steps must be an integer, got 'abc'"),
+                              ("train.steps=2.5", "steps must be an integer"),
+                              ("train.compile=maybe", "compile must be true or false"),
+                              ("data.captions=a photo", "captions must be a list"),
+                              ("data.captions=[a {label}]", "not valid YAML.*quote")]:
+        with pytest.raises(UserError, match=message):
+            load_config(None, [override])
+
+
+@pytest.mark.parametrize("override", ["train.steps=-5", "train.batch_size=0", "train.lr=0", "data.fraction=1.5",
+                                      "train.ema_decay=1", "loss.cond_drop_prob=2", "sample.steps=0"])
+def test_values_outside_what_a_run_can_do_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"{key} must be"):
+        load_config(None, [override])

@@ -67,7 +67,7 @@ def test_lora_adapts_attention_and_resnet_convolutions_by_default(unet):
     assert not any(n.endswith(("conv_in", "conv_out", "conv_shortcut")) for n in adapted)
 
 
-def test_a_freeze_that_freezes_nothing_or_a_pattern_that_names_nothing_is_refused(unet):
+def test_a_freeze_that_freezes_nothing_or_a_pattern_or_target_that_names_nothing_is_refused(unet):
     with pytest.raises(UserError, match="freezes nothing"):
         prepare_transfer(copy.deepcopy(unet), TransferConfig(method="freeze"))
     with pytest.raises(UserError, match="has 2 down blocks"):
@@ -76,6 +76,8 @@ def test_a_freeze_that_freezes_nothing_or_a_pattern_that_names_nothing_is_refuse
         prepare_transfer(copy.deepcopy(unet), TransferConfig(method="freeze", freeze_patterns=["down_block.0.*"]))
     with pytest.raises(UserError, match="'*.nrom1.*' matches no parameter"):
         prepare_transfer(copy.deepcopy(unet), TransferConfig(method="bitfit", train_patterns=["*.nrom1.*"]))
+    with pytest.raises(UserError, match="'to_qq' names no module"):
+        prepare_transfer(copy.deepcopy(unet), TransferConfig(method="lora", lora_targets=["to_q", "to_qq"]))
     summary = prepare_transfer(unet, TransferConfig(method="freeze", freeze_patterns=["down_blocks.0.*"]))
     assert summary.trainable < summary.total
 
@@ -125,6 +127,17 @@ def _finetune_config(source, data, out, method, *extra):
         f"transfer.method={method}", "train.stages=[base]", "train.steps=4", "train.batch_size=4",
         "train.warmup_steps=1", "train.log_every=2", "train.val_every=2", "train.sample_every=4",
         "train.checkpoint_every=4", "sample.steps=2", "sample.per_prompt=2", f"out={out}", *extra])
+
+
+def test_a_refused_transfer_setting_leaves_no_run_folder(tiny_cascade_dir, tmp_path):
+    from conftest import make_npz
+
+    from imagen_transfer.train import train
+
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    with pytest.raises(UserError, match="freezes nothing"):
+        train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", "freeze"))
+    assert not (tmp_path / "run").exists(), "a typo must not leave a folder that blocks the corrected run"
 
 
 @pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "difffit", "lora"])

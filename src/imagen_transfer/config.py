@@ -8,6 +8,7 @@ run can be reproduced from that file alone. Unknown keys are errors, not silent 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,12 +134,59 @@ class RunConfig:
     out: str | None = None
 
 
+# YAML 1.1 reads some bare words as booleans; where a string option has such a word as a value, map it back.
+_YAML_WORDS = {"mixed_precision": {False: "no"}, "thresholding": {False: "off"}}
+
+
+def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
+    """`value` checked against the field's type `hint` (int, float, bool, str, list[...], dict[...], X | None).
+    YAML leaves `1e-4` a string (its floats need a dot), so numbers written that way are read as numbers."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: {key} must be a list, got {value!r}")
+        return [_coerce(v, typing.get_args(hint)[0], key, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {key} must be a mapping, got {value!r}")
+        key_type, value_type = typing.get_args(hint)
+        return {_coerce(k, key_type, key, where): _coerce(v, value_type, key, where) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint in (int, float) and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)) and (hint is float or float(number).is_integer()):
+            return hint(number)
+    elif hint is str:
+        if isinstance(value, bool) and value in _YAML_WORDS.get(key, {}):
+            return _YAML_WORDS[key][value]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string (quote it)"}[hint]
+    raise UserError(f"{where}: {key} must be {kind}, got {value!r}")
+
+
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys and values of the wrong
+    type are errors."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         default = getattr(cls(), name)
@@ -146,8 +194,42 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise UserError(f"{where}: section '{name}' must be a mapping, got {value!r}")
             value = _build(type(default), value, f"{where}.{name}")
+        else:
+            value = _coerce(value, hints[name], name, where)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _check_ranges(config: RunConfig, where: str) -> None:
+    """Values of the right type but outside what the loop can run (a zero batch, a negative step count...)."""
+    t, d, loss, sample, transfer = config.train, config.data, config.loss, config.sample, config.transfer
+    rules = [
+        ("train.steps", t.steps >= 1, ">= 1"), ("train.batch_size", t.batch_size >= 1, ">= 1"),
+        ("train.grad_accum", t.grad_accum >= 1, ">= 1"), ("train.lr", t.lr is None or t.lr > 0, "> 0"),
+        ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"), ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0: off)"),
+        ("train.weight_decay", t.weight_decay >= 0, ">= 0"), ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
+        ("train.log_every", t.log_every >= 1, ">= 1"), ("train.val_every", t.val_every >= 0, ">= 0 (0: off)"),
+        ("train.val_batches", t.val_batches >= 1, ">= 1"),
+        ("train.sample_every", t.sample_every >= 0, ">= 0 (0: off)"),
+        ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
+        ("train.threads", t.threads is None or t.threads >= 1, ">= 1"),
+        ("train.early_stopping_patience", t.early_stopping_patience >= 0, ">= 0 (0: off)"),
+        ("train.stage_steps", all(v >= 0 for v in t.stage_steps.values()), ">= 0 per stage"),
+        ("data.fraction", 0 < d.fraction <= 1, "in (0, 1]"), ("data.val_size", d.val_size >= 1, ">= 1"),
+        ("data.per_class", d.per_class is None or d.per_class >= 1, ">= 1"),
+        ("loss.cond_drop_prob", 0 <= loss.cond_drop_prob <= 1, "in [0, 1]"),
+        ("loss.min_snr_gamma", loss.min_snr_gamma is None or loss.min_snr_gamma > 0, "> 0 (or null: off)"),
+        ("loss.aug_level_max", loss.aug_level_max >= 0, ">= 0"),
+        ("sample.steps", sample.steps >= 1, ">= 1"), ("sample.guidance", sample.guidance >= 0, ">= 0"),
+        ("sample.per_prompt", sample.per_prompt >= 1, ">= 1"),
+        ("transfer.freeze_first_k", transfer.freeze_first_k >= 0, ">= 0"),
+        ("transfer.lora_rank", transfer.lora_rank >= 1, ">= 1"),
+    ]
+    for key, ok, rule in rules:
+        if not ok:
+            section, name = key.split(".")
+            raise UserError(f"{where}: {key} must be {rule}, got {getattr(getattr(config, section), name)!r}")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -167,7 +249,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise UserError(f"override '{pair}' is not of the form section.key=value")
         key, raw = pair.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise UserError(f"override '{pair}': the value is not valid YAML ({str(err).splitlines()[0]}); "
+                            "quote strings holding braces or colons, e.g. \"data.captions=['a {label}']\"") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -198,8 +285,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         where = str(path)
     tree = _merge(tree, parse_overrides(overrides or []))
     config = _build(RunConfig, tree, where)
-    if config.train.mixed_precision is False:  # YAML reads a bare `no` as false
-        config.train.mixed_precision = "no"
+    _check_ranges(config, where)
     if config.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise UserError(f"{where}: train.mixed_precision '{config.train.mixed_precision}' is not one of auto, no, "
                         "bf16, fp16")

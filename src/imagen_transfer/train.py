@@ -50,7 +50,7 @@ from .text import (
     load_text_encoder,
     text_dim,
 )
-from .transfer import DEFAULT_LR, finish_transfer, parameter_groups, prepare_transfer
+from .transfer import DEFAULT_LR, check_transfer, finish_transfer, parameter_groups, prepare_transfer
 from .unet import resolve_precision, training_attention
 
 ValidationHook = Callable[[Cascade, Stage, int], None]
@@ -383,12 +383,18 @@ def run_dir_of(config: RunConfig) -> Path:
     return Path(config.out or "runs/pretrain")
 
 
-def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
+def check_run_dir(config: RunConfig, resume: bool) -> Path:
+    """The run folder, if a new run may start there (empty or absent) or `resume` may continue it; creates nothing."""
     run_dir = run_dir_of(config)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it, or choose another --out")
     if resume and not (run_dir / "config.yaml").is_file():
         raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
+    return run_dir
+
+
+def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
+    run_dir = check_run_dir(config, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "samples").mkdir(exist_ok=True)
     removed = clean_partial(run_dir)
@@ -445,15 +451,19 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=resolve_precision(config.train.mixed_precision, cuda), cpu=not cuda)
     main = accelerator.is_main_process
-    run_dir = prepare_run_dir(config, resume) if main else run_dir_of(config)
-    accelerator.wait_for_everyone()
+    if main:
+        check_run_dir(config, resume)
     torch.manual_seed(config.train.seed)
     cascade = build_or_load_cascade(config)
+    for name in config.train.stages:  # a bad stage name or transfer setting fails before the run folder exists
+        check_transfer(cascade.stage(name).unet, config.transfer)
     d = config.data
     common = dict(resolution=cascade.resolution, channels=cascade.stages[0].channels, captions=d.captions,
                   skip_bad=d.skip_bad)
     train_data = load_dataset(d.dataset, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
     val_data = load_dataset(d.dataset, d.val_split, limit=d.val_size, **common)
+    run_dir = prepare_run_dir(config, resume) if main else run_dir_of(config)
+    accelerator.wait_for_everyone()
     if train_data.grayscale:  # an RGB model trained on gray images samples gray (drops residual colour noise)
         cascade.sampling["grayscale"] = True
     if not config.sample.prompts:

@@ -33,6 +33,8 @@ METHODS = ("none", "full", "freeze", "bitfit", "difffit", "lora")
 DEFAULT_LR = {"none": 2e-4, "full": 1e-4, "freeze": 1e-4, "bitfit": 1e-3, "difffit": 1e-3, "lora": 1e-3}
 STEM = ("conv_in.", "time_embedding.", "class_embedding.", "add_embedding.", "encoder_hid_proj.")
 DIFFFIT_ATTR = "difffit_scale"
+DIFFFIT_BLOCKS = {"all": ("down_blocks.", "mid_block.", "up_blocks."), "early": ("down_blocks.", "mid_block."),
+                  "late": ("up_blocks.", "mid_block.")}  # difffit_blocks -> where the scales go
 
 
 @dataclass
@@ -53,12 +55,18 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _check_freeze_config(unet, config) -> None:
-    """A freeze that would freeze nothing, or patterns that name no parameter, are mistakes: say so before training
-    (silently, `freeze` would be full fine-tuning and a mistyped pattern a no-op)."""
+def check_transfer(unet, config) -> None:
+    """Refuse a transfer config that would silently do something else than asked: `freeze` with nothing to freeze
+    (that is full fine-tuning), a `freeze_first_k` beyond the U-Net's down blocks, and freeze / train patterns or LoRA
+    targets that name nothing (a typo would be a no-op). Cheap: `train` calls it before it creates a run folder."""
+    if config.method not in METHODS:
+        raise UserError(f"unknown transfer method '{config.method}'; use one of {', '.join(METHODS[1:])}")
+    if config.method == "difffit" and config.difffit_blocks not in DIFFFIT_BLOCKS:
+        raise UserError(f"transfer.difffit_blocks must be all, early or late (got {config.difffit_blocks})")
     if config.method == "freeze" and not config.freeze_first_k and not config.freeze_patterns:
-        raise UserError("transfer method 'freeze' freezes nothing: set transfer.freeze_first_k (e.g. 1) or "
-                        "transfer.freeze_patterns (globs over parameter names, e.g. 'down_blocks.0.*')")
+        raise UserError("transfer method 'freeze' freezes nothing: set transfer.freeze_first_k (the stem and the first "
+                        "k down blocks: --set transfer.freeze_first_k=1) or transfer.freeze_patterns (globs over "
+                        "parameter names, e.g. 'down_blocks.0.*')")
     blocks = len(unet.down_blocks)
     if config.method == "freeze" and not 0 <= config.freeze_first_k <= blocks:
         raise UserError(f"transfer.freeze_first_k is {config.freeze_first_k} but this U-Net has {blocks} down blocks; "
@@ -69,6 +77,12 @@ def _check_freeze_config(unet, config) -> None:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise UserError(f"transfer pattern '{pattern}' matches no parameter of the U-Net; names look like "
                             f"'{names[len(names) // 2]}' (globs: '*' matches dots too)")
+    if config.method == "lora":
+        modules = [n for n, _ in unet.named_modules()]
+        for target in config.lora_targets:  # peft's rule: the module's name is the target or ends with ".target"
+            if not any(n == target or n.endswith("." + target) for n in modules):
+                raise UserError(f"transfer.lora_targets: '{target}' names no module of the U-Net (e.g. to_q, to_k, "
+                                "to_v, to_out.0, add_k_proj, add_v_proj, conv1, conv2)")
 
 
 def _norm_parameter_names(unet) -> set[str]:
@@ -86,13 +100,11 @@ def _scale_output(module, inputs, output):
 
 def add_difffit_scales(unet, blocks: str = "all") -> int:
     """Per-channel scales (init 1) on residual branches (ResNet conv2) and attention branches (to_out.0)."""
-    prefixes = {"all": ("down_blocks.", "mid_block.", "up_blocks."), "early": ("down_blocks.", "mid_block."),
-                "late": ("up_blocks.", "mid_block.")}
-    if blocks not in prefixes:
+    if blocks not in DIFFFIT_BLOCKS:
         raise UserError(f"transfer.difffit_blocks must be all, early or late (got {blocks})")
     added = 0
     for name, module in unet.named_modules():
-        if not name.startswith(prefixes[blocks]):
+        if not name.startswith(DIFFFIT_BLOCKS[blocks]):
             continue
         if name.endswith(".conv2") and isinstance(module, nn.Conv2d) or name.endswith(".to_out.0") and isinstance(module, nn.Linear):
             channels = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
@@ -137,9 +149,7 @@ def guard_group_norms(unet) -> None:
 def prepare_transfer(unet, config) -> TransferSummary:
     """Set which parameters train for `config.method` (a TransferConfig). Returns counts for the log."""
     method = config.method
-    if method not in METHODS:
-        raise UserError(f"unknown transfer method '{method}'; use one of {', '.join(METHODS[1:])}")
-    _check_freeze_config(unet, config)
+    check_transfer(unet, config)
     guard_group_norms(unet)
     if method == "lora":
         from peft import LoraConfig
