@@ -19,6 +19,7 @@ import argparse
 import json
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -119,19 +120,23 @@ def main() -> None:
     flops = flops_per_image(unet, 8, resolution, 32, text_dim, device)
     plain = plain_diffusers_loop(unet, args.batch, args.steps, resolution, 32, text_dim, device, bf16)
     del unet, stage
-    ours = {variant: our_loop(args, model, variant, bf16) for variant in args.variants}
     mfu = (lambda images_per_s: images_per_s * flops / PEAK_BF16) if bf16 else (lambda _: None)
     result = dict(device=torch.cuda.get_device_name() if bf16 else "cpu", batch=args.batch,
                   precision="bf16" if bf16 else "fp32", model=model[0], resolution=resolution,
                   parameters=parameters, gflops_per_training_image=flops / 1e9,
-                  plain_diffusers_images_per_s=plain, plain_mfu=mfu(plain),
-                  ours={v: dict(images_per_s=ips, ratio_to_plain=ips / plain, peak_memory_mb=mb, mfu=mfu(ips))
-                        for v, (ips, mb) in ours.items()})
+                  plain_diffusers_images_per_s=plain, plain_mfu=mfu(plain), ours={})
+    for variant in args.variants:  # written after each variant: a device call cut short keeps what it measured
+        try:
+            ips, mb = our_loop(args, model, variant, bf16)
+            result["ours"][variant] = dict(images_per_s=ips, ratio_to_plain=ips / plain, peak_memory_mb=mb,
+                                           mfu=mfu(ips))
+        except Exception as err:  # a lever that fails here (a compiler error) must not take the others with it
+            traceback.print_exc()
+            result["ours"][variant] = dict(error=f"{type(err).__name__}: {err}"[:500])
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-
 
 if __name__ == "__main__":
     main()
