@@ -2,7 +2,8 @@
 
 Every run saves its *resolved* config (defaults + file + overrides) to `config.yaml` in its run folder, so a
 run can be reproduced from that file alone. Unknown keys are errors, not silent no-ops: a typo such as
-`train.learing_rate=1e-4` must not train with the default.
+`train.learing_rate=1e-4` must not train with the default. Values are checked against their field's type and range
+when the config loads (`train.steps=abc` or `train.batch_size=0` fail there, not minutes into a run).
 """
 
 from __future__ import annotations
