@@ -10,8 +10,8 @@ hits both sides of a pair alike; the result is the median of the per-pair ratios
 Each step is our training step reduced to its model work: `diffusion.training_loss` (min-SNR weights, condition
 dropout) under the loop's autocast and attention settings, backward, gradient clipping and fused AdamW over the
 trainable parameters, on the source's base stage prepared by `transfer.prepare_transfer`. Each step is also split
-into forward, backward and update times, which bound the speed-up: freezing saves the frozen blocks' backward and
-their optimizer work, never the forward pass, and the up path's backward is not touched.
+into forward, backward and update times, which bound the speed-up: freezing saves the frozen blocks' backward, their
+optimizer work and some forward time (no activations kept for autograd), and leaves the up path's backward untouched.
 """
 
 from __future__ import annotations
