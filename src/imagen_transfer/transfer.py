@@ -74,7 +74,7 @@ def check_transfer(unet, config) -> None:
     names = [n for n, _ in unet.named_parameters()]
     patterns = [*(config.freeze_patterns if config.method == "freeze" else []), *config.train_patterns]
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        if not any(_matches(n, [pattern]) for n in names):
             raise UserError(f"transfer pattern '{pattern}' matches no parameter of the U-Net; names look like "
                             f"'{names[len(names) // 2]}' (globs: '*' matches dots too)")
     if config.method == "lora":
