@@ -51,7 +51,7 @@ def main() -> None:
     for i, (name, (cascade, mix)) in enumerate(models.items()):
         folder = out / f"model-{i}"
         cascade.sampling = dict(tuned.sampling)
-        save_cascade(cascade, folder)
+        save_cascade(cascade, folder, overwrite=True)
         print(f"\n== {name} ==", flush=True)
         result = evaluate(str(folder), args.data, n=args.n, sampling=dict(guidance=args.guidance), mix=mix,
                           out=out / f"eval-{i}.json")

@@ -33,14 +33,36 @@ def test_fp16_save_halves_the_weights_and_loads_as_fp32(tiny_cascade, tmp_path):
     assert next(tiny_cascade.stages[0].unet.parameters()).dtype == torch.float32, "saving must not cast the model"
 
 
-def test_overwriting_a_cascade_replaces_it(tiny_cascade, tmp_path):
+def test_overwriting_a_cascade_needs_overwrite_and_replaces_only_ours(tiny_cascade, tmp_path):
     save_cascade(tiny_cascade, tmp_path / "c")
     other = init_cascade("tiny", seed=1)
-    save_cascade(other, tmp_path / "c")
+    with pytest.raises(UserError, match="already holds a cascade; pass --overwrite"):
+        save_cascade(other, tmp_path / "c")
+    save_cascade(other, tmp_path / "c", overwrite=True)
     loaded = load_cascade(tmp_path / "c")
     first = next(iter(other.stages[0].unet.state_dict().values()))
     assert torch.equal(next(iter(loaded.stages[0].unet.state_dict().values())), first)
-    assert not (tmp_path / "c.old").exists() and not (tmp_path / "c.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no .old / .partial left behind
+    (tmp_path / "c" / "notes.txt").write_text("mine")  # a user's file inside: --overwrite must not delete it
+    with pytest.raises(UserError, match="holds files this tool did not write"):
+        save_cascade(other, tmp_path / "c", overwrite=True)
+    assert (tmp_path / "c" / "notes.txt").read_text() == "mine"
+
+
+def test_save_refuses_a_file_and_a_foreign_folder_and_keeps_them(tiny_cascade, tmp_path):
+    (tmp_path / "file").write_text("user data")
+    with pytest.raises(UserError, match="is a file"):
+        save_cascade(tiny_cascade, tmp_path / "file", overwrite=True)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "thesis.tex").write_text("years of work")
+    with pytest.raises(UserError, match="did not write"):
+        save_cascade(tiny_cascade, tmp_path / "folder", overwrite=True)
+    assert (tmp_path / "file").read_text() == "user data"
+    assert (tmp_path / "folder" / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # nothing renamed, nothing left over
+    (tmp_path / "empty").mkdir()
+    save_cascade(tiny_cascade, tmp_path / "empty")  # an empty folder is fine
+    assert (tmp_path / "empty" / "cascade.json").is_file()
 
 
 def test_errors_for_missing_and_foreign_folders(tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .outputs import check_output_dir, fresh_sibling, replace_dir
 from .text import TextEncoderSpec, text_dim
 from .unet import build_unet, count_parameters
 
@@ -114,18 +114,6 @@ def init_cascade(preset: str, *, text_encoder: str | None = None, max_text_lengt
     return Cascade(spec, stages, info={"preset": preset, "seed": seed})
 
 
-def _atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder into place; an existing one is swapped out first and removed after."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
     """Rewrite a safetensors file with its floating-point tensors in `dtype` (fp16 for shipping)."""
     from safetensors.torch import load_file, save_file
@@ -134,24 +122,63 @@ def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a cascade folder (see module doc). `dtype=torch.float16` halves the size for shipping."""
+def cascade_files(folder: Path) -> set[str] | None:
+    """The files a cascade folder written by `save_cascade` consists of (relative posix paths), or None when the
+    folder is not one (no readable cascade.json of ours)."""
+    try:
+        meta = json.loads((Path(folder) / "cascade.json").read_text())
+        names = [entry["name"] for entry in meta["stages"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if meta.get("format") != "imagen-transfer-cascade":
+        return None
+    files = {"cascade.json"}
+    for name in names:
+        files |= {f"{name}/unet/config.json", f"{name}/unet/diffusion_pytorch_model.safetensors",
+                  f"{name}/scheduler/scheduler_config.json"}
+    return files
+
+
+def is_cascade_folder(folder: Path) -> bool:
+    """True when `folder` holds a cascade this tool wrote and nothing else (so `--overwrite` loses no user file)."""
+    expected = cascade_files(folder)
+    if expected is None:
+        return False
+    present = {p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()}
+    return present <= expected
+
+
+def check_cascade_out(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an --out that would cost the user files (see outputs.check_output_dir)."""
+    check_output_dir(Path(out), what="cascade", overwrite=overwrite, is_ours=is_cascade_folder)
+
+
+def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = None, *,
+                 overwrite: bool = False) -> Path:
+    """Write a cascade folder (see module doc). `dtype=torch.float16` halves the size for shipping.
+
+    `out` must be absent, empty, or (with `overwrite`) a cascade folder written by this tool and holding nothing
+    else; the new folder is written beside it and renamed into place."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for stage in cascade.stages:
-        unet_dir = tmp / stage.name / "unet"
-        stage.unet.save_pretrained(unet_dir, safe_serialization=True)
-        if dtype is not None:
-            _cast_safetensors(unet_dir / "diffusion_pytorch_model.safetensors", dtype)
-        stage.scheduler.save_pretrained(tmp / stage.name / "scheduler")
-    meta = dict(format="imagen-transfer-cascade", format_version=FORMAT_VERSION,
-                text_encoder=cascade.text_encoder.to_dict(), stages=[s.meta() for s in cascade.stages],
-                sampling=cascade.sampling, info=cascade.info)
-    (tmp / "cascade.json").write_text(json.dumps(meta, indent=2))
-    _atomic_replace_dir(tmp, out)
+    check_cascade_out(out, overwrite)
+    tmp = fresh_sibling(out)
+    try:
+        for stage in cascade.stages:
+            unet_dir = tmp / stage.name / "unet"
+            stage.unet.save_pretrained(unet_dir, safe_serialization=True)
+            if dtype is not None:
+                _cast_safetensors(unet_dir / "diffusion_pytorch_model.safetensors", dtype)
+            stage.scheduler.save_pretrained(tmp / stage.name / "scheduler")
+        meta = dict(format="imagen-transfer-cascade", format_version=FORMAT_VERSION,
+                    text_encoder=cascade.text_encoder.to_dict(), stages=[s.meta() for s in cascade.stages],
+                    sampling=cascade.sampling, info=cascade.info)
+        (tmp / "cascade.json").write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder
+        raise
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder (the user's mkdir): nothing in it to keep
+    replace_dir(tmp, out)
     return out
 
 

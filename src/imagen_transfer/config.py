@@ -9,6 +9,7 @@ when the config loads (`train.steps=abc` or `train.batch_size=0` fail there, not
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,8 @@ def _coerce(value: Any, hint: Any, key: str, where: str) -> Any:
                 number = float(value)
             except ValueError:
                 number = None
+        if isinstance(number, (int, float)) and not math.isfinite(number):
+            raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
         if isinstance(number, (int, float)) and (hint is float or float(number).is_integer()):
             return hint(number)
     elif hint is str:
@@ -300,5 +303,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    Path(path).write_text(config_yaml(config))

@@ -95,7 +95,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     def fuse():
         interp = merge_cascades([source_cascade, tuned], [source, "fine-tuned"], weights=[0.5, 0.5])
         interp.sampling = dict(tuned.sampling)
-        save_cascade(interp, run / "fused-interp-0.5")
+        save_cascade(interp, run / "fused-interp-0.5", overwrite=True)
         results["interpolation 0.5"] = evaluate(str(run / "fused-interp-0.5"), data,
                                                 out=run / "eval-2-interp-0.5.json", **common)
         results["model guidance 1.5"] = evaluate(str(tuned_dir), data, out=run / "eval-3-guidance-1.5.json",

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .outputs import check_output_dir
 
 IF_TEXT_LENGTH = 77
 IF_SR_NOISE_LEVEL = 250
@@ -103,6 +104,7 @@ def export_diffusers(cascade, out: str | Path) -> Path:
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
 
     out = Path(out)
+    check_output_dir(out, what="diffusers export")  # an existing non-empty folder is refused, never mixed into
     tokenizer, text_encoder = _text_components(cascade)
     written = []
     for stage in cascade.stages:

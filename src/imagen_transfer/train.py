@@ -31,16 +31,19 @@ from .cascade import Cascade, Stage, init_cascade, load_cascade, save_cascade
 from .checkpoint import (
     append_jsonl,
     clean_partial,
+    drop_torn_last_line,
     latest_checkpoint,
     load_checkpoint,
     mark_best,
     read_jsonl,
     save_checkpoint,
+    write_atomic,
 )
-from .config import RunConfig, save_config
+from .config import RunConfig, config_to_dict, config_yaml, load_config
 from .data import ImageTextData, load_dataset, resize, to_float
 from .diffusion import draw, training_loss
 from .errors import UserError
+from .outputs import check_writable_dir, run_lock
 from .sampling import sample_stage, save_grid, to_gray
 from .text import (
     EmbeddingCache,
@@ -219,7 +222,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         unet = torch.compile(unet, mode=tc.compile_mode)
     ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)  # after the broadcast
 
-    step, done = 0, False
+    step, done, early_stopped = 0, False, False
     best = dict(val=float("inf"), step=None, stale=0)  # early stopping: best validation so far
     best_ema = None  # the EMA weights of the best validation (kept when restore_best and early stopping)
     keep_best = tc.restore_best and tc.early_stopping_patience > 0
@@ -232,7 +235,10 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         optimizer.load_state_dict(saved["optimizer"])
         ema.shadow_params = [saved["ema"][n].to(device) for n, _ in named]
         ema.optimization_step = saved["state"]["ema_step"]
-        step, done = saved["state"]["step"], saved["state"].get("done", False)
+        # A stage that reached its step budget continues when the budget grew; one that stopped early stays stopped.
+        step = saved["state"]["step"]
+        early_stopped = saved["state"].get("early_stopped", saved["state"].get("done", False) and step < tc.steps)
+        done = early_stopped
         best = saved["state"].get("best", best)
         best_ckpt = latest_checkpoint(run_dir, stage.name, "best")
         if keep_best and best_ckpt is not None:
@@ -255,10 +261,28 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
 
         writer = SummaryWriter(str(run_dir / "tensorboard" / stage.name))
 
+    def stop_if_nonfinite(weights_too: bool = False) -> None:
+        """Stop (UserError) once a loss or gradient norm went NaN / inf, or (before a save) a weight did: nothing
+        non-finite is ever checkpointed, so the last good checkpoint stays as it was for a --resume."""
+        bad = bool(nonfinite)  # one host sync, only at log, validation and checkpoint steps
+        if weights_too and not bad:
+            bad = not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if not bad:
+            return
+        last = latest_checkpoint(run_dir, stage.name)
+        if main:
+            append_jsonl(metrics_file, dict(stage=stage.name, event="nonfinite", step=step, time=time.time()))
+        raise UserError(f"[{stage.name}] the loss or the weights became non-finite (NaN or inf) by step {step}; "
+                        f"training stopped and {'the last good checkpoint ' + str(last) if last else 'no checkpoint'} "
+                        "was kept as it was. Lower train.lr, keep train.grad_clip > 0 or set "
+                        "train.mixed_precision=no, then start again (or --resume from that checkpoint)")
+
     def save(done: bool) -> Path | None:
+        stop_if_nonfinite(weights_too=True)
         path = None
         if main:
-            state = dict(stage=stage.name, ema_step=ema.optimization_step, best=best, done=done)
+            state = dict(stage=stage.name, ema_step=ema.optimization_step, best=best, done=done,
+                         early_stopped=early_stopped)
             path = save_checkpoint(run_dir, stage.name, step, model=dict(raw_unet.named_parameters()),
                                    ema={n: p for (n, _), p in zip(named, ema.shadow_params)},
                                    optimizer=optimizer.state_dict(), state=state, keep=tc.keep_checkpoints)
@@ -288,6 +312,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     # The loss is summed on the device and read once per log window: a read per step would make the host wait for
     # the GPU every step, which a small, launch-bound stage cannot afford.
     window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any NaN / inf loss or gradient norm so far
     reset_peak_memory(device)
     while step < tc.steps and not done:
         gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + stage_index * 100_003 + step)
@@ -310,8 +335,9 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                                      aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
                 accelerator.backward(loss / tc.grad_accum)
             window_loss += loss.detach().float() / tc.grad_accum
+            nonfinite |= ~torch.isfinite(loss.detach())
         if tc.grad_clip:
-            accelerator.clip_grad_norm_(params, tc.grad_clip)
+            nonfinite |= ~torch.isfinite(accelerator.clip_grad_norm_(params, tc.grad_clip))
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -319,6 +345,9 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         step += 1
         window_images += tc.batch_size
         bar.update(1)
+        if (step % tc.log_every == 0 or step == tc.steps or step % tc.checkpoint_every == 0
+                or tc.val_every and step % tc.val_every == 0):
+            stop_if_nonfinite()
 
         record = None
         if step % tc.log_every == 0 or step == tc.steps:
@@ -347,7 +376,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                 best["stale"] += 1
             if tc.early_stopping_patience and best["stale"] >= tc.early_stopping_patience:
                 done = True
-                record["early_stop"] = True
+                record["early_stop"] = early_stopped = True
                 if main:
                     tqdm.write(f"[{stage.name}] early stopping at step {step}: val_loss {value:.5f} has not improved "
                                f"on {best.get('anchor', anchor):.5f} by more than {tc.early_stopping_min_delta} for "
@@ -383,23 +412,72 @@ def run_dir_of(config: RunConfig) -> Path:
     return Path(config.out or "runs/pretrain")
 
 
+# What a resumed run may change: budgets, intervals and threads (the step budget can grow, logging can thin out).
+# Anything else (data, model, loss, optimiser, stages, transfer) would silently train a different run.
+RESUMABLE_KEYS = ("out", "train.steps", "train.stage_steps", "train.log_every", "train.val_every",
+                  "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.threads",
+                  "train.early_stopping_patience", "train.early_stopping_min_delta", "sample.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "stage_steps" and key != "lr_multipliers":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_differences(saved: RunConfig, given: RunConfig) -> list[str]:
+    """`key: saved -> given` for each setting a resume may not change (see RESUMABLE_KEYS)."""
+    old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(given))
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not any(key == k or k.endswith(".") and key.startswith(k)
+                                                       for k in RESUMABLE_KEYS)]
+
+
 def check_run_dir(config: RunConfig, resume: bool) -> Path:
-    """The run folder, if a new run may start there (empty or absent) or `resume` may continue it; creates nothing."""
+    """The run folder, if a new run may start there (empty or absent) or `resume` may continue it with a config
+    that differs only in RESUMABLE_KEYS; creates and writes nothing."""
     run_dir = run_dir_of(config)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} is a file; choose another --out")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not _never_started(run_dir):
         raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it, or choose another --out")
-    if resume and not (run_dir / "config.yaml").is_file():
-        raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
+        saved = load_config(run_dir / "config.yaml")
+        if not config.sample.prompts:  # filled in from the data when the run started
+            config.sample.prompts = list(saved.sample.prompts)
+        changed = resume_differences(saved, config)
+        if changed:
+            raise UserError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'} in "
+                            f"{'; '.join(changed)}. Resume with the run's own settings (only "
+                            f"{', '.join(k.rstrip('.') for k in RESUMABLE_KEYS[1:])} may change), or start a new run "
+                            "in another --out")
+    else:
+        check_writable_dir(run_dir)
     return run_dir
 
 
+def _never_started(run_dir: Path) -> bool:
+    """True for a run folder that a failed start left with nothing trained in it (only the lock and config.yaml,
+    empty folders): a corrected command may start there instead of being blocked by it."""
+    files = [p for p in run_dir.rglob("*") if not p.is_dir()]
+    return all(p.parent == run_dir and p.name in (".lock", "config.yaml") for p in files)
+
+
 def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    run_dir = check_run_dir(config, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Clean up after an interrupted run (the caller holds the run's lock)."""
+    run_dir = run_dir_of(config)
     (run_dir / "samples").mkdir(exist_ok=True)
     removed = clean_partial(run_dir)
     if removed:
         print(f"removed {removed} partial checkpoint(s) left by an interrupted save")
+    if resume and drop_torn_last_line(run_dir / "metrics.jsonl"):
+        print(f"warning: dropped the unfinished last line of {run_dir / 'metrics.jsonl'} (a write cut short)")
     return run_dir
 
 
@@ -462,14 +540,26 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
                   skip_bad=d.skip_bad)
     train_data = load_dataset(d.dataset, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
     val_data = load_dataset(d.dataset, d.val_split, limit=d.val_size, **common)
-    run_dir = prepare_run_dir(config, resume) if main else run_dir_of(config)
-    accelerator.wait_for_everyone()
+    run_dir = run_dir_of(config)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir) if main else nullcontext():  # one writer per run folder, from here to the end
+        if main:
+            prepare_run_dir(config, resume)
+        accelerator.wait_for_everyone()
+        return _train_in(config, resume, on_validation, accelerator, cascade, train_data, val_data, run_dir)
+
+
+def _train_in(config: RunConfig, resume: bool, on_validation, accelerator, cascade: Cascade, train_data, val_data,
+              run_dir: Path) -> Path:
+    """The part of `train` that writes into the (locked) run folder."""
+    main = accelerator.is_main_process
     if train_data.grayscale:  # an RGB model trained on gray images samples gray (drops residual colour noise)
         cascade.sampling["grayscale"] = True
     if not config.sample.prompts:
         config.sample.prompts = default_prompts(train_data)
     if main:
-        save_config(config, run_dir / "config.yaml")
+        write_atomic(run_dir / "config.yaml", config_yaml(config))
         if train_data.skipped:
             print(f"skipped {train_data.skipped} unreadable file(s) in {train_data.source}")
     encoder = load_text_encoder(cascade.text_encoder)
@@ -498,7 +588,7 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     if config.model.init_from and not config.model.random_init:
         cascade.info.update(source=str(config.model.init_from), method=config.transfer.method)
     if main:
-        save_cascade(cascade, run_dir / "cascade")
+        save_cascade(cascade, run_dir / "cascade", overwrite=True)  # the run's own output
         append_jsonl(run_dir / "metrics.jsonl", dict(event="done", summaries=summaries, time=time.time()))
     accelerator.wait_for_everyone()
     accelerator.end_training()

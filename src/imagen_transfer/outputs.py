@@ -1,0 +1,113 @@
+"""Where the tool writes: checked before any work starts, and never at the cost of a user's files.
+
+Rules (issue #18): a command writes only into a path that does not exist, an empty folder, or (with an explicit
+`--overwrite`) a folder that holds nothing but what this tool wrote there before. Files are written beside their
+final name and renamed into place, so a crash leaves either the old output or the new one. A run folder is locked
+while one process writes it, so two runs cannot interleave their checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: run folders are not locked there
+    fcntl = None
+
+
+def check_output_dir(out: Path, *, what: str, overwrite: bool = False,
+                     is_ours: Callable[[Path], bool] | None = None) -> None:
+    """Refuse (before any work) an output folder that would cost the user files: an existing file, a non-empty
+    folder that is not ours, or one of ours without `overwrite`. Creates nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is a file, not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        ours = is_ours is not None and is_ours(out)
+        if not ours:
+            raise UserError(f"--out {out} is a folder that holds files this tool did not write; choose another "
+                            f"--out (nothing was changed)")
+        if not overwrite:
+            raise UserError(f"--out {out} already holds a {what}; pass --overwrite to replace it, or choose another "
+                            "--out")
+    check_writable_dir(out.parent if not out.exists() else out, out)
+
+
+def check_writable_dir(folder: Path, target: Path | None = None) -> None:
+    """The nearest existing folder of `folder` must accept new files (checked by creating and removing one)."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {target or folder}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".imagen-transfer-write-check-")
+    except OSError as err:
+        raise UserError(f"cannot write {target or folder}: {existing} is not writable ({err.strerror}); "
+                        "choose another --out") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: Path) -> None:
+    """An output file's folder must be writable and the path must not be a folder; checked before the compute."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--out {path} is a folder; give a file name")
+    check_writable_dir(path.parent, path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written folder `tmp` into place; an existing `final` (ours, checked by the caller) is swapped
+    out under a fresh unique name and removed only after the new one is in place."""
+    import shutil
+
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+        os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def fresh_sibling(out: Path) -> Path:
+    """A new, unique, empty folder beside `out` to write into before the rename (never a name a user may hold)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final folder gets the usual permissions
+    return tmp
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir/.lock` (advisory, released when the process ends, even by kill -9)."""
+    if fcntl is None:
+        yield
+        return
+    path = Path(run_dir) / ".lock"
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"run folder {run_dir} is in use by another process (it holds the lock {path}); wait for "
+                            "it to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
