@@ -19,7 +19,7 @@ from imagen_transfer.errors import UserError
 
 def test_image_folder_with_metadata(tmp_path):
     root = make_image_folder(tmp_path / "ds", n=6)
-    data = load_dataset(str(root), "train", resolution=16)
+    data = load_dataset(str(root), "all", resolution=16)
     assert data.images.shape == (6, 16, 16, 3) and data.images.dtype == torch.uint8
     assert data.captions[0] == "a red square number 0" and data.label_names == ["blue", "red"]
     assert data.labels.tolist() == [1, 0, 1, 0, 1, 0]
@@ -27,7 +27,7 @@ def test_image_folder_with_metadata(tmp_path):
 
 def test_class_subfolders_get_template_captions_and_grayscale(tmp_path):
     root = make_image_folder(tmp_path / "ds", n=4, metadata=False)
-    data = load_dataset(str(root), resolution=8, channels=1, captions=["a drawing of a {label}"])
+    data = load_dataset(str(root), "all", resolution=8, channels=1, captions=["a drawing of a {label}"])
     assert data.images.shape == (4, 8, 8, 1)
     assert sorted(set(data.captions)) == ["a drawing of a blue", "a drawing of a red"]
 
@@ -62,9 +62,9 @@ def test_corrupt_and_non_image_files_are_named_or_skipped(tmp_path):
     (root / "red" / "broken.png").write_bytes(b"not a png at all")
     (root / "red" / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match=r"broken\.png: cannot read image") as err:
-        load_dataset(str(root), resolution=8)
+        load_dataset(str(root), "all", resolution=8)
     assert "skip_bad" in str(err.value)
-    data = load_dataset(str(root), resolution=8, skip_bad=True)
+    data = load_dataset(str(root), "all", resolution=8, skip_bad=True)
     assert len(data) == 4 and data.skipped == 2
 
 
@@ -74,19 +74,19 @@ def test_paths_escaping_the_root_are_refused(tmp_path):
     for bad in ["../secret.png", "/etc/passwd", "red/../../secret.png"]:
         (root / "metadata.jsonl").write_text(json.dumps({"file_name": bad, "text": "x"}) + "\n")
         with pytest.raises(UserError, match="escapes the dataset root"):
-            load_dataset(str(root), resolution=8)
+            load_dataset(str(root), "all", resolution=8)
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "red/./img0.png", "text": "ok"}) + "\n")
-    assert load_dataset(str(root), resolution=8).captions == ["ok"]
+    assert load_dataset(str(root), "all", resolution=8).captions == ["ok"]
 
 
 def test_missing_captions_missing_files_and_empty_datasets(tmp_path):
     root = make_image_folder(tmp_path / "ds", n=2)
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "red/img0.png"}) + "\n")
     with pytest.raises(UserError, match="neither a 'text' caption nor a label"):
-        load_dataset(str(root), resolution=8)
+        load_dataset(str(root), "all", resolution=8)
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "red/nothere.png", "text": "x"}) + "\n")
     with pytest.raises(UserError, match="does not exist"):
-        load_dataset(str(root), resolution=8)
+        load_dataset(str(root), "all", resolution=8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no readable images"):
         load_dataset(str(tmp_path / "empty"), resolution=8)

@@ -90,4 +90,4 @@ def test_evaluate_cli_rejects_bad_n(tiny_cascade_dir, toy_npz, capsys):
     from imagen_transfer.cli import main
 
     assert main(["evaluate", "--model", str(tiny_cascade_dir), "--data", str(toy_npz), "--n", "1"]) == 2
-    assert "--n must be >= 2" in capsys.readouterr().err
+    assert "argument --n: must be >= 2 (got 1)" in capsys.readouterr().err

@@ -222,16 +222,32 @@ def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, d
             stage.unet.to(device=device, dtype=dtype)
         return cascade
     meta = read_cascade_json(folder)
+    meta_file = folder / "cascade.json"
+    entries = meta.get("stages")
+    if not isinstance(entries, list) or not entries or not all(
+            isinstance(e, dict) and {"name", "kind", "resolution"} <= set(e) for e in entries):
+        raise UserError(f"{meta_file}: 'stages' must be a non-empty list of {{name, kind, resolution}} entries; the "
+                        "file is damaged: re-save the cascade")
+    try:
+        spec = TextEncoderSpec(**meta["text_encoder"])
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{meta_file}: no valid 'text_encoder' entry ({err}); the file is damaged: re-save the "
+                        "cascade") from None
     stages = []
-    for entry in meta["stages"]:
+    for entry in entries:
         unet_dir = folder / entry["name"] / "unet"
-        if not (unet_dir / "config.json").is_file():
-            raise UserError(f"{folder} is incomplete: missing {unet_dir}/config.json")
-        unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype).to(device).eval()
-        scheduler = DDPMScheduler.from_pretrained(folder / entry["name"] / "scheduler")
-        stages.append(Stage(entry["name"], entry["kind"], entry["resolution"], unet, scheduler,
+        for needed in ("config.json", "diffusion_pytorch_model.safetensors"):
+            if not (unet_dir / needed).is_file() and not (unet_dir / (needed + ".index.json")).is_file():
+                raise UserError(f"{folder} is incomplete: missing {unet_dir / needed}")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype)
+            scheduler = DDPMScheduler.from_pretrained(folder / entry["name"] / "scheduler")
+        except Exception as err:  # noqa: BLE001 - a truncated or corrupt file: one line naming it, not a traceback
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise UserError(f"{folder / entry['name']}: cannot load the stage ({type(err).__name__}: {first[:200]}); a "
+                            "weight or config file is truncated or corrupt: re-save or copy the cascade again") from None
+        stages.append(Stage(entry["name"], entry["kind"], entry["resolution"], unet.to(device).eval(), scheduler,
                             lowres=entry.get("lowres"), aug_level_sample=entry.get("aug_level_sample", 100)))
-    spec = TextEncoderSpec(**meta["text_encoder"])
     return Cascade(spec, stages, sampling={**DEFAULT_SAMPLING, **meta.get("sampling", {})}, info=meta.get("info", {}))
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .outputs import check_output_dir, check_output_file
 
 # ------------------------------------------------------------------------------------------ argument types
 # Every number from the command line is finite and in range before any work starts (argparse then prints one
@@ -78,8 +79,7 @@ def cmd_sample(args) -> None:
     from .sampling import sample_cascade, save_grid
 
     sampling = _check_sampling(args)
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1 (got {args.n})")
+    check_output_file(Path(args.out))  # a read-only or missing folder fails now, not after the sampling
     cascade = load_cascade(args.model)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -201,8 +201,7 @@ def _check_sampling(args) -> dict:
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate
 
-    if args.n < 2:
-        raise UserError(f"--n must be >= 2 (got {args.n})")
+    check_output_file(Path(args.out))  # fails now, not after the compute
     result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
                       batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
                       logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix))
@@ -235,6 +234,8 @@ def _named_models(values: list[str]) -> dict[str, str]:
 def cmd_features(args) -> None:
     from .features import extract
 
+    check_output_dir(Path(args.out), what="feature folder", overwrite=True,
+                     is_ours=lambda folder: (folder / "manifest.json").is_file())
     out = extract(_named_models(args.model), args.data, args.out, splits=tuple(args.splits), stage_name=args.stage,
                   blocks=args.blocks, timesteps=args.timesteps, prompt=args.prompt,
                   baselines=tuple(b for b in args.baselines if b != "none"), seed=args.seed,
@@ -440,7 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a bad argument (2, its one line already printed)
+        return int(exit_.code or 0)
     try:
         args.func(args)
     except UserError as err:

@@ -3,8 +3,11 @@
 Sources (named by a path, or by a short name resolved in `IMAGEN_TRANSFER_DATA`):
 - an image folder or a zip of one, either with a `metadata.jsonl` (Hugging Face imagefolder convention:
   `file_name`, `text`, optional `label`) or with class subfolders (`<class>/<image>`); an optional split level
-  (`train/`, `test/`, ...) above either;
-- a MedMNIST `.npz` file (`train_images`, `train_labels`, `val_*`, `test_*`).
+  (`train/`, `val/`, `test/`, ...) above either. A split the data set lacks is refused; a data set without split
+  folders is split by a seeded per-class permutation (80/10/10 train/val/test, `seeded_split`, recorded in the
+  data's `source`), so train and test never share an image; `all` reads every image;
+- a MedMNIST `.npz` file (`train_images`, `train_labels`, `val_*`, `test_*`): uint8, uint16 or float images (floats
+  in [0, 1] or [0, 255]), one integer label per image; anything else is refused with the file named.
 
 Images are decoded in the main process (never inside a DataLoader worker), converted to RGB or grayscale,
 centre-cropped and resized to the requested resolution, and held as one uint8 tensor: the datasets this toolkit
@@ -99,6 +102,13 @@ def _to_array(data: bytes, name: str, resolution: int, channels: int) -> np.ndar
 
     with Image.open(io.BytesIO(data)) as img:
         img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: scale to 8 bits (convert("L") saturates)
+            wide = np.asarray(img, dtype=np.int64)
+            if wide.min() < 0 or wide.max() > 65535:
+                raise ValueError(f"{img.mode} pixel values outside 0..65535")
+            img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+        elif img.mode == "F":
+            raise ValueError("32-bit float images are not supported; save as 8- or 16-bit")
         img = img.convert("RGB" if channels == 3 else "L")
     w, h = img.size
     side = min(w, h)
@@ -131,7 +141,14 @@ class _Archive:
 
     def __init__(self, path: Path):
         self.path = path
-        self.zip = zipfile.ZipFile(path) if path.suffix == ".zip" else None
+        self.zip = None
+        if path.suffix == ".zip":
+            try:
+                self.zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as err:
+                raise UserError(f"{path}: not a readable zip archive ({err}); pass a zip, a folder or an .npz") from None
+        elif not path.is_dir():
+            raise UserError(f"{path}: not a dataset (expected a folder, a .zip or a MedMNIST-style .npz)")
         if self.zip is not None:
             self.names = [n for n in self.zip.namelist() if not n.endswith("/")]
         else:
@@ -147,16 +164,59 @@ class _Archive:
         return f"{self.path}:{name}" if self.zip is not None else str(self.path / name)
 
 
-def _split_prefix(archive: _Archive, split: str) -> str:
-    """'train/' when the archive has a split level (optionally under one top folder), else the root."""
-    tops = {n.split("/")[0] for n in archive.names}
-    if split in tops:
-        return split + "/"
-    if len(tops) == 1:
+KNOWN_SPLITS = ("train", "val", "valid", "validation", "test")
+SPLIT_SEED = 0  # the seeded split of a dataset without split folders (recorded in the data's source string)
+SPLIT_SHARES = {"val": 0.1, "test": 0.1}  # and the rest train
+
+
+def _split_levels(archive: _Archive) -> tuple[str, list[str]]:
+    """(parent prefix, split folder names) when the archive has a split level (`train/`, `test/`, ..., optionally
+    under one top folder), else ("", [])."""
+    tops = {n.split("/")[0] for n in archive.names if "/" in n}
+    found = sorted(tops & set(KNOWN_SPLITS))
+    if found:
+        return "", found
+    if len(tops) == 1 and all("/" in n for n in archive.names):
         (top,) = tops
-        if any(n.startswith(f"{top}/{split}/") for n in archive.names):
-            return f"{top}/{split}/"
-    return ""
+        below = {n.split("/")[1] for n in archive.names if n.count("/") >= 2}
+        found = sorted(below & set(KNOWN_SPLITS))
+        if found:
+            return top + "/", found
+    return "", []
+
+
+def _split_prefix(archive: _Archive, split: str) -> str:
+    """'train/' when the archive has a split level (optionally under one top folder), '' for one without. A split
+    the archive does not have is refused (never the whole archive with its split folders read as classes)."""
+    parent, splits = _split_levels(archive)
+    if not splits:
+        if split not in ("train", "val", "test", "all"):
+            raise UserError(f"{archive.path} has no split folders, so its splits are a seeded split (train / val / "
+                            f"test, {SPLIT_SEED}) or all; got split '{split}'")
+        return ""
+    if split not in splits:
+        raise UserError(f"{archive.path}: no split '{split}' (its split folders: {', '.join(splits)})")
+    return f"{parent}{split}/"
+
+
+def seeded_split(entries: list, split: str) -> list:
+    """The `split` part of a dataset without split folders: per class (or over all when unlabelled), a seeded
+    permutation of the sorted file names gives 10% test, 10% val (each at least one example where a class has
+    three or more) and the rest train; the same files land in the same split on every machine and call."""
+    if split == "all":
+        return entries
+    groups: dict = {}
+    for entry in sorted(entries):
+        groups.setdefault(entry[2], []).append(entry)
+    chosen = []
+    for key in sorted(groups, key=str):
+        members = groups[key]
+        order = torch.randperm(len(members), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+        n_test = max(1, round(SPLIT_SHARES["test"] * len(members))) if len(members) >= 3 else 0
+        n_val = max(1, round(SPLIT_SHARES["val"] * len(members))) if len(members) >= 3 else 0
+        parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+        chosen += [members[i] for i in sorted(parts[split])]
+    return sorted(chosen, key=entries.index)
 
 
 def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None, str | None]], str]:
@@ -165,7 +225,11 @@ def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None,
     meta_name = prefix + "metadata.jsonl"
     if meta_name in archive.name_set:
         entries = []
-        for lineno, line in enumerate(archive.read(meta_name).decode().splitlines(), 1):
+        try:
+            text = archive.read(meta_name).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{archive.where(meta_name)}: not UTF-8 text ({err}); save it as UTF-8") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{archive.where(meta_name)} line {lineno}"
@@ -173,14 +237,20 @@ def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None,
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{where}: not valid JSON ({err})") from None
-            if "file_name" not in row:
-                raise UserError(f"{where}: missing 'file_name'")
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise UserError(f"{where}: each line must be a JSON object with a 'file_name'")
+            if not isinstance(row["file_name"], str):
+                raise UserError(f"{where}: 'file_name' must be a string, got {row['file_name']!r}")
+            caption, label = row.get("text"), row.get("label")
+            if caption is not None and not isinstance(caption, str):
+                raise UserError(f"{where}: 'text' must be a string caption, got {caption!r}; quote it")
+            if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+                raise UserError(f"{where}: 'label' must be a string or an integer, got {label!r}")
             member = _safe_member(prefix.rstrip("/"), row["file_name"], where)
             if member not in archive.name_set:
                 raise UserError(f"{where}: file '{row['file_name']}' does not exist in the dataset")
-            label = row.get("label")
-            entries.append((member, row.get("text"), None if label is None else str(label)))
-        return entries, prefix
+            entries.append((member, caption, None if label is None else str(label)))
+        return (entries if prefix else seeded_split(entries, split)), prefix
     entries = []
     for name in archive.names:
         if not name.startswith(prefix) or name == prefix + "metadata.jsonl":
@@ -190,7 +260,7 @@ def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None,
             continue  # hidden files (.DS_Store, ._foo)
         label = rel[0] if len(rel) >= 2 else None
         entries.append((name, None, label))
-    return entries, prefix
+    return (entries if prefix else seeded_split(entries, split)), prefix
 
 
 def _decode_archive(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):
@@ -217,22 +287,82 @@ def _decode_archive(path: Path, split: str, resolution: int, channels: int, skip
     return images, texts, labels, skipped
 
 
+def _npz_pixels(raw: np.ndarray, where: str) -> torch.Tensor:
+    """Images of any usual storage as float pixel values in [0, 255]: uint8 as is, uint16 scaled from [0, 65535],
+    floats in [0, 1] scaled by 255 (MedMNIST-style arrays saved as floats), floats already in [0, 255] kept;
+    anything else (negative or non-finite values, wider integers beyond 255) refused."""
+    if raw.ndim not in (3, 4) or (raw.ndim == 4 and raw.shape[-1] not in (1, 3)):
+        raise UserError(f"{where}: images must be (N, H, W) or (N, H, W, 1|3), got shape {raw.shape}")
+    if raw.dtype == np.uint8:
+        return torch.from_numpy(raw).float()
+    if raw.dtype == np.uint16:
+        return torch.from_numpy(raw.astype(np.float32) * (255 / 65535))
+    if np.issubdtype(raw.dtype, np.floating):
+        x = torch.from_numpy(raw.astype(np.float32))
+        if not torch.isfinite(x).all():
+            raise UserError(f"{where}: images hold NaN or inf values")
+        low, high = x.min().item(), x.max().item()
+        if low >= 0 and high <= 1:
+            return x * 255
+        if low >= 0 and high <= 255:
+            return x
+        raise UserError(f"{where}: float images must lie in [0, 1] or [0, 255], found [{low:g}, {high:g}]")
+    if np.issubdtype(raw.dtype, np.integer):
+        if raw.min() < 0 or raw.max() > 255:
+            raise UserError(f"{where}: {raw.dtype} images must lie in 0..255, found {raw.min()}..{raw.max()}; store "
+                            "uint8 or uint16")
+        return torch.from_numpy(raw.astype(np.float32))
+    raise UserError(f"{where}: images of dtype {raw.dtype} are not supported (use uint8, uint16 or float)")
+
+
+def _npz_labels(raw: np.ndarray, n_images: int, where: str, names: list[str] | None) -> list[int]:
+    """One integer class per image: (N,) or (N, 1); counts must match; MedMNIST flags' labels within their names."""
+    if raw.ndim == 2 and raw.shape[1] == 1:
+        raw = raw[:, 0]
+    if raw.ndim != 1:
+        raise UserError(f"{where}: labels must be one class per image, shape (N,) or (N, 1), got {raw.shape} "
+                        "(multi-label data is not supported)")
+    if len(raw) != n_images:
+        raise UserError(f"{where}: {len(raw)} labels for {n_images} images; each image needs exactly one label")
+    if not (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
+            and np.all(np.isfinite(raw)) and np.all(raw == np.round(raw))):
+        raise UserError(f"{where}: labels must be integers, got dtype {raw.dtype}")
+    labels = raw.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise UserError(f"{where}: negative label {labels.min()}; classes are 0, 1, ...")
+    if names is not None and labels.size and labels.max() >= len(names):
+        raise UserError(f"{where}: label {labels.max()} is out of range for {len(names)} classes ({', '.join(names)})")
+    return labels.tolist()
+
+
 def _decode_npz(path: Path, split: str, resolution: int, channels: int):
-    with np.load(path, allow_pickle=False) as npz:
+    try:
+        npz_file = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path}: not a readable .npz file ({err})") from None
+    with npz_file as npz:
         if f"{split}_images" not in npz.files:
             splits = sorted(k[: -len("_images")] for k in npz.files if k.endswith("_images"))
-            raise UserError(f"{path}: no split '{split}' (splits: {', '.join(splits)})")
-        raw, raw_labels = npz[f"{split}_images"], npz[f"{split}_labels"].reshape(-1)
-    x = torch.from_numpy(raw).float()
+            raise UserError(f"{path}: no split '{split}' (splits: {', '.join(splits) or 'none: no <split>_images'})")
+        if f"{split}_labels" not in npz.files:
+            raise UserError(f"{path}: '{split}_images' has no '{split}_labels' beside it; add one integer label per "
+                            "image")
+        try:
+            raw, raw_labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+        except ValueError as err:  # object arrays would need pickle
+            raise UserError(f"{path}: cannot read '{split}' arrays ({err})") from None
+    names = MEDMNIST_LABELS.get(path.stem.lower())
+    where = f"{path}:{split}"
+    x = _npz_pixels(raw, where)
+    label_ids = _npz_labels(raw_labels, len(raw), where, names)
     x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)
     if x.shape[1] != channels:
         x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, 3, -1, -1)
-    if x.shape[-1] != resolution:
+    if x.shape[-1] != resolution or x.shape[-2] != resolution:
         x = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True,
                                             align_corners=False)
     images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-    names = MEDMNIST_LABELS.get(path.stem.lower())
-    labels = [names[i] if names else str(i) for i in raw_labels.tolist()]
+    labels = [names[i] if names else str(i) for i in label_ids]
     return images, labels
 
 
@@ -259,7 +389,7 @@ def _content_hash(path: Path, size: int, mtime_ns: int) -> str:
 def _cache_file(path: Path, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
     if path.is_dir():
         return None
-    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{channels}|{skip_bad}|v1"
+    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{channels}|{skip_bad}|v2"  # v2: seeded splits
     return cache_root() / "data" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".npz")
 
 
@@ -345,7 +475,10 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
                 raise UserError(f"{path}: example {i} of split '{split}' has neither a 'text' caption nor a label")
             text = caption_for(label, i, templates)
         final_captions.append(text)
-    data = ImageTextData(images, final_captions, labels, names, f"{path}:{split}", skipped)
+    source = f"{path}:{split}"
+    if path.suffix != ".npz" and not _split_levels(_Archive(path))[1]:
+        source += f" (seeded split, seed {SPLIT_SEED}: 80/10/10 train/val/test per class; the folder has no split folders)"
+    data = ImageTextData(images, final_captions, labels, names, source, skipped)
     if fraction < 1 or per_class is not None:
         data = data.subset(select_subset(labels, fraction=fraction, per_class=per_class, seed=seed))
     if limit is not None and limit < len(data):

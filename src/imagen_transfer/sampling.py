@@ -165,7 +165,7 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
         raise ValueError("one seed per prompt")
     settings = {**cascade.sampling, **{k: v for k, v in options.items() if v is not None}}
     grayscale = settings.pop("grayscale", False)
-    use = [s for s in cascade.stages if stages is None or s.name in stages]
+    use = _stages_to_run(cascade, stages)
     encoder = load_text_encoder(cascade.text_encoder)
     for other, _ in mix or []:
         if other.text_encoder != cascade.text_encoder:
@@ -184,6 +184,23 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
             x = to_gray(x)
         outputs.append(x.cpu())
     return torch.cat(outputs)
+
+
+def _stages_to_run(cascade, names: list[str] | None) -> list:
+    """The stages to sample: all, or a leading run of them (each SR stage needs the output of the one before it)."""
+    if names is None:
+        return list(cascade.stages)
+    known = [s.name for s in cascade.stages]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UserError(f"no stage {', '.join(map(repr, unknown)) or '(none given)'} in this cascade; stages: "
+                        f"{', '.join(known)}")
+    use = [s for s in cascade.stages if s.name in names]
+    if use != cascade.stages[: len(use)]:
+        raise UserError(f"stages {' '.join(names)}: a super-resolution stage needs the stage before it to make its "
+                        f"low-res input; give a leading run of the cascade's stages, e.g. --stages {known[0]} or "
+                        f"--stages {' '.join(known)}")
+    return use
 
 
 def to_gray(images: torch.Tensor) -> torch.Tensor:
