@@ -299,12 +299,16 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=32)
     parser.add_argument("--sample-repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--train", default=",".join(TRAIN))
-    parser.add_argument("--sample", default=",".join(SAMPLE))
+    parser.add_argument("--train", default=",".join(TRAIN), help="comma-separated contenders, or none")
+    parser.add_argument("--sample", default=",".join(SAMPLE), help="comma-separated contenders, or none")
     parser.add_argument("--out", default=None, help="markdown table (a .json beside it holds every run)")
     args = parser.parse_args()
-    train_names = tuple(n for n in args.train.split(",") if n)
-    sample_names = tuple(n for n in args.sample.split(",") if n)
+    train_names = tuple(n for n in args.train.split(",") if n and n != "none")
+    sample_names = tuple(n for n in args.sample.split(",") if n and n != "none")
+    for names, known, flag in ((train_names, TRAIN, "--train"), (sample_names, SAMPLE, "--sample")):
+        unknown = [n for n in names if n not in known]
+        if unknown:  # checked before any run, not a KeyError after all the training
+            parser.error(f"{flag}: unknown contender(s) {', '.join(unknown)}; known: {', '.join(known)} (or none)")
     options = {k: v for k, v in vars(args).items() if k not in ("train", "sample", "out")}
     results = {"train": {n: [] for n in train_names}, "sample": {n: [] for n in sample_names}}
     started = time.time()

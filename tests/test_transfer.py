@@ -135,9 +135,27 @@ def test_a_refused_transfer_setting_leaves_no_run_folder(tiny_cascade_dir, tmp_p
     from imagen_transfer.train import train
 
     data = make_npz(tmp_path / "pneumoniamnist.npz")
-    with pytest.raises(UserError, match="freezes nothing"):
-        train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", "freeze"))
+    with pytest.raises(UserError, match="'down_block.0.*' matches no parameter"):
+        train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", "freeze",
+                               "transfer.freeze_patterns=['down_block.0.*']"))
     assert not (tmp_path / "run").exists(), "a typo must not leave a folder that blocks the corrected run"
+
+
+def test_freeze_alone_freezes_the_stem_and_first_down_block(tiny_cascade_dir, tmp_path, capsys):
+    from conftest import make_npz
+
+    from imagen_transfer.config import load_config
+    from imagen_transfer.train import train
+
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    run = train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", "freeze"))
+    assert "freezing the stem and the first 1 down block(s)" in capsys.readouterr().out
+    assert load_config(run / "config.yaml").transfer.freeze_first_k == 1  # the resolved default is recorded
+    source, tuned = load_cascade(tiny_cascade_dir), load_cascade(run / "cascade")
+    a, b = source.stage("base").unet.state_dict(), tuned.stage("base").unet.state_dict()
+    frozen = [k for k in a if k.startswith(("conv_in.", "time_embedding.", "down_blocks.0."))]
+    assert frozen and all(torch.equal(a[k], b[k]) for k in frozen)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("up_blocks."))
 
 
 @pytest.mark.parametrize("method", ["full", "freeze", "bitfit", "difffit", "lora"])

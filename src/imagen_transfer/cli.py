@@ -324,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="transfer a cascade to a new dataset (full, freeze, bitfit, difffit, lora)")
     p.add_argument("--source", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
-    p.add_argument("--method", required=True, choices=["full", "freeze", "bitfit", "difffit", "lora"])
+    p.add_argument("--method", required=True, choices=["full", "freeze", "bitfit", "difffit", "lora"],
+                   help="what trains (the text encoder is always frozen): full = every U-Net weight; freeze = all but "
+                        "the stem and the first down block (or set transfer.freeze_first_k / freeze_patterns); "
+                        "bitfit = biases and norms; difffit = BitFit + scale factors; lora = low-rank adapters")
     _add_run_arguments(p, out_default="runs/finetune-<data>-<method>")
     p.set_defaults(func=cmd_finetune)
 

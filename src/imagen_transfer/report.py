@@ -61,7 +61,8 @@ def plot_curves(rows: list[dict], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     series = [(key, title) for key, title in (("loss", "training loss"), ("val_loss", "validation loss (fixed noise)"),
-                                              ("kid", "KID")) if any(r.get(key) is not None for r in rows)]
+                                              ("kid", "KID (EMA samples)"),
+                                              ("conditioning_accuracy", "conditioning accuracy")) if any(r.get(key) is not None for r in rows)]
     if not series:
         return None
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)

@@ -44,6 +44,7 @@ from .data import ImageTextData, load_dataset, resize, to_float
 from .diffusion import draw, training_loss
 from .errors import UserError
 from .outputs import check_writable_dir, run_lock
+from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
 from .text import (
     EmbeddingCache,
@@ -53,8 +54,15 @@ from .text import (
     load_text_encoder,
     text_dim,
 )
-from .transfer import DEFAULT_LR, check_transfer, finish_transfer, parameter_groups, prepare_transfer
-from .unet import resolve_precision, training_attention
+from .transfer import (
+    DEFAULT_LR,
+    check_transfer,
+    finish_transfer,
+    parameter_groups,
+    prepare_transfer,
+    resolve_transfer_defaults,
+)
+from .unet import precision_choice, resolve_precision, training_attention
 
 ValidationHook = Callable[[Cascade, Stage, int], None]
 
@@ -157,6 +165,12 @@ def validation_loss(stage: Stage, val: Captioned, null: TextEncoding, config: Ru
     return total / count
 
 
+def sample_settings(s) -> dict:
+    """sample_stage's settings from the config's `sample` section (sample grids and KID while training)."""
+    return dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, thresholding=s.thresholding,
+                percentile=s.percentile, max_value=s.max_value)
+
+
 def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, path: Path, device,
                   encode, gray: bool = False) -> None:
     """Base stage: a row per prompt. SR stage: real low-res input | SR output | real image, for validation images.
@@ -164,8 +178,7 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
     shown = to_gray if gray else (lambda images: images)
 
     s = config.sample
-    opts = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, thresholding=s.thresholding,
-                percentile=s.percentile, max_value=s.max_value, progress=False)
+    opts = dict(sample_settings(s), progress=False)
     if stage.kind == "base":
         prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
@@ -183,7 +196,7 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
 
 def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captioned, val: Captioned,
                 null: TextEncoding, run_dir: Path, *, encode, resume: bool = False, accelerator=None,
-                on_validation: ValidationHook | None = None) -> dict:
+                on_validation: ValidationHook | None = None, quality: QualityProbe | None = None) -> dict:
     """Train one stage in place (its U-Net ends holding the EMA weights). Returns a summary dict.
 
     `encode` maps prompts to a TextEncoding (for sample grids); only parameters with requires_grad are trained.
@@ -289,11 +302,17 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         accelerator.wait_for_everyone()  # nobody runs ahead while the main process writes
         return path
 
-    def evaluate() -> float:
+    def evaluate(val_due: bool, kid_due: bool) -> dict:
+        """Validation loss and / or sample quality of the EMA weights (swapped in, then back)."""
         ema.store(params)
         ema.copy_to(params)
         raw_unet.eval()
-        value = validation_loss(stage, val, null, config, device, batch_size=max(micro, 16))
+        values = {}
+        if val_due:
+            values["val_loss"] = validation_loss(stage, val, null, config, device, batch_size=max(micro, 16))
+        if kid_due:  # every process measures (same seeds), so an early stop on KID is the same decision everywhere
+            values.update(measure_quality(quality, stage, encode, null, sample_settings(config.sample),
+                                          gray=cascade.sampling.get("grayscale", False)))
         if main and tc.sample_every and step % tc.sample_every == 0:
             write_samples(stage, val, null, config, run_dir / "samples" / f"{stage.name}-step-{step:07d}.png", device,
                           encode, gray=cascade.sampling.get("grayscale", False))
@@ -301,12 +320,17 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
             on_validation(cascade, stage, step)
         raw_unet.train()
         ema.restore(params)
-        return value
+        return values
 
+    metric = tc.early_stopping_metric  # what early stopping and restore-best follow: val_loss or kid
+    if tc.kid_every and quality is None:
+        raise ValueError("train.kid_every needs a QualityProbe (quality.build_quality_probe)")
     metrics_file = run_dir / "metrics.jsonl"
     if main:
+        reason = precision_choice(tc.mixed_precision, device.type == "cuda")[1]
         append_jsonl(metrics_file, dict(stage=stage.name, event="start", step=step, processes=world,
-                                        precision=accelerator.mixed_precision, device=str(device),
+                                        precision=accelerator.mixed_precision, precision_reason=reason,
+                                        device=str(device),
                                         peak_memory_window="stage", time=time.time()))
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage.name}", disable=not main, dynamic_ncols=True)
     # The loss is summed on the device and read once per log window: a read per step would make the host wait for
@@ -360,15 +384,18 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                           time=time.time())
             window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
         improved = False
-        if tc.val_every and (step % tc.val_every == 0 or step == tc.steps):
+        val_due = bool(tc.val_every) and (step % tc.val_every == 0 or step == tc.steps)
+        kid_due = bool(tc.kid_every) and (step % tc.kid_every == 0 or step == tc.steps)
+        if val_due or kid_due:
             record = record or dict(stage=stage.name, step=step, time=time.time())
-            record["val_loss"] = evaluate()
-            # Patience counts validations without an improvement of more than min_delta on the last such value
-            # (the anchor); restore-best keeps the lowest validation loss seen, however small its margin.
-            value, anchor = record["val_loss"], best.get("anchor", best["val"])
+            record.update(evaluate(val_due, kid_due))
+        if record is not None and record.get(metric) is not None:
+            # Patience counts measurements without an improvement of more than min_delta on the last such value
+            # (the anchor); restore-best keeps the lowest value seen, however small its margin.
+            value, anchor = record[metric], best.get("anchor", best["val"])
             improved = value < best["val"]
             if improved:
-                best.update(val=value, step=step)
+                best.update(val=value, step=step, metric=metric)
                 best_ema = [p.detach().clone() for p in ema.shadow_params] if keep_best else None
             if value < anchor - tc.early_stopping_min_delta:
                 best.update(anchor=value, stale=0)
@@ -378,15 +405,16 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                 done = True
                 record["early_stop"] = early_stopped = True
                 if main:
-                    tqdm.write(f"[{stage.name}] early stopping at step {step}: val_loss {value:.5f} has not improved "
+                    tqdm.write(f"[{stage.name}] early stopping at step {step}: {metric} {value:.5f} has not improved "
                                f"on {best.get('anchor', anchor):.5f} by more than {tc.early_stopping_min_delta} for "
-                               f"{best['stale']} validations (best {best['val']:.5f} at step {best['step']})")
+                               f"{best['stale']} measurements (best {best['val']:.5f} at step {best['step']})")
         if record is not None and main:
             append_jsonl(metrics_file, record)
             for key, value in record.items():
                 if isinstance(value, float) and key != "time":
                     writer.add_scalar(f"{stage.name}/{key}", value, step)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_loss", "images_per_s")})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
+                            if k in ("loss", "val_loss", "kid", "images_per_s")})
         if step % tc.checkpoint_every == 0 or step == tc.steps or done or improved and keep_best:
             path = save(done=done or step == tc.steps)
             if main and improved:
@@ -404,7 +432,8 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     if writer is not None:
         writer.close()
     history = [r for r in read_jsonl(metrics_file) if r.get("stage") == stage.name]
-    return dict(stage=stage.name, steps=step, best_val_loss=best["val"], best_step=best["step"],
+    return dict(stage=stage.name, steps=step, early_stopping_metric=metric, best_value=best["val"],
+                best_val_loss=best["val"] if metric == "val_loss" else None, best_step=best["step"],
                 images_per_s=[r["images_per_s"] for r in history if "images_per_s" in r][-1:] or None)
 
 
@@ -414,7 +443,7 @@ def run_dir_of(config: RunConfig) -> Path:
 
 # What a resumed run may change: budgets, intervals and threads (the step budget can grow, logging can thin out).
 # Anything else (data, model, loss, optimiser, stages, transfer) would silently train a different run.
-RESUMABLE_KEYS = ("out", "train.steps", "train.stage_steps", "train.log_every", "train.val_every",
+RESUMABLE_KEYS = ("out", "train.steps", "train.stage_steps", "train.log_every", "train.val_every", "train.kid_every",
                   "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.threads",
                   "train.early_stopping_patience", "train.early_stopping_min_delta", "sample.")
 
@@ -533,6 +562,13 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
         check_run_dir(config, resume)
     torch.manual_seed(config.train.seed)
     cascade = build_or_load_cascade(config)
+    if config.train.kid_every:  # a missing feature network fails here, before the run folder exists
+        from .metrics import load_feature_net
+
+        load_feature_net(config.train.kid_feature_net)
+    note = resolve_transfer_defaults(config.transfer)
+    if note and main:
+        print(note)
     for name in config.train.stages:  # a bad stage name or transfer setting fails before the run folder exists
         check_transfer(cascade.stage(name).unet, config.transfer)
     d = config.data
@@ -579,8 +615,9 @@ def _train_in(config: RunConfig, resume: bool, on_validation, accelerator, casca
         if name in config.train.stage_steps:  # this stage trains for its own number of steps
             stage_config = copy.deepcopy(config)
             stage_config.train.steps = int(config.train.stage_steps[name])
+        quality = build_quality_probe(config, stage, val_data) if config.train.kid_every else None
         result = train_stage(stage_config, cascade, stage, train_set, val_set, null, run_dir, encode=cache,
-                             resume=resume, accelerator=accelerator, on_validation=on_validation)
+                             resume=resume, accelerator=accelerator, on_validation=on_validation, quality=quality)
         finish_transfer(stage.unet)
         summaries.append({**result, "method": summary.method, "trainable_percent": summary.percent})
     cascade.info.update(trained_on=f"{train_data.source} ({len(train_data)} images)", run=str(run_dir),

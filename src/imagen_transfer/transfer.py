@@ -7,7 +7,8 @@ get no gradient and no optimizer state.
 
 - `full`: every U-Net parameter trains.
 - `freeze`: parameters matching `freeze_patterns` (globs over names) stay fixed, and with `freeze_first_k = k` so do
-  the stem (conv_in, the time / text embeddings, the text projection) and the first k down blocks. Nothing trainable
+  the stem (conv_in, the time / text embeddings, the text projection) and the first k down blocks; with neither
+  given, the stem and the first down block (`resolve_transfer_defaults`). Nothing trainable
   then feeds those modules, so autograd runs no backward pass through them.
 - `bitfit`: biases and normalisation parameters only (Ben Zaken et al. 2022).
 - `difffit`: BitFit plus learnable per-channel scales, initialised at 1, on the residual and attention branches of the
@@ -53,6 +54,20 @@ class TransferSummary:
 
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+DEFAULT_FREEZE_FIRST_K = 1  # `freeze` alone: the stem and the first down block (the text encoder is always frozen)
+
+
+def resolve_transfer_defaults(config) -> str | None:
+    """`method: freeze` with nothing named to freeze gets the default this kind of tool has: the stem and the first
+    down block (`freeze_first_k: 1`), written into the config so the run folder records it. Returns a note, or
+    None when nothing was filled in."""
+    if config.method == "freeze" and not config.freeze_first_k and not config.freeze_patterns:
+        config.freeze_first_k = DEFAULT_FREEZE_FIRST_K
+        return (f"transfer.method=freeze with nothing named: freezing the stem and the first "
+                f"{DEFAULT_FREEZE_FIRST_K} down block(s) (transfer.freeze_first_k={DEFAULT_FREEZE_FIRST_K})")
+    return None
 
 
 def check_transfer(unet, config) -> None:

@@ -1,0 +1,94 @@
+"""Sample quality during training: KID and conditioning accuracy of the EMA weights every `train.kid_every` steps.
+
+Validation loss at fixed noise says how well a stage denoises, not how good its samples look; users of fine-tuning
+tools ask for a sample metric while training and early stopping on it (diffusers #5364, #7249). A `QualityProbe` is
+built once per stage (real features of the validation split, fixed captions and seeds, the conditioning judge) and
+`measure_quality` then costs one batch of samples plus their features:
+
+- base stage: `kid_samples` images for captions drawn (seeded) from the validation split, image i with seed i;
+- SR stage: the first `kid_samples` validation images downsampled to its input resolution and super-resolved, so
+  the SR stage is judged on real low-res inputs, independently of the base stage.
+
+Both use the sample-grid settings (`sample.*`). KID is the unbiased MMD^2 of Binkowski et al. 2018 (metrics.kid) on
+TF-Inception features (or `train.kid_feature_net`); with ~100-250 images its spread (kid_std) is large, so patience
+over several measurements matters more than one value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import ImageTextData, resize, to_float
+from .evaluate import draw_captions, reference_features
+from .metrics import extract_features, kid, load_feature_net
+
+
+@dataclass
+class QualityProbe:
+    prompts: list[str]
+    labels: torch.Tensor  # the class each prompt names (-1: unknown)
+    lowres_source: torch.Tensor | None  # SR stages: uint8 real images (N, H, W, C) whose downsampling they upsample
+    real_features: torch.Tensor
+    net: torch.nn.Module
+    judge: torch.nn.Module | None
+    judge_classes: list[str]
+    feature_network: str
+
+
+def build_quality_probe(config, stage, val_data: ImageTextData, progress: bool = False) -> QualityProbe:
+    """Everything a measurement needs that does not change during the stage's training (see module doc)."""
+    from .judge import load_or_train_judge
+
+    tc, d = config.train, config.data
+    net, net_id = load_feature_net(tc.kid_feature_net)
+    real, _ = reference_features(d.dataset, d.val_split, stage.resolution, net, net_id, batch_size=100,
+                                 progress=progress)
+    lowres_source = None
+    if stage.kind == "sr":
+        n = min(tc.kid_samples, len(val_data))
+        prompts, labels, lowres_source = val_data.captions[:n], val_data.labels[:n], val_data.images[:n]
+    else:
+        prompts, labels = draw_captions(val_data, tc.kid_samples, seed=0)
+    judge, classes = None, []
+    if len(val_data.label_names) >= 2 and bool((labels >= 0).all()):
+        try:
+            judge, info = load_or_train_judge(d.dataset, stage.resolution, split=d.split, eval_split=d.val_split,
+                                              progress=progress)
+            classes = info["classes"]
+        except ValueError:  # the training split has no labels: KID only
+            judge = None
+    return QualityProbe(prompts, labels, lowres_source, real, net, judge, classes, net_id)
+
+
+@torch.no_grad()
+def measure_quality(probe: QualityProbe, stage, encode, null, sample: dict, gray: bool = False,
+                    batch_size: int = 64) -> dict:
+    """KID (mean, std) of the stage's current weights against the real validation features, and conditioning
+    accuracy where the data has labels. `encode`: prompts -> TextEncoding; `sample`: sample_stage settings."""
+    from .judge import conditioning_accuracy
+    from .sampling import sample_stage, to_gray, to_uint8
+
+    device = next(stage.unet.parameters()).device
+    images = []
+    for start in range(0, len(probe.prompts), batch_size):
+        chunk = probe.prompts[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        lowres = None
+        if probe.lowres_source is not None:
+            real = to_float(probe.lowres_source[start : start + batch_size].to(device))
+            if real.shape[1] != stage.channels:
+                real = real.mean(1, keepdim=True) if stage.channels == 1 else real.expand(-1, stage.channels, -1, -1)
+            lowres = resize(resize(real, stage.resolution), stage.lowres)
+        x = sample_stage(stage, encode(chunk), null, gens, lowres=lowres, progress=False, **sample)
+        x = to_uint8((to_gray(x) if gray else x).cpu())
+        images.append(x.expand(-1, -1, -1, 3) if x.shape[-1] == 1 else x)
+    images = torch.cat(images)
+    fake = extract_features(probe.net, images, batch_size=100, progress=False)
+    kid_mean, kid_std, _ = kid(probe.real_features, fake, seed=0)
+    result = dict(kid=kid_mean, kid_std=kid_std, kid_n=len(fake))
+    if probe.judge is not None:
+        result["conditioning_accuracy"] = conditioning_accuracy(probe.judge, images, probe.labels,
+                                                                probe.judge_classes)["conditioning_accuracy"]
+    return result
