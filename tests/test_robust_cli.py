@@ -156,3 +156,18 @@ def test_an_unwritable_output_folder_fails_before_the_compute_on_any_user(tiny_c
     monkeypatch.setattr(sampling, "sample_cascade", lambda *a, **k: pytest.fail("sampled before the check"))
     assert "No space left on device" in run(["sample", "--model", tiny_cascade_dir, "--prompt", "a cat", "--out",
                                              tmp_path / "g.png"], capsys)
+
+
+def test_a_disk_that_fills_up_mid_run_gives_one_line(tiny_cascade_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import imagen_transfer.sampling as sampling
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
+
+    monkeypatch.setattr(sampling, "save_grid", full_disk)
+    code = main(["sample", "--model", str(tiny_cascade_dir), "--prompt", "a cat", "--steps", "1", "--n", "1",
+                 "--out", str(tmp_path / "g.png")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0] and "g.png" in lines[0]

@@ -456,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full disk or a folder that became read-only mid-run: one line, not a traceback
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; files are written beside their final name and renamed, so what "
+              "was there before is intact (a run continues with --resume)", file=sys.stderr)
+        return 1
     return 0
 
 
