@@ -30,6 +30,17 @@ def tiny_cascade():
 
 
 @pytest.fixture(scope="session")
+def small_feature_net(tmp_path_factory):
+    """A tiny TorchScript 'Inception' (16-d features) standing in for TF-Inception, so a measurement takes seconds."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 7, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())
+    path = tmp_path_factory.mktemp("nets") / "features.pt"
+    torch.jit.save(torch.jit.script(net.eval()), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_cascade_dir(tmp_path_factory, tiny_cascade):
     from imagen_transfer.cascade import save_cascade
 

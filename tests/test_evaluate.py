@@ -7,17 +7,6 @@ import json
 import pytest
 import torch
 from conftest import make_npz
-from torch import nn
-
-
-@pytest.fixture(scope="module")
-def small_feature_net(tmp_path_factory):
-    """A tiny TorchScript 'Inception' (16-d features) so the protocol test runs in seconds."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    path = tmp_path_factory.mktemp("nets") / "features.pt"
-    torch.jit.save(torch.jit.script(net.eval()), str(path))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,8 @@
 """KID and conditioning accuracy during training, and early stopping on KID (issue #18)."""
 
 import pytest
-import torch
 from conftest import make_npz
 from test_train import tiny_config
-from torch import nn
 
 from imagen_transfer import train as train_module
 from imagen_transfer.checkpoint import read_jsonl
@@ -14,24 +12,14 @@ from imagen_transfer.report import plot_curves
 from imagen_transfer.train import train
 
 
-@pytest.fixture(scope="module")
-def feature_net(tmp_path_factory):
-    """A tiny TorchScript feature network (16-d) standing in for TF-Inception, so a measurement takes a second."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 16, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    path = tmp_path_factory.mktemp("nets") / "features.pt"
-    torch.jit.save(torch.jit.script(net.eval()), str(path))
-    return path
-
-
 @pytest.fixture
 def pneumonia_npz(tmp_path):
     return make_npz(tmp_path / "pneumoniamnist.npz")
 
 
-def test_kid_and_conditioning_accuracy_are_logged_with_the_validation_loss(pneumonia_npz, feature_net, tmp_path):
+def test_kid_and_conditioning_accuracy_are_logged_with_the_validation_loss(pneumonia_npz, small_feature_net, tmp_path):
     run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.stages=[base, sr]", "train.kid_every=3",
-                            "train.kid_samples=8", f"train.kid_feature_net={feature_net}"))
+                            "train.kid_samples=8", f"train.kid_feature_net={small_feature_net}"))
     rows = read_jsonl(run / "metrics.jsonl")
     for stage in ("base", "sr"):
         measured = [r for r in rows if r.get("stage") == stage and "kid" in r]
@@ -41,8 +29,8 @@ def test_kid_and_conditioning_accuracy_are_logged_with_the_validation_loss(pneum
     assert plot_curves(rows, tmp_path / "curves.png").is_file()
 
 
-def test_kid_measurements_repeat_exactly(pneumonia_npz, feature_net, tmp_path):
-    extra = ("train.kid_every=6", "train.kid_samples=8", f"train.kid_feature_net={feature_net}")
+def test_kid_measurements_repeat_exactly(pneumonia_npz, small_feature_net, tmp_path):
+    extra = ("train.kid_every=6", "train.kid_samples=8", f"train.kid_feature_net={small_feature_net}")
     first = [r["kid"] for r in read_jsonl(train(tiny_config(pneumonia_npz, tmp_path / "a", *extra)) / "metrics.jsonl")
              if "kid" in r]
     again = [r["kid"] for r in read_jsonl(train(tiny_config(pneumonia_npz, tmp_path / "b", *extra)) / "metrics.jsonl")
@@ -50,12 +38,12 @@ def test_kid_measurements_repeat_exactly(pneumonia_npz, feature_net, tmp_path):
     assert first == again and len(first) == 1
 
 
-def test_early_stopping_on_kid_restores_the_best_measurement(pneumonia_npz, feature_net, tmp_path, monkeypatch):
+def test_early_stopping_on_kid_restores_the_best_measurement(pneumonia_npz, small_feature_net, tmp_path, monkeypatch):
     kids = iter([0.5, 0.3, 0.4, 0.45, 0.2])  # best at the 2nd measurement, then two without improvement
 
     monkeypatch.setattr(train_module, "measure_quality", lambda *a, **k: dict(kid=next(kids), kid_std=0.0, kid_n=8))
     run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=10", "train.kid_every=2",
-                            f"train.kid_feature_net={feature_net}", "train.early_stopping_metric=kid",
+                            f"train.kid_feature_net={small_feature_net}", "train.early_stopping_metric=kid",
                             "train.early_stopping_patience=2", "train.val_every=0", "train.checkpoint_every=2"))
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "kid" in r] == [2, 4, 6, 8]
