@@ -59,18 +59,24 @@ def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
     records = []
-    for lineno, line in enumerate(Path(path).read_bytes().decode("utf-8", "replace").splitlines(), 1):
+    for lineno, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
+        record = _record(line)
+        if record is None:
             warnings.warn(f"{path} line {lineno} is not a JSON record (a torn write?); skipped", stacklevel=2)
             continue
         records.append(record)
     return records
+
+
+def _record(line: bytes) -> dict | None:
+    """One JSON-lines record, or None when the line is not a JSON object (torn, or not UTF-8)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def drop_torn_last_line(path: Path) -> bool:
@@ -82,11 +88,7 @@ def drop_torn_last_line(path: Path) -> bool:
     lines = data.splitlines(keepends=True)
     if not lines:
         return False
-    try:
-        ok = isinstance(json.loads(lines[-1]), dict)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        ok = False
-    if ok:  # a whole record whose newline was cut off: append_jsonl adds it before the next record
+    if _record(lines[-1]) is not None:  # a whole record whose newline was cut off: append_jsonl adds it later
         return False
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(b"".join(lines[:-1]))

@@ -59,6 +59,8 @@ class LossConfig:
     aug_level_max: int = 500  # SR stages: noise-augmentation levels drawn from [0, aug_level_max]
 
 
+SAMPLERS = ("ddpm", "ddim", "dpmpp")  # sampling.make_scheduler's registry
+THRESHOLDING = ("off", "static", "dynamic")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -237,8 +239,8 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         ("loss.aug_level_max", loss.aug_level_max >= 0, ">= 0"),
         ("sample.steps", sample.steps >= 1, ">= 1"), ("sample.guidance", sample.guidance >= 0, ">= 0"),
         ("sample.per_prompt", sample.per_prompt >= 1, ">= 1"),
-        ("sample.sampler", sample.sampler in ("ddpm", "ddim", "dpmpp"), "one of ddpm, ddim, dpmpp"),
-        ("sample.thresholding", sample.thresholding in ("off", "static", "dynamic"), "one of off, static, dynamic"),
+        ("sample.sampler", sample.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
+        ("sample.thresholding", sample.thresholding in THRESHOLDING, f"one of {', '.join(THRESHOLDING)}"),
         ("sample.percentile", 0 < sample.percentile <= 1, "in (0, 1]"),
         ("sample.max_value", sample.max_value >= 1, ">= 1"),
         ("loss.prediction_type", loss.prediction_type in ("epsilon", "v_prediction"), "epsilon or v_prediction"),

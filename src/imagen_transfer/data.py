@@ -284,7 +284,7 @@ def _decode_archive(path: Path, split: str, resolution: int, channels: int, skip
         images.append(arr)
         texts.append(text)
         labels.append(label)
-    return images, texts, labels, skipped
+    return images, texts, labels, skipped, prefix == ""  # no split folders: a seeded split
 
 
 def _npz_pixels(raw: np.ndarray, where: str) -> torch.Tensor:
@@ -389,22 +389,23 @@ def _content_hash(path: Path, size: int, mtime_ns: int) -> str:
 def _cache_file(path: Path, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
     if path.is_dir():
         return None
-    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{channels}|{skip_bad}|v2"  # v2: seeded splits
+    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{channels}|{skip_bad}|v3"  # v3: seeded splits, flagged
     return cache_root() / "data" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".npz")
 
 
 def _decoded(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):
-    """(images uint8 NHWC, texts or None each, label names or None each, skipped); cached for zip files."""
+    """(images uint8 NHWC, texts or None each, label names or None each, skipped, seeded: whether the split is a
+    seeded split of a data set without split folders); cached for zip files."""
     if path.suffix == ".npz":
         images, labels = _decode_npz(path, split, resolution, channels)
-        return images, [None] * len(labels), labels, 0
+        return images, [None] * len(labels), labels, 0, False
     cache = _cache_file(path, split, resolution, channels, skip_bad)
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             texts = [t if has else None for t, has in zip(z["texts"].tolist(), z["has_text"].tolist())]
             labels = [lab if has else None for lab, has in zip(z["labels"].tolist(), z["has_label"].tolist())]
-            return torch.from_numpy(z["images"]), texts, labels, int(z["skipped"])
-    images, texts, labels, skipped = _decode_archive(path, split, resolution, channels, skip_bad)
+            return torch.from_numpy(z["images"]), texts, labels, int(z["skipped"]), bool(z["seeded"])
+    images, texts, labels, skipped, seeded = _decode_archive(path, split, resolution, channels, skip_bad)
     if not images:
         raise UserError(f"{path}: split '{split}' holds no readable images")
     stacked = np.stack(images)
@@ -413,9 +414,10 @@ def _decoded(path: Path, split: str, resolution: int, channels: int, skip_bad: b
         tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
         np.savez(tmp, images=stacked, texts=np.array([t or "" for t in texts]),
                  has_text=np.array([t is not None for t in texts]), labels=np.array([lab or "" for lab in labels]),
-                 has_label=np.array([lab is not None for lab in labels]), skipped=np.array(skipped))
+                 has_label=np.array([lab is not None for lab in labels]), skipped=np.array(skipped),
+                 seeded=np.array(seeded))
         os.replace(tmp, cache)
-    return torch.from_numpy(stacked), texts, labels, skipped
+    return torch.from_numpy(stacked), texts, labels, skipped, seeded
 
 
 # ----------------------------------------------------------------------------------------------- captions, subsets
@@ -460,7 +462,7 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
     """Load a split of a dataset spec as in-memory images with one caption each (see module doc)."""
     path = resolve_dataset(spec)
     templates = captions or default_captions(path)
-    images, texts, label_strs, skipped = _decoded(path, split, resolution, channels, skip_bad)
+    images, texts, label_strs, skipped, seeded = _decoded(path, split, resolution, channels, skip_bad)
     if len(images) == 0:
         raise UserError(f"{path}: split '{split}' is empty")
     names = sorted({lab for lab in label_strs if lab is not None})
@@ -476,7 +478,7 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
             text = caption_for(label, i, templates)
         final_captions.append(text)
     source = f"{path}:{split}"
-    if path.suffix != ".npz" and not _split_levels(_Archive(path))[1]:
+    if seeded:
         source += f" (seeded split, seed {SPLIT_SEED}: 80/10/10 train/val/test per class; the folder has no split folders)"
     data = ImageTextData(images, final_captions, labels, names, source, skipped)
     if fraction < 1 or per_class is not None:
@@ -498,3 +500,16 @@ def to_float(images_uint8: torch.Tensor, resolution: int | None = None) -> torch
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], resized to `resolution` if given."""
     x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
     return x if resolution is None else resize(x, resolution)
+
+
+def stage_inputs(stage, images: torch.Tensor, flips: torch.Tensor | None, device) -> tuple:
+    """A cascade stage's training inputs from uint8 images (N, H, W, C): x0 at the stage's resolution and channels and,
+    for SR stages, the clean low-res image (area-downsampled), optionally flipped where `flips` is true."""
+    x = to_float(images.to(device))
+    if flips is not None:
+        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
+    if x.shape[1] != stage.channels:
+        x = x.mean(1, keepdim=True) if stage.channels == 1 else x.expand(-1, stage.channels, -1, -1)
+    x0 = resize(x, stage.resolution)
+    lowres = resize(x, stage.lowres) if stage.kind == "sr" else None
+    return x0, lowres

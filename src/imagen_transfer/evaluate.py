@@ -106,7 +106,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
         raise UserError(f"--n must be at least 2 (got {n})")
     started = time.time()
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    sampling_overrides, generate_is_cascade = dict(sampling), generate is None
+    overrides, used = dict(sampling), []  # used: the cascade stages evaluated (none for a custom generator)
     if generate is None:
         cascade = load_cascade(model)
         used = [st for st in cascade.stages if st.name in sampling.get("stages", [st.name])]
@@ -156,10 +156,13 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     if judge:
         result.update(_judge(dataset, resolution, split, images, labels, progress))
     if bicubic_baseline:
-        if generate_is_cascade and len(used) > 1:
-            result["bicubic_baseline"] = _bicubic_baseline(cascade, used[0].name, resolution, prompts, labels, seed,
-                                                           batch_size, sampling_overrides, real, net, dataset, split,
-                                                           judge, progress)
+        if len(used) > 1:  # the same protocol, captions and seeds, through a custom generator
+            generator = f"stage {used[0].name} + bicubic upsampling to {resolution}px"
+            baseline = evaluate(f"{model_name} ({generator})", dataset, split=split, n=n, n_real=n_real, seed=seed,
+                                batch_size=batch_size, feature_net=feature_net, judge=judge, resolution=resolution,
+                                generate=bicubic_generator(cascade, used[0].name, resolution, batch_size, overrides),
+                                progress=progress)
+            result["bicubic_baseline"] = dict(generator=generator, **baseline)
         else:
             result["bicubic_baseline"] = None
             result["bicubic_baseline_absent"] = "needs a cascade evaluated through at least one SR stage"
@@ -176,30 +179,17 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     return result
 
 
-def _bicubic_baseline(cascade, base_name: str, resolution: int, prompts: list[str], labels: torch.Tensor, seed: int,
-                      batch_size: int, sampling: dict, real: torch.Tensor, net, dataset: str, split: str, judge: bool,
-                      progress: bool) -> dict:
-    """The base stage's samples for the same captions and seeds, bicubic-upsampled to `resolution` and clamped,
-    measured like the cascade (findings 2026-12: the shipped SR stage lost to this)."""
-    base_only = cascade_generator(cascade, batch_size=batch_size, progress=False,
-                                  **{**sampling, "stages": [base_name]})
+def bicubic_generator(cascade, base_name: str, resolution: int, batch_size: int, sampling: dict) -> Generator:
+    """The cascade's base-stage samples (the same images as in the whole cascade for the same seeds), upsampled
+    bicubically to `resolution` and clamped: the bar an SR stage must clear (findings 2026-12: the shipped one lost)."""
+    base_only = cascade_generator(cascade, batch_size=batch_size, progress=False, **{**sampling, "stages": [base_name]})
 
-    def generate(chunk: list[str], seeds: list[int]) -> torch.Tensor:
-        x = base_only(chunk, seeds)
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        x = base_only(prompts, seeds)
         return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bicubic",
                                                align_corners=False).clamp(-1, 1)
 
-    images = generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress)
-    fake = extract_features(net, images, progress=progress, desc="features (bicubic baseline)")
-    kid_mean, kid_std, _ = kid(real, fake, seed=seed)
-    out = dict(generator=f"stage {base_name} + bicubic upsampling to {resolution}px", fid=fid(real, fake),
-               kid_mean=kid_mean, kid_std=kid_std)
-    if min(len(real), len(fake)) > 3:
-        out["precision"], out["recall"] = precision_recall(real, fake, k=3)
-    if judge:
-        out["conditioning_accuracy"] = _judge(dataset, resolution, split, images, labels, progress)[
-            "conditioning_accuracy"]
-    return out
+    return generate
 
 
 def _judge(dataset: str, resolution: int, split: str, images: torch.Tensor, labels: torch.Tensor,

@@ -9,6 +9,7 @@ while one process writes it, so two runs cannot interleave their checkpoints.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,7 +38,7 @@ def check_output_dir(out: Path, *, what: str, overwrite: bool = False,
         if not overwrite:
             raise UserError(f"--out {out} already holds a {what}; pass --overwrite to replace it, or choose another "
                             "--out")
-    check_writable_dir(out.parent if not out.exists() else out, out)
+    check_writable_dir(out)  # out itself, or the nearest folder above it that exists
 
 
 def check_writable_dir(folder: Path, target: Path | None = None) -> None:
@@ -68,8 +69,6 @@ def check_output_file(path: Path) -> None:
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written folder `tmp` into place; an existing `final` (ours, checked by the caller) is swapped
     out under a fresh unique name and removed only after the new one is in place."""
-    import shutil
-
     old = None
     if final.exists():
         old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))

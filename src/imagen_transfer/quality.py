@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import ImageTextData, resize, to_float
-from .evaluate import draw_captions, reference_features
+from .data import ImageTextData, stage_inputs
+from .evaluate import draw_captions, generate_images, reference_features
 from .metrics import extract_features, kid, load_feature_net
 
 
@@ -66,25 +66,22 @@ def build_quality_probe(config, stage, val_data: ImageTextData, progress: bool =
 def measure_quality(probe: QualityProbe, stage, encode, null, sample: dict, gray: bool = False,
                     batch_size: int = 64) -> dict:
     """KID (mean, std) of the stage's current weights against the real validation features, and conditioning
-    accuracy where the data has labels. `encode`: prompts -> TextEncoding; `sample`: sample_stage settings."""
+    accuracy where the data has labels. `encode`: prompts -> TextEncoding; `sample`: sample_stage settings.
+    Images come through evaluate.generate_images (seed 0: image i uses seed i), as in `evaluate` and studies."""
     from .judge import conditioning_accuracy
-    from .sampling import sample_stage, to_gray, to_uint8
+    from .sampling import sample_stage, to_gray
 
     device = next(stage.unet.parameters()).device
-    images = []
-    for start in range(0, len(probe.prompts), batch_size):
-        chunk = probe.prompts[start : start + batch_size]
-        gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+
+    def generate(chunk: list[str], seeds: list[int]) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         lowres = None
-        if probe.lowres_source is not None:
-            real = to_float(probe.lowres_source[start : start + batch_size].to(device))
-            if real.shape[1] != stage.channels:
-                real = real.mean(1, keepdim=True) if stage.channels == 1 else real.expand(-1, stage.channels, -1, -1)
-            lowres = resize(resize(real, stage.resolution), stage.lowres)
+        if probe.lowres_source is not None:  # seed i is image i of the validation images
+            _, lowres = stage_inputs(stage, probe.lowres_source[seeds], None, device)
         x = sample_stage(stage, encode(chunk), null, gens, lowres=lowres, progress=False, **sample)
-        x = to_uint8((to_gray(x) if gray else x).cpu())
-        images.append(x.expand(-1, -1, -1, 3) if x.shape[-1] == 1 else x)
-    images = torch.cat(images)
+        return (to_gray(x) if gray else x).cpu()
+
+    images = generate_images(generate, probe.prompts, seed=0, chunk=batch_size, progress=False)
     fake = extract_features(probe.net, images, batch_size=100, progress=False)
     kid_mean, kid_std, _ = kid(probe.real_features, fake, seed=0)
     result = dict(kid=kid_mean, kid_std=kid_std, kid_n=len(fake))

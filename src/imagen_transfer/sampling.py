@@ -19,13 +19,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .config import SAMPLERS, THRESHOLDING
 from .diffusion import condition_lowres, denoise
 from .errors import UserError
 from .text import TextEncoding, cat_encodings, load_text_encoder
 from .unet import resolve_precision
-
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
-THRESHOLDING = ("off", "static", "dynamic")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -40,7 +40,7 @@ from .checkpoint import (
     write_atomic,
 )
 from .config import RunConfig, config_to_dict, config_yaml, load_config
-from .data import ImageTextData, load_dataset, resize, to_float
+from .data import ImageTextData, load_dataset, resize, stage_inputs
 from .diffusion import draw, training_loss
 from .errors import UserError
 from .outputs import check_writable_dir, run_lock
@@ -92,18 +92,6 @@ def epoch_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     if n < batch_size:
         perm = perm.repeat(math.ceil(batch_size / n))
     return perm[k * batch_size : (k + 1) * batch_size]
-
-
-def stage_inputs(stage: Stage, images: torch.Tensor, flips: torch.Tensor | None, device) -> tuple:
-    """x0 at the stage's resolution and, for SR stages, the clean low-res image (area-downsampled)."""
-    x = to_float(images.to(device))
-    if flips is not None:
-        x = torch.where(flips.view(-1, 1, 1, 1), x.flip(-1), x)
-    if x.shape[1] != stage.channels:
-        x = x.mean(1, keepdim=True) if stage.channels == 1 else x.expand(-1, stage.channels, -1, -1)
-    x0 = resize(x, stage.resolution)
-    lowres = resize(x, stage.lowres) if stage.kind == "sr" else None
-    return x0, lowres
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -369,12 +357,14 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         step += 1
         window_images += tc.batch_size
         bar.update(1)
-        if (step % tc.log_every == 0 or step == tc.steps or step % tc.checkpoint_every == 0
-                or tc.val_every and step % tc.val_every == 0):
+        log_due = step % tc.log_every == 0 or step == tc.steps
+        val_due = bool(tc.val_every) and (step % tc.val_every == 0 or step == tc.steps)
+        kid_due = bool(tc.kid_every) and (step % tc.kid_every == 0 or step == tc.steps)
+        if log_due or val_due or kid_due:  # checkpoint steps check in save()
             stop_if_nonfinite()
 
         record = None
-        if step % tc.log_every == 0 or step == tc.steps:
+        if log_due:
             steps_in_window = (step - 1) % tc.log_every + 1
             mean_loss = window_loss.item() / steps_in_window  # waits for the device: the window's time is complete
             elapsed = time.perf_counter() - window_start
@@ -384,8 +374,6 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                           time=time.time())
             window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
         improved = False
-        val_due = bool(tc.val_every) and (step % tc.val_every == 0 or step == tc.steps)
-        kid_due = bool(tc.kid_every) and (step % tc.kid_every == 0 or step == tc.steps)
         if val_due or kid_due:
             record = record or dict(stage=stage.name, step=step, time=time.time())
             record.update(evaluate(val_due, kid_due))
@@ -448,19 +436,20 @@ RESUMABLE_KEYS = ("out", "train.steps", "train.stage_steps", "train.log_every", 
                   "train.early_stopping_patience", "train.early_stopping_min_delta", "sample.")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def _by_key(config: RunConfig) -> dict:
+    """{'section.key': value, 'out': ...}: the config's sections, one level deep (dict-valued keys stay whole)."""
     flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "stage_steps" and key != "lr_multipliers":
-            flat.update(_flatten(value, f"{prefix}{key}."))
+    for section, values in config_to_dict(config).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[section] = values
     return flat
 
 
 def resume_differences(saved: RunConfig, given: RunConfig) -> list[str]:
     """`key: saved -> given` for each setting a resume may not change (see RESUMABLE_KEYS)."""
-    old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(given))
+    old, new = _by_key(saved), _by_key(given)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and not any(key == k or k.endswith(".") and key.startswith(k)
                                                        for k in RESUMABLE_KEYS)]
@@ -477,10 +466,7 @@ def check_run_dir(config: RunConfig, resume: bool) -> Path:
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        saved = load_config(run_dir / "config.yaml")
-        if not config.sample.prompts:  # filled in from the data when the run started
-            config.sample.prompts = list(saved.sample.prompts)
-        changed = resume_differences(saved, config)
+        changed = resume_differences(load_config(run_dir / "config.yaml"), config)
         if changed:
             raise UserError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'} in "
                             f"{'; '.join(changed)}. Resume with the run's own settings (only "
