@@ -237,14 +237,24 @@ def _named_models(values: list[str]) -> dict[str, str]:
 
 
 def cmd_features(args) -> None:
-    from .features import extract
+    from .dense import is_dense
+    from .features import extract, extract_dense
 
     check_output_dir(Path(args.out), what="feature folder", overwrite=True,
                      is_ours=lambda folder: (folder / "manifest.json").is_file())
-    out = extract(_named_models(args.model), args.data, args.out, splits=tuple(args.splits), stage_name=args.stage,
-                  blocks=args.blocks, timesteps=args.timesteps, prompt=args.prompt,
-                  baselines=tuple(b for b in args.baselines if b != "none"), seed=args.seed,
-                  batch_size=args.batch_size, pool=not args.spatial, limit=args.limit)
+    common = dict(splits=tuple(args.splits), blocks=args.blocks, timesteps=args.timesteps, prompt=args.prompt,
+                  baselines=tuple(b for b in args.baselines if b != "none"), seed=args.seed, limit=args.limit)
+    if is_dense(args.data):  # detection / segmentation: multi-block maps at the task size
+        if "text" in common["baselines"]:
+            raise UserError("--baselines text is for captioned data; a dense data set has pixels and random")
+        out = extract_dense(_named_models(args.model), args.data, args.out, stage_name=args.stage or "sr",
+                            size=tuple(args.size) if args.size else None, stride=args.stride,
+                            batch_size=args.batch_size or 16, **common)
+    else:
+        if args.size:
+            raise UserError(f"--size is for detection and segmentation data sets; {args.data} is an image-text one")
+        out = extract(_named_models(args.model), args.data, args.out, stage_name=args.stage or "base",
+                      batch_size=args.batch_size or 64, pool=not args.spatial, **common)
     print(f"wrote {out}/manifest.json")
 
 
@@ -252,9 +262,21 @@ def cmd_probe(args) -> None:
     from .features import load_features
     from .probe import PUBLISHED, run_probe
 
+    valid_heads = {"classification": ("linear", "mlp"), "segmentation": ("mlp", "conv")}.get(args.task)
+    if args.head and args.head not in (valid_heads or ()):
+        raise UserError(f"--head {args.head} does not apply to --task {args.task} (valid: "
+                        f"{', '.join(valid_heads) if valid_heads else 'none, it has a fixed head'})")
     manifest, _ = load_features(args.features)
+    if args.task in ("detection", "segmentation"):
+        from .dense_probe import run_dense
+
+        run_dense(args.features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
+                  kind=args.head or "mlp")
+        table = Path(args.out or args.features) / f"probe-{args.task}.md"
+        print(f"{table}\n{table.read_text()}")
+        return
     reference = PUBLISHED.get(Path(manifest["dataset"]).stem.lower())
-    run_probe(args.features, task=args.task, head=args.head, epochs=args.epochs, out=args.out, reference=reference,
+    run_probe(args.features, task=args.task, head=args.head or "linear", epochs=args.epochs, out=args.out, reference=reference,
               fuse=[group.split("+") for group in args.fuse or []])
     table = Path(args.out or args.features) / f"probe-{args.task}.md"
     print(f"{table}\n{table.read_text()}")
@@ -421,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a cascade folder or shipped name; repeat to compare models (e.g. source=cifar10 tuned=runs/x/cascade)")
     p.add_argument("--data", required=True)
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"])
-    p.add_argument("--stage", default="base", help="base | sr (the stage's name)")
+    p.add_argument("--stage", default=None,
+                   help="base | sr (the stage's name; default base, and sr for detection / segmentation data)")
     p.add_argument("--blocks", nargs="+", default=None, help="down0 .. mid .. up0 .. (default: all)")
     p.add_argument("--timesteps", nargs="+", type=int_in(0, 999), default=None, help="default: 10 100 300")
     p.add_argument("--prompt", default="", help="conditioning text (default: the empty prompt)")
@@ -430,15 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "not a fair classifier)")
     p.add_argument("--spatial", action="store_true", help="keep spatial maps instead of global average pooling")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--batch-size", type=int_in(1), default=64)
+    p.add_argument("--size", nargs=2, type=int_in(8), default=None, metavar=("H", "W"),
+                   help="detection / segmentation: the task size the U-Net reads (default bccd 120 160, wbc-seg 120 "
+                        "120, else the first image's size)")
+    p.add_argument("--stride", type=int_in(1), default=4, help="detection / segmentation: the common grid's stride")
+    p.add_argument("--batch-size", type=int_in(1), default=None, help="default 64 (16 for dense maps)")
     p.add_argument("--limit", type=int_in(1), default=None, help="at most this many images per split (spread over classes)")
     p.add_argument("--out", default="features")
     p.set_defaults(func=cmd_features)
 
     p = sub.add_parser("probe", help="linear / MLP heads or kNN retrieval on a feature folder")
     p.add_argument("--features", required=True)
-    p.add_argument("--task", choices=["classification", "retrieval"], default="classification")
-    p.add_argument("--head", choices=["linear", "mlp"], default="linear")
+    p.add_argument("--task", choices=["classification", "retrieval", "detection", "segmentation"],
+                   default="classification")
+    p.add_argument("--head", choices=["linear", "mlp", "conv"], default=None,
+                   help="classification: linear (default) | mlp; segmentation: mlp (pixel-MLP ensemble, default) | "
+                        "conv; detection always uses a CenterNet head")
+    p.add_argument("--steps", type=int_in(1), default=None,
+                   help="detection / segmentation: optimiser steps per head (default 600 / 300)")
+    p.add_argument("--seeds", type=int_in(1), default=3, help="detection / segmentation: seeds per label count")
     p.add_argument("--epochs", type=int_in(1), default=30)
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
                    help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text")

@@ -31,7 +31,8 @@ import torch
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SHORT_NAMES = {"cifar10": "cifar10-jpg.zip", "pneumoniamnist": "pneumoniamnist.npz"}
+SHORT_NAMES = {"cifar10": "cifar10-jpg.zip", "pneumoniamnist": "pneumoniamnist.npz",
+               "bccd": "bccd-voc.zip", "wbc-seg": "wbc-seg.zip"}  # the last two: dense tasks (dense.py)
 MEDMNIST_LABELS = {"pneumoniamnist": ["normal", "pneumonia"]}
 
 # Report-like captions per finding, in the wording of chest X-ray reports (IU X-ray style).
@@ -488,15 +489,17 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
     return data
 
 
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Float images (N, C, H, W) to size x size: area averaging to shrink, bilinear to enlarge, as-is if equal."""
-    if x.shape[-1] == size:
+def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Float images (N, C, H, W) to size x size (or (h, w)): area averaging to shrink, bilinear to enlarge, as-is if
+    equal."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if tuple(x.shape[-2:]) == (h, w):
         return x
-    mode = "area" if size < x.shape[-1] else "bilinear"
-    return torch.nn.functional.interpolate(x, size=(size, size), mode=mode)
+    mode = "area" if h <= x.shape[-2] and w <= x.shape[-1] else "bilinear"
+    return torch.nn.functional.interpolate(x, size=(h, w), mode=mode)
 
 
-def to_float(images_uint8: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
+def to_float(images_uint8: torch.Tensor, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], resized to `resolution` if given."""
     x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1
     return x if resolution is None else resize(x, resolution)

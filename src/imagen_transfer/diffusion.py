@@ -39,12 +39,13 @@ def add_noise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cum
     return (a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()).to(x0.dtype)
 
 
-def upsample(lowres: torch.Tensor, size: int) -> torch.Tensor:
+def upsample(lowres: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear upsampling of the low-res image, as DeepFloyd IF's super-resolution pipeline does."""
-    return F.interpolate(lowres, size=(size, size), mode="bilinear", align_corners=True)
+    return F.interpolate(lowres, size=(size, size) if isinstance(size, int) else size, mode="bilinear",
+                         align_corners=True)
 
 
-def condition_lowres(lowres: torch.Tensor, size: int, level: torch.Tensor, noise: torch.Tensor,
+def condition_lowres(lowres: torch.Tensor, size: int | tuple[int, int], level: torch.Tensor, noise: torch.Tensor,
                      alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Upsample a low-res image and noise it to `level` (noise-conditioning augmentation)."""
     return add_noise(upsample(lowres, size), level, noise, alphas_cumprod)

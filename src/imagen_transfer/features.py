@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import ImageTextData, load_dataset, resolve_dataset, to_float
+from .data import ImageTextData, load_dataset, resize, resolve_dataset, to_float
 from .errors import UserError
 
 DEFAULT_TIMESTEPS = (10, 100, 300)
@@ -44,11 +44,16 @@ def _block(unet, name: str):
 @torch.inference_mode()
 def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: list[int], text,
                   first_index: int = 0, seed: int = 0, batch_size: int = 64, pool: bool = True,
+                  size: int | tuple[int, int] | None = None, grid: tuple[int, int] | None = None,
                   progress: bool = True, desc: str = "features") -> dict[str, torch.Tensor]:
-    """{'<block>@t<t>': (N, C) pooled, or (N, C, h, w)} for uint8 images (N, H, W, C) at the stage's resolution.
+    """{'<block>@t<t>': (N, C) pooled, or (N, C, h, w)} for uint8 images (N, H, W, C).
 
-    `text` is a one-row TextEncoding (the conditioning prompt); `first_index` is image 0's index in its split (its
-    noise seed). SR stages see the image's own downsampled copy as their clean low-res input.
+    The U-Net runs at `size` (default: the stage's resolution; it is convolutional, so a dense task may choose a
+    larger, non-square size divisible by its downsampling factor). With `grid` (and pool=False) every map is brought
+    to that (h, w) grid (area averaging to shrink, bilinear to enlarge) and kept in fp16, so several blocks and
+    timesteps stack into one multi-block map. `text` is a one-row TextEncoding (the conditioning prompt);
+    `first_index` is image 0's index in its split (its noise seed). SR stages see the image's own downsampled copy
+    (by the stage's factor) as their clean low-res input.
     """
     from tqdm.auto import tqdm
 
@@ -59,10 +64,18 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
     device = next(unet.parameters()).device
     captured: dict[str, torch.Tensor] = {}
 
+    size = size or stage.resolution
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    lowres_hw = None if stage.kind != "sr" else (hw[0] * stage.lowres // stage.resolution,
+                                                 hw[1] * stage.lowres // stage.resolution)
+
     def hook(name):
         def keep(_module, _inputs, output):
             out = output[0] if isinstance(output, tuple) else output
-            captured[name] = out.float().mean(dim=(2, 3)) if pool else out.float()
+            if pool:
+                captured[name] = out.float().mean(dim=(2, 3))
+            else:
+                captured[name] = out.float() if grid is None else resize(out.float(), grid).half()
         return keep
 
     handles = [_block(unet, name).register_forward_hook(hook(name)) for name in blocks]
@@ -70,15 +83,15 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
     out: dict[str, list[torch.Tensor]] = {f"{b}@t{t}": [] for b in blocks for t in timesteps}
     try:
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
-            x0 = to_float(images[start : start + batch_size], stage.resolution).to(device)
+            x0 = to_float(images[start : start + batch_size], hw).to(device)
             n = len(x0)
             gens = [torch.Generator().manual_seed(seed * 1_000_000 + first_index + start + i) for i in range(n)]
             noise = randn(tuple(x0.shape), gens, device)
             lowres = level = None
             if stage.kind == "sr":
                 level = torch.zeros(n, dtype=torch.long, device=device)
-                small = to_float(images[start : start + batch_size], stage.lowres).to(device)
-                lowres = condition_lowres(small, stage.resolution, level, torch.zeros_like(x0), alphas)
+                small = to_float(images[start : start + batch_size], lowres_hw).to(device)
+                lowres = condition_lowres(small, hw, level, torch.zeros_like(x0), alphas)
             for t in timesteps:
                 tt = torch.full((n,), int(t), dtype=torch.long, device=device)
                 denoise(unet, add_noise(x0, tt, noise, alphas), tt, text.repeat(n).to(device), lowres, level)
@@ -124,41 +137,19 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
             prompt: str = "", baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0,
             batch_size: int = 64, pool: bool = True, limit: int | None = None, progress: bool = True) -> Path:
     """Write a feature folder for each model in `models` (name -> cascade) plus the baselines; see module doc."""
-    from accelerate import PartialState
-
-    from .cascade import load_cascade, resolve_model
+    from .cascade import resolve_model
     from .text import load_text_encoder
 
-    if not models:
-        raise UserError("give at least one --model")
-    out = Path(out)
-    state = PartialState(cpu=not torch.cuda.is_available())
-    cascades = {name: load_cascade(path, device=state.device) for name, path in models.items()}
+    state, cascades, blocks, timesteps = _open_models(models, stage_name, blocks, timesteps, DEFAULT_TIMESTEPS)
     first = next(iter(cascades.values()))
     stage0 = first.stage(stage_name)
-    blocks = blocks or block_names(stage0.unet)
-    timesteps = [int(t) for t in (timesteps or DEFAULT_TIMESTEPS)]
-    bad = [t for t in timesteps if not 0 <= t < len(stage0.scheduler.alphas_cumprod)]
-    if bad:
-        raise UserError(f"timesteps must be in [0, {len(stage0.scheduler.alphas_cumprod) - 1}] (got {bad})")
+    out = Path(out)
     data: dict[str, ImageTextData] = {s: load_dataset(dataset, s, resolution=stage0.resolution, channels=3,
                                                       limit=limit) for s in splits}
-    sets: dict[str, dict[str, torch.Tensor]] = {}
+    sets = _unet_sets(cascades, stage_name, {s: d.images for s, d in data.items()}, state, blocks=blocks,
+                      timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed, batch_size=batch_size,
+                      progress=progress, pool=pool)
     encoder = load_text_encoder(first.text_encoder)
-    for name, cascade in cascades.items():
-        stage = cascade.stage(stage_name)
-        sources = [(name, stage)] + ([("random", random_like(stage, 1000 + seed))] if "random" in baselines and
-                                     name == next(iter(cascades)) else [])
-        text = load_text_encoder(cascade.text_encoder)([prompt])
-        for set_name, st in sources:
-            tensors = {}
-            for split, d in data.items():
-                mine, gather = _shard(len(d), state)
-                feats = unet_features(st, d.images[mine], blocks=blocks, timesteps=timesteps, text=text,
-                                      first_index=mine[0] if mine else 0, seed=seed, batch_size=batch_size,
-                                      pool=pool, progress=progress, desc=f"{set_name} {split}")
-                tensors.update({f"{split}/{view}": gather(v) for view, v in feats.items()})
-            sets[set_name] = tensors
     if "pixels" in baselines:
         sets["pixels"] = {f"{s}/pixels": pixel_features(d.images, stage0.resolution) for s, d in data.items()}
     if "text" in baselines:
@@ -170,6 +161,133 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
                                      seed=seed, pool=pool))
     state.wait_for_everyone()
     return out
+
+
+def _open_models(models: dict[str, str], stage_name: str, blocks, timesteps, default_timesteps):
+    """(accelerate state, {name: cascade}, blocks, timesteps) with the blocks and timesteps checked."""
+    from accelerate import PartialState
+
+    from .cascade import load_cascade
+
+    if not models:
+        raise UserError("give at least one --model")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    cascades = {name: load_cascade(path, device=state.device) for name, path in models.items()}
+    stage0 = next(iter(cascades.values())).stage(stage_name)
+    blocks = blocks or block_names(stage0.unet)
+    for name in blocks:
+        _block(stage0.unet, name)  # an unknown block fails here, naming the valid ones
+    timesteps = [int(t) for t in (timesteps or default_timesteps)]
+    bad = [t for t in timesteps if not 0 <= t < len(stage0.scheduler.alphas_cumprod)]
+    if bad:
+        raise UserError(f"timesteps must be in [0, {len(stage0.scheduler.alphas_cumprod) - 1}] (got {bad})")
+    return state, cascades, blocks, timesteps
+
+
+def _unet_sets(cascades: dict, stage_name: str, images: dict[str, torch.Tensor], state, *, blocks, timesteps,
+               prompt: str, baselines, seed: int, batch_size: int, progress: bool, **kwargs) -> dict[str, dict]:
+    """{set name: {'<split>/<view>': tensor}} for each model's stage and (for the first) its random-weights twin,
+    sharded over accelerate processes; `kwargs` go to unet_features (pool, size, grid)."""
+    from .text import load_text_encoder
+
+    sets = {}
+    for name, cascade in cascades.items():
+        stage = cascade.stage(stage_name)
+        sources = [(name, stage)] + ([("random", random_like(stage, 1000 + seed))] if "random" in baselines and
+                                     name == next(iter(cascades)) else [])
+        text = load_text_encoder(cascade.text_encoder)([prompt])
+        for set_name, st in sources:
+            tensors = {}
+            for split, split_images in images.items():
+                mine, gather = _shard(len(split_images), state)
+                feats = unet_features(st, split_images[mine], blocks=blocks, timesteps=timesteps, text=text,
+                                      first_index=mine[0] if mine else 0, seed=seed, batch_size=batch_size,
+                                      progress=progress, desc=f"{set_name} {split}", **kwargs)
+                tensors.update({f"{split}/{view}": gather(v) for view, v in feats.items()})
+            sets[set_name] = tensors
+    return sets
+
+
+DENSE_BLOCKS = ("mid", "up0", "up1")  # decoder blocks, as ddpm-segmentation reads (Baranchuk et al. 2022)
+DENSE_TIMESTEPS = (50, 150)  # in ddpm-segmentation's best range (t = 50-250 of 1000)
+DENSE_STRIDE = 4  # the common grid: 1/4 of the task size (CenterNet's output stride)
+
+
+def downsampling_factor(unet) -> int:
+    """How many times the U-Net halves its input: a dense task's size must be a multiple of it."""
+    return 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
+
+def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
+                  splits: tuple[str, ...] = ("train", "val", "test"), stage_name: str = "sr",
+                  blocks: list[str] | None = None, timesteps: list[int] | None = None,
+                  size: tuple[int, int] | None = None, stride: int = DENSE_STRIDE, prompt: str = "",
+                  baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0, batch_size: int = 16,
+                  limit: int | None = None, progress: bool = True) -> Path:
+    """A feature folder of multi-block maps for a detection or segmentation data set (dense.py).
+
+    The U-Net runs on each image at the task size (h, w); every block x timestep map is brought to the common grid
+    (h / stride, w / stride) and stored in fp16, one view each. The pixel baseline is the image itself at that grid,
+    space-to-depth (each stride x stride patch's 3 * stride^2 values as channels, nothing lost). Targets (boxes,
+    box labels, masks) go to `targets.safetensors`; the manifest records the task, classes, sizes, faults and cost.
+    """
+    from .cascade import resolve_model
+    from .dense import load_dense
+
+    state, cascades, blocks, timesteps = _open_models(models, stage_name, list(blocks or DENSE_BLOCKS), timesteps,
+                                                      DENSE_TIMESTEPS)
+    stage0 = next(iter(cascades.values())).stage(stage_name)
+    data = {s: load_dense(dataset, s, size=size) for s in splits}
+    if limit is not None:
+        data = {s: d.subset(range(min(limit, len(d)))) for s, d in data.items()}
+    h, w = next(iter(data.values())).images.shape[1:3]
+    factor = downsampling_factor(stage0.unet)
+    if h % max(factor, stride) or w % max(factor, stride):
+        raise UserError(f"task size {h}x{w} must be a multiple of {max(factor, stride)} (the U-Net halves its input "
+                        f"{factor.bit_length() - 1} times; the grid stride is {stride}); pass --size H W")
+    grid = (h // stride, w // stride)
+    sets = _unet_sets(cascades, stage_name, {s: d.images for s, d in data.items()}, state, blocks=blocks,
+                      timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed, batch_size=batch_size,
+                      progress=progress, pool=False, size=(h, w), grid=grid)
+    if "pixels" in baselines:
+        sets["pixels"] = {f"{s}/pixels": torch.nn.functional.pixel_unshuffle(to_float(d.images), stride).half()
+                          for s, d in data.items()}
+    if state.is_main_process:
+        _write_dense(Path(out), sets, data, dict(
+            models={k: str(resolve_model(v)) for k, v in models.items()}, dataset=str(resolve_dataset(dataset)),
+            stage=stage_name, size=[h, w], stride=stride, grid=list(grid), blocks=blocks, timesteps=timesteps,
+            prompt=prompt, seed=seed, pool=False))
+    state.wait_for_everyone()
+    return Path(out)
+
+
+def _write_dense(out: Path, sets: dict, data: dict, settings: dict) -> None:
+    from .checkpoint import save_safetensors_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(data.values()))
+    targets = {}
+    for split, d in data.items():
+        if d.task == "detection":
+            targets[f"{split}/box_counts"] = torch.tensor([len(b) for b in d.boxes], dtype=torch.long)
+            targets[f"{split}/boxes"] = torch.cat(d.boxes).reshape(-1, 4)
+            targets[f"{split}/box_labels"] = torch.cat(d.box_labels).long()
+        else:
+            targets[f"{split}/masks"] = d.masks.to(torch.uint8)
+    save_safetensors_atomic(out / "targets.safetensors", targets)
+    manifest = dict(**settings, task=first.task, layout=first.layout, label_names=first.class_names,
+                    targets="targets.safetensors",
+                    splits={s: dict(n=len(d), source=d.source, names=d.names, faults=d.faults)
+                            for s, d in data.items()}, sets={})
+    for name, tensors in sets.items():
+        save_safetensors_atomic(out / f"{name}.safetensors", tensors)
+        split = next(iter(data))
+        views = [k.split("/", 1)[1] for k in tensors if k.startswith(f"{split}/")]
+        manifest["sets"][name] = dict(file=f"{name}.safetensors", views=views,
+                                      dims={v: list(tensors[f"{split}/{v}"].shape[1:]) for v in views},
+                                      megabytes=round(sum(t.numel() * t.element_size() for t in tensors.values())
+                                                      / 2**20, 1))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
 def _write(out: Path, sets: dict, data: dict[str, ImageTextData], settings: dict) -> None:

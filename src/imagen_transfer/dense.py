@@ -1,0 +1,439 @@
+"""Dense-prediction datasets: object detection (boxes) and semantic segmentation (masks), for probes on U-Net maps.
+
+Four layouts, detected from the files of a folder or zip (by path, or the short names `bccd` and `wbc-seg` in
+IMAGEN_TRANSFER_DATA):
+
+- **Pascal VOC**: `Annotations/*.xml` (`<object><name>`, `<bndbox>` xmin ymin xmax ymax in pixels), `JPEGImages/`,
+  splits from `ImageSets/Main/<split>.txt`. Classes: the distinct object names of all annotations, sorted.
+- **COCO**: `instances_<split>*.json` (or `<split>/annotations.json`, `<split>/_annotations.coco.json`) or one
+  `annotations.json` (then a seeded split); images at `file_name` beside the json, under `images/` or `<split>/`.
+  Boxes are `[x, y, width, height]`; classes are the `categories` in id order.
+- **YOLO / Ultralytics**: `data.yaml` (`names`), `images/<split>/` and `labels/<split>/<stem>.txt` with one
+  `class cx cy w h` line per box (normalised to [0, 1]).
+- **Image + mask folders**: `images/` and `masks/` with matching stems; the classes are the distinct mask values in
+  sorted order, named by a `class_map.json` (`{"128": "cytoplasm", ...}`) when there is one (`wbc-seg` has its
+  published names built in), and a seeded 80/10/10 split (`data.seeded_split`).
+
+Images are resized (no crop: a crop would cut boxes) to the task size (h, w) the caller chooses, boxes scaled with
+them (IoU is unchanged by scaling each axis, so mAP measured at the task size equals mAP at the native size), masks
+resized with nearest neighbour. Real-data faults never pass silently and never stop a whole data set: each kind is
+counted and reported in one line (a warning, also kept in `DenseData.faults`): boxes clipped to the image, boxes
+dropped as degenerate, unknown class names or ids, label files without an image, listed images without a file, masks
+whose size differs from their image.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+import torch
+
+from .data import IMAGE_SUFFIXES, SPLIT_SEED, _Archive, _safe_member, resolve_dataset, seeded_split
+from .errors import UserError
+
+# Built-in class names of the shared data sets whose files do not name them (data README: 0 background incl. red
+# cells, 128 cytoplasm, 255 nucleus).
+KNOWN_CLASS_MAPS = {"wbc-seg": {0: "background", 128: "cytoplasm", 255: "nucleus"}}
+# The task size each shared data set is read at, and why (see docs/results.md): BCCD smears are 640 x 480 and its
+# platelets about 40 px across, so a quarter (160 x 120) keeps them about 10 px (2-3 cells of a stride-4 grid);
+# WBC crops are 120 x 120 and read at their own size.
+DEFAULT_SIZES = {"bccd": (120, 160), "wbc-seg": (120, 120)}
+MAX_MASK_VALUES = 32  # more distinct values than this means a lossy (JPEG) or non-class mask
+
+
+@dataclass
+class DenseData:
+    """Images (N, h, w, 3) uint8 at the task size, with boxes (xyxy, task-size pixels) and box labels, or masks."""
+
+    images: torch.Tensor
+    names: list[str]
+    class_names: list[str]
+    task: str  # detection | segmentation
+    layout: str  # voc | coco | yolo | masks
+    source: str
+    boxes: list[torch.Tensor] = field(default_factory=list)  # (n_i, 4) float
+    box_labels: list[torch.Tensor] = field(default_factory=list)  # (n_i,) long
+    masks: torch.Tensor | None = None  # (N, h, w) long class indices
+    faults: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index) -> DenseData:
+        index = [int(i) for i in index]
+        return DenseData(self.images[index], [self.names[i] for i in index], self.class_names, self.task,
+                         self.layout, self.source, [self.boxes[i] for i in index] if self.boxes else [],
+                         [self.box_labels[i] for i in index] if self.box_labels else [],
+                         None if self.masks is None else self.masks[index], list(self.faults))
+
+
+class _Faults:
+    """Counts faults by kind with a first example, reported as one line per kind."""
+
+    def __init__(self, where: str):
+        self.where, self.kinds = where, {}
+
+    def add(self, kind: str, example: str) -> None:
+        count, first = self.kinds.get(kind, (0, example))
+        self.kinds[kind] = (count + 1, first)
+
+    def lines(self) -> list[str]:
+        return [f"{self.where}: {n} {kind} (first: {first})" for kind, (n, first) in self.kinds.items()]
+
+
+def _root_of(archive: _Archive, marker: str) -> str | None:
+    """The shallowest folder prefix under which `marker` (a relative path or folder + '/') exists."""
+    hits = [n[: len(n) - len(n.split(marker, 1)[1]) - len(marker)] for n in archive.names
+            if (n.startswith(marker) or f"/{marker}" in n)]
+    prefixes = sorted({h for h in hits if h == "" or h.endswith("/")}, key=len)
+    return prefixes[0] if prefixes else None
+
+
+def detect_layout(archive: _Archive) -> tuple[str, str]:
+    """(layout, root prefix) of a dense data set; a clear error when none matches."""
+    voc = _root_of(archive, "Annotations/")
+    if voc is not None and any(n.startswith(voc + "JPEGImages/") for n in archive.names):
+        return "voc", voc
+    yolo = _root_of(archive, "data.yaml")
+    if yolo is not None:
+        return "yolo", yolo
+    coco = [n for n in archive.names if PurePosixPath(n).name in ("annotations.json", "_annotations.coco.json")
+            or (PurePosixPath(n).name.startswith("instances") and n.endswith(".json"))]
+    if coco:
+        return "coco", min((str(PurePosixPath(n).parent) + "/").lstrip("./") if "/" in n else "" for n in coco)
+    masks = _root_of(archive, "masks/")
+    if masks is not None and any(n.startswith(masks + "images/") for n in archive.names):
+        return "masks", masks
+    raise UserError(f"{archive.path}: not a detection or segmentation data set (expected Pascal VOC Annotations/ + "
+                    "JPEGImages/, COCO instances*.json or annotations.json, YOLO data.yaml + images/ + labels/, or "
+                    "images/ + masks/)")
+
+
+def _decode_rgb(data: bytes, where: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is reported with the file's name
+        raise UserError(f"{where}: cannot read image ({err}); fix or remove the file") from None
+
+
+def _resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if arr.shape[:2] == size:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BICUBIC, reducing_gap=None))
+
+
+def _clean_box(box: list[float], width: int, height: int, where: str, faults: _Faults) -> list[float] | None:
+    """Clip a pixel xyxy box to the image (a fault), drop it when degenerate (a fault), else return it."""
+    x0, y0, x1, y1 = box
+    if not all(np.isfinite(box)):
+        faults.add("non-finite boxes dropped", where)
+        return None
+    clipped = [min(max(x0, 0), width), min(max(y0, 0), height), min(max(x1, 0), width), min(max(y1, 0), height)]
+    if clipped != [x0, y0, x1, y1]:
+        faults.add("boxes reaching outside the image clipped", where)
+    if clipped[2] - clipped[0] < 1 or clipped[3] - clipped[1] < 1:
+        faults.add("degenerate boxes dropped (under 1 px wide or high after clipping)", where)
+        return None
+    return clipped
+
+
+def _voc(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
+    """[(image member, [(class name, xyxy)], (w, h) or None)] of a split, and the sorted class names of all files."""
+    objects = {}
+    for name in archive.names:
+        if name.startswith(root + "Annotations/") and name.endswith(".xml"):
+            where = archive.where(name)
+            try:
+                tree = ET.fromstring(archive.read(name))
+            except ET.ParseError as err:
+                raise UserError(f"{where}: not valid XML ({err}); fix or remove the annotation") from None
+            boxes = []
+            for obj in tree.iter("object"):
+                cls, bb = (obj.findtext("name") or "").strip(), obj.find("bndbox")
+                try:
+                    box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                except (AttributeError, TypeError, ValueError):
+                    faults.add("objects without a numeric bndbox dropped", where)
+                    continue
+                if not cls:
+                    faults.add("objects without a name dropped", where)
+                    continue
+                boxes.append((cls, box))
+            size = tree.find("size")
+            wh = None
+            if size is not None and (size.findtext("width") or "").strip().isdigit():
+                wh = (int(size.findtext("width")), int(size.findtext("height")))
+            objects[PurePosixPath(name).stem] = (tree.findtext("filename"), boxes, wh)
+    classes = sorted({cls for _, boxes, _ in objects.values() for cls, _ in boxes})
+    list_file = f"{root}ImageSets/Main/{split}.txt"
+    if split == "all":
+        stems = sorted(objects)
+    elif list_file in archive.name_set:
+        stems = [s.split()[0] for s in archive.read(list_file).decode("utf-8").splitlines() if s.strip()]
+    else:
+        have = sorted(PurePosixPath(n).stem for n in archive.names if n.startswith(f"{root}ImageSets/Main/"))
+        raise UserError(f"{archive.where(list_file)} does not exist (this data set's splits: {', '.join(have) or 'none'}"
+                        "; pass one of them, or all)")
+    items = []
+    for stem in stems:
+        if stem not in objects:
+            faults.add("listed images without an annotation skipped", f"{list_file}: {stem}")
+            continue
+        filename, boxes, wh = objects[stem]
+        image = next((f"{root}JPEGImages/{n}" for n in (filename, *(stem + s for s in (".jpg", ".jpeg", ".png")))
+                      if n and f"{root}JPEGImages/{n}" in archive.name_set), None)
+        if image is None:
+            faults.add("annotations without an image skipped", f"{root}Annotations/{stem}.xml")
+            continue
+        items.append((image, boxes, wh))
+    return items, classes
+
+
+def _coco(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str], bool]:
+    """Like _voc, plus whether the split is seeded (one annotations file for all)."""
+    candidates = [n for n in archive.names if n.startswith(root) and n.endswith(".json")]
+    by_split = [n for n in candidates if PurePosixPath(n).name.startswith(f"instances_{split}")
+                or n in (f"{root}{split}/annotations.json", f"{root}{split}/_annotations.coco.json")]
+    single = [n for n in candidates if PurePosixPath(n).name in ("annotations.json", "_annotations.coco.json")
+              and PurePosixPath(n).parent == PurePosixPath(root or ".")]
+    seeded = not by_split
+    if by_split:
+        ann = by_split[0]
+    elif single:
+        ann = single[0]
+    else:
+        raise UserError(f"{archive.path}: no COCO annotations for split '{split}' (looked for instances_{split}*.json, "
+                        f"{split}/annotations.json and annotations.json)")
+    try:
+        coco = json.loads(archive.read(ann))
+        cats = sorted(coco["categories"], key=lambda c: c["id"])
+        images, annotations = coco["images"], coco.get("annotations", [])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise UserError(f"{archive.where(ann)}: not a COCO instances file ({err!r}); it needs images, annotations and "
+                        "categories") from None
+    classes = [str(c["name"]) for c in cats]
+    index = {c["id"]: str(c["name"]) for c in cats}
+    per_image: dict = {img["id"]: [] for img in images}
+    for a in annotations:
+        if a.get("category_id") not in index:
+            faults.add("boxes with an unknown category id dropped", f"annotation {a.get('id')}")
+            continue
+        if a.get("image_id") not in per_image:
+            faults.add("boxes of an unknown image id dropped", f"annotation {a.get('id')}")
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        per_image[a["image_id"]].append((index[a["category_id"]], [x, y, x + w, y + h]))
+    folder = str(PurePosixPath(ann).parent)
+    folder = "" if folder == "." else folder + "/"
+    items = []
+    for img in images:
+        where = f"{archive.where(ann)} image {img.get('id')}"
+        member = next((m for m in (_safe_member(folder.rstrip("/"), str(img["file_name"]), where),
+                                   f"{folder}images/{img['file_name']}", f"{folder}{split}/{img['file_name']}")
+                       if m in archive.name_set), None)
+        if member is None:
+            faults.add("listed images without a file skipped", str(img["file_name"]))
+            continue
+        wh = (int(img["width"]), int(img["height"])) if "width" in img and "height" in img else None
+        items.append((member, per_image[img["id"]], wh))
+    return items, classes, seeded
+
+
+def _yolo(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
+    import yaml
+
+    where = archive.where(root + "data.yaml")
+    try:
+        spec = yaml.safe_load(archive.read(root + "data.yaml"))
+        names = spec["names"]
+    except (yaml.YAMLError, KeyError, TypeError) as err:
+        raise UserError(f"{where}: not an Ultralytics data.yaml with 'names' ({err!r})") from None
+    classes = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else [str(n) for n in names]
+    splits = sorted({n[len(root) + 7:].split("/")[0] for n in archive.names
+                     if n.startswith(root + "images/") and n.count("/") > root.count("/") + 1})
+    if split not in splits:
+        raise UserError(f"{archive.path}: no split '{split}' under images/ (its splits: {', '.join(splits) or 'none'})")
+    images = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(f"{root}images/{split}/")
+              and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES}
+    labels = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(f"{root}labels/{split}/")
+              and n.endswith(".txt")}
+    for stem in sorted(set(labels) - set(images)):
+        faults.add("label files without an image skipped", labels[stem])
+    items = []
+    for stem in sorted(images):
+        boxes = []
+        if stem in labels:
+            for lineno, line in enumerate(archive.read(labels[stem]).decode("utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                parts = line.split()
+                try:
+                    cls, cx, cy, w, h = int(parts[0]), *(float(v) for v in parts[1:5])
+                except (ValueError, IndexError):
+                    faults.add("label lines that are not 'class cx cy w h' dropped", f"{labels[stem]}:{lineno}")
+                    continue
+                if not 0 <= cls < len(classes):
+                    faults.add(f"boxes with a class index outside 0..{len(classes) - 1} dropped",
+                               f"{labels[stem]}:{lineno}")
+                    continue
+                boxes.append((classes[cls], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], "normalised"))
+        items.append((images[stem], boxes, None))
+    return items, classes
+
+
+def _masks(archive: _Archive, root: str, spec: str) -> tuple[list, dict[int, str] | None]:
+    """[(image member, mask member)] with matching stems, and the class map file's names if any."""
+    images = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(root + "images/")
+              and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES}
+    masks = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(root + "masks/")
+             and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES}
+    class_map = KNOWN_CLASS_MAPS.get(spec)
+    if root + "class_map.json" in archive.name_set:
+        where = archive.where(root + "class_map.json")
+        try:
+            class_map = {int(k): str(v) for k, v in json.loads(archive.read(root + "class_map.json")).items()}
+        except (json.JSONDecodeError, ValueError, AttributeError) as err:
+            raise UserError(f"{where}: must map mask values to class names, e.g. {{\"0\": \"background\"}} "
+                            f"({err})") from None
+    return [(images.get(s), masks.get(s)) for s in sorted(set(images) | set(masks))], class_map
+
+
+def is_dense(spec: str) -> bool:
+    """Whether a data set (path or short name) has a detection or segmentation layout."""
+    path = resolve_dataset(spec)
+    if path.suffix == ".npz":
+        return False
+    try:
+        detect_layout(_Archive(path))
+    except UserError:
+        return False
+    return True
+
+
+def load_dense(spec: str, split: str = "train", *, size: tuple[int, int] | None = None) -> DenseData:
+    """A dense data set's split at task size `size` (h, w) (default: DEFAULT_SIZES, else the first image's size)."""
+    path = resolve_dataset(spec)
+    archive = _Archive(path)
+    layout, root = detect_layout(archive)
+    faults = _Faults(f"{path.name}:{split}")
+    short = next((k for k, v in DEFAULT_SIZES.items() if spec == k or path.name.startswith(k)), None)
+    size = tuple(size or DEFAULT_SIZES.get(short) or ()) or None
+    if size is not None and (len(size) != 2 or min(size) < 8):
+        raise UserError(f"task size must be (height, width), each at least 8 (got {size})")
+    if layout == "masks":
+        return _load_masks(archive, root, split, size, faults, spec if spec in KNOWN_CLASS_MAPS else short)
+    seeded = False
+    if layout == "voc":
+        items, classes = _voc(archive, root, split, faults)
+    elif layout == "coco":
+        items, classes, seeded = _coco(archive, root, split, faults)
+    else:
+        items, classes = _yolo(archive, root, split, faults)
+    if seeded:
+        by_member = {item[0]: item for item in items}
+        items = [by_member[m] for m, *_ in seeded_split([(item[0], None, None) for item in items], split)]
+    if not items:
+        raise UserError(f"{path}: split '{split}' has no images")
+    index = {c: i for i, c in enumerate(classes)}
+    images, names, boxes, labels = [], [], [], []
+    for member, objects, wh in items:
+        arr = _decode_rgb(archive.read(member), archive.where(member))
+        height, width = arr.shape[:2]
+        if wh is not None and wh != (width, height):
+            faults.add("annotations whose image size differs from the file's (file's used)", member)
+        size = size or (height, width)
+        sx, sy = size[1] / width, size[0] / height
+        kept, kept_labels = [], []
+        for cls, box, *unit in objects:
+            if unit:  # YOLO: normalised
+                box = [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+            if cls not in index:
+                faults.add("boxes with an unknown class name dropped", f"{member}: {cls}")
+                continue
+            clean = _clean_box(box, width, height, member, faults)
+            if clean is not None:
+                kept.append([clean[0] * sx, clean[1] * sy, clean[2] * sx, clean[3] * sy])
+                kept_labels.append(index[cls])
+        images.append(_resize_rgb(arr, size))
+        names.append(member)
+        boxes.append(torch.tensor(kept, dtype=torch.float32).reshape(-1, 4))
+        labels.append(torch.tensor(kept_labels, dtype=torch.long))
+    source = f"{path}:{split} ({layout}{', seeded split ' + str(SPLIT_SEED) if seeded else ''})"
+    return _finish(DenseData(torch.from_numpy(np.stack(images)), names, classes, "detection", layout, source,
+                             boxes, labels), faults)
+
+
+def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults, short: str | None) -> DenseData:
+    from PIL import Image
+
+    pairs, class_map = _masks(archive, root, short)
+    usable = []
+    for image, mask in pairs:
+        if image is None:
+            faults.add("masks without an image skipped", mask)
+        elif mask is None:
+            faults.add("images without a mask skipped", image)
+        else:
+            usable.append((image, mask))
+    chosen = [(i, m) for i, m, *_ in seeded_split([(i, m, None) for i, m in usable], split)]
+    decoded, values = [], set()
+    for image, mask in chosen:
+        arr = _decode_rgb(archive.read(image), archive.where(image))
+        try:
+            with Image.open(io.BytesIO(archive.read(mask))) as m:
+                marr = np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m).astype(np.int64)
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"{archive.where(mask)}: cannot read mask ({err}); fix or remove the file") from None
+        if marr.shape != arr.shape[:2]:
+            faults.add("masks whose size differs from their image skipped", f"{mask} {marr.shape} vs {arr.shape[:2]}")
+            continue
+        decoded.append((image, arr, marr))
+        values.update(np.unique(marr).tolist())
+    if not decoded:
+        raise UserError(f"{archive.path}: split '{split}' has no usable image + mask pairs")
+    if class_map is None:  # the distinct values of every mask of the data set, so all splits agree
+        for _, mask in usable:
+            with Image.open(io.BytesIO(archive.read(mask))) as m:
+                values.update(np.unique(np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m))
+                              .tolist())
+        if len(values) > MAX_MASK_VALUES:
+            raise UserError(f"{archive.path}: masks hold {len(values)} distinct values; save masks losslessly (PNG) "
+                            "with one value per class, or add a class_map.json")
+        class_map = {v: str(v) for v in sorted(values)}
+    unknown = values - set(class_map)
+    if unknown:
+        raise UserError(f"{archive.path}: mask values {sorted(unknown)} are not in the class map "
+                        f"({sorted(class_map)}); add them to class_map.json")
+    lookup = np.zeros(max(max(class_map), max(values)) + 1, dtype=np.int64)
+    for i, v in enumerate(sorted(class_map)):
+        lookup[v] = i
+    images, masks, names = [], [], []
+    for image, arr, marr in decoded:
+        hw = size or arr.shape[:2]
+        images.append(_resize_rgb(arr, hw))
+        m = lookup[marr]
+        if m.shape != hw:
+            m = np.asarray(Image.fromarray(m.astype(np.uint8)).resize((hw[1], hw[0]), Image.NEAREST)).astype(np.int64)
+        masks.append(m)
+        names.append(image)
+    source = f"{archive.path}:{split} (masks, seeded split {SPLIT_SEED})"
+    return _finish(DenseData(torch.from_numpy(np.stack(images)), names, [class_map[v] for v in sorted(class_map)],
+                             "segmentation", "masks", source, masks=torch.from_numpy(np.stack(masks))), faults)
+
+
+def _finish(data: DenseData, faults: _Faults) -> DenseData:
+    data.faults = faults.lines()
+    for line in data.faults:
+        warnings.warn(line, stacklevel=3)
+    return data
