@@ -303,3 +303,26 @@ def test_dense_probe_end_to_end(dense_sets, task):
         assert result["sets"]["pixels"]["test"]["miou"] > 0.6
     with pytest.raises(UserError, match="not (segmentation|detection)"):
         run_dense(folder, folder / "other", task="segmentation" if task == "detection" else "detection")
+
+
+def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, capsys):
+    from imagen_transfer.cli import main
+
+    seg = make_masks(tmp_path / "seg", n=12, size=24, class_map=True)
+    out = tmp_path / "features"
+    assert main(["features", "--model", f"tiny={tiny_cascade_dir}", "--data", str(seg), "--blocks", "mid",
+                 "--timesteps", "50", "--baselines", "pixels", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["task"] == "segmentation" and manifest["stage"] == "sr" and set(manifest["sets"]) == {"tiny", "pixels"}
+    assert main(["probe", "--features", str(out), "--task", "segmentation", "--head", "conv", "--steps", "5",
+                 "--seeds", "1"]) == 0
+    assert "| tiny |" in capsys.readouterr().out and (out / "probe-segmentation.json").is_file()
+    # wrong combinations are one line each, before any work
+    assert main(["probe", "--features", str(out), "--task", "classification", "--head", "conv"]) == 2
+    assert main(["probe", "--features", str(out), "--task", "detection"]) == 2
+    assert main(["features", "--model", str(tiny_cascade_dir), "--data", str(seg), "--baselines", "text",
+                 "--out", str(tmp_path / "f2")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 3 and "does not apply to --task classification" in errors[0]
+    assert "not detection" in errors[1] and "--baselines text" in errors[2]
+    assert not (tmp_path / "f2").exists()
