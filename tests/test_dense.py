@@ -326,3 +326,30 @@ def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, 
     assert len(errors) == 3 and "does not apply to --task classification" in errors[0]
     assert "not detection" in errors[1] and "--baselines text" in errors[2]
     assert not (tmp_path / "f2").exists()
+
+
+def test_transfer_without_labels_fine_tunes_on_tiles_then_extracts(tmp_path, tiny_cascade_dir):
+    """The end-to-end path: fine-tune the source cascade on the target's images (template captions, no labels),
+    then read dense features from the fine-tuned model beside the source."""
+    from imagen_transfer.cli import main
+    from imagen_transfer.data import load_dataset
+
+    voc = make_voc(tmp_path / "voc", n=8, faults=False)
+    tiles = load_dataset(str(voc), "train", resolution=16)
+    assert len(tiles) == 4 * 3 * 4 and tiles.images.shape[1:] == (16, 16, 3)  # 48 x 64 images: 3 x 4 tiles each
+    assert set(tiles.captions) == {"an image"} and (tiles.labels == -1).all() and "tiles of 16x16" in tiles.source
+    with pytest.raises(UserError, match="without image labels"):
+        load_dataset(str(voc), "train", resolution=16, captions=["a photo of a {label}"])
+    run = tmp_path / "run"
+    assert main(["finetune", "--source", str(tiny_cascade_dir), "--data", str(voc), "--method", "freeze",
+                 "--out", str(run),
+                 "--set", "train.stages=[sr]", "train.steps=2", "train.batch_size=4", "train.val_every=0",
+                 "train.sample_every=0",
+                 "train.checkpoint_every=2", "train.mixed_precision=no", "data.val_split=val", "data.val_size=4",
+                 "sample.steps=2", "data.captions=['a microscope image']"]) == 0
+    out = tmp_path / "features"
+    assert main(["features", "--model", f"source={tiny_cascade_dir}", "--model", f"tuned={run / 'cascade'}",
+                 "--data", str(voc), "--blocks", "mid", "--timesteps", "50", "--baselines", "none",
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["sets"]) == {"source", "tuned"} and manifest["task"] == "detection"

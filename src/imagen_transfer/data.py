@@ -462,6 +462,16 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
                  seed: int = 0, skip_bad: bool = False, limit: int | None = None) -> ImageTextData:
     """Load a split of a dataset spec as in-memory images with one caption each (see module doc)."""
     path = resolve_dataset(spec)
+    if path.suffix != ".npz":
+        from . import dense  # dense.py builds on this module; a detection / segmentation set reads as image tiles
+
+        if dense.is_dense(str(path)):
+            data = dense.image_tiles(str(path), split, resolution=resolution, channels=channels, captions=captions)
+            if fraction < 1 or per_class is not None:
+                data = data.subset(select_subset(data.labels, fraction=fraction, per_class=per_class, seed=seed))
+            if limit is not None and limit < len(data):
+                data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())
+            return data
     templates = captions or default_captions(path)
     images, texts, label_strs, skipped, seeded = _decoded(path, split, resolution, channels, skip_bad)
     if len(images) == 0:

@@ -29,7 +29,7 @@ import json
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ KNOWN_CLASS_MAPS = {"wbc-seg": {0: "background", 128: "cytoplasm", 255: "nucleus
 # platelets about 40 px across, so a quarter (160 x 120) keeps them about 10 px (2-3 cells of a stride-4 grid);
 # WBC crops are 120 x 120 and read at their own size.
 DEFAULT_SIZES = {"bccd": (120, 160), "wbc-seg": (120, 120)}
+# Captions for fine-tuning a cascade on a dense data set's images without their labels (image_tiles).
+DENSE_CAPTIONS = {"bccd": ["a microscope image of a peripheral blood smear: red cells, white cells and platelets"],
+                  "wbc-seg": ["a microscope image of a stained white blood cell among red cells"]}
 MAX_MASK_VALUES = 32  # more distinct values than this means a lossy (JPEG) or non-class mask
 
 
@@ -327,7 +330,7 @@ def load_dense(spec: str, split: str = "train", *, size: tuple[int, int] | None 
     archive = _Archive(path)
     layout, root = detect_layout(archive)
     faults = _Faults(f"{path.name}:{split}")
-    short = next((k for k, v in DEFAULT_SIZES.items() if spec == k or path.name.startswith(k)), None)
+    short = _short_name(str(path))
     size = tuple(size or DEFAULT_SIZES.get(short) or ()) or None
     if size is not None and (len(size) != 2 or min(size) < 8):
         raise UserError(f"task size must be (height, width), each at least 8 (got {size})")
@@ -437,3 +440,34 @@ def _finish(data: DenseData, faults: _Faults) -> DenseData:
     for line in data.faults:
         warnings.warn(line, stacklevel=3)
     return data
+
+
+def image_tiles(spec: str, split: str, *, resolution: int, channels: int = 3, captions: list[str] | None = None):
+    """A dense data set's images as an image-text set for fine-tuning without labels: each image at its task size
+    cut into non-overlapping resolution x resolution tiles (the scale the dense features see), one caption each
+    from `captions` (default: DENSE_CAPTIONS for the shared sets, else "an image"); no labels (-1)."""
+    from .data import ImageTextData
+
+    templates = captions or DENSE_CAPTIONS.get(_short_name(spec)) or ["an image"]
+    if any("{label}" in t or "{report}" in t for t in templates):
+        raise UserError(f"{spec} is a detection / segmentation set without image labels: give captions without "
+                        "{label} or {report}, e.g. \"data.captions=['a microscope image']\"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # box and mask faults do not touch the images; the probe reports them
+        data = load_dense(spec, split)
+    h, w = data.images.shape[1:3]
+    if min(h, w) < resolution:
+        raise UserError(f"{spec}: images of {h}x{w} at the task size cannot give {resolution}x{resolution} tiles")
+    tiles = data.images.unfold(1, resolution, resolution).unfold(2, resolution, resolution)  # N, th, tw, C, r, r
+    tiles = tiles.permute(0, 1, 2, 4, 5, 3).reshape(-1, resolution, resolution, data.images.shape[3])
+    if channels == 1:
+        tiles = tiles.float().mean(-1, keepdim=True).round().to(torch.uint8)
+    per_image = len(tiles) // len(data)
+    return ImageTextData(tiles.contiguous(), [templates[i % len(templates)] for i in range(len(tiles))],
+                         torch.full((len(tiles),), -1, dtype=torch.long), [],
+                         f"{data.source}: {per_image} tiles of {resolution}x{resolution} per {h}x{w} image")
+
+
+def _short_name(spec: str) -> str | None:
+    name = Path(spec).name
+    return next((k for k in DEFAULT_SIZES if spec == k or name.startswith(k)), None)
