@@ -271,7 +271,7 @@ def cmd_probe(args) -> None:
         from .dense_probe import run_dense
 
         run_dense(args.features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
-                  kind=args.head or "mlp")
+                  kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps)
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -472,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int_in(1), default=None,
                    help="detection / segmentation: optimiser steps per head (default 600 / 300)")
     p.add_argument("--seeds", type=int_in(1), default=3, help="detection / segmentation: seeds per label count")
+    p.add_argument("--scratch", action="store_true",
+                   help="detection / segmentation: also train a small U-Net end to end from the pixels (the honest "
+                        "competitor), same labels and protocol")
+    p.add_argument("--scratch-steps", type=int_in(1), default=None, help="its steps (default: --steps)")
     p.add_argument("--epochs", type=int_in(1), default=30)
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
                    help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text")

@@ -463,7 +463,8 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
     """Load a split of a dataset spec as in-memory images with one caption each (see module doc)."""
     path = resolve_dataset(spec)
     if path.suffix != ".npz":
-        from . import dense  # dense.py builds on this module; a detection / segmentation set reads as image tiles
+        # a detection / segmentation set reads as image tiles; dense.py builds on this module, hence the late import
+        from . import dense
 
         if dense.is_dense(str(path)):
             data = dense.image_tiles(str(path), split, resolution=resolution, channels=channels, captions=captions)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -189,10 +190,12 @@ def coco_map(predictions: list[dict], boxes: list[torch.Tensor], labels: list[to
 
 
 def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, steps: int, batch_size: int = 16,
-                   seed: int = 0) -> CenterNetHead:
-    """AdamW (weight decay 1e-4), cosine schedule, random horizontal flips of features and targets."""
+                   seed: int = 0, scratch: bool = False, stride: int = 4) -> nn.Module:
+    """AdamW (weight decay 1e-4), cosine schedule, random horizontal flips of inputs and targets. `x` is a feature
+    grid for a CenterNet head, or (scratch) the images themselves for a small U-Net + the same head."""
     torch.manual_seed(seed)
-    head = CenterNetHead(x.shape[1], classes)
+    head = (nn.Sequential(ScratchUNet(x.shape[1], stride=stride), CenterNetHead(ScratchUNet.width_at(stride), classes))
+            if scratch else CenterNetHead(x.shape[1], classes))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -278,11 +281,12 @@ def sample_pixels(x: torch.Tensor, masks: torch.Tensor, count: int, gen: torch.G
 
 def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: int, *, lr: float, steps: int,
                     seed: int = 0, ensemble: int = 3, pixels: int = 4096, batch_size: int = 8) -> list[nn.Module]:
-    """`ensemble` pixel MLPs (different seeds) or one conv head, AdamW + cosine schedule, cross-entropy."""
+    """`ensemble` pixel MLPs (different seeds), one conv head, or (kind "scratch", `x` the images) a small U-Net
+    trained end to end; AdamW + cosine schedule, cross-entropy; the conv and scratch paths flip left-right."""
     heads = []
     for member in range(ensemble if kind == "mlp" else 1):
         torch.manual_seed(seed * 100 + member)
-        head = PixelMLP(x.shape[1], classes) if kind == "mlp" else ConvSegHead(x.shape[1], classes)
+        head = {"mlp": PixelMLP, "conv": ConvSegHead, "scratch": ScratchSegmenter}[kind](x.shape[1], classes)
         opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(seed * 100 + member)
@@ -293,13 +297,60 @@ def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: in
                 loss = F.cross_entropy(head(feats), target)
             else:
                 idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
-                loss = F.cross_entropy(head(x[idx], masks.shape[1:]), masks[idx].long())
+                flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
+                xb, mb = torch.where(flip, x[idx].flip(-1), x[idx]), masks[idx].long()
+                mb = torch.where(flip[:, 0], mb.flip(-1), mb)
+                loss = F.cross_entropy(head(xb, masks.shape[1:]), mb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         heads.append(head.eval())
     return heads
+
+
+class ScratchUNet(nn.Module):
+    """The honest competitor: a small U-Net trained end to end from pixels (levels at strides 1, 2, 4, 8 with widths
+    16, 32, 64, 128; two 3x3 convs + GroupNorm + SiLU per level), its decoder stopping at `stride`."""
+
+    WIDTHS = (16, 32, 64, 128)
+
+    @classmethod
+    def width_at(cls, stride: int) -> int:
+        return cls.WIDTHS[stride.bit_length() - 1]
+
+    def __init__(self, channels: int, stride: int = 1):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        w = self.WIDTHS
+        self.down = nn.ModuleList([block(channels, w[0])] + [block(w[i - 1], w[i]) for i in range(1, len(w))])
+        levels = len(w) - stride.bit_length()  # decoder steps from stride 8 back to `stride`
+        self.up = nn.ModuleList([block(w[-1 - i] + w[-2 - i], w[-2 - i]) for i in range(levels)])
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.avg_pool2d(x, 2))
+            skips.append(x)
+        for i, block in enumerate(self.up):
+            skip = skips[-2 - i]
+            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], 1))
+        return x
+
+
+class ScratchSegmenter(nn.Module):
+    """ScratchUNet at full resolution and a 1x1 classifier (the signature of ConvSegHead)."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+        self.net, self.classify = ScratchUNet(channels, stride=1), nn.Conv2d(ScratchUNet.WIDTHS[0], classes, 1)
+
+    def forward(self, x, size):
+        return F.interpolate(self.classify(self.net(x)), size=size, mode="bilinear", align_corners=False)
 
 
 @torch.inference_mode()
@@ -338,72 +389,105 @@ def _subset(n: int, count: int | None, seed: int) -> torch.Tensor:
 
 
 def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
-                ensemble: int = 3, labelled=LABELLED_IMAGES, progress: bool = True) -> tuple[dict, dict]:
-    """Train and score the dense head on every feature set of `folder`; see the module doc. Returns the result
-    (JSON-ready) and {set name: (chosen head, its test-split inputs)} for the overlays."""
+                ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
+                progress: bool = True) -> tuple[dict, dict]:
+    """Train and score the dense head on every feature set of `folder` (and, with `scratch`, a small U-Net trained
+    end to end on the images, the same protocol); see the module doc. Returns the result (JSON-ready) and {set name:
+    (chosen head, its test-split inputs)} for the overlays."""
     from tqdm.auto import tqdm
 
     manifest, sets = load_features(folder)
     targets = load_targets(folder, manifest)
-    for split in ("train", "val", "test"):
+    splits = ("train", "val", "test")
+    for split in splits:
         if split not in manifest["splits"]:
             raise UserError(f"{folder} has no '{split}' split (extract with --splits train val test)")
     task, names, stride = manifest["task"], manifest["label_names"], manifest["stride"]
     size = tuple(manifest["size"])
     detection = task == "detection"
     steps = steps or (600 if detection else 300)
+    scratch_steps = scratch_steps or steps
     lrs = tuple(lrs or (DETECTION_LRS if detection else SEGMENTATION_LRS))
-    splits = ("train", "val", "test")
     if detection:
         truth = {s: boxes_of(targets, s) for s in splits}
         train_target = centernet_targets(*truth["train"], len(names), tuple(manifest["grid"]), stride)
     else:
         truth = {s: targets[f"{s}/masks"] for s in splits}
+    inputs = {name: (lambda t=tensors, n=name: stacked_views(t, manifest["sets"][n]["views"], splits))
+              for name, tensors in sets.items()}
+    if scratch:
+        inputs["scratch"] = lambda: _images(manifest)
 
-    def fit(x, index, lr, seed):
+    def fit(set_name, x, index, lr, seed):
+        from_scratch = set_name == "scratch"
+        n_steps = scratch_steps if from_scratch else steps
         if detection:
             return train_detector(x[index], {k: v[index] for k, v in train_target.items()}, len(names), lr=lr,
-                                  steps=steps, seed=seed)
-        return train_segmenter(kind, x[index], truth["train"][index], len(names), lr=lr, steps=steps, seed=seed,
-                               ensemble=ensemble)
+                                  steps=n_steps, seed=seed, scratch=from_scratch, stride=stride)
+        return train_segmenter("scratch" if from_scratch else kind, x[index], truth["train"][index], len(names),
+                               lr=lr, steps=n_steps, seed=seed, ensemble=ensemble)
 
     def score(head, x, split):
         if detection:
             return coco_map(_predict(head, x, stride), *truth[split], names, size)
-        return segmentation_scores(segment(head, kind, x, size), truth[split], names)
+        return segmentation_scores(segment(head, _kind_of(head), x, size), truth[split], names)
 
     key = "map50" if detection else "miou"
     result = dict(task=task, head="centernet" if detection else kind, steps=steps, lrs=list(lrs), classes=names,
                   size=list(size), stride=stride, n={s: manifest["splits"][s]["n"] for s in splits}, sets={})
+    if scratch:
+        result["scratch"] = dict(steps=scratch_steps, widths=list(ScratchUNet.WIDTHS))
     n_train = manifest["splits"]["train"]["n"]
+    counts = [c for c in labelled if c is not None and c < n_train]
     chosen = {}
-    runs = len(sets) * (len(lrs) + seeds * sum(1 for c in labelled if c is not None and c < n_train))
-    with tqdm(total=runs, desc=f"{task} heads", disable=not progress, unit="head") as bar:
-        for set_name, tensors in sets.items():
-            x = stacked_views(tensors, manifest["sets"][set_name]["views"], splits)
-            everything = torch.arange(n_train)
+    with tqdm(total=len(inputs) * (len(lrs) + seeds * len(counts)), desc=f"{task} heads", disable=not progress,
+              unit="head") as bar:
+        for set_name, load in inputs.items():
+            x = load()
             grid = []
             for lr in lrs:
-                head = fit(x["train"], everything, lr, 0)
+                head = fit(set_name, x["train"], torch.arange(n_train), lr, 0)
                 grid.append(dict(lr=lr, val=score(head, x["val"], "val"), head=head))
                 bar.update()
             best = max(grid, key=lambda g: g["val"][key])
             efficiency = {}
-            for count in labelled:
-                if count is None or count >= n_train:
-                    efficiency["all"] = [score(best["head"], x["test"], "test")]
-                    continue
+            for count in counts:
                 efficiency[str(count)] = []
                 for seed in range(seeds):
-                    head = fit(x["train"], _subset(n_train, count, seed), best["lr"], seed)
+                    head = fit(set_name, x["train"], _subset(n_train, count, seed), best["lr"], seed)
                     efficiency[str(count)].append(score(head, x["test"], "test"))
                     bar.update()
-            test = efficiency["all"][0]
-            result["sets"][set_name] = dict(lr=best["lr"], val=best["val"], test=test,
+            efficiency["all"] = [score(best["head"], x["test"], "test")]
+            result["sets"][set_name] = dict(lr=best["lr"], val=best["val"], test=efficiency["all"][0],
                                             grid=[dict(lr=g["lr"], val=g["val"][key]) for g in grid],
-                                            label_efficiency=efficiency)
+                                            label_efficiency=efficiency,
+                                            parameters=_parameters(best["head"]))
             chosen[set_name] = (best["head"], x["test"])
     return result, chosen
+
+
+def _parameters(head) -> int:
+    modules = head if isinstance(head, list) else [head]
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def _images(manifest: dict) -> dict[str, torch.Tensor]:
+    """The feature folder's images per split as floats in [-1, 1] (the scratch competitor's input), checked to be
+    the very images the features were read from."""
+    from .data import to_float
+    from .dense import load_dense
+
+    out = {}
+    for split in ("train", "val", "test"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the faults were reported when the features were extracted
+            data = load_dense(manifest["dataset"], split, size=tuple(manifest["size"]))
+        wanted = manifest["splits"][split]["names"]
+        if data.names[:len(wanted)] != wanted:
+            raise UserError(f"{manifest['dataset']} changed since its features were extracted (split {split}); "
+                            "extract them again")
+        out[split] = to_float(data.images[:len(wanted)])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -454,6 +538,7 @@ def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_sco
 
 
 def _kind_of(heads: list[nn.Module]) -> str:
+    """How `segment` applies a head list: pixel MLPs on upsampled features, anything else on the grid."""
     return "mlp" if isinstance(heads[0], PixelMLP) else "conv"
 
 
@@ -465,19 +550,22 @@ def dense_markdown(result: dict) -> str:
              f"Head: {result['head']}, {result['steps']} steps, lr chosen on validation {label} from "
              f"{', '.join(f'{lr:g}' for lr in result['lrs'])}; task size {result['size'][0]}x{result['size'][1]}, "
              f"grid stride {result['stride']}; n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items()), ""]
+    if "scratch" in result:
+        lines += [f"`scratch`: a U-Net (widths {result['scratch']['widths']}) trained end to end from the pixels on "
+                  f"the same labels, {result['scratch']['steps']} steps, the same head and protocol.", ""]
     if detection:
-        lines += ["| features | lr | val mAP@0.5 | test mAP@0.5 | test mAP@[.5:.95] | per-class test AP@0.5 |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| features | trained parameters | lr | val mAP@0.5 | test mAP@0.5 | test mAP@[.5:.95] | "
+                  "per-class test AP@0.5 |", "|---|---|---|---|---|---|---|"]
         for name, r in result["sets"].items():
             per = ", ".join(f"{k} {v['ap50']:.3f}" for k, v in r["test"]["per_class"].items())
-            lines.append(f"| {name} | {r['lr']:g} | {r['val']['map50']:.3f} | {r['test']['map50']:.3f} | "
+            lines.append(f"| {name} | {r['parameters']:,} | {r['lr']:g} | {r['val']['map50']:.3f} | {r['test']['map50']:.3f} | "
                          f"{r['test']['map']:.3f} | {per} |")
     else:
-        lines += ["| features | lr | val mIoU | test mIoU | test mIoU (foreground) | per-class test IoU / Dice |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| features | trained parameters | lr | val mIoU | test mIoU | test mIoU (foreground) | "
+                  "per-class test IoU / Dice |", "|---|---|---|---|---|---|---|"]
         for name, r in result["sets"].items():
             per = ", ".join(f"{k} {v['iou']:.3f} / {v['dice']:.3f}" for k, v in r["test"]["per_class"].items())
-            lines.append(f"| {name} | {r['lr']:g} | {r['val']['miou']:.3f} | {r['test']['miou']:.3f} | "
+            lines.append(f"| {name} | {r['parameters']:,} | {r['lr']:g} | {r['val']['miou']:.3f} | {r['test']['miou']:.3f} | "
                          f"{r['test']['miou_foreground']:.3f} | {per} |")
     counts = list(next(iter(result["sets"].values()))["label_efficiency"])
     lines += ["", f"Label efficiency (test {label}, mean +- std over seeds; labelled training images):", "",
