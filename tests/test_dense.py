@@ -317,15 +317,23 @@ def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, 
     assert main(["probe", "--features", str(out), "--task", "segmentation", "--head", "conv", "--steps", "5",
                  "--seeds", "1"]) == 0
     assert "| tiny |" in capsys.readouterr().out and (out / "probe-segmentation.json").is_file()
+    assert main(["probe", "--features", str(out), "--task", "segmentation", "--steps", "3", "--sets", "scratch",
+                 "--scratch", "--labelled", "2", "all", "--seeds", "2", "--out", str(tmp_path / "scratch")]) == 0
+    scratch = json.loads((tmp_path / "scratch" / "probe-segmentation.json").read_text())
+    assert list(scratch["sets"]) == ["scratch"] and [len(v) for v in scratch["sets"]["scratch"]["label_efficiency"]
+                                                     .values()] == [2, 1]
+    capsys.readouterr()
     # wrong combinations are one line each, before any work
     assert main(["probe", "--features", str(out), "--task", "classification", "--head", "conv"]) == 2
     assert main(["probe", "--features", str(out), "--task", "detection"]) == 2
+    assert main(["probe", "--features", str(out), "--task", "segmentation", "--sets", "nope",
+                 "--out", str(tmp_path / "nope")]) == 2
     assert main(["features", "--model", str(tiny_cascade_dir), "--data", str(seg), "--baselines", "text",
                  "--out", str(tmp_path / "f2")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert len(errors) == 3 and "does not apply to --task classification" in errors[0]
-    assert "not detection" in errors[1] and "--baselines text" in errors[2]
-    assert not (tmp_path / "f2").exists()
+    assert len(errors) == 4 and "does not apply to --task classification" in errors[0]
+    assert "not detection" in errors[1] and "no feature set nope" in errors[2] and "--baselines text" in errors[3]
+    assert not (tmp_path / "f2").exists() and not (tmp_path / "nope").exists()
 
 
 def test_transfer_without_labels_fine_tunes_on_tiles_then_extracts(tmp_path, tiny_cascade_dir):

@@ -258,6 +258,12 @@ def cmd_features(args) -> None:
     print(f"wrote {out}/manifest.json")
 
 
+def _labelled_count(value: str) -> str:
+    if value != "all" and not (value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got '{value}'")
+    return value
+
+
 def cmd_probe(args) -> None:
     from .features import load_features
     from .probe import PUBLISHED, run_probe
@@ -271,7 +277,8 @@ def cmd_probe(args) -> None:
         from .dense_probe import run_dense
 
         run_dense(args.features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
-                  kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps)
+                  kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
+                  labelled=tuple(None if c == "all" else int(c) for c in args.labelled))
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -476,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detection / segmentation: also train a small U-Net end to end from the pixels (the honest "
                         "competitor), same labels and protocol")
     p.add_argument("--scratch-steps", type=int_in(1), default=None, help="its steps (default: --steps)")
+    p.add_argument("--sets", nargs="+", default=None, metavar="NAME",
+                   help="detection / segmentation: probe only these feature sets (scratch included)")
+    p.add_argument("--labelled", nargs="+", default=["5", "10", "20", "all"], type=_labelled_count,
+                   help="detection / segmentation: labelled training images per label-efficiency point (or all)")
     p.add_argument("--epochs", type=int_in(1), default=30)
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
                    help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text")

@@ -390,7 +390,7 @@ def _subset(n: int, count: int | None, seed: int) -> torch.Tensor:
 
 def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
                 ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
-                progress: bool = True) -> tuple[dict, dict]:
+                only: list[str] | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Train and score the dense head on every feature set of `folder` (and, with `scratch`, a small U-Net trained
     end to end on the images, the same protocol); see the module doc. Returns the result (JSON-ready) and {set name:
     (chosen head, its test-split inputs)} for the overlays."""
@@ -417,6 +417,12 @@ def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3,
               for name, tensors in sets.items()}
     if scratch:
         inputs["scratch"] = lambda: _images(manifest)
+    if only:
+        unknown = sorted(set(only) - set(inputs))
+        if unknown:
+            raise UserError(f"no feature set {', '.join(unknown)} in {folder} (it has {', '.join(inputs)}"
+                            f"{'' if scratch else '; scratch needs --scratch'})")
+        inputs = {k: v for k, v in inputs.items() if k in only}
 
     def fit(set_name, x, index, lr, seed):
         from_scratch = set_name == "scratch"
@@ -588,8 +594,8 @@ def run_dense(features: str | Path, out: str | Path | None = None, *, task: str,
         raise UserError(f"{features} holds {manifest.get('task') or 'pooled classification'} features, not {task}; "
                         f"extract a {task} data set with `imagen-transfer features --data ...`")
     out = Path(out or features)
-    out.mkdir(parents=True, exist_ok=True)
     result, chosen = probe_dense(features, **kwargs)
+    out.mkdir(parents=True, exist_ok=True)
     result.update(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"])
     result["plots"] = overlays(manifest, chosen, out)
     (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
