@@ -222,3 +222,22 @@ def test_text_encoder_mismatch_is_a_clear_error(tiny_cascade_dir, tmp_path):
                               "model.text_encoder=minilm")
     with pytest.raises(UserError, match="384-d states, but the source cascade"):
         build_or_load_cascade(config)
+
+
+def test_prediction_type_is_the_sources_own_when_transferring(tiny_cascade_dir):
+    """A transferred stage keeps the target it was trained on: an explicit different loss.prediction_type is refused
+    (it used to be ignored silently); with random_init the fresh weights take the requested target."""
+    from imagen_transfer.config import load_config
+    from imagen_transfer.errors import UserError
+    from imagen_transfer.train import build_or_load_cascade
+
+    base = [f"model.init_from={tiny_cascade_dir}"]
+    kept = build_or_load_cascade(load_config(None, base))
+    assert {s.scheduler.config.prediction_type for s in kept.stages} == {"epsilon"}
+    with pytest.raises(UserError, match="was trained to predict epsilon"):
+        build_or_load_cascade(load_config(None, [*base, "loss.prediction_type=v_prediction"]))
+    fresh = build_or_load_cascade(load_config(None, [*base, "loss.prediction_type=v_prediction",
+                                                     "model.random_init=true"]))
+    assert {s.scheduler.config.prediction_type for s in fresh.stages} == {"v_prediction"}
+    assert build_or_load_cascade(load_config(None, ["model.preset=tiny"])).stages[0].scheduler.config.prediction_type \
+        == "epsilon"

@@ -53,7 +53,8 @@ class DataConfig:
 class LossConfig:
     """The denoising objective (see diffusion.training_loss)."""
 
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    prediction_type: str | None = None  # epsilon | v_prediction; None: epsilon for a new cascade, the source's own
+    # when transferring (model.init_from), where a different explicit choice is refused
     min_snr_gamma: float | None = 5.0
     cond_drop_prob: float = 0.1
     aug_level_max: int = 500  # SR stages: noise-augmentation levels drawn from [0, aug_level_max]
@@ -85,7 +86,6 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays the step as CUDA graphs on a GPU
     log_every: int = 50
     val_every: int = 500
-    val_batches: int = 4
     sample_every: int = 1000
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -219,7 +219,6 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"), ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0: off)"),
         ("train.weight_decay", t.weight_decay >= 0, ">= 0"), ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
         ("train.log_every", t.log_every >= 1, ">= 1"), ("train.val_every", t.val_every >= 0, ">= 0 (0: off)"),
-        ("train.val_batches", t.val_batches >= 1, ">= 1"),
         ("train.sample_every", t.sample_every >= 0, ">= 0 (0: off)"),
         ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
@@ -243,7 +242,8 @@ def _check_ranges(config: RunConfig, where: str) -> None:
         ("sample.thresholding", sample.thresholding in THRESHOLDING, f"one of {', '.join(THRESHOLDING)}"),
         ("sample.percentile", 0 < sample.percentile <= 1, "in (0, 1]"),
         ("sample.max_value", sample.max_value >= 1, ">= 1"),
-        ("loss.prediction_type", loss.prediction_type in ("epsilon", "v_prediction"), "epsilon or v_prediction"),
+        ("loss.prediction_type", loss.prediction_type in (None, "epsilon", "v_prediction"),
+         "epsilon or v_prediction (or null: the source's own)"),
         ("transfer.freeze_first_k", transfer.freeze_first_k >= 0, ">= 0"),
         ("transfer.lora_rank", transfer.lora_rank >= 1, ">= 1"),
     ]

@@ -503,8 +503,17 @@ def build_or_load_cascade(config: RunConfig) -> Cascade:
         raise UserError("model.random_init needs model.init_from: the cascade whose architecture is trained from scratch")
     if not m.init_from:
         return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
-                            prediction_type=config.loss.prediction_type, seed=config.train.seed)
+                            prediction_type=config.loss.prediction_type or "epsilon", seed=config.train.seed)
     cascade = load_cascade(m.init_from)
+    wanted = config.loss.prediction_type
+    for stage in cascade.stages:
+        own = stage.scheduler.config.prediction_type
+        if wanted and wanted != own and not m.random_init:
+            raise UserError(f"loss.prediction_type={wanted}, but {m.init_from} stage {stage.name} was trained to predict "
+                            f"{own}: transferred weights keep their target; leave loss.prediction_type unset, or set "
+                            "model.random_init=true to train the architecture from scratch")
+        if wanted and m.random_init:  # fresh weights may learn either target
+            stage.scheduler = stage.scheduler.__class__.from_config(stage.scheduler.config, prediction_type=wanted)
     if m.text_encoder is not None:
         spec = TextEncoderSpec.parse(m.text_encoder, cascade.text_encoder.max_length)
         expected = cascade.stages[0].unet.config.encoder_hid_dim
