@@ -1,7 +1,45 @@
 """imagen-transfer: transfer learning with Imagen-style text-to-image diffusion cascades.
 
-Importing the package is cheap and offline: heavy libraries (torch, diffusers, transformers) load only in the
-modules that need them.
+The Python API is the same as the CLI's, one function per job (see README, "Python API"):
+
+    from imagen_transfer import load_cascade, sample_cascade, load_config, train, extract_dense, run_dense
+
+Importing the package is cheap and offline: each name below is imported from its module on first use, so torch,
+diffusers and transformers load only when a function that needs them is touched.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    # models
+    "init_cascade": "cascade", "load_cascade": "cascade", "save_cascade": "cascade", "describe": "cascade",
+    # sampling and training
+    "sample_cascade": "sampling", "save_grid": "sampling", "load_config": "config", "train": "train",
+    # data
+    "load_dataset": "data", "load_dense": "dense",
+    # evaluation
+    "evaluate": "evaluate",
+    # features and probes
+    "extract": "features", "extract_dense": "features", "load_features": "features", "run_probe": "probe",
+    "run_dense": "dense_probe",
+    # fusion and interop
+    "merge_cascades": "fusion", "import_if": "interop", "export_diffusers": "interop",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'imagen_transfer' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
