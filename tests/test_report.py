@@ -91,3 +91,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_report_shows_dense_probes_and_their_overlays(tmp_path):
+    from PIL import Image
+
+    from imagen_transfer.report import write_report
+
+    run = _make_run(tmp_path)
+    (run / "features").mkdir()
+    per_class = {"RBC": dict(ap=0.5, ap50=0.875), "WBC": dict(ap=0.25, ap50=0.5)}
+    detection = dict(task="detection", plots=["overlay-detection-source.png"],
+                     sets={"source": dict(test=dict(map50=0.6875, map=0.375, per_class=per_class))})
+    segmentation = dict(task="segmentation", plots=[], sets={"pixels": dict(test=dict(
+        miou=0.8125, per_class={"background": dict(iou=0.9, dice=0.95), "nucleus": dict(iou=0.7, dice=0.8125)}))})
+    (run / "features" / "probe-detection.json").write_text(json.dumps(detection))
+    (run / "features" / "probe-segmentation.json").write_text(json.dumps(segmentation))
+    Image.new("RGB", (8, 8)).save(run / "features" / "overlay-detection-source.png")
+    html_path, md_path = write_report(run)
+    md = md_path.read_text()
+    assert "| source | 0.6875 | 0.375 | 0.875 | 0.5 |" in md and "| pixels | 0.8125 | 0.95 | 0.8125 |" in md
+    assert "Detection probe: overlay-detection-source" in md
+    assert html_path.read_text().count("src='data:image/png;base64,") == 4

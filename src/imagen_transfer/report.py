@@ -117,10 +117,21 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             images.append((f"Probe: {Path(plot).stem}", run / "features" / plot,
                            "validation accuracy per block x timestep" if plot.startswith("heatmap") else
                            "test accuracy with 1%, 10%, 100% of the training labels"))
+    dense = {}
+    for task in ("detection", "segmentation"):
+        dense_file = run / "features" / f"probe-{task}.json"
+        if dense_file.is_file():
+            dense[task] = json.loads(dense_file.read_text())
+            for plot in dense[task].get("plots", []):
+                if (run / "features" / plot).is_file():
+                    images.append((f"{task.capitalize()} probe: {Path(plot).stem}", run / "features" / plot,
+                                   "true boxes white, predicted (score >= 0.3) coloured by class" if task == "detection"
+                                   else "image | true mask | predicted mask"))
     summaries = stage_summaries(rows)
+    tables = _tables(summaries, evals, probe) + _dense_tables(dense)
     html_path, md_path = run / "report.html", run / "report.md"
-    html_path.write_text(_html(run, summaries, evals, images, config, probe))
-    md_path.write_text(_markdown(run, summaries, evals, images, config, probe))
+    html_path.write_text(_html(run, tables, evals, images, config))
+    md_path.write_text(_markdown(run, tables, images, config))
     return html_path, md_path
 
 
@@ -158,7 +169,24 @@ def _tables(summaries: list[dict], evals: list[tuple[Path, dict]],
     return tables
 
 
-def _html(run: Path, summaries, evals, images, config: str, probe: dict | None = None) -> str:
+def _dense_tables(dense: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The detection / segmentation probes' test scores per feature set (dense_probe.run_dense's JSON)."""
+    tables = []
+    if "detection" in dense:
+        body = [[name, _fmt(r["test"]["map50"]), _fmt(r["test"]["map"])]
+                + [_fmt(v["ap50"]) for v in r["test"]["per_class"].values()] for name, r in dense["detection"]["sets"].items()]
+        classes = list(next(iter(dense["detection"]["sets"].values()))["test"]["per_class"])
+        tables.append(("Detection probe", ["features", "test mAP@0.5", "test mAP@[.5:.95]"]
+                       + [f"AP@0.5 {c}" for c in classes], body))
+    if "segmentation" in dense:
+        body = [[name, _fmt(r["test"]["miou"])] + [_fmt(v["dice"]) for v in r["test"]["per_class"].values()]
+                for name, r in dense["segmentation"]["sets"].items()]
+        classes = list(next(iter(dense["segmentation"]["sets"].values()))["test"]["per_class"])
+        tables.append(("Segmentation probe", ["features", "test mIoU"] + [f"Dice {c}" for c in classes], body))
+    return tables
+
+
+def _html(run: Path, tables, evals, images, config: str) -> str:
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>imagen-transfer report: {e(run.name)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
@@ -166,7 +194,7 @@ def _html(run: Path, summaries, evals, images, config: str, probe: dict | None =
              "img{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}pre{background:#f6f6f6;"
              "padding:1em;overflow:auto}figure{margin:1em 0}</style></head><body>",
              f"<h1>Run report: {e(run.name)}</h1><p>{e(str(run.resolve()))}</p>"]
-    for title, head, body in _tables(summaries, evals, probe):
+    for title, head, body in tables:
         parts.append(f"<h2>{e(title)}</h2><table id='{e(title.lower())}'><tr>"
                      + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>")
         parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in body]
@@ -190,9 +218,9 @@ def _html(run: Path, summaries, evals, images, config: str, probe: dict | None =
     return "\n".join(parts)
 
 
-def _markdown(run: Path, summaries, evals, images, config: str, probe: dict | None = None) -> str:
+def _markdown(run: Path, tables, images, config: str) -> str:
     lines = [f"# Run report: {run.name}", ""]
-    for title, head, body in _tables(summaries, evals, probe):
+    for title, head, body in tables:
         lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")
