@@ -333,3 +333,27 @@ def test_bf16_autocast_trains(pneumonia_npz, tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert next(load_cascade(run / "cascade").stages[0].unet.parameters()).dtype == torch.float32
     assert [r["precision"] for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "start"] == ["bf16"]
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(pneumonia_npz, tmp_path):
+    """Recomputing activations in the backward pass repeats the same operations on the same inputs, so two steps
+    with train.gradient_checkpointing reach the weights of two steps without (to float rounding of the summation
+    order, bounded here at 1e-6 of the largest weight)."""
+    from safetensors.torch import load_file
+
+    runs = [train(tiny_config(pneumonia_npz, tmp_path / name, "train.steps=2", "train.val_every=0",
+                              "train.sample_every=0", "train.checkpoint_every=2", *extra))
+            for name, extra in (("plain", ()), ("checkpointed", ("train.gradient_checkpointing=true",)))]
+    weights = [load_file(run / "cascade" / "base" / "unet" / "diffusion_pytorch_model.safetensors") for run in runs]
+    assert weights[0].keys() == weights[1].keys()
+    scale = max(t.abs().max() for t in weights[0].values())
+    assert max((weights[0][k] - weights[1][k]).abs().max() for k in weights[0]) <= 1e-6 * scale
+
+
+def test_a_run_config_with_a_removed_setting_still_loads(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  val_batches: 4\n  steps: 3\n")
+    with pytest.warns(UserWarning, match="train.val_batches ignored"):
+        assert load_config(path).train.steps == 3
+    with pytest.raises(UserError, match="unknown key"):
+        load_config(None, ["train.val_batches=2"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     mixed_precision: str = "auto"  # auto (bf16 where the hardware runs it natively: unet.resolve_precision) | no | bf16
     channels_last: bool = False  # NHWC convolutions; on a 2-core CPU 1.1x in fp32 but slower in bf16 (so off)
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass (diffusers' own): less
+    # activation memory for large stages at the cost of one more forward; the same gradients
     compile: bool = False  # torch.compile the training step's U-Net (no gain measured on a CPU; for GPUs)
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays the step as CUDA graphs on a GPU
     log_every: int = 50
@@ -289,6 +292,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+REMOVED_KEYS = {"train.val_batches": "removed: it was never read; validation uses data.val_size images"}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults <- YAML file <- `key=value` overrides, validated into a RunConfig."""
     tree: dict[str, Any] = {}
@@ -304,6 +310,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
         where = str(path)
+        for key, why in REMOVED_KEYS.items():  # run folders written before a setting was removed still load
+            section, name = key.split(".")
+            if name in (tree.get(section) or {}):
+                del tree[section][name]
+                warnings.warn(f"{where}: {key} ignored ({why})", stacklevel=2)
     tree = _merge(tree, parse_overrides(overrides or []))
     config = _build(RunConfig, tree, where)
     _check_ranges(config, where)

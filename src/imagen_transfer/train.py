@@ -207,6 +207,8 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     stage_index = [s.name for s in cascade.stages].index(stage.name)
 
     unet = stage.unet.to(device).train()
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     if tc.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     named = _named_trainable(unet)
@@ -433,7 +435,8 @@ def run_dir_of(config: RunConfig) -> Path:
 # Anything else (data, model, loss, optimiser, stages, transfer) would silently train a different run.
 RESUMABLE_KEYS = ("out", "train.steps", "train.stage_steps", "train.log_every", "train.val_every", "train.kid_every",
                   "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.threads",
-                  "train.early_stopping_patience", "train.early_stopping_min_delta", "sample.")
+                  "train.early_stopping_patience", "train.early_stopping_min_delta", "train.gradient_checkpointing",
+                  "sample.")
 
 
 def _by_key(config: RunConfig) -> dict:
@@ -496,8 +499,10 @@ def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     return run_dir
 
 
-def build_or_load_cascade(config: RunConfig) -> Cascade:
-    """A new cascade from `model.preset`, or the source cascade named by `model.init_from` (transfer: weights only)."""
+def build_or_load_cascade(config: RunConfig, resume: bool = False) -> Cascade:
+    """A new cascade from `model.preset`, or the source cascade named by `model.init_from` (transfer: weights only).
+    A resumed run is not held to the prediction-type rule: runs saved before it recorded `epsilon` while training
+    the source's own target, and their checkpoints decide."""
     m = config.model
     if m.random_init and not m.init_from:
         raise UserError("model.random_init needs model.init_from: the cascade whose architecture is trained from scratch")
@@ -508,7 +513,7 @@ def build_or_load_cascade(config: RunConfig) -> Cascade:
     wanted = config.loss.prediction_type
     for stage in cascade.stages:
         own = stage.scheduler.config.prediction_type
-        if wanted and wanted != own and not m.random_init:
+        if wanted and wanted != own and not m.random_init and not resume:
             raise UserError(f"loss.prediction_type={wanted}, but {m.init_from} stage {stage.name} was trained to predict "
                             f"{own}: transferred weights keep their target; leave loss.prediction_type unset, or set "
                             "model.random_init=true to train the architecture from scratch")
@@ -556,7 +561,7 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     if main:
         check_run_dir(config, resume)
     torch.manual_seed(config.train.seed)
-    cascade = build_or_load_cascade(config)
+    cascade = build_or_load_cascade(config, resume)
     if config.train.kid_every:  # a missing feature network fails here, before the run folder exists
         from .metrics import load_feature_net
 
