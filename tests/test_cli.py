@@ -92,6 +92,7 @@ def test_python_api_names_resolve_and_the_readme_example_runs(tmp_path, monkeypa
 
     for name in imagen_transfer.__all__:
         assert callable(getattr(imagen_transfer, name)), name
+        assert not (REPO / "src" / "imagen_transfer" / f"{name}.py").exists(), f"{name} shadows a module"
     with pytest.raises(AttributeError):
         imagen_transfer.no_such_function  # noqa: B018
     code = re.search(r"## Python API.*?```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)

@@ -8,6 +8,7 @@ import torch
 from conftest import make_npz
 from test_train import tiny_config
 
+from imagen_transfer import step as step_module
 from imagen_transfer import train as train_module
 from imagen_transfer.checkpoint import append_jsonl, latest_checkpoint, read_jsonl
 from imagen_transfer.cli import main
@@ -44,7 +45,7 @@ def test_non_finite_config_numbers_are_refused(override):
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(pneumonia_npz, tmp_path, monkeypatch):
-    real_loss = train_module.training_loss
+    real_loss = step_module.training_loss
     calls = {"n": 0}
 
     def loss_turning_nan_at_step_5(*args, **kwargs):
@@ -52,7 +53,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(pne
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(train_module, "training_loss", loss_turning_nan_at_step_5)
+    monkeypatch.setattr(step_module, "training_loss", loss_turning_nan_at_step_5)
     run = tmp_path / "run"
     config = tiny_config(pneumonia_npz, run, "train.val_every=0", "train.log_every=1", "train.checkpoint_every=3")
     with pytest.raises(UserError, match=r"non-finite \(NaN or inf\) by step 5.*step-0000003 was kept"):

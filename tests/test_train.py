@@ -16,7 +16,8 @@ from imagen_transfer.cascade import load_cascade
 from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, read_jsonl, save_checkpoint
 from imagen_transfer.config import load_config
 from imagen_transfer.errors import UserError
-from imagen_transfer.train import epoch_batch, train
+from imagen_transfer.step import epoch_batch
+from imagen_transfer.train import train
 from imagen_transfer.unet import resolve_precision, training_attention
 
 

@@ -2,7 +2,9 @@
 
 The Python API is the same as the CLI's, one function per job (see README, "Python API"):
 
-    from imagen_transfer import load_cascade, sample_cascade, load_config, train, extract_dense, run_dense
+    from imagen_transfer import load_cascade, sample_cascade, load_config, extract_dense, run_dense
+    from imagen_transfer.train import train          # `train` and `evaluate` are also module names, so they
+    from imagen_transfer.evaluate import evaluate    # are imported from their modules, not re-exported here
 
 Importing the package is cheap and offline: each name below is imported from its module on first use, so torch,
 diffusers and transformers load only when a function that needs them is touched.
@@ -19,11 +21,9 @@ _API = {
     # models
     "init_cascade": "cascade", "load_cascade": "cascade", "save_cascade": "cascade", "describe": "cascade",
     # sampling and training
-    "sample_cascade": "sampling", "save_grid": "sampling", "load_config": "config", "train": "train",
+    "sample_cascade": "sampling", "save_grid": "sampling", "load_config": "config",
     # data
     "load_dataset": "data", "load_dense": "dense",
-    # evaluation
-    "evaluate": "evaluate",
     # features and probes
     "extract": "features", "extract_dense": "features", "load_features": "features", "run_probe": "probe",
     "run_dense": "dense_probe",
@@ -33,7 +33,7 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str):  # only for names that are not submodules, so `imagen_transfer.train` stays the module
     if name in _API:
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
         globals()[name] = value

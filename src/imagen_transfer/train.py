@@ -1,21 +1,17 @@
 """`train_stage()`: the one training loop (pretraining, resume and transfer), and `train()` around it.
 
 The loop trains one cascade stage at a time (Imagen trains its stages independently), driven by accelerate so the
-same code runs on a CPU, one GPU, or `accelerate launch` over many processes. Per step it:
-
-1. picks the global batch from a per-epoch permutation (seeded: resume needs no data-loader state);
-2. draws all randomness of the global batch (flips, timesteps, noise, dropout, augmentation) from a generator seeded
-   by (seed, stage, step), and keeps this process's slice: N processes then compute exactly the one-process step;
-3. accumulates gradients over micro-batches, clips, steps AdamW with warmup + cosine, and updates the EMA.
-
-Every `val_every` steps it computes the validation loss of the EMA weights at fixed noise and timesteps; every
-`sample_every` steps it writes a sample grid; every `checkpoint_every` steps an atomic checkpoint (checkpoint.py).
+same code runs on a CPU, one GPU, or `accelerate launch` over many processes. Each step is `step.training_step`
+(batch, randomness, gradient accumulation, AdamW, EMA); around it the loop reads the loss once per log window,
+computes the validation loss of the EMA weights at fixed noise and timesteps every `val_every` steps (and KID every
+`kid_every`), writes a sample grid every `sample_every` steps and an atomic checkpoint every `checkpoint_every`
+(checkpoint.py), and stops early through `EarlyStopping`. Records go through `StageLog` (metrics.jsonl,
+TensorBoard, the progress bar).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import re
 import time
 import warnings
@@ -41,11 +37,12 @@ from .checkpoint import (
 )
 from .config import RunConfig, config_to_dict, config_yaml, load_config
 from .data import ImageTextData, load_dataset, resize, stage_inputs
-from .diffusion import draw, training_loss
+from .diffusion import training_loss
 from .errors import UserError
 from .outputs import check_writable_dir, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
+from .step import Captioned, StageTraining, prepare_stage_training, training_step
 from .text import (
     EmbeddingCache,
     TextEncoderSpec,
@@ -55,26 +52,14 @@ from .text import (
     text_dim,
 )
 from .transfer import (
-    DEFAULT_LR,
     check_transfer,
     finish_transfer,
-    parameter_groups,
     prepare_transfer,
     resolve_transfer_defaults,
 )
-from .unet import precision_choice, resolve_precision, training_attention
+from .unet import precision_choice, resolve_precision
 
 ValidationHook = Callable[[Cascade, Stage, int], None]
-
-
-@dataclass
-class Captioned:
-    """Images with caption indices into a table of encoded unique captions (each caption encoded once)."""
-
-    images: torch.Tensor  # uint8 (N, H, W, C)
-    caption_ids: torch.Tensor  # (N,)
-    table: TextEncoding  # (U, L, D)
-    captions: list[str]
 
 
 def encode_captions(data: ImageTextData, cache: EmbeddingCache) -> Captioned:
@@ -82,16 +67,6 @@ def encode_captions(data: ImageTextData, cache: EmbeddingCache) -> Captioned:
     index = {c: i for i, c in enumerate(unique)}
     ids = torch.tensor([index[c] for c in data.captions], dtype=torch.long)
     return Captioned(data.images, ids, cache(unique), data.captions)
-
-
-def epoch_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Indices of the global batch of `step`: consecutive slices of a seeded permutation per epoch."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    if n < batch_size:
-        perm = perm.repeat(math.ceil(batch_size / n))
-    return perm[k * batch_size : (k + 1) * batch_size]
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -120,21 +95,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
-def _named_trainable(unet) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-
-
-@torch.no_grad()
 def validation_loss(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, device,
                     batch_size: int) -> float:
     """Mean loss over the validation set at fixed noise, timesteps and augmentation (seed 1234), no dropout."""
@@ -182,6 +142,75 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
     save_grid(torch.cat([upsampled.cpu(), shown(out.cpu()), real.cpu()]), path, nrow=k, scale=4)
 
 
+@dataclass
+class EarlyStopping:
+    """Early stopping and restore-best on one metric (val_loss or kid; lower is better).
+
+    Patience counts measurements without an improvement of more than `min_delta` on the last such value (the
+    anchor); restore-best keeps the lowest value seen, however small its margin. `state()` is what a checkpoint
+    keeps, so a resumed run continues the count."""
+
+    patience: int
+    min_delta: float
+    metric: str
+    val: float = float("inf")  # the best value so far
+    step: int | None = None
+    anchor: float | None = None
+    stale: int = 0
+
+    def update(self, value: float, step: int) -> tuple[bool, bool]:
+        """(improved on the best, patience exhausted) after a measurement."""
+        anchor = self.val if self.anchor is None else self.anchor
+        improved = value < self.val
+        if improved:
+            self.val, self.step = value, step
+        if value < anchor - self.min_delta:
+            self.anchor, self.stale = value, 0
+        else:
+            self.stale += 1
+        return improved, bool(self.patience) and self.stale >= self.patience
+
+    def state(self) -> dict:
+        return dict(val=self.val, step=self.step, metric=self.metric, anchor=self.anchor, stale=self.stale)
+
+    def load(self, state: dict) -> None:
+        self.val, self.step, self.stale = state.get("val", self.val), state.get("step"), state.get("stale", 0)
+        self.anchor = state.get("anchor")
+
+
+class StageLog:
+    """Where a stage's records go: metrics.jsonl and TensorBoard (main process), and the progress bar."""
+
+    def __init__(self, run_dir: Path, stage: str, total: int, initial: int, main: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.file, self.stage, self.main = run_dir / "metrics.jsonl", stage, main
+        self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage)) if main else None
+        self.bar = tqdm(total=total, initial=initial, desc=f"train {stage}", disable=not main, dynamic_ncols=True)
+
+    def event(self, **fields) -> None:
+        if self.main:
+            append_jsonl(self.file, dict(stage=self.stage, **fields, time=time.time()))
+
+    def record(self, record: dict) -> None:
+        if not self.main:
+            return
+        append_jsonl(self.file, record)
+        for key, value in record.items():
+            if isinstance(value, float) and key != "time":
+                self.writer.add_scalar(f"{self.stage}/{key}", value, record["step"])
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_loss", "kid", "images_per_s")})
+
+    def say(self, text: str) -> None:
+        if self.main:
+            tqdm.write(f"[{self.stage}] {text}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captioned, val: Captioned,
                 null: TextEncoding, run_dir: Path, *, encode, resume: bool = False, accelerator=None,
                 on_validation: ValidationHook | None = None, quality: QualityProbe | None = None) -> dict:
@@ -192,89 +221,36 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     EMA weights in eval mode (studies sample there to measure quality against steps).
     """
     from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
 
     tc = config.train
     cuda = torch.cuda.is_available()
     accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda)
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    main = accelerator.is_main_process
-    if tc.batch_size % (world * tc.grad_accum):
-        raise UserError(f"train.batch_size {tc.batch_size} must be divisible by processes x grad_accum "
-                        f"({world} x {tc.grad_accum})")
-    local = tc.batch_size // world
-    micro = local // tc.grad_accum
-    stage_index = [s.name for s in cascade.stages].index(stage.name)
-
-    unet = stage.unet.to(device).train()
-    if tc.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if tc.channels_last:
-        unet = unet.to(memory_format=torch.channels_last)
-    named = _named_trainable(unet)
-    if not named:
-        raise UserError(f"stage {stage.name}: no trainable parameters")
-    params = [p for _, p in named]
-    base_lr = tc.lr if tc.lr is not None else DEFAULT_LR[config.transfer.method]
-    optimizer = torch.optim.AdamW(parameter_groups(named, base_lr, tc.lr_multipliers), lr=base_lr,
-                                  weight_decay=tc.weight_decay, fused=True)  # one kernel for all tensors (CPU too)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tc.warmup_steps, tc.steps))
-    unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
-    raw_unet = accelerator.unwrap_model(unet)
-    if tc.compile:  # the training step only: validation and sampling call the eager module
-        unet = torch.compile(unet, mode=tc.compile_mode)
-    ema = EMAModel(params, decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)  # after the broadcast
-
-    step, done, early_stopped = 0, False, False
-    best = dict(val=float("inf"), step=None, stale=0)  # early stopping: best validation so far
-    best_ema = None  # the EMA weights of the best validation (kept when restore_best and early stopping)
+    if tc.kid_every and quality is None:
+        raise ValueError("train.kid_every needs a QualityProbe (quality.build_quality_probe)")
+    main, device = accelerator.is_main_process, accelerator.device
+    t = prepare_stage_training(config, stage, [s.name for s in cascade.stages].index(stage.name), train, null,
+                               accelerator)
+    stopping = EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, tc.early_stopping_metric)
     keep_best = tc.restore_best and tc.early_stopping_patience > 0
+    best_ema = None  # the EMA weights of the best measurement (kept when restore_best and early stopping)
+    step, early_stopped = 0, False
     ckpt = latest_checkpoint(run_dir, stage.name) if resume else None
     if ckpt is not None:
-        saved = load_checkpoint(ckpt)
-        unexpected = raw_unet.load_state_dict(saved["model"], strict=False).unexpected_keys
-        if unexpected:
-            raise UserError(f"{ckpt}: weights {unexpected[:3]}... do not fit this model; resume with the same config")
-        optimizer.load_state_dict(saved["optimizer"])
-        ema.shadow_params = [saved["ema"][n].to(device) for n, _ in named]
-        ema.optimization_step = saved["state"]["ema_step"]
-        # A stage that reached its step budget continues when the budget grew; one that stopped early stays stopped.
-        step = saved["state"]["step"]
-        early_stopped = saved["state"].get("early_stopped", saved["state"].get("done", False) and step < tc.steps)
-        done = early_stopped
-        best = saved["state"].get("best", best)
-        best_ckpt = latest_checkpoint(run_dir, stage.name, "best")
-        if keep_best and best_ckpt is not None:
-            best_ema = [load_checkpoint(best_ckpt)["ema"][n].to(device) for n, _ in named]
-        with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended here
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(step):
-                lr_schedule.step()
+        step, early_stopped, best_ema = _resume(t, ckpt, run_dir, stopping, keep_best)
         if main:
             print(f"[{stage.name}] resumed from {ckpt} at step {step}")
-
-    null = null.to(device)
-    table = train.table.to(device)
-    alphas = stage.scheduler.alphas_cumprod.to(device)
-    pred_type = stage.scheduler.config.prediction_type
-    shape = (stage.channels, stage.resolution, stage.resolution)
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard" / stage.name))
+    done = early_stopped  # a stage that reached its budget continues when the budget grew; an early stop stays
 
     def stop_if_nonfinite(weights_too: bool = False) -> None:
         """Stop (UserError) once a loss or gradient norm went NaN / inf, or (before a save) a weight did: nothing
         non-finite is ever checkpointed, so the last good checkpoint stays as it was for a --resume."""
         bad = bool(nonfinite)  # one host sync, only at log, validation and checkpoint steps
         if weights_too and not bad:
-            bad = not bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+            bad = not bool(torch.stack([torch.isfinite(p).all() for p in t.params]).all())
         if not bad:
             return
         last = latest_checkpoint(run_dir, stage.name)
-        if main:
-            append_jsonl(metrics_file, dict(stage=stage.name, event="nonfinite", step=step, time=time.time()))
+        log.event(event="nonfinite", step=step)
         raise UserError(f"[{stage.name}] the loss or the weights became non-finite (NaN or inf) by step {step}; "
                         f"training stopped and {'the last good checkpoint ' + str(last) if last else 'no checkpoint'} "
                         "was kept as it was. Lower train.lr, keep train.grad_clip > 0 or set "
@@ -284,22 +260,22 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         stop_if_nonfinite(weights_too=True)
         path = None
         if main:
-            state = dict(stage=stage.name, ema_step=ema.optimization_step, best=best, done=done,
+            state = dict(stage=stage.name, ema_step=t.ema.optimization_step, best=stopping.state(), done=done,
                          early_stopped=early_stopped)
-            path = save_checkpoint(run_dir, stage.name, step, model=dict(raw_unet.named_parameters()),
-                                   ema={n: p for (n, _), p in zip(named, ema.shadow_params)},
-                                   optimizer=optimizer.state_dict(), state=state, keep=tc.keep_checkpoints)
+            path = save_checkpoint(run_dir, stage.name, step, model=dict(t.raw_unet.named_parameters()),
+                                   ema={n: p for (n, _), p in zip(t.named, t.ema.shadow_params)},
+                                   optimizer=t.optimizer.state_dict(), state=state, keep=tc.keep_checkpoints)
         accelerator.wait_for_everyone()  # nobody runs ahead while the main process writes
         return path
 
     def evaluate(val_due: bool, kid_due: bool) -> dict:
         """Validation loss and / or sample quality of the EMA weights (swapped in, then back)."""
-        ema.store(params)
-        ema.copy_to(params)
-        raw_unet.eval()
+        t.ema.store(t.params)
+        t.ema.copy_to(t.params)
+        t.raw_unet.eval()
         values = {}
         if val_due:
-            values["val_loss"] = validation_loss(stage, val, null, config, device, batch_size=max(micro, 16))
+            values["val_loss"] = validation_loss(stage, val, null, config, device, batch_size=max(t.micro, 16))
         if kid_due:  # every process measures (same seeds), so an early stop on KID is the same decision everywhere
             values.update(measure_quality(quality, stage, encode, null, sample_settings(config.sample),
                                           gray=cascade.sampling.get("grayscale", False)))
@@ -308,70 +284,37 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                           encode, gray=cascade.sampling.get("grayscale", False))
         if main and on_validation is not None:  # stage.unet is raw_unet: .to() and unwrap_model return the module
             on_validation(cascade, stage, step)
-        raw_unet.train()
-        ema.restore(params)
+        t.raw_unet.train()
+        t.ema.restore(t.params)
         return values
 
-    metric = tc.early_stopping_metric  # what early stopping and restore-best follow: val_loss or kid
-    if tc.kid_every and quality is None:
-        raise ValueError("train.kid_every needs a QualityProbe (quality.build_quality_probe)")
-    metrics_file = run_dir / "metrics.jsonl"
-    if main:
-        reason = precision_choice(tc.mixed_precision, device.type == "cuda")[1]
-        append_jsonl(metrics_file, dict(stage=stage.name, event="start", step=step, processes=world,
-                                        precision=accelerator.mixed_precision, precision_reason=reason,
-                                        device=str(device),
-                                        peak_memory_window="stage", time=time.time()))
-    bar = tqdm(total=tc.steps, initial=step, desc=f"train {stage.name}", disable=not main, dynamic_ncols=True)
+    log = StageLog(run_dir, stage.name, tc.steps, step, main)
+    log.event(event="start", step=step, processes=accelerator.num_processes, precision=accelerator.mixed_precision,
+              precision_reason=precision_choice(tc.mixed_precision, cuda)[1], device=str(device),
+              peak_memory_window="stage")
     # The loss is summed on the device and read once per log window: a read per step would make the host wait for
     # the GPU every step, which a small, launch-bound stage cannot afford.
     window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any NaN / inf loss or gradient norm so far
     reset_peak_memory(device)
     while step < tc.steps and not done:
-        gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + stage_index * 100_003 + step)
-        idx = epoch_batch(len(train.caption_ids), tc.batch_size, step, tc.seed + stage_index)
-        flips = (torch.rand(tc.batch_size, generator=gen, device=device) < 0.5) if config.data.hflip else None
-        draws = draw(tc.batch_size, shape, alphas.shape[0], cond_drop_prob=config.loss.cond_drop_prob,
-                     aug_level_max=config.loss.aug_level_max if stage.kind == "sr" else None, generator=gen,
-                     device=device)
-        lo = rank * local
-        for k in range(tc.grad_accum):
-            a, b = lo + k * micro, lo + (k + 1) * micro
-            x0, lowres = stage_inputs(stage, train.images[idx[a:b]], None if flips is None else flips[a:b], device)
-            text = table.index(train.caption_ids[idx[a:b]].to(device))
-            sync = nullcontext() if k == tc.grad_accum - 1 else accelerator.no_sync(unet)
-            if tc.compile:  # a new step for CUDA graph trees (reduce-overhead): the last step's outputs may be reused
-                torch.compiler.cudagraph_mark_step_begin()
-            with sync, accelerator.autocast(), training_attention(device.type):
-                loss = training_loss(unet, alphas, x0, text, null_text=null, prediction_type=pred_type,
-                                     min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
-                                     aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
-                accelerator.backward(loss / tc.grad_accum)
-            window_loss += loss.detach().float() / tc.grad_accum
-            nonfinite |= ~torch.isfinite(loss.detach())
-        if tc.grad_clip:
-            nonfinite |= ~torch.isfinite(accelerator.clip_grad_norm_(params, tc.grad_clip))
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(params)
+        loss, bad = training_step(t, step)
+        window_loss += loss
+        nonfinite |= bad
         step += 1
         window_images += tc.batch_size
-        bar.update(1)
+        log.bar.update(1)
         log_due = step % tc.log_every == 0 or step == tc.steps
         val_due = bool(tc.val_every) and (step % tc.val_every == 0 or step == tc.steps)
         kid_due = bool(tc.kid_every) and (step % tc.kid_every == 0 or step == tc.steps)
         if log_due or val_due or kid_due:  # checkpoint steps check in save()
             stop_if_nonfinite()
-
         record = None
         if log_due:
             steps_in_window = (step - 1) % tc.log_every + 1
-            mean_loss = window_loss.item() / steps_in_window  # waits for the device: the window's time is complete
-            elapsed = time.perf_counter() - window_start
-            record = dict(stage=stage.name, step=step, loss=mean_loss,
-                          lr=lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed,
+            elapsed = time.perf_counter() - window_start  # after .item(): the window's device work is complete
+            record = dict(stage=stage.name, step=step, loss=window_loss.item() / steps_in_window,
+                          lr=t.lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed,
                           seconds_per_step=elapsed / steps_in_window, peak_memory_mb=peak_memory_mb(device),
                           time=time.time())
             window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
@@ -379,52 +322,57 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
         if val_due or kid_due:
             record = record or dict(stage=stage.name, step=step, time=time.time())
             record.update(evaluate(val_due, kid_due))
-        if record is not None and record.get(metric) is not None:
-            # Patience counts measurements without an improvement of more than min_delta on the last such value
-            # (the anchor); restore-best keeps the lowest value seen, however small its margin.
-            value, anchor = record[metric], best.get("anchor", best["val"])
-            improved = value < best["val"]
-            if improved:
-                best.update(val=value, step=step, metric=metric)
-                best_ema = [p.detach().clone() for p in ema.shadow_params] if keep_best else None
-            if value < anchor - tc.early_stopping_min_delta:
-                best.update(anchor=value, stale=0)
-            else:
-                best["stale"] += 1
-            if tc.early_stopping_patience and best["stale"] >= tc.early_stopping_patience:
-                done = True
-                record["early_stop"] = early_stopped = True
-                if main:
-                    tqdm.write(f"[{stage.name}] early stopping at step {step}: {metric} {value:.5f} has not improved "
-                               f"on {best.get('anchor', anchor):.5f} by more than {tc.early_stopping_min_delta} for "
-                               f"{best['stale']} measurements (best {best['val']:.5f} at step {best['step']})")
-        if record is not None and main:
-            append_jsonl(metrics_file, record)
-            for key, value in record.items():
-                if isinstance(value, float) and key != "time":
-                    writer.add_scalar(f"{stage.name}/{key}", value, step)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
-                            if k in ("loss", "val_loss", "kid", "images_per_s")})
+        if record is not None and record.get(stopping.metric) is not None:
+            improved, exhausted = stopping.update(record[stopping.metric], step)
+            if improved and keep_best:
+                best_ema = [p.detach().clone() for p in t.ema.shadow_params]
+            if exhausted:
+                done = record["early_stop"] = early_stopped = True
+                log.say(f"early stopping at step {step}: {stopping.metric} {record[stopping.metric]:.5f} has not "
+                        f"improved on {stopping.anchor if stopping.anchor is not None else stopping.val:.5f} by more than {tc.early_stopping_min_delta} for "
+                        f"{stopping.stale} measurements (best {stopping.val:.5f} at step {stopping.step})")
+        if record is not None:
+            log.record(record)
         if step % tc.checkpoint_every == 0 or step == tc.steps or done or improved and keep_best:
             path = save(done=done or step == tc.steps)
             if main and improved:
                 mark_best(run_dir, stage.name, path)
-    bar.close()
     if best_ema is not None:
-        ema.shadow_params = best_ema
-        if main:
-            tqdm.write(f"[{stage.name}] restored the best EMA weights: step {best['step']}, val_loss {best['val']:.5f}")
-            append_jsonl(metrics_file, dict(stage=stage.name, event="restore_best", step=best["step"],
-                                            val_loss=best["val"], time=time.time()))
-    ema.copy_to(params)  # the stage leaves training holding its EMA weights
-    raw_unet.eval()
-    stage.unet = raw_unet.to(memory_format=torch.contiguous_format)  # saved and used as an ordinary (NCHW) model
-    if writer is not None:
-        writer.close()
-    history = [r for r in read_jsonl(metrics_file) if r.get("stage") == stage.name]
-    return dict(stage=stage.name, steps=step, early_stopping_metric=metric, best_value=best["val"],
-                best_val_loss=best["val"] if metric == "val_loss" else None, best_step=best["step"],
+        t.ema.shadow_params = best_ema
+        log.say(f"restored the best EMA weights: step {stopping.step}, val_loss {stopping.val:.5f}")
+        log.event(event="restore_best", step=stopping.step, val_loss=stopping.val)
+    log.close()
+    t.ema.copy_to(t.params)  # the stage leaves training holding its EMA weights
+    t.raw_unet.eval()
+    stage.unet = t.raw_unet.to(memory_format=torch.contiguous_format)  # saved and used as an ordinary (NCHW) model
+    history = [r for r in read_jsonl(log.file) if r.get("stage") == stage.name]
+    metric = stopping.metric
+    return dict(stage=stage.name, steps=step, early_stopping_metric=metric, best_value=stopping.val,
+                best_val_loss=stopping.val if metric == "val_loss" else None, best_step=stopping.step,
                 images_per_s=[r["images_per_s"] for r in history if "images_per_s" in r][-1:] or None)
+
+
+def _resume(t: StageTraining, ckpt: Path, run_dir: Path, stopping: EarlyStopping, keep_best: bool):
+    """Load a checkpoint into the stage's training state: (step, early_stopped, best EMA weights or None)."""
+    saved = load_checkpoint(ckpt)
+    unexpected = t.raw_unet.load_state_dict(saved["model"], strict=False).unexpected_keys
+    if unexpected:
+        raise UserError(f"{ckpt}: weights {unexpected[:3]}... do not fit this model; resume with the same config")
+    t.optimizer.load_state_dict(saved["optimizer"])
+    t.ema.shadow_params = [saved["ema"][n].to(t.device) for n, _ in t.named]
+    t.ema.optimization_step = saved["state"]["ema_step"]
+    step = saved["state"]["step"]
+    early_stopped = saved["state"].get("early_stopped", saved["state"].get("done", False) and step < t.config.train.steps)
+    stopping.load(saved["state"].get("best", {}))
+    best_ckpt = latest_checkpoint(run_dir, t.stage.name, "best")
+    best_ema = None
+    if keep_best and best_ckpt is not None:
+        best_ema = [load_checkpoint(best_ckpt)["ema"][n].to(t.device) for n, _ in t.named]
+    with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(step):
+            t.lr_schedule.step()
+    return step, early_stopped, best_ema
 
 
 def run_dir_of(config: RunConfig) -> Path:

@@ -1,0 +1,168 @@
+"""One optimisation step of one cascade stage: what the training loop runs, and what every benchmark times.
+
+`prepare_stage_training` builds what the steps share (the U-Net prepared by accelerate, AdamW over the trainable
+parameters with warmup + cosine, the EMA, the caption table on the device); `training_step(t, step)` then:
+
+1. picks the global batch from a per-epoch permutation (seeded: resume needs no data-loader state);
+2. draws all randomness of the global batch (flips, timesteps, noise, dropout, augmentation) from a generator seeded
+   by (seed, stage, step), and keeps this process's slice: N processes then compute exactly the one-process step;
+3. accumulates gradients over micro-batches, clips, steps AdamW and the schedule, and updates the EMA.
+
+It returns the step's mean loss and whether a loss or the gradient norm was non-finite, both left on the device:
+reading them is the caller's choice (a read per step would make the host wait for a GPU every step).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .cascade import Stage
+from .config import RunConfig
+from .data import stage_inputs
+from .diffusion import draw, training_loss
+from .errors import UserError
+from .text import TextEncoding
+from .transfer import DEFAULT_LR, parameter_groups
+from .unet import training_attention
+
+
+@dataclass
+class Captioned:
+    """Images with caption indices into a table of encoded unique captions (each caption encoded once)."""
+
+    images: torch.Tensor  # uint8 (N, H, W, C)
+    caption_ids: torch.Tensor  # (N,)
+    table: TextEncoding  # (U, L, D)
+    captions: list[str]
+
+
+@dataclass
+class StageTraining:
+    """What the optimisation steps of one stage share (built by prepare_stage_training)."""
+
+    config: RunConfig
+    stage: Stage
+    stage_index: int
+    accelerator: object
+    unet: torch.nn.Module  # as the step calls it (prepared by accelerate, maybe compiled)
+    raw_unet: torch.nn.Module  # the plain module (checkpoints, validation, sampling)
+    named: list[tuple[str, torch.nn.Parameter]]  # the trained parameters
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: object  # diffusers EMAModel over the trained parameters
+    data: Captioned
+    table: TextEncoding  # the caption table on the device
+    null: TextEncoding  # the empty caption on the device
+    alphas: torch.Tensor
+    local: int  # this process's share of the global batch
+    micro: int  # one micro-batch (local / grad_accum)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.named]
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def epoch_batch(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch of `step`: consecutive slices of a seeded permutation per epoch."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    if n < batch_size:
+        perm = perm.repeat(math.ceil(batch_size / n))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def named_trainable(unet) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+
+
+def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, data: Captioned, null: TextEncoding,
+                           accelerator) -> StageTraining:
+    """The U-Net in training mode on the accelerator's device (gradient checkpointing and channels-last as
+    configured), AdamW (fused) with per-group learning-rate multipliers, warmup + cosine, and an EMA made after
+    accelerate's broadcast, so every process starts from rank 0's weights."""
+    from diffusers.training_utils import EMAModel
+
+    tc = config.train
+    device, world = accelerator.device, accelerator.num_processes
+    if tc.batch_size % (world * tc.grad_accum):
+        raise UserError(f"train.batch_size {tc.batch_size} must be divisible by processes x grad_accum "
+                        f"({world} x {tc.grad_accum})")
+    unet = stage.unet.to(device).train()
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if tc.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    named = named_trainable(unet)
+    if not named:
+        raise UserError(f"stage {stage.name}: no trainable parameters")
+    base_lr = tc.lr if tc.lr is not None else DEFAULT_LR[config.transfer.method]
+    optimizer = torch.optim.AdamW(parameter_groups(named, base_lr, tc.lr_multipliers), lr=base_lr,
+                                  weight_decay=tc.weight_decay, fused=True)  # one kernel for all tensors (CPU too)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.steps))
+    unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
+    raw_unet = accelerator.unwrap_model(unet)
+    if tc.compile:  # the training step only: validation and sampling call the eager module
+        unet = torch.compile(unet, mode=tc.compile_mode)
+    ema = EMAModel([p for _, p in named], decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
+    local = tc.batch_size // world
+    return StageTraining(config, stage, stage_index, accelerator, unet, raw_unet, named, optimizer, lr_schedule, ema,
+                         data, data.table.to(device), null.to(device), stage.scheduler.alphas_cumprod.to(device),
+                         local, local // tc.grad_accum)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup to the base rate over `warmup` steps, then cosine decay to zero at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def training_step(t: StageTraining, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run optimisation step `step` (0-based); returns (mean loss, non-finite flag) as device tensors."""
+    config, stage, accelerator, device = t.config, t.stage, t.accelerator, t.device
+    tc = config.train
+    gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + t.stage_index * 100_003 + step)
+    idx = epoch_batch(len(t.data.caption_ids), tc.batch_size, step, tc.seed + t.stage_index)
+    flips = (torch.rand(tc.batch_size, generator=gen, device=device) < 0.5) if config.data.hflip else None
+    draws = draw(tc.batch_size, (stage.channels, stage.resolution, stage.resolution), t.alphas.shape[0],
+                 cond_drop_prob=config.loss.cond_drop_prob,
+                 aug_level_max=config.loss.aug_level_max if stage.kind == "sr" else None, generator=gen, device=device)
+    step_loss = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    lo = accelerator.process_index * t.local
+    for k in range(tc.grad_accum):
+        a, b = lo + k * t.micro, lo + (k + 1) * t.micro
+        x0, lowres = stage_inputs(stage, t.data.images[idx[a:b]], None if flips is None else flips[a:b], device)
+        text = t.table.index(t.data.caption_ids[idx[a:b]].to(device))
+        sync = nullcontext() if k == tc.grad_accum - 1 else accelerator.no_sync(t.unet)
+        if tc.compile:  # a new step for CUDA graph trees (reduce-overhead): the last step's outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        with sync, accelerator.autocast(), training_attention(device.type):
+            loss = training_loss(t.unet, t.alphas, x0, text, null_text=t.null,
+                                 prediction_type=stage.scheduler.config.prediction_type,
+                                 min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
+                                 aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
+            accelerator.backward(loss / tc.grad_accum)
+        step_loss += loss.detach().float() / tc.grad_accum
+        nonfinite |= ~torch.isfinite(loss.detach())
+    if tc.grad_clip:
+        nonfinite |= ~torch.isfinite(accelerator.clip_grad_norm_(t.params, tc.grad_clip))
+    t.optimizer.step()
+    t.lr_schedule.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.ema.step(t.params)
+    return step_loss, nonfinite
