@@ -1,5 +1,6 @@
-"""Training throughput and model FLOPs utilisation (MFU) of the source base stage: our loop (`train()`) against a
-plain diffusers loop of the same U-Net, same batch and precision, in one process, one after the other.
+"""Training throughput and model FLOPs utilisation (MFU) of the source base stage: our training step
+(`step.training_step`, what the loop runs) against the plain diffusers loop (`common.plain_diffusers_step`) on the
+same U-Net, same batch and precision, fed the same random images and caption states, in one process.
 
     python benchmarks/gpu_mfu.py --batch 512 --steps 60 --variants eager compile cuda_graphs --out runs/mfu.json
     python benchmarks/gpu_mfu.py --preset base64 --batch 128 --variants eager cuda_graphs   # a GPU-sized 64 px stage
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
-import time
+import sys
 import traceback
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import our_step, plain_diffusers_step, timed_steps  # noqa: E402
 
 PEAK_BF16 = 989e12
 
@@ -40,34 +43,6 @@ def flops_per_image(unet, batch: int, resolution: int, text_len: int, text_dim: 
     return counter.get_total_flops() / batch
 
 
-def plain_diffusers_loop(unet, batch: int, steps: int, resolution: int, text_len: int, text_dim: int, device,
-                         bf16: bool) -> float:
-    """The loop of diffusers' train_text_to_image example, reduced to the U-Net: images/s after 10 warm-up steps."""
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    x0 = torch.randn(batch, unet.config.in_channels, resolution, resolution, device=device)
-    text = torch.randn(batch, text_len, text_dim, device=device)
-    unet.train()
-    for i in range(steps + 10):
-        if i == 10:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, 1000, (batch,), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
-
-
 VARIANTS = {  # our loop's levers for a GPU, as config overrides
     "eager": [],
     "channels_last": ["train.channels_last=true"],
@@ -76,30 +51,44 @@ VARIANTS = {  # our loop's levers for a GPU, as config overrides
 }
 
 
-def our_loop(args, model: list[str], variant: str, bf16: bool) -> tuple[float, float]:
-    """images/s (mean over the log windows after the first, which holds warm-up and compilation) and peak MB."""
-    from imagen_transfer.checkpoint import read_jsonl
-    from imagen_transfer.config import load_config
-    from imagen_transfer.train import train
+def inputs(stage, batch: int, text_dim: int):
+    """Random uint8 images and 8 random caption encodings of 32 tokens: throughput does not depend on content."""
+    from imagen_transfer.text import TextEncoding
 
-    with tempfile.TemporaryDirectory() as tmp:
-        log = max(1, args.steps // 3)
-        config = load_config(None, [*model, f"data.dataset={args.data}", "data.val_split=val", "data.val_size=64",
-                                    "transfer.method=full", "train.stages=[base]", f"train.steps={args.steps + log}",
-                                    f"train.batch_size={args.batch}", f"train.log_every={log}", "train.val_every=0",
-                                    "train.sample_every=0", "train.checkpoint_every=100000",
-                                    f"train.mixed_precision={'bf16' if bf16 else 'no'}", *VARIANTS[variant]])
-        config.out = str(Path(tmp) / "run")
-        train(config)
-        rows = [r for r in read_jsonl(Path(tmp) / "run" / "metrics.jsonl") if "images_per_s" in r][1:]
-        return sum(r["images_per_s"] for r in rows) / len(rows), max(r["peak_memory_mb"] for r in rows)
+    images = torch.randint(0, 256, (max(4 * batch, 64), stage.resolution, stage.resolution, 3), dtype=torch.uint8)
+    states = torch.randn(8, 32, text_dim)
+    table = TextEncoding(states, torch.ones(8, 32, dtype=torch.long), states.mean(1))
+    return images, table, torch.arange(len(images)) % 8
+
+
+def plain_images_per_s(stage, batch: int, steps: int, text_dim: int, device, bf16: bool) -> float:
+    """images/s of the plain diffusers loop after 10 warm-up steps."""
+    images, table, ids = inputs(stage, batch, text_dim)
+    step, _ = plain_diffusers_step(stage, images, table, ids, batch, bf16=bf16, device=device)
+    return batch * steps / sum(timed_steps(step, 10, steps, device))
+
+
+def our_images_per_s(stage, cascade, batch: int, steps: int, text_dim: int, device, variant: str,
+                     bf16: bool) -> tuple[float, float]:
+    """images/s of our step after 10 warm-up steps (compilation included there) and the peak memory in MB."""
+    from imagen_transfer.config import load_config
+    from imagen_transfer.step import Captioned
+    from imagen_transfer.train import peak_memory_mb, reset_peak_memory
+
+    images, table, ids = inputs(stage, batch, text_dim)
+    config = load_config(None, ["transfer.method=full", f"train.steps={steps + 10}", f"train.batch_size={batch}",
+                                f"train.mixed_precision={'bf16' if bf16 else 'no'}", *VARIANTS[variant]])
+    null = table.index(slice(0, 1))
+    reset_peak_memory(device)
+    step, _ = our_step(config, cascade, stage, Captioned(images, ids, table, []), null)
+    seconds = sum(timed_steps(step, 10, steps, device))
+    return batch * steps / seconds, peak_memory_mb(device)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="cifar10", help="fine-tune this cascade's base stage")
     parser.add_argument("--preset", default=None, help="instead: train a fresh cascade preset's base stage (base64)")
-    parser.add_argument("--data", default="pneumoniamnist")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--variants", nargs="+", default=["eager"], choices=list(VARIANTS))
@@ -111,23 +100,25 @@ def main() -> None:
     bf16 = device.type == "cuda"
     if args.preset:
         cascade = init_cascade(args.preset, max_text_length=32)  # the caption cache's length: no encoder needed
-        stage, model = cascade.stages[0], [f"model.preset={args.preset}", "model.max_text_length=32"]
+        model = f"model.preset={args.preset}"
     else:
-        stage, model = load_cascade(args.source).stages[0], [f"model.init_from={args.source}"]
+        cascade, model = load_cascade(args.source), f"model.init_from={args.source}"
+    stage = cascade.stages[0]
     unet = stage.unet.to(device)
     text_dim, resolution = unet.config.encoder_hid_dim, stage.resolution
     parameters = sum(p.numel() for p in unet.parameters())
     flops = flops_per_image(unet, 8, resolution, 32, text_dim, device)
-    plain = plain_diffusers_loop(unet, args.batch, args.steps, resolution, 32, text_dim, device, bf16)
-    del unet, stage
+    initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    plain = plain_images_per_s(stage, args.batch, args.steps, text_dim, device, bf16)
     mfu = (lambda images_per_s: images_per_s * flops / PEAK_BF16) if bf16 else (lambda _: None)
     result = dict(device=torch.cuda.get_device_name() if bf16 else "cpu", batch=args.batch,
-                  precision="bf16" if bf16 else "fp32", model=model[0], resolution=resolution,
+                  precision="bf16" if bf16 else "fp32", model=model, resolution=resolution,
                   parameters=parameters, gflops_per_training_image=flops / 1e9,
                   plain_diffusers_images_per_s=plain, plain_mfu=mfu(plain), ours={})
     for variant in args.variants:  # written after each variant: a device call cut short keeps what it measured
         try:
-            ips, mb = our_loop(args, model, variant, bf16)
+            stage.unet.load_state_dict(initial)  # every variant starts from the same weights
+            ips, mb = our_images_per_s(stage, cascade, args.batch, args.steps, text_dim, device, variant, bf16)
             result["ours"][variant] = dict(images_per_s=ips, ratio_to_plain=ips / plain, peak_memory_mb=mb,
                                            mfu=mfu(ips))
         except Exception as err:  # a lever that fails here (a compiler error) must not take the others with it

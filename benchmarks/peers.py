@@ -3,7 +3,7 @@
 Contenders, all on the base stage of the `small` preset (16 px; ours 6.5M parameters) with the same batch, threads
 and MiniLM caption states (32 tokens x 384):
 
-- `ours`: `train_stage` with its defaults (cached caption states, autocast precision `auto`, fused AdamW, EMA,
+- `ours`: `step.training_step` (what `train_stage` runs each step) with its defaults (cached caption states, autocast precision `auto`, fused AdamW, EMA,
   min-SNR weighting, condition dropout, gradient clipping, accelerate), and `ours-fp32` (`mixed_precision=no`);
 - `ours-freeze`: the same with the stem and the first two down blocks frozen (`transfer.method=freeze`,
   `freeze_first_k=2`), against `ours` (full fine-tuning) for the frozen-early target; `ours-freeze3`: all three
@@ -11,7 +11,8 @@ and MiniLM caption states (32 tokens x 384):
 - `plain`: the loop of diffusers' text-to-image training example on the same U-Net: the frozen text encoder runs
   on each batch's captions, fp32, `torch.optim.AdamW` with its defaults, MSE on eps; `plain-cached` feeds the cached
   caption states instead; `plain-bf16` adds our loop's levers (bf16 autocast, fused AdamW, the math attention kernel
-  on a CPU) without its extras, so `ours / plain-bf16` is what EMA, min-SNR, dropout, clipping and accelerate cost;
+  on a CPU) without its extras, so `ours / plain-bf16` is what EMA, min-SNR, dropout, clipping and accelerate cost
+  (all three `plain` variants are `common.plain_diffusers_step`);
 - `imagen-pytorch`: lucidrains' `Unet` + `Imagen` of the same size (dim 64, mults 1-2-2, one ResNet block per level,
   attention and cross-attention at the two lower levels, 4 heads x 32), fed the caption states directly
   (`text_embeds`), fp32 as its trainer runs on a CPU; `imagen-pytorch-bf16` under bf16 autocast.
@@ -38,13 +39,16 @@ import multiprocessing as mp
 import platform
 import resource
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from imagen_transfer.train import peak_memory_mb
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import our_step, plain_diffusers_step, timed_steps  # noqa: E402
+
+from imagen_transfer.train import peak_memory_mb  # noqa: E402
 
 TRAIN = ("ours", "ours-fp32", "ours-freeze", "ours-freeze3", "plain", "plain-cached", "plain-bf16", "imagen-pytorch",
          "imagen-pytorch-bf16")
@@ -118,13 +122,7 @@ def _setup(threads: int, preset: str):
 def _timed_steps(step, warmup: int, steps: int) -> tuple[float, float]:
     """Median seconds per call of `step` after `warmup` calls, and the peak RSS above the RSS before the first."""
     before = _rss_mb()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        step(i)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), _peak_mb() - before
+    return statistics.median(timed_steps(step, warmup, steps)), _peak_mb() - before
 
 
 def train_worker(name: str, args: dict) -> dict:
@@ -136,37 +134,24 @@ def train_worker(name: str, args: dict) -> dict:
     table, null = encoder(CAPTIONS), encoder([""])
 
     if name.startswith("ours"):
-        from imagen_transfer.checkpoint import read_jsonl
         from imagen_transfer.config import load_config
-        from imagen_transfer.train import Captioned, train_stage
+        from imagen_transfer.step import Captioned
         from imagen_transfer.transfer import prepare_transfer
 
-        overrides = [f"train.steps={args['warmup'] + args['steps']}", f"train.batch_size={batch}", "train.log_every=1",
-                     "train.val_every=0", "train.sample_every=0", f"train.checkpoint_every={10 ** 9}"]
+        overrides = [f"train.steps={args['warmup'] + args['steps']}", f"train.batch_size={batch}"]
         if name == "ours-fp32":
             overrides.append("train.mixed_precision=no")
         if name.startswith("ours-freeze"):
             overrides += ["transfer.method=freeze", f"transfer.freeze_first_k={3 if name == 'ours-freeze3' else 2}"]
         config = load_config(None, overrides)
         prepare_transfer(stage.unet, config.transfer)
-        data = Captioned(images, caption_ids, table, [])
-        before = _rss_mb()
-        with tempfile.TemporaryDirectory() as tmp:
-            train_stage(config, cascade, stage, data, data, null, Path(tmp), encode=None)
-            rows = [r for r in read_jsonl(Path(tmp) / "metrics.jsonl") if "seconds_per_step" in r]
-        seconds = statistics.median(r["seconds_per_step"] for r in rows[args["warmup"]:])
-        return dict(images_per_s=batch / seconds, step_memory_mb=_peak_mb() - before,
-                    parameters=sum(p.numel() for p in stage.unet.parameters()))
+        step, state = our_step(config, cascade, stage, Captioned(images, caption_ids, table, []), null)
+        params = state.raw_unet.parameters()
+    elif name.startswith("imagen-pytorch"):
+        from imagen_transfer.data import to_float
 
-    from contextlib import nullcontext
-
-    from imagen_transfer.data import to_float
-    from imagen_transfer.unet import training_attention
-
-    bf16 = name.endswith("-bf16")
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    attention = (lambda: training_attention("cpu")) if name == "plain-bf16" else nullcontext  # one context per step
-    if name.startswith("imagen-pytorch"):
+        bf16 = name.endswith("-bf16")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         imagen = _imagen_pytorch(stage.resolution).train()
         params = [p for p in imagen.unets[0].parameters()]
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=bf16 or None)
@@ -180,30 +165,9 @@ def train_worker(name: str, args: dict) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    else:
-        unet = stage.unet.train()
-        params = list(unet.parameters())
-        scheduler = stage.scheduler
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=bf16 or None)
-        per_step_encoding = name == "plain"
-
-        def step(i):
-            idx = torch.randint(0, len(images), (batch,))
-            x0 = to_float(images[idx])
-            if per_step_encoding:  # diffusers' example encodes each batch's captions with the frozen encoder
-                with torch.no_grad():
-                    text = encoder([CAPTIONS[int(c)] for c in caption_ids[idx]])
-            else:
-                text = table.index(caption_ids[idx])
-            noise = torch.randn_like(x0)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-            with autocast, attention():
-                pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text.states,
-                            encoder_attention_mask=text.mask).sample
-                loss = torch.nn.functional.mse_loss(pred.float(), noise)
-                loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    else:  # plain, plain-cached, plain-bf16: the shared plain diffusers loop
+        step, params = plain_diffusers_step(stage, images, table, caption_ids, batch, bf16=name == "plain-bf16",
+                                            encode=encoder if name == "plain" else None, captions=list(CAPTIONS))
 
     seconds, memory = _timed_steps(step, args["warmup"], args["steps"])
     return dict(images_per_s=batch / seconds, step_memory_mb=memory, parameters=sum(p.numel() for p in params))

@@ -1,0 +1,93 @@
+"""One-step smoke runs of every benchmark script, so a change to what they import cannot break them silently.
+
+Each runs in its own process on the tiny preset (or the tiny cascade fixture), a toy data set and one or two steps,
+and must exit 0 and print or write its table. Marked slow: together they take about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, make_npz
+
+pytestmark = pytest.mark.slow
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _run(script: str, *args, timeout: int = 300) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_every_benchmark_script_has_a_smoke_test():
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")} - {"common.py"}
+    tested = {line.split('"')[1] for line in (REPO / "tests" / "test_benchmarks.py").read_text().splitlines()
+              if line.strip().startswith("out = _run(")}
+    assert scripts <= tested, f"no smoke test for {sorted(scripts - tested)}"
+
+
+def test_train_throughput(tmp_path):
+    out = _run("train_throughput.py", "--preset", "tiny", "--steps", "1", "--repeats", "1", "--batch", "4",
+               "--threads", "1", "--out", tmp_path / "t.md")
+    assert "| base | 16px |" in out and (tmp_path / "t.md").is_file()
+
+
+def test_peers(tmp_path):
+    out = _run("peers.py", "--preset", "tiny", "--batch", "4", "--steps", "1", "--warmup", "1", "--repeats", "1",
+               "--threads", "1", "--train", "ours,ours-freeze,plain,plain-bf16", "--sample", "ours",
+               "--sample-batch", "2", "--sample-repeats", "1", "--out", tmp_path / "p.md")
+    assert "| plain-bf16 |" in out and "frozen against full" in out
+
+
+def test_gpu_mfu_runs_on_a_cpu(tmp_path):
+    out = _run("gpu_mfu.py", "--preset", "tiny", "--batch", "4", "--steps", "1", "--out", tmp_path / "m.json")
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["ours"]["eager"]["images_per_s"] > 0 and result["plain_diffusers_images_per_s"] > 0 and out
+
+
+def test_frozen_ratio(tmp_path, tiny_cascade_dir):
+    out = _run("frozen_ratio.py", "--source", tiny_cascade_dir, "--batch", "4", "--pairs", "2", "--warmup", "0",
+               "--depths", "1", "--threads", "1", "--out", tmp_path / "f.md")
+    assert (tmp_path / "f.md").is_file() and out
+
+
+def test_finetune_methods(tmp_path, tiny_cascade_dir):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    out = _run("finetune_methods.py", "--source", tiny_cascade_dir, "--data", data, "--methods", "full", "bitfit",
+               "--set", "train.steps=2", "train.batch_size=4", "train.val_every=2", "train.sample_every=0",
+               "train.mixed_precision=no", "data.val_size=4", "--out", tmp_path / "runs", "--table", tmp_path / "m.md")
+    assert "bitfit" in (tmp_path / "m.md").read_text() and out is not None
+
+
+@pytest.fixture
+def tiny_feature_env(small_feature_net, monkeypatch):
+    """The evaluation scripts measure with the small TorchScript feature net instead of TF-Inception."""
+    monkeypatch.setenv("IMAGEN_TRANSFER_FEATURE_NET", str(small_feature_net))
+
+
+def test_sampler_parity(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    data = make_npz(tmp_path / "toy.npz")
+    out = _run("sampler_parity.py", "--model", tiny_cascade_dir, "--data", data, "--settings", "ddim:2,dpmpp:2",
+               "--n", "4", "--n-real", "8", "--threads", "1", "--out", tmp_path / "s.md")
+    assert (tmp_path / "s.md").is_file() and out is not None
+
+
+def test_sr_sweep(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    data = make_npz(tmp_path / "toy.npz")
+    out = _run("sr_sweep.py", "--model", tiny_cascade_dir, "--data", data, "--split", "val", "--n", "4", "--n-real",
+               "8", "--batch", "4", "--only", "0", "--out", tmp_path / "sr.md")
+    assert (tmp_path / "sr.md").is_file() and out is not None
+
+
+def test_fusion_pneumonia(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    out = _run("fusion_pneumonia.py", "--source", tiny_cascade_dir, "--finetuned", tiny_cascade_dir, "--second",
+               tiny_cascade_dir, "--data", data, "--n", "4", "--out", tmp_path / "fusion", "--table", tmp_path / "f.md")
+    assert (tmp_path / "f.md").is_file() and out is not None
