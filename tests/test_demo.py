@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import make_npz
 from torch import nn
 
 
+@pytest.mark.slow
 def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     from imagen_transfer.demo import run_demo
 
@@ -40,6 +42,7 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     assert "## Probes" in md and "eval-2-interp-0.5.json" in md
 
 
+@pytest.mark.slow
 def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_dir, tmp_path):
     from imagen_transfer.checkpoint import read_jsonl
     from imagen_transfer.demo import QUICK, run_demo

@@ -336,6 +336,7 @@ def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, 
     assert not (tmp_path / "f2").exists() and not (tmp_path / "nope").exists()
 
 
+@pytest.mark.slow
 def test_transfer_without_labels_fine_tunes_on_tiles_then_extracts(tmp_path, tiny_cascade_dir):
     """The end-to-end path: fine-tune the source cascade on the target's images (template captions, no labels),
     then read dense features from the fine-tuned model beside the source."""

@@ -112,6 +112,7 @@ def test_retrieval_scores_by_hand():
     assert scores["recall@1"] == 1.0 and scores["map"] == pytest.approx((1 + 2 / 3) / 2)
 
 
+@pytest.mark.slow
 def test_two_processes_extract_the_same_features(tiny_cascade_dir, toy, feature_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -60,6 +60,7 @@ def _chromium():
     return None
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(tmp_path):
     if _chromium() is None or shutil.which("chromedriver") is None:
         if os.environ.get("CI"):

@@ -20,6 +20,7 @@ def toy_net(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_transfer_study_end_to_end_and_resume(tiny_cascade_dir, tmp_path, toy_net):
     from imagen_transfer.errors import UserError
     from imagen_transfer.study import StudyPlan, plan_runs, study_transfer, train_all

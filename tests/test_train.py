@@ -222,6 +222,7 @@ DIST_SCRIPT = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(pneumonia_npz, tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT)
