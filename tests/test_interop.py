@@ -98,10 +98,12 @@ def test_if_folder_as_source_and_layout_errors(if_folders, tmp_path):
     from imagen_transfer.cascade import load_cascade
     from imagen_transfer.cli import main
     from imagen_transfer.errors import UserError
-    from imagen_transfer.interop import export_diffusers, import_if
+    from imagen_transfer.interop import export_diffusers, import_if, open_model
 
-    direct = load_cascade(if_folders / "IF-I")  # --source / --model accept an IF stage-I folder
+    direct = open_model(if_folders / "IF-I")  # --source / --model accept an IF stage-I folder
     assert direct.stages[0].unet.config.out_channels == 6
+    with pytest.raises(UserError, match="is a diffusers pipeline folder, not a cascade"):
+        load_cascade(if_folders / "IF-I")
     (tmp_path / "broken" / "unet").mkdir(parents=True)
     with pytest.raises(UserError, match="missing unet/config.json, scheduler/scheduler_config.json"):
         import_if(tmp_path / "broken")

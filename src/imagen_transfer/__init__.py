@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     # models
-    "init_cascade": "cascade", "load_cascade": "cascade", "save_cascade": "cascade", "describe": "cascade",
+    "init_cascade": "cascade", "load_cascade": "cascade", "open_model": "interop", "save_cascade": "cascade", "describe": "cascade",
     # sampling and training
     "sample_cascade": "sampling", "save_grid": "sampling", "load_config": "config",
     # data

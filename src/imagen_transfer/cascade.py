@@ -210,17 +210,14 @@ def read_cascade_json(folder: Path) -> dict:
 
 
 def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Cascade:
-    """Read a cascade folder (JSON + safetensors only) into fp32 (default) modules in eval mode."""
+    """Read a cascade folder (JSON + safetensors only) into fp32 (default) modules in eval mode. (Commands open
+    models through `interop.open_model`, which also takes DeepFloyd IF folders.)"""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     folder = resolve_model(name_or_path)
-    from .interop import import_if, is_pipeline_folder
-
-    if is_pipeline_folder(folder):  # a DeepFloyd IF stage-I diffusers folder (stage I only; import-if adds stage II)
-        cascade = import_if(folder)
-        for stage in cascade.stages:
-            stage.unet.to(device=device, dtype=dtype)
-        return cascade
+    if (folder / "model_index.json").is_file() and not (folder / "cascade.json").is_file():
+        raise UserError(f"{folder} is a diffusers pipeline folder, not a cascade: open it with "
+                        "interop.open_model (every command does) or convert it with `imagen-transfer import-if`")
     meta = read_cascade_json(folder)
     meta_file = folder / "cascade.json"
     entries = meta.get("stages")

@@ -75,12 +75,12 @@ def cmd_init(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .cascade import load_cascade
+    from .interop import open_model
     from .sampling import sample_cascade, save_grid
 
     sampling = _check_sampling(args)
     check_output_file(Path(args.out))  # a read-only or missing folder fails now, not after the sampling
-    cascade = load_cascade(args.model)
+    cascade = open_model(args.model)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
     images = sample_cascade(cascade, prompts, seeds, stages=args.stages, mix=_mixture(args.mix), **sampling)
@@ -89,9 +89,10 @@ def cmd_sample(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .cascade import describe, load_cascade
+    from .cascade import describe
+    from .interop import open_model
 
-    print(describe(load_cascade(args.model)))
+    print(describe(open_model(args.model)))
 
 
 def cmd_pretrain(args) -> None:
@@ -122,7 +123,7 @@ def cmd_finetune(args) -> None:
 
 def _mixture(values: list[str] | None) -> list:
     """`--mix DIR=WEIGHT ...` -> [(cascade, weight)] (output-space fusion; the main model gets 1 - sum)."""
-    from .cascade import load_cascade
+    from .interop import open_model
 
     mix = []
     for value in values or []:
@@ -131,7 +132,7 @@ def _mixture(values: list[str] | None) -> list:
             weight = finite_float(weight)
         except argparse.ArgumentTypeError:
             raise UserError(f"--mix expects DIR=WEIGHT with a finite number as the weight (got '{value}')") from None
-        mix.append((load_cascade(path), weight))
+        mix.append((open_model(path), weight))
     return mix
 
 
@@ -146,10 +147,9 @@ def cmd_import_if(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .cascade import load_cascade
-    from .interop import export_diffusers
+    from .interop import export_diffusers, open_model
 
-    out = export_diffusers(load_cascade(args.model), args.out)
+    out = export_diffusers(open_model(args.model), args.out)
     print(f"wrote {out} (stage_I: IFPipeline, stage_II: IFSuperResolutionPipeline; see {out}/README.md)")
 
 
@@ -171,19 +171,20 @@ def cmd_study(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .cascade import check_cascade_out, describe, load_cascade, save_cascade
+    from .cascade import check_cascade_out, describe, save_cascade
     from .fusion import merge_cascades
+    from .interop import open_model
 
     check_cascade_out(args.out, args.overwrite)
-    cascades = [load_cascade(m) for m in args.models]
+    cascades = [open_model(m) for m in args.models]
     stage_from = {}
     for value in args.stage_from or []:
         stage, _, path = value.partition("=")
         if not path:
             raise UserError(f"--stage-from expects STAGE=DIR (got '{value}')")
-        stage_from[stage] = load_cascade(path)
+        stage_from[stage] = open_model(path)
     merged = merge_cascades(cascades, args.models, weights=args.weights, method=args.method,
-                            base=load_cascade(args.base) if args.base else None, scale=args.scale,
+                            base=open_model(args.base) if args.base else None, scale=args.scale,
                             density=args.density, stage_from=stage_from, seed=args.seed)
     save_cascade(merged, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}\n{describe(merged)}")

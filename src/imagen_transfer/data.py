@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .outputs import cache_root
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SHORT_NAMES = {"cifar10": "cifar10-jpg.zip", "pneumoniamnist": "pneumoniamnist.npz",
@@ -365,11 +366,6 @@ def _decode_npz(path: Path, split: str, resolution: int, channels: int):
     images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     labels = [names[i] if names else str(i) for i in label_ids]
     return images, labels
-
-
-def cache_root() -> Path:
-    """Where decoded data, text embeddings, features and judges are cached ($IMAGEN_TRANSFER_CACHE)."""
-    return Path(os.environ.get("IMAGEN_TRANSFER_CACHE", Path.home() / ".cache" / "imagen-transfer"))
 
 
 def dataset_fingerprint(path: Path) -> str:

@@ -47,12 +47,13 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
              feature_net: str | None = None) -> Path:
     """Run the five phases (module doc) into `out` (default: runs/demo-<time>); `settings` overrides the sizes
     (tests use tiny ones) and `feature_net` the FID network."""
-    from .cascade import load_cascade, save_cascade
+    from .cascade import save_cascade
     from .config import load_config
     from .data import resolve_dataset
     from .evaluate import evaluate
     from .features import extract
     from .fusion import merge_cascades
+    from .interop import open_model
     from .probe import PUBLISHED, run_probe
     from .report import write_report
     from .train import train
@@ -75,7 +76,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} base / {settings['sr_steps']} SR "
                  "steps)", timings, train, config)
     tuned_dir = run / "cascade"
-    tuned, source_cascade = load_cascade(tuned_dir), load_cascade(source)
+    tuned, source_cascade = open_model(tuned_dir), open_model(source)
 
     n = settings["n_eval"]
     sampling = dict(guidance=1.5, steps=settings["sample_steps"], precision=settings.get("precision"))

@@ -99,7 +99,8 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     `bicubic_baseline`: also measure the cascade's base-stage samples upsampled bicubically to the output resolution
     (same captions and seeds, so the same base images), under `bicubic_baseline` in the result: an SR stage earns
     its place only if the cascade scores better than that."""
-    from .cascade import load_cascade, resolve_model
+    from .cascade import resolve_model
+    from .interop import open_model
     from .sampling import save_grid
 
     if n < 2:
@@ -108,7 +109,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     overrides, used = dict(sampling), []  # used: the cascade stages evaluated (none for a custom generator)
     if generate is None:
-        cascade = load_cascade(model)
+        cascade = open_model(model)
         used = [st for st in cascade.stages if st.name in sampling.get("stages", [st.name])]
         if not used:
             raise UserError(f"{model}: no stage named {sampling['stages']} (stages: "

@@ -167,12 +167,12 @@ def _open_models(models: dict[str, str], stage_name: str, blocks, timesteps, def
     """(accelerate state, {name: cascade}, blocks, timesteps) with the blocks and timesteps checked."""
     from accelerate import PartialState
 
-    from .cascade import load_cascade
+    from .interop import open_model
 
     if not models:
         raise UserError("give at least one --model")
     state = PartialState(cpu=not torch.cuda.is_available())
-    cascades = {name: load_cascade(path, device=state.device) for name, path in models.items()}
+    cascades = {name: open_model(path, device=state.device) for name, path in models.items()}
     stage0 = next(iter(cascades.values())).stage(stage_name)
     blocks = blocks or block_names(stage0.unet)
     for name in blocks:

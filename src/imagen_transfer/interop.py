@@ -20,6 +20,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
+from .cascade import DEFAULT_SAMPLING, Cascade, Stage, load_cascade, resolve_model
 from .errors import UserError
 from .outputs import check_output_dir
 
@@ -29,6 +32,19 @@ IF_SR_NOISE_LEVEL = 250
 
 def is_pipeline_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file() and not (folder / "cascade.json").is_file()
+
+
+def open_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Any model a command accepts, as a Cascade: a cascade folder or shipped name (`cascade.load_cascade`), or a
+    DeepFloyd IF stage-I diffusers folder (`import_if`, stage I only; `import-if` adds stage II). The one place
+    that dispatches on what a folder holds."""
+    folder = resolve_model(name_or_path)
+    if not is_pipeline_folder(folder):
+        return load_cascade(folder, dtype=dtype, device=device)
+    cascade = import_if(folder)
+    for stage in cascade.stages:
+        stage.unet.to(device=device, dtype=dtype)
+    return cascade
 
 
 def _check_layout(folder: Path, what: str) -> None:
@@ -43,7 +59,6 @@ def import_if(stage1: str | Path, stage2: str | Path | None = None, text_encoder
     """A Cascade from IF stage I (and optionally stage II) diffusers folders; T5 from `text_encoder` or stage I."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from .cascade import DEFAULT_SAMPLING, Cascade, Stage
     from .text import TextEncoderSpec, load_text_encoder
 
     stage1 = Path(stage1)

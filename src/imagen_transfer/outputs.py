@@ -110,3 +110,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def cache_root() -> Path:
+    """Where decoded data, text embeddings, features and judges are cached ($IMAGEN_TRANSFER_CACHE)."""
+    return Path(os.environ.get("IMAGEN_TRANSFER_CACHE", Path.home() / ".cache" / "imagen-transfer"))

@@ -212,12 +212,12 @@ def _quiet_worker(out: str) -> None:
 
 def sample_source(plan: StudyPlan, out: Path) -> None:
     """Step 0 of the transfer arm: the untrained source base stage on the evaluation captions and seeds."""
-    from .cascade import load_cascade
+    from .interop import open_model
 
     path = out / "source" / "study" / f"{SAMPLES_PREFIX}{0:07d}.safetensors"
     if path.is_file():
         return
-    cascade = load_cascade(plan.source, device="cuda" if torch.cuda.is_available() else "cpu")
+    cascade = open_model(plan.source, device="cuda" if torch.cuda.is_available() else "cpu")
     stage = cascade.stages[0]
     if plan.data and "grayscale" not in cascade.sampling:
         from .data import load_dataset

@@ -205,7 +205,7 @@ def text_dim(spec: TextEncoderSpec) -> int:
 
 
 def default_cache_dir() -> Path:
-    from .data import cache_root
+    from .outputs import cache_root
 
     return cache_root() / "text"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cascade import Cascade, Stage, init_cascade, load_cascade, save_cascade
+from .cascade import Cascade, Stage, init_cascade, save_cascade
 from .checkpoint import (
     append_jsonl,
     clean_partial,
@@ -39,6 +39,7 @@ from .config import RunConfig, config_to_dict, config_yaml, load_config
 from .data import ImageTextData, load_dataset, resize, stage_inputs
 from .diffusion import training_loss
 from .errors import UserError
+from .interop import open_model
 from .outputs import check_writable_dir, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
@@ -457,7 +458,7 @@ def build_or_load_cascade(config: RunConfig, resume: bool = False) -> Cascade:
     if not m.init_from:
         return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
                             prediction_type=config.loss.prediction_type or "epsilon", seed=config.train.seed)
-    cascade = load_cascade(m.init_from)
+    cascade = open_model(m.init_from)
     wanted = config.loss.prediction_type
     for stage in cascade.stages:
         own = stage.scheduler.config.prediction_type
