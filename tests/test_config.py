@@ -63,3 +63,36 @@ def test_values_outside_what_a_run_can_do_are_refused(override):
     key = override.split("=")[0]
     with pytest.raises(UserError, match=rf"{key} must be"):
         load_config(None, [override])
+
+
+def test_every_declared_rule_refuses_a_bad_value_at_load_naming_the_valid_ones():
+    """Each field with a declared rule (config.rule) gets a value outside it: load_config refuses it in one line that
+    names the field and what is valid, before any run folder exists."""
+    import dataclasses
+
+    from imagen_transfer.config import RunConfig, _rule_text
+
+    checked = 0
+    sections = [s for s in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(s.default_factory)]
+    for section in sections:
+        for f in dataclasses.fields(section.default_factory()):
+            meta = f.metadata
+            if "choices" not in meta:
+                continue
+            if meta["choices"]:
+                bad = "nonsense"
+            elif meta["low"] is not None:
+                bad = meta["low"] - 1
+            else:
+                bad = meta["high"] + 1
+            if f.type in ("dict[str, int]",):
+                bad = "{x: -1}"
+            key = f"{section.name}.{f.name}"
+            with pytest.raises(UserError) as caught:
+                load_config(None, [f"{key}={bad}"])
+            message = str(caught.value)
+            assert message.count("\n") == 0 and key in message and _rule_text(meta) in message, message
+            checked += 1
+    assert checked >= 30
+    with pytest.raises(UserError, match="sample.sampler must be one of ddpm, ddim, dpmpp, got 'euler'"):
+        load_config(None, ["sample.sampler=euler"])

@@ -149,7 +149,7 @@ def test_a_failed_start_does_not_block_the_corrected_command(pneumonia_npz, tmp_
     ("sample.sampler=euler", "sample.sampler must be one of ddpm, ddim, dpmpp"),
     ("sample.thresholding=hard", "sample.thresholding must be one of off, static, dynamic"),
     ("sample.percentile=1.5", r"sample.percentile must be in \(0, 1\]"),
-    ("loss.prediction_type=x0", "loss.prediction_type must be epsilon or v_prediction"),
+    ("loss.prediction_type=x0", "loss.prediction_type must be one of epsilon, v_prediction"),
 ])
 def test_sampling_and_loss_choices_are_checked_when_the_config_loads(override, message):
     with pytest.raises(UserError, match=message):  # not a thousand steps into the run, at the first sample grid

