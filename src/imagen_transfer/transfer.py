@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .config import TRANSFER_METHODS
 from .errors import UserError
 
-METHODS = ("none", "full", "freeze", "bitfit", "difffit", "lora")
+METHODS = TRANSFER_METHODS  # declared with the config field (config.TransferConfig.method)
 # Learning rates when `train.lr` is not given: pretraining, small for full fine-tuning, ~10x that for the
 # parameter-efficient methods (DiffFit, Xie et al. 2023, sec. 4: 10x the full fine-tuning rate).
 DEFAULT_LR = {"none": 2e-4, "full": 1e-4, "freeze": 1e-4, "bitfit": 1e-3, "difffit": 1e-3, "lora": 1e-3}
