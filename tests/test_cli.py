@@ -106,3 +106,18 @@ def test_python_api_names_resolve_and_the_readme_example_runs(tmp_path, monkeypa
     namespace = {}
     exec(compile(code, "README", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "cats.png").is_file() and (namespace["run"] / "cascade" / "cascade.json").is_file()
+
+
+def test_every_command_takes_its_model_as_model(tiny_cascade_dir, capsys):
+    """`--model` names the model in every command (finetune's --source, merge's --models and info's positional
+    stay as older names); sample's images per prompt is --per-prompt (--n, its older name, still parses)."""
+    from imagen_transfer.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["finetune", "--model", "x", "--data", "d", "--method", "lora"]).source == "x"
+    assert parser.parse_args(["merge", "--model", "a", "b", "--out", "o"]).models == ["a", "b"]
+    assert parser.parse_args(["study", "transfer", "--model", "x", "--data", "d", "--out", "o"]).source == "x"
+    assert parser.parse_args(["sample", "--model", "m", "--prompt", "p", "--per-prompt", "3", "--out", "g.png"]).n == 3
+    assert parser.parse_args(["sample", "--model", "m", "--prompt", "p", "--n", "2", "--out", "g.png"]).n == 2
+    assert main(["info", "--model", str(tiny_cascade_dir)]) == 0 and "stage base" in capsys.readouterr().out
+    assert main(["info"]) == 2 and "name one model" in capsys.readouterr().err

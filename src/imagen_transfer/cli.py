@@ -92,7 +92,10 @@ def cmd_info(args) -> None:
     from .cascade import describe
     from .interop import open_model
 
-    print(describe(open_model(args.model)))
+    model = args.model or args.model_option
+    if model is None or (args.model and args.model_option):
+        raise UserError("name one model: `imagen-transfer info DIR` or `imagen-transfer info --model DIR`")
+    print(describe(open_model(model)))
 
 
 def cmd_pretrain(args) -> None:
@@ -340,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a grid of images from a cascade")
     p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one row each)")
-    p.add_argument("--n", type=int_in(1), default=4, help="images per prompt")
+    p.add_argument("--per-prompt", "--n", dest="n", type=int_in(1), default=4,
+                   help="images per prompt (--n is the older name)")
     _add_sampling_arguments(p)
     p.add_argument("--stages", nargs="+", default=None, help="only these stages (e.g. base)")
     p.add_argument("--seed", type=SEED, default=0, help="image i uses seed + i")
@@ -349,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("info", help="describe a cascade folder")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--model", dest="model_option", default=None, help="the same, as every other command names it")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("pretrain", help="train a cascade (stage by stage) from a YAML config")
@@ -357,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", help="transfer a cascade to a new dataset (full, freeze, bitfit, difffit, lora)")
-    p.add_argument("--source", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
+    p.add_argument("--source", "--model", dest="source", required=True,
+                   help="a cascade folder or a shipped name (e.g. cifar10); --model is the same")
     p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
     p.add_argument("--method", required=True, choices=["full", "freeze", "bitfit", "difffit", "lora"],
                    help="what trains (the text encoder is always frozen): full = every U-Net weight; freeze = all but "
@@ -370,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
     p.add_argument("--split", default="test")
-    p.add_argument("--n", type=int_in(2), default=1000, help="images to generate")
+    p.add_argument("--n", type=int_in(2), default=1000, help="images to generate in total")
     p.add_argument("--n-real", type=int_in(2), default=None,
                    help="real images to compare with (default: the whole split)")
     p.add_argument("--seed", type=SEED, default=0)
@@ -408,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="studies: `study transfer` compares transfer with training from scratch")
     p.add_argument("which", choices=["transfer"])
-    p.add_argument("--source", default="cifar10", help="the source cascade (the transfer arm starts from it)")
+    p.add_argument("--source", "--model", dest="source", default="cifar10",
+                   help="the source cascade (the transfer arm starts from it); --model is the same")
     p.add_argument("--data", default="pneumoniamnist", help="the target dataset")
     p.add_argument("--config", default="configs/finetune-pneumonia.yaml", help="base run config (YAML)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
@@ -432,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("merge", help="fuse cascades in weight space into a new cascade folder")
-    p.add_argument("--models", nargs="+", required=True, help="cascade folders or shipped names")
+    p.add_argument("--models", "--model", dest="models", nargs="+", required=True,
+                   help="cascade folders or shipped names (--model is the same)")
     p.add_argument("--weights", nargs="+", type=finite_float, default=None, help="one per model (default: uniform)")
     p.add_argument("--method", choices=["average", "task-arithmetic", "ties", "dare-linear", "dare-ties"],
                    default="average")
