@@ -91,3 +91,17 @@ def test_fusion_pneumonia(tmp_path, tiny_cascade_dir, tiny_feature_env):
     out = _run("fusion_pneumonia.py", "--source", tiny_cascade_dir, "--finetuned", tiny_cascade_dir, "--second",
                tiny_cascade_dir, "--data", data, "--n", "4", "--out", tmp_path / "fusion", "--table", tmp_path / "f.md")
     assert (tmp_path / "f.md").is_file() and out is not None
+
+
+def test_dense_tables(tmp_path):
+    per_class = {"background": dict(iou=0.9, dice=0.95), "nucleus": dict(iou=0.5, dice=0.6667)}
+    point = dict(miou=0.7, per_class=per_class)
+    run = dict(task="segmentation", dataset="/data/wbc-seg.zip", head="conv", steps=300, sets={
+        "source": dict(parameters=1000, test=point, label_efficiency={"5": [point, point], "all": [point]})})
+    scratch = dict(task="segmentation", dataset="/data/wbc-seg.zip", head="mlp", steps=300, scratch=dict(steps=600),
+                   sets={"scratch": dict(parameters=5000, test=point, label_efficiency={"20": [point], "all": [point]})})
+    (tmp_path / "a.json").write_text(json.dumps(run))
+    (tmp_path / "b.json").write_text(json.dumps(scratch))
+    out = _run("dense_tables.py", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "t.md")
+    assert "| source (conv) | 1,000 | 300 | 0.700 |" in out and "| scratch | 5,000 | 600 | 0.700 |" in out
+    assert "| source (conv) | 0.700 +- 0.000 |  | 0.700 |" in out
