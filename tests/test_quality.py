@@ -56,7 +56,7 @@ def test_early_stopping_on_kid_restores_the_best_measurement(pneumonia_npz, smal
 
 @pytest.mark.parametrize("overrides,message", [
     (["train.early_stopping_metric=kid"], "train.kid_every must be >= 1 when"),
-    (["train.early_stopping_metric=fid"], "val_loss or kid"),
+    (["train.early_stopping_metric=fid"], "must be one of val_loss, kid"),
     (["train.kid_every=5", "train.kid_samples=1"], "train.kid_samples must be >= 2"),
 ])
 def test_quality_settings_are_checked(overrides, message):
