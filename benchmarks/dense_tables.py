@@ -23,6 +23,10 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.pstdev(values):.3f}"
 
 
+def _count(s: dict) -> str:
+    return f"{s['parameters']:,}" if "parameters" in s else "n/a"
+
+
 def tables(results: list[dict]) -> str:
     task = results[0]["task"]
     detection = task == "detection"
@@ -41,7 +45,7 @@ def tables(results: list[dict]) -> str:
                   + " | ".join(f"AP@0.5 {c}" for c in classes) + " |", "|---|---|---|---|---|" + "---|" * len(classes)]
         for label, r, s in rows:
             steps = r.get("scratch", {}).get("steps", r["steps"]) if label == "scratch" else r["steps"]
-            lines.append(f"| {label} | {s.get('parameters', 0):,} | {steps} | {s['test']['map50']:.3f} | "
+            lines.append(f"| {label} | {_count(s)} | {steps} | {s['test']['map50']:.3f} | "
                          f"{s['test']['map']:.3f} | "
                          + " | ".join(f"{s['test']['per_class'][c]['ap50']:.3f}" for c in classes) + " |")
     else:
@@ -51,7 +55,7 @@ def tables(results: list[dict]) -> str:
             steps = r.get("scratch", {}).get("steps", r["steps"]) if label == "scratch" else r["steps"]
             per = " | ".join(f"{s['test']['per_class'][c]['iou']:.3f} / {s['test']['per_class'][c]['dice']:.3f}"
                              for c in classes)
-            lines.append(f"| {label} | {s.get('parameters', 0):,} | {steps} | {s['test']['miou']:.3f} | {per} |")
+            lines.append(f"| {label} | {_count(s)} | {steps} | {s['test']['miou']:.3f} | {per} |")
     metric = "mAP@0.5" if detection else "mIoU"
     lines += ["", f"Label efficiency: test {metric} with N labelled training images (mean +- std over seeds):", "",
               "| features (head) | " + " | ".join(f"{c}" for c in counts) + " |", "|---|" + "---|" * len(counts)]
@@ -59,9 +63,9 @@ def tables(results: list[dict]) -> str:
         cells = [_cell([p[key] for p in s["label_efficiency"].get(c, [])]) for c in counts]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if not detection:
-        lines += ["", "Dice of nucleus / cytoplasm with N labelled images:", "",
-                  "| features (head) | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
         fg = classes[1:]
+        lines += ["", f"Dice of {' / '.join(fg)} with N labelled images:", "",
+                  "| features (head) | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
         for label, _, s in rows:
             cells = []
             for c in counts:
