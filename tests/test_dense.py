@@ -362,3 +362,14 @@ def test_transfer_without_labels_fine_tunes_on_tiles_then_extracts(tmp_path, tin
                  "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["sets"]) == {"source", "tuned"} and manifest["task"] == "detection"
+
+
+def test_decoding_takes_channels_last_outputs():
+    """A head fed a permuted (NHWC-strided) image tensor returns channels-last outputs; decoding must read them."""
+    from imagen_transfer.dense_probe import decode
+
+    heat, size, offset = (torch.randn(2, c, 6, 8).contiguous(memory_format=torch.channels_last) for c in (3, 2, 2))
+    plain = decode((heat.contiguous(), size.contiguous(), offset.contiguous()), 4)
+    strided = decode((heat, size, offset), 4)
+    assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+               for a, b in zip(plain, strided))

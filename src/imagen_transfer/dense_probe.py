@@ -138,13 +138,13 @@ def decode(out, stride: int, top: int = MAX_DETECTIONS) -> list[dict[str, torch.
     heat = heat.sigmoid()
     heat = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
     n, k, h, w = heat.shape
-    scores, idx = heat.view(n, -1).topk(min(top, k * h * w))
+    scores, idx = heat.reshape(n, -1).topk(min(top, k * h * w))
     labels, cell = idx // (h * w), idx % (h * w)
     y, x = (cell // w).float(), (cell % w).float()
     results = []
     for i in range(n):
-        off = offset[i].view(2, -1)[:, cell[i]]
-        wh = size[i].view(2, -1)[:, cell[i]].clamp_min(0)
+        off = offset[i].reshape(2, -1)[:, cell[i]]
+        wh = size[i].reshape(2, -1)[:, cell[i]].clamp_min(0)
         cx, cy = x[i] + off[0], y[i] + off[1]
         boxes = torch.stack([cx - wh[0] / 2, cy - wh[1] / 2, cx + wh[0] / 2, cy + wh[1] / 2], 1) * stride
         results.append(dict(boxes=boxes, scores=scores[i], labels=labels[i]))
@@ -361,7 +361,7 @@ def segment(heads: list[nn.Module], kind: str, x: torch.Tensor, size: tuple[int,
         if kind == "mlp":
             up = F.interpolate(xi, size=size, mode="bilinear", align_corners=False)
             flat = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])
-            probs = sum(h(flat).softmax(-1) for h in heads).view(len(xi), *size, -1)
+            probs = sum(h(flat).softmax(-1) for h in heads).reshape(len(xi), *size, -1)
         else:
             probs = sum(h(xi, size).softmax(1) for h in heads).permute(0, 2, 3, 1)
         out.append(probs.argmax(-1))
@@ -492,7 +492,7 @@ def _images(manifest: dict) -> dict[str, torch.Tensor]:
         if data.names[:len(wanted)] != wanted:
             raise UserError(f"{manifest['dataset']} changed since its features were extracted (split {split}); "
                             "extract them again")
-        out[split] = to_float(data.images[:len(wanted)])
+        out[split] = to_float(data.images[:len(wanted)]).contiguous()  # NCHW memory, as the features are
     return out
 
 
