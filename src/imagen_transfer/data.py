@@ -458,17 +458,23 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
                  seed: int = 0, skip_bad: bool = False, limit: int | None = None) -> ImageTextData:
     """Load a split of a dataset spec as in-memory images with one caption each (see module doc)."""
     path = resolve_dataset(spec)
-    if path.suffix != ".npz":
-        # a detection / segmentation set reads as image tiles; dense.py builds on this module, hence the late import
-        from . import dense
+    # a detection / segmentation set reads as image tiles; dense.py builds on this module, hence the late import
+    from . import dense
 
-        if dense.is_dense(str(path)):
-            data = dense.image_tiles(str(path), split, resolution=resolution, channels=channels, captions=captions)
-            if fraction < 1 or per_class is not None:
-                data = data.subset(select_subset(data.labels, fraction=fraction, per_class=per_class, seed=seed))
-            if limit is not None and limit < len(data):
-                data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())
-            return data
+    if path.suffix != ".npz" and dense.is_dense(str(path)):
+        data = dense.image_tiles(str(path), split, resolution=resolution, channels=channels, captions=captions)
+    else:
+        data = _image_text(path, split, resolution, channels, captions, skip_bad)
+    if fraction < 1 or per_class is not None:
+        data = data.subset(select_subset(data.labels, fraction=fraction, per_class=per_class, seed=seed))
+    if limit is not None and limit < len(data):
+        data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())  # spread over classes
+    return data
+
+
+def _image_text(path: Path, split: str, resolution: int, channels: int, captions: list[str] | None,
+                skip_bad: bool) -> ImageTextData:
+    """A split of an image folder, zip or npz with its captions (given, or from its labels and templates)."""
     templates = captions or default_captions(path)
     images, texts, label_strs, skipped, seeded = _decoded(path, split, resolution, channels, skip_bad)
     if len(images) == 0:
@@ -488,12 +494,7 @@ def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, chann
     source = f"{path}:{split}"
     if seeded:
         source += f" (seeded split, seed {SPLIT_SEED}: 80/10/10 train/val/test per class; the folder has no split folders)"
-    data = ImageTextData(images, final_captions, labels, names, source, skipped)
-    if fraction < 1 or per_class is not None:
-        data = data.subset(select_subset(labels, fraction=fraction, per_class=per_class, seed=seed))
-    if limit is not None and limit < len(data):
-        data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())  # spread over classes
-    return data
+    return ImageTextData(images, final_captions, labels, names, source, skipped)
 
 
 def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

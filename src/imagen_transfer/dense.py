@@ -24,6 +24,7 @@ whose size differs from their image.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import warnings
@@ -98,6 +99,10 @@ def _root_of(archive: _Archive, marker: str) -> str | None:
     return prefixes[0] if prefixes else None
 
 
+def _is_coco_file(file_name: str) -> bool:
+    return file_name in ("annotations.json", "_annotations.coco.json") or file_name.startswith("instances")
+
+
 def detect_layout(archive: _Archive) -> tuple[str, str]:
     """(layout, root prefix) of a dense data set; a clear error when none matches."""
     voc = _root_of(archive, "Annotations/")
@@ -106,8 +111,7 @@ def detect_layout(archive: _Archive) -> tuple[str, str]:
     yolo = _root_of(archive, "data.yaml")
     if yolo is not None:
         return "yolo", yolo
-    coco = [n for n in archive.names if PurePosixPath(n).name in ("annotations.json", "_annotations.coco.json")
-            or (PurePosixPath(n).name.startswith("instances") and n.endswith(".json"))]
+    coco = [n for n in archive.names if n.endswith(".json") and _is_coco_file(n.rsplit("/", 1)[-1])]
     if coco:
         return "coco", min((str(PurePosixPath(n).parent) + "/").lstrip("./") if "/" in n else "" for n in coco)
     masks = _root_of(archive, "masks/")
@@ -313,10 +317,17 @@ def _masks(archive: _Archive, root: str, spec: str) -> tuple[list, dict[int, str
 
 
 def is_dense(spec: str) -> bool:
-    """Whether a data set (path or short name) has a detection or segmentation layout."""
-    path = resolve_dataset(spec)
+    """Whether a data set (path or short name) has a detection or segmentation layout. Every `load_dataset` asks,
+    so the answer is kept per file version (path, size, modification time): a large image zip is listed once."""
+    path = resolve_dataset(spec).resolve()
     if path.suffix == ".npz":
         return False
+    stat = path.stat()
+    return _has_dense_layout(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _has_dense_layout(path: Path, _size: int, _mtime_ns: int) -> bool:
     try:
         detect_layout(_Archive(path))
     except UserError:
@@ -377,6 +388,17 @@ def load_dense(spec: str, split: str = "train", *, size: tuple[int, int] | None 
                              boxes, labels), faults)
 
 
+def _read_mask(archive: _Archive, name: str) -> np.ndarray:
+    """A mask's values as int64 (palette and 16-bit masks as stored, anything else as 8-bit gray)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(archive.read(name))) as m:
+            return np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m).astype(np.int64)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is reported with the file's name
+        raise UserError(f"{archive.where(name)}: cannot read mask ({err}); fix or remove the file") from None
+
+
 def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults, short: str | None) -> DenseData:
     from PIL import Image
 
@@ -390,14 +412,10 @@ def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults,
         else:
             usable.append((image, mask))
     chosen = [(i, m) for i, m, *_ in seeded_split([(i, m, None) for i, m in usable], split)]
-    decoded, values = [], set()
+    decoded, values, read = [], set(), {}
     for image, mask in chosen:
         arr = _decode_rgb(archive.read(image), archive.where(image))
-        try:
-            with Image.open(io.BytesIO(archive.read(mask))) as m:
-                marr = np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m).astype(np.int64)
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"{archive.where(mask)}: cannot read mask ({err}); fix or remove the file") from None
+        marr = read[mask] = _read_mask(archive, mask)
         if marr.shape != arr.shape[:2]:
             faults.add("masks whose size differs from their image skipped", f"{mask} {marr.shape} vs {arr.shape[:2]}")
             continue
@@ -407,9 +425,7 @@ def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults,
         raise UserError(f"{archive.path}: split '{split}' has no usable image + mask pairs")
     if class_map is None:  # the distinct values of every mask of the data set, so all splits agree
         for _, mask in usable:
-            with Image.open(io.BytesIO(archive.read(mask))) as m:
-                values.update(np.unique(np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m))
-                              .tolist())
+            values.update(np.unique(read[mask] if mask in read else _read_mask(archive, mask)).tolist())
         if len(values) > MAX_MASK_VALUES:
             raise UserError(f"{archive.path}: masks hold {len(values)} distinct values; save masks losslessly (PNG) "
                             "with one value per class, or add a class_map.json")

@@ -168,13 +168,13 @@ def coco_map(predictions: list[dict], boxes: list[torch.Tensor], labels: list[to
     dets = [dict(image_id=i, category_id=int(k) + 1, score=float(s),
                  bbox=[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])])
             for i, p in enumerate(predictions) for b, s, k in zip(p["boxes"], p["scores"], p["labels"])]
+    if not dets:  # nothing detected: every AP is 0 (pycocotools cannot load an empty result list)
+        return dict(map=0.0, map50=0.0, per_class={n: dict(ap=0.0, ap50=0.0) for n in class_names})
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
         coco.dataset = gt
         coco.createIndex()
-        evaluator = COCOeval(coco, coco.loadRes(dets) if dets else COCO(), "bbox")
-        if not dets:
-            return dict(map=0.0, map50=0.0, per_class={n: dict(ap=0.0, ap50=0.0) for n in class_names})
+        evaluator = COCOeval(coco, coco.loadRes(dets), "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -477,22 +477,29 @@ def _parameters(head) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
-def _images(manifest: dict) -> dict[str, torch.Tensor]:
-    """The feature folder's images per split as floats in [-1, 1] (the scratch competitor's input), checked to be
-    the very images the features were read from."""
-    from .data import to_float
+def _extracted(manifest: dict, split: str):
+    """The split's images as the features were read from them (DenseData), or None when the data set has changed
+    since (other files under the extracted names)."""
     from .dense import load_dense
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the faults were reported when the features were extracted
+        data = load_dense(manifest["dataset"], split, size=tuple(manifest["size"]))
+    wanted = manifest["splits"][split]["names"]
+    return data.subset(range(len(wanted))) if data.names[:len(wanted)] == wanted else None
+
+
+def _images(manifest: dict) -> dict[str, torch.Tensor]:
+    """The feature folder's images per split as floats in [-1, 1] (the scratch competitor's input)."""
+    from .data import to_float
 
     out = {}
     for split in ("train", "val", "test"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the faults were reported when the features were extracted
-            data = load_dense(manifest["dataset"], split, size=tuple(manifest["size"]))
-        wanted = manifest["splits"][split]["names"]
-        if data.names[:len(wanted)] != wanted:
+        data = _extracted(manifest, split)
+        if data is None:
             raise UserError(f"{manifest['dataset']} changed since its features were extracted (split {split}); "
                             "extract them again")
-        out[split] = to_float(data.images[:len(wanted)]).contiguous()  # NCHW memory, as the features are
+        out[split] = to_float(data.images).contiguous()  # NCHW memory, as the features are
     return out
 
 
@@ -507,13 +514,10 @@ def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_sco
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from .dense import load_dense
-
-    test = load_dense(manifest["dataset"], "test", size=tuple(manifest["size"]))
-    wanted = manifest["splits"]["test"]["names"][:count]
-    if test.names[:len(wanted)] != wanted:
+    test = _extracted(manifest, "test")
+    if test is None:
         return []  # the data set changed since extraction: drawing would pair the wrong images
-    count = len(wanted)
+    count = min(count, len(test))
     files = []
     for set_name, (head, x) in chosen.items():
         if manifest["task"] == "detection":
@@ -560,19 +564,23 @@ def dense_markdown(result: dict) -> str:
         lines += [f"`scratch`: a U-Net (widths {result['scratch']['widths']}) trained end to end from the pixels on "
                   f"the same labels, {result['scratch']['steps']} steps, the same head and protocol.", ""]
     if detection:
-        lines += ["| features | trained parameters | lr | val mAP@0.5 | test mAP@0.5 | test mAP@[.5:.95] | "
-                  "per-class test AP@0.5 |", "|---|---|---|---|---|---|---|"]
-        for name, r in result["sets"].items():
+        columns = ["val mAP@0.5", "test mAP@0.5", "test mAP@[.5:.95]", "per-class test AP@0.5"]
+
+        def cells(r):
             per = ", ".join(f"{k} {v['ap50']:.3f}" for k, v in r["test"]["per_class"].items())
-            lines.append(f"| {name} | {r['parameters']:,} | {r['lr']:g} | {r['val']['map50']:.3f} | {r['test']['map50']:.3f} | "
-                         f"{r['test']['map']:.3f} | {per} |")
+            return [r["val"]["map50"], r["test"]["map50"], r["test"]["map"]], per
     else:
-        lines += ["| features | trained parameters | lr | val mIoU | test mIoU | test mIoU (foreground) | "
-                  "per-class test IoU / Dice |", "|---|---|---|---|---|---|---|"]
-        for name, r in result["sets"].items():
+        columns = ["val mIoU", "test mIoU", "test mIoU (foreground)", "per-class test IoU / Dice"]
+
+        def cells(r):
             per = ", ".join(f"{k} {v['iou']:.3f} / {v['dice']:.3f}" for k, v in r["test"]["per_class"].items())
-            lines.append(f"| {name} | {r['parameters']:,} | {r['lr']:g} | {r['val']['miou']:.3f} | {r['test']['miou']:.3f} | "
-                         f"{r['test']['miou_foreground']:.3f} | {per} |")
+            return [r["val"]["miou"], r["test"]["miou"], r["test"]["miou_foreground"]], per
+    lines += ["| features | trained parameters | lr | " + " | ".join(columns) + " |",
+              "|---|---|---|" + "---|" * len(columns)]
+    for name, r in result["sets"].items():
+        scores, per = cells(r)
+        lines.append(f"| {name} | {r['parameters']:,} | {r['lr']:g} | " + " | ".join(f"{v:.3f}" for v in scores)
+                     + f" | {per} |")
     counts = list(next(iter(result["sets"].values()))["label_efficiency"])
     lines += ["", f"Label efficiency (test {label}, mean +- std over seeds; labelled training images):", "",
               "| features | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]

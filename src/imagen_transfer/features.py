@@ -155,10 +155,13 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
     if "text" in baselines:
         sets["text"] = {f"{s}/text": encoder(d.captions).pooled.float() for s, d in data.items()}
     if state.is_main_process:
-        _write(out, sets, data, dict(models={k: str(resolve_model(v)) for k, v in models.items()},
-                                     dataset=str(resolve_dataset(dataset)), stage=stage_name,
-                                     resolution=stage0.resolution, blocks=blocks, timesteps=timesteps, prompt=prompt,
-                                     seed=seed, pool=pool))
+        first_data = next(iter(data.values()))
+        _write(out, sets, dict(models={k: str(resolve_model(v)) for k, v in models.items()},
+                               dataset=str(resolve_dataset(dataset)), stage=stage_name, resolution=stage0.resolution,
+                               blocks=blocks, timesteps=timesteps, prompt=prompt, seed=seed, pool=pool,
+                               label_names=first_data.label_names,
+                               splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist())
+                                       for s, d in data.items()}))
     state.wait_for_everyone()
     return out
 
@@ -253,19 +256,23 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
         sets["pixels"] = {f"{s}/pixels": torch.nn.functional.pixel_unshuffle(to_float(d.images), stride).half()
                           for s, d in data.items()}
     if state.is_main_process:
-        _write_dense(Path(out), sets, data, dict(
+        from .checkpoint import save_safetensors_atomic
+
+        first_data = next(iter(data.values()))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        save_safetensors_atomic(Path(out) / "targets.safetensors", _dense_targets(data))
+        _write(Path(out), sets, dict(
             models={k: str(resolve_model(v)) for k, v in models.items()}, dataset=str(resolve_dataset(dataset)),
             stage=stage_name, size=[h, w], stride=stride, grid=list(grid), blocks=blocks, timesteps=timesteps,
-            prompt=prompt, seed=seed, pool=False))
+            prompt=prompt, seed=seed, pool=False, task=first_data.task, layout=first_data.layout,
+            label_names=first_data.class_names, targets="targets.safetensors",
+            splits={s: dict(n=len(d), source=d.source, names=d.names, faults=d.faults) for s, d in data.items()}))
     state.wait_for_everyone()
     return Path(out)
 
 
-def _write_dense(out: Path, sets: dict, data: dict, settings: dict) -> None:
-    from .checkpoint import save_safetensors_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    first = next(iter(data.values()))
+def _dense_targets(data: dict) -> dict[str, torch.Tensor]:
+    """`targets.safetensors`: per split the boxes (concatenated, with per-image counts) and box labels, or masks."""
     targets = {}
     for split, d in data.items():
         if d.task == "detection":
@@ -274,36 +281,24 @@ def _write_dense(out: Path, sets: dict, data: dict, settings: dict) -> None:
             targets[f"{split}/box_labels"] = torch.cat(d.box_labels).long()
         else:
             targets[f"{split}/masks"] = d.masks.to(torch.uint8)
-    save_safetensors_atomic(out / "targets.safetensors", targets)
-    manifest = dict(**settings, task=first.task, layout=first.layout, label_names=first.class_names,
-                    targets="targets.safetensors",
-                    splits={s: dict(n=len(d), source=d.source, names=d.names, faults=d.faults)
-                            for s, d in data.items()}, sets={})
+    return targets
+
+
+def _write(out: Path, sets: dict, manifest: dict) -> None:
+    """Each feature set as `<name>.safetensors` and `manifest.json`: the given fields (settings, splits) plus each
+    set's file, views, dimensions and size."""
+    from .checkpoint import save_safetensors_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    split = next(iter(manifest["splits"]))
+    manifest = dict(manifest, sets={})
     for name, tensors in sets.items():
         save_safetensors_atomic(out / f"{name}.safetensors", tensors)
-        split = next(iter(data))
         views = [k.split("/", 1)[1] for k in tensors if k.startswith(f"{split}/")]
         manifest["sets"][name] = dict(file=f"{name}.safetensors", views=views,
                                       dims={v: list(tensors[f"{split}/{v}"].shape[1:]) for v in views},
                                       megabytes=round(sum(t.numel() * t.element_size() for t in tensors.values())
                                                       / 2**20, 1))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-
-
-def _write(out: Path, sets: dict, data: dict[str, ImageTextData], settings: dict) -> None:
-    from .checkpoint import save_safetensors_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    first = next(iter(data.values()))
-    manifest = dict(**settings, label_names=first.label_names,
-                    splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist()) for s, d in data.items()},
-                    sets={})
-    for name, tensors in sets.items():
-        save_safetensors_atomic(out / f"{name}.safetensors", tensors)
-        split = next(iter(data))
-        views = [k.split("/", 1)[1] for k in tensors if k.startswith(f"{split}/")]
-        manifest["sets"][name] = dict(file=f"{name}.safetensors", views=views,
-                                      dims={v: list(tensors[f"{split}/{v}"].shape[1:]) for v in views})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
