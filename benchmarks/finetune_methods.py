@@ -47,7 +47,7 @@ def main() -> None:
     for method in args.methods:
         run = args.out / method
         if not (run / "cascade" / "cascade.json").is_file():
-            command = [sys.executable, "-m", "imagen_transfer.cli", "finetune", "--source", args.source, "--data",
+            command = [sys.executable, "-m", "imagen_transfer", "finetune", "--source", args.source, "--data",
                        args.data, "--method", method, "--config", args.config, "--out", str(run)]
             if args.set:
                 command += ["--set", *args.set]

@@ -7,11 +7,12 @@
 one process and their steps alternate (full, frozen, full, frozen, ...), each pair on the same batch, so a drift
 hits both sides of a pair alike; the result is the median of the per-pair ratios with its interquartile range.
 
-Each step is our training step reduced to its model work: `diffusion.training_loss` (min-SNR weights, condition
-dropout) under the loop's autocast and attention settings, backward, gradient clipping and fused AdamW over the
-trainable parameters, on the source's base stage prepared by `transfer.prepare_transfer`. Each step is also split
-into forward, backward and update times, which bound the speed-up: freezing saves the frozen blocks' backward, their
-optimizer work and some forward time (no activations kept for autograd), and leaves the up path's backward untouched.
+Each step is the loop's own training step (`step.training_step` through `common.our_step`: batch, min-SNR loss,
+condition dropout, autocast and attention settings, clipping, fused AdamW, EMA) on the source's base stage, each arm
+prepared by `transfer.prepare_transfer` from the same weights and fed the same cached caption states. A few more
+steps per arm run under torch.profiler and split the step by its labelled phases (forward, backward, update, EMA),
+which bound the speed-up: freezing saves the frozen blocks' backward, their optimizer and EMA work and some forward
+time (no activations kept for autograd), and leaves the up path's backward untouched.
 """
 
 from __future__ import annotations
@@ -19,34 +20,43 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import median_images_per_s, our_step, timed_steps  # noqa: E402
+
+from imagen_transfer.cascade import load_cascade  # noqa: E402
+from imagen_transfer.config import load_config  # noqa: E402
+from imagen_transfer.step import Captioned  # noqa: E402
+from imagen_transfer.text import TextEncoding  # noqa: E402
+from imagen_transfer.transfer import prepare_transfer  # noqa: E402
+
+PHASES = ("step/forward", "step/backward", "step/update", "step/ema")
 
 
-def make_step(unet, alphas, null, precision: str):
-    from imagen_transfer.diffusion import training_loss
-    from imagen_transfer.unet import training_attention
+def arm(cascade, stage, data, null, transfer: list[str], args):
+    """(step(i) -> loss, StageTraining): the loop's training step on a fresh copy of `stage` under `transfer`."""
+    config = load_config(None, [*transfer, f"train.batch_size={args.batch}", f"train.steps={10**6}",
+                                f"train.mixed_precision={args.precision}", "train.lr=1e-4"])
+    copied = copy.copy(stage)
+    copied.unet = copy.deepcopy(stage.unet)
+    prepare_transfer(copied.unet, config.transfer)
+    return our_step(config, cascade, copied, data, null)
 
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
-    def step(x0, text, generator) -> tuple[float, float, float]:
-        """Seconds spent in the forward pass, the backward pass and the update (clipping + AdamW)."""
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), training_attention("cpu"):
-            loss = training_loss(unet, alphas, x0, text, null_text=null, cond_drop_prob=0.1,
-                                 generator=generator).mean()
-        forward = time.perf_counter()
-        loss.backward()
-        backward = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return forward - start, backward - forward, time.perf_counter() - backward
-
-    return step
+def phase_ms(step, first: int, steps: int) -> list[float]:
+    """Milliseconds per step in each labelled phase, from torch.profiler over `steps` steps (CPU wall time of the
+    labelled ranges)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(first, first + steps):
+            step(i)
+    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in PHASES}
+    return [totals.get(name, 0.0) / 1e3 / steps for name in PHASES]
 
 
 def main() -> None:
@@ -56,71 +66,64 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=40, help="timed (full, frozen) pairs per frozen depth")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="freeze_first_k values")
-    parser.add_argument("--precision", choices=["bf16", "no"], default="bf16" if torch.cpu._is_amx_tile_supported()
-                        else "no")
+    parser.add_argument("--precision", choices=["bf16", "no", "auto"], default="auto")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps per arm profiled for the phase split")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    from imagen_transfer.cascade import load_cascade
-    from imagen_transfer.config import TransferConfig
-    from imagen_transfer.text import TextEncoding
-    from imagen_transfer.transfer import prepare_transfer
-
     torch.set_num_threads(args.threads)
-    stage = load_cascade(args.source).stages[0]
-    alphas = stage.scheduler.alphas_cumprod
-    unet = stage.unet.train()
-    dim, length, res = unet.config.encoder_hid_dim, 32, stage.resolution
-    data = torch.Generator().manual_seed(0)
-    text = TextEncoding(torch.randn(args.batch, length, dim, generator=data), torch.ones(args.batch, length),
-                        torch.randn(args.batch, dim, generator=data))
+    cascade = load_cascade(args.source)
+    stage = cascade.stages[0]
+    dim, length, res = stage.unet.config.encoder_hid_dim, 32, stage.resolution
+    gen = torch.Generator().manual_seed(0)
+    table = TextEncoding(torch.randn(8, length, dim, generator=gen), torch.ones(8, length), torch.randn(8, dim, generator=gen))
     null = TextEncoding(torch.zeros(1, length, dim), torch.ones(1, length), torch.zeros(1, dim))
-    x0 = torch.rand(args.batch, 3, res, res, generator=data) * 2 - 1
+    images = torch.randint(0, 256, (max(256, args.batch), res, res, 3), dtype=torch.uint8, generator=gen)
+    data = Captioned(images, torch.arange(len(images)) % 8, table, [])
 
-    full = copy.deepcopy(unet)
-    summary = prepare_transfer(full, TransferConfig(method="full"))
-    full_step = make_step(full, alphas, null, args.precision)
+    full_step, full_t = arm(cascade, stage, data, null, ["transfer.method=full"], args)
+    total = sum(p.numel() for p in full_t.raw_unet.parameters())
     rows = []
     started = time.time()
     for k in args.depths:
-        frozen = copy.deepcopy(unet)
-        frozen_summary = prepare_transfer(frozen, TransferConfig(method="freeze", freeze_first_k=k))
-        frozen_step = make_step(frozen, alphas, null, args.precision)
-        ratios, phases = [], {"full": [], "frozen": []}
-        for i in range(args.warmup + args.pairs):
-            g_full, g_frozen = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
-            if i % 2 == 0:  # alternate which goes first, so neither always runs on a warmer cache
-                a = full_step(x0, text, g_full)
-                b = frozen_step(x0, text, g_frozen)
-            else:
-                b = frozen_step(x0, text, g_frozen)
-                a = full_step(x0, text, g_full)
+        frozen_step, frozen_t = arm(cascade, stage, data, null,
+                                    ["transfer.method=freeze", f"transfer.freeze_first_k={k}"], args)
+        trainable = 100 * sum(p.numel() for p in frozen_t.params) / total
+        ratios, times = [], {"full": [], "frozen": []}
+        for i in range(args.warmup + args.pairs):  # both arms take step i: the same batch and noise
+            order = [("full", full_step), ("frozen", frozen_step)]
+            if i % 2:  # alternate which goes first, so neither always runs on a warmer cache
+                order.reverse()
+            pair = {name: timed_steps(lambda _, s=step, j=i: s(j), 0, 1)[0] for name, step in order}
             if i >= args.warmup:
-                ratios.append(sum(a) / sum(b))
-                phases["full"].append(a)
-                phases["frozen"].append(b)
+                ratios.append(pair["full"] / pair["frozen"])
+                for name in pair:
+                    times[name].append(pair[name])
+        first = args.warmup + args.pairs
+        phases = {"full": phase_ms(full_step, first, args.profile_steps),
+                  "frozen": phase_ms(frozen_step, first, args.profile_steps)}
         q1, median, q3 = statistics.quantiles(ratios, n=4)
-        ms = {arm: [1e3 * statistics.median(p[j] for p in steps) for j in range(3)] for arm, steps in phases.items()}
-        rows.append(dict(k=k, trainable=frozen_summary.percent, ratio=median, q1=q1, q3=q3, phases_ms=ms,
-                         full_images_per_s=args.batch / statistics.median(map(sum, phases["full"])),
-                         frozen_images_per_s=args.batch / statistics.median(map(sum, phases["frozen"]))))
+        rows.append(dict(k=k, trainable=trainable, ratio=median, q1=q1, q3=q3, phases_ms=phases,
+                         full_images_per_s=median_images_per_s(times["full"], args.batch),
+                         frozen_images_per_s=median_images_per_s(times["frozen"], args.batch)))
         print(rows[-1], flush=True)
-        del frozen, frozen_step
+        del frozen_step, frozen_t
     lines = [f"# Frozen early blocks against full fine-tuning: paired steps in one process ({args.source} base stage, "
              f"batch {args.batch}, {args.precision}, {args.threads} threads)", "",
-             f"{summary.total:,} parameters; {args.pairs} timed pairs per depth after {args.warmup} warm-up pairs, "
-             f"the order within a pair alternating; wall time {time.time() - started:.0f} s.", "",
+             f"{total:,} parameters; {args.pairs} timed pairs per depth after {args.warmup} warm-up pairs, the order "
+             f"within a pair alternating; phases from {args.profile_steps} profiled steps per arm; wall time "
+             f"{time.time() - started:.0f} s.", "",
              "| frozen | trainable % | full images/s | frozen images/s | frozen speed-up (median of pair ratios) | IQR "
-             "| full ms: forward / backward / update | frozen ms: forward / backward / update |",
+             "| full ms: forward / backward / update / EMA | frozen ms: forward / backward / update / EMA |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        full_ms, frozen_ms = ("{:.0f} / {:.0f} / {:.0f}".format(*r["phases_ms"][arm]) for arm in ("full", "frozen"))
-        whole = " (the whole down path)" if r["k"] >= len(unet.down_blocks) else ""
+        full_ms, frozen_ms = (" / ".join(f"{v:.1f}" for v in r["phases_ms"][name]) for name in ("full", "frozen"))
+        whole = " (the whole down path)" if r["k"] >= len(stage.unet.down_blocks) else ""
         lines.append(f"| stem + first {r['k']} down block{'s' if r['k'] > 1 else ''}{whole} | {r['trainable']:.1f} | "
                      f"{r['full_images_per_s']:.1f} | {r['frozen_images_per_s']:.1f} | **{r['ratio']:.2f}x** | "
                      f"{r['q1']:.2f}-{r['q3']:.2f} | {full_ms} | {frozen_ms} |")
     lines += ["", f"Command: `python benchmarks/frozen_ratio.py --batch {args.batch} --pairs {args.pairs} --depths "
-              f"{' '.join(map(str, args.depths))} --precision {args.precision} --threads {args.threads}`"]
+              f"{' '.join(map(str, args.depths))} --precision {args.precision} --threads {args.threads} --profile-steps {args.profile_steps}`"]
     text_out = "\n".join(lines) + "\n"
     print(text_out)
     if args.out:

@@ -13,7 +13,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("IMAGEN_TRANSFER_DATA", str(REPO.parent / "shared" / "data"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads per test process; under pytest-xdist (`-n 2`, the README's fast loop) the workers share the cores,
+# so each takes its share instead of oversubscribing them (OpenMP threads spinning against each other).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
 
 
 @pytest.fixture(autouse=True)

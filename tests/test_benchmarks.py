@@ -54,8 +54,10 @@ def test_gpu_mfu_runs_on_a_cpu(tmp_path):
 
 def test_frozen_ratio(tmp_path, tiny_cascade_dir):
     out = _run("frozen_ratio.py", "--source", tiny_cascade_dir, "--batch", "4", "--pairs", "2", "--warmup", "0",
-               "--depths", "1", "--threads", "1", "--out", tmp_path / "f.md")
-    assert (tmp_path / "f.md").is_file() and out
+               "--depths", "1", "--threads", "1", "--profile-steps", "1", "--out", tmp_path / "f.md")
+    row = next(line for line in (tmp_path / "f.md").read_text().splitlines() if line.startswith("| stem"))
+    full_ms, frozen_ms = (cell.split(" / ") for cell in row.strip(" |").split(" | ")[-2:])
+    assert len(full_ms) == 4 and float(full_ms[0]) > 0 and float(full_ms[1]) > 0 and out  # the step's own labels
 
 
 def test_finetune_methods(tmp_path, tiny_cascade_dir):

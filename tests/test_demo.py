@@ -12,7 +12,7 @@ from torch import nn
 
 @pytest.mark.slow
 def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
-    from imagen_transfer.demo import run_demo
+    from imagen_transfer.jobs.demo import run_demo
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -45,7 +45,7 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
 @pytest.mark.slow
 def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_dir, tmp_path):
     from imagen_transfer.checkpoint import read_jsonl
-    from imagen_transfer.demo import QUICK, run_demo
+    from imagen_transfer.jobs.demo import QUICK, run_demo
 
     assert QUICK["sr_steps"] == 0 and QUICK["n_real"] and QUICK["precision"] == "auto"
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_d
 
 
 def test_demo_without_data_names_the_missing_file(tmp_path, monkeypatch, capsys):
-    from imagen_transfer.cli import main
+    from imagen_transfer.jobs.cli import main
 
     monkeypatch.setenv("IMAGEN_TRANSFER_DATA", str(tmp_path / "nowhere"))
     assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 2

@@ -285,7 +285,7 @@ def test_dense_size_must_fit_the_unet(tmp_path, tiny_cascade_dir):
     assert not (tmp_path / "f").exists()
 
 
-@pytest.mark.parametrize("task", ["detection", "segmentation"])
+@pytest.mark.parametrize("task", ["detection", pytest.param("segmentation", marks=pytest.mark.slow)])
 def test_dense_probe_end_to_end(dense_sets, task):
     from imagen_transfer.dense_probe import run_dense
 
@@ -306,7 +306,7 @@ def test_dense_probe_end_to_end(dense_sets, task):
 
 
 def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, capsys):
-    from imagen_transfer.cli import main
+    from imagen_transfer.jobs.cli import main
 
     seg = make_masks(tmp_path / "seg", n=12, size=24, class_map=True)
     out = tmp_path / "features"
@@ -340,8 +340,8 @@ def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, 
 def test_transfer_without_labels_fine_tunes_on_tiles_then_extracts(tmp_path, tiny_cascade_dir):
     """The end-to-end path: fine-tune the source cascade on the target's images (template captions, no labels),
     then read dense features from the fine-tuned model beside the source."""
-    from imagen_transfer.cli import main
     from imagen_transfer.data import load_dataset
+    from imagen_transfer.jobs.cli import main
 
     voc = make_voc(tmp_path / "voc", n=8, faults=False)
     tiles = load_dataset(str(voc), "train", resolution=16)

@@ -76,7 +76,7 @@ def test_judge_learns_the_classes_and_scores_conditioning(toy_npz):
 
 
 def test_evaluate_cli_rejects_bad_n(tiny_cascade_dir, toy_npz, capsys):
-    from imagen_transfer.cli import main
+    from imagen_transfer.jobs.cli import main
 
     assert main(["evaluate", "--model", str(tiny_cascade_dir), "--data", str(toy_npz), "--n", "1"]) == 2
     assert "argument --n: must be >= 2 (got 1)" in capsys.readouterr().err

@@ -118,7 +118,7 @@ def test_two_processes_extract_the_same_features(tiny_cascade_dir, toy, feature_
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "-m", "imagen_transfer.cli",
+               "--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "-m", "imagen_transfer",
                "features", "--model", f"tiny={tiny_cascade_dir}", "--data", str(toy), "--timesteps", "10", "200",
                "--batch-size", "16", "--baselines", "none", "--out", str(tmp_path / "two")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

@@ -99,7 +99,7 @@ def test_mixture_sampling(three):
 
 def test_merge_cli_writes_a_cascade(tiny_cascade_dir, tmp_path):
     from imagen_transfer.cascade import load_cascade
-    from imagen_transfer.cli import main
+    from imagen_transfer.jobs.cli import main
 
     out = tmp_path / "merged"
     assert main(["merge", "--models", str(tiny_cascade_dir), str(tiny_cascade_dir), "--weights", "0.5", "0.5",

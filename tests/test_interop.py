@@ -96,9 +96,9 @@ def test_import_finetune_export_reload_matches(if_folders, tmp_path):
 
 def test_if_folder_as_source_and_layout_errors(if_folders, tmp_path):
     from imagen_transfer.cascade import load_cascade
-    from imagen_transfer.cli import main
     from imagen_transfer.errors import UserError
     from imagen_transfer.interop import export_diffusers, import_if, open_model
+    from imagen_transfer.jobs.cli import main
 
     direct = open_model(if_folders / "IF-I")  # --source / --model accept an IF stage-I folder
     assert direct.stages[0].unet.config.out_channels == 6

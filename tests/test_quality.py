@@ -8,7 +8,7 @@ from imagen_transfer import train as train_module
 from imagen_transfer.checkpoint import read_jsonl
 from imagen_transfer.config import load_config
 from imagen_transfer.errors import UserError
-from imagen_transfer.report import plot_curves
+from imagen_transfer.jobs.report import plot_curves
 from imagen_transfer.train import train
 
 
@@ -17,6 +17,7 @@ def pneumonia_npz(tmp_path):
     return make_npz(tmp_path / "pneumoniamnist.npz")
 
 
+@pytest.mark.slow
 def test_kid_and_conditioning_accuracy_are_logged_with_the_validation_loss(pneumonia_npz, small_feature_net, tmp_path):
     run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.stages=[base, sr]", "train.kid_every=3",
                             "train.kid_samples=8", f"train.kid_feature_net={small_feature_net}"))

@@ -32,7 +32,7 @@ def _make_run(root):
 
 
 def test_report_tables_curves_and_embedded_images(tmp_path):
-    from imagen_transfer.report import write_report
+    from imagen_transfer.jobs.report import write_report
 
     run = _make_run(tmp_path)
     html_path, md_path = write_report(run)
@@ -47,7 +47,7 @@ def test_report_tables_curves_and_embedded_images(tmp_path):
 
 
 def test_report_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
-    from imagen_transfer.cli import main
+    from imagen_transfer.jobs.cli import main
 
     assert main(["report", str(tmp_path)]) == 2
     assert "neither metrics.jsonl nor eval" in capsys.readouterr().err
@@ -69,7 +69,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.common.by import By
 
-    from imagen_transfer.report import write_report
+    from imagen_transfer.jobs.report import write_report
 
     html_path, _ = write_report(_make_run(tmp_path))
     options = webdriver.ChromeOptions()
@@ -97,7 +97,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_report_shows_dense_probes_and_their_overlays(tmp_path):
     from PIL import Image
 
-    from imagen_transfer.report import write_report
+    from imagen_transfer.jobs.report import write_report
 
     run = _make_run(tmp_path)
     (run / "features").mkdir()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from test_robust_train import tree_digest
 
-from imagen_transfer.cli import main
+from imagen_transfer.jobs.cli import main
 
 
 def run(argv, capsys) -> str:
@@ -71,7 +71,7 @@ def test_merge_refuses_a_foreign_out_and_non_finite_weights(tiny_cascade_dir, us
     (["--seed", str(2**64)], "must be between 0 and"),
     (["--seed", "-1"], "must be between 0 and"),
     (["--steps", "0"], "must be >= 1"),
-    (["--n", "0"], "must be >= 1"),
+    (["--per-prompt", "0"], "must be >= 1"),
     (["--stages", "sr"], "needs the stage before it"),
     (["--stages", "upscaler"], "no stage 'upscaler'"),
     (["--out", "{tmp}/notes.txt/grid.png"], "is a file, not a folder"),
@@ -167,7 +167,7 @@ def test_a_disk_that_fills_up_mid_run_gives_one_line(tiny_cascade_dir, tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
 
     monkeypatch.setattr(sampling, "save_grid", full_disk)
-    code = main(["sample", "--model", str(tiny_cascade_dir), "--prompt", "a cat", "--steps", "1", "--n", "1",
+    code = main(["sample", "--model", str(tiny_cascade_dir), "--prompt", "a cat", "--steps", "1", "--per-prompt", "1",
                  "--out", str(tmp_path / "g.png")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0] and "g.png" in lines[0]

@@ -11,9 +11,9 @@ from test_train import tiny_config
 from imagen_transfer import step as step_module
 from imagen_transfer import train as train_module
 from imagen_transfer.checkpoint import append_jsonl, latest_checkpoint, read_jsonl
-from imagen_transfer.cli import main
 from imagen_transfer.config import load_config
 from imagen_transfer.errors import UserError
+from imagen_transfer.jobs.cli import main
 from imagen_transfer.outputs import run_lock
 from imagen_transfer.train import train
 
@@ -30,7 +30,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 def test_set_given_twice_keeps_both(tmp_path):
-    from imagen_transfer.cli import build_parser
+    from imagen_transfer.jobs.cli import build_parser
 
     args = build_parser().parse_args(["pretrain", "--set", "train.steps=3", "--set", "train.lr=1e-4", "data.seed=2"])
     config = load_config(None, args.set)

@@ -23,7 +23,7 @@ def toy_net(tmp_path):
 @pytest.mark.slow
 def test_transfer_study_end_to_end_and_resume(tiny_cascade_dir, tmp_path, toy_net):
     from imagen_transfer.errors import UserError
-    from imagen_transfer.study import StudyPlan, plan_runs, study_transfer, train_all
+    from imagen_transfer.jobs.study import StudyPlan, plan_runs, study_transfer, train_all
 
     data = make_npz(tmp_path / "toy.npz", n_train=40, n_val=16)
     plan = StudyPlan(source=str(tiny_cascade_dir), data=str(data), config=None,
@@ -65,7 +65,7 @@ def test_transfer_study_end_to_end_and_resume(tiny_cascade_dir, tmp_path, toy_ne
     assert summary["compare_step"] == 4 and cell["val_loss_steps"] == [2, 4]
 
     # a study cut short: one run's last point is missing, so every cell is compared at the last step all reached
-    from imagen_transfer.study import summarise
+    from imagen_transfer.jobs.study import summarise
 
     measures_file = out / "scratch-f1-s1" / "measures.json"
     measures = json.loads(measures_file.read_text())
@@ -80,7 +80,7 @@ def test_transfer_study_end_to_end_and_resume(tiny_cascade_dir, tmp_path, toy_ne
 
 
 def test_steps_to_reach_and_verdicts():
-    from imagen_transfer.study import StudyPlan, steps_to_reach, verdicts
+    from imagen_transfer.jobs.study import StudyPlan, steps_to_reach, verdicts
 
     assert steps_to_reach({100: 0.5, 200: 0.3, 300: 0.2}, 0.3) == 200
     assert steps_to_reach({100: 0.5}, 0.3) is None

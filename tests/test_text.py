@@ -40,6 +40,7 @@ def test_unknown_encoder_is_a_user_error():
         TextEncoderSpec.parse("clip")
 
 
+@pytest.mark.slow
 def test_minilm_loads_offline():
     """The registry package ships the weights: loading must work with the hub switched off."""
     code = (

@@ -84,10 +84,11 @@ def test_resume_after_a_crash_is_exact(pneumonia_npz, tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must equal an uninterrupted one"
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_save_then_resume(pneumonia_npz, tmp_path):
     """SIGKILL the moment a checkpoint is being written; the last good checkpoint must load, and resume finishes."""
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "imagen_transfer.cli", "pretrain", "--out", str(out), "--set",
+    command = [sys.executable, "-m", "imagen_transfer", "pretrain", "--out", str(out), "--set",
                f"data.dataset={pneumonia_npz}", "data.val_split=val", "data.val_size=8", "model.preset=tiny",
                "train.stages=[base]", "train.batch_size=4", "train.checkpoint_every=1", "train.val_every=0",
                "train.sample_every=0", "train.log_every=50", "train.keep_checkpoints=1"]
@@ -296,6 +297,7 @@ def test_cpu_attention_kernel_is_the_math_one_and_agrees_with_the_default():
         assert torch.allclose(g, r, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_channels_last_and_compile_train_the_same_model(pneumonia_npz, tmp_path, monkeypatch):
     plain = "train.val_every=0", "train.sample_every=0", "train.steps=2", "train.log_every=1"
     compile_calls = []

@@ -8,6 +8,6 @@ set -u
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
 export PYTHONPATH=/tmp/site:$PWD/src IMAGEN_TRANSFER_DATA=$PWD/.devdata IMAGEN_TRANSFER_CACHE=/tmp/itcache
 STUDY="--steps 600 --batch-size 128 --eval-every 100 --n-eval 256 --out runs/study-gpu"
-python3 -m imagen_transfer.cli study transfer $STUDY --jobs ${JOBS:-6} --skip-train --feature-net .devinc/inc16.pt 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -15
+python3 -m imagen_transfer study transfer $STUDY --jobs ${JOBS:-6} --skip-train --feature-net .devinc/inc16.pt 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -15
 tar czf $OUT/study-measured.tgz --exclude=checkpoints --exclude=tensorboard --exclude='*.tmp*' --exclude='samples-step-*' -C runs study-gpu
 ls -la $OUT

@@ -9,7 +9,7 @@ source "$(dirname "$0")/setup.sh"
 python3 -c "import torch, diffusers, peft, accelerate, transformers, torchmetrics; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
 timeout 120 python3 benchmarks/gpu_mfu.py --batch 512 --steps 60 --out $OUT/mfu.json 2>&1 | tr '\r' '\n' | grep -v "it/s" | tail -20
 STUDY="--steps 600 --batch-size 128 --eval-every 100 --n-eval 256 --out runs/study-gpu"
-timeout ${STUDY_TIMEOUT:-400} python3 -m imagen_transfer.cli study transfer $STUDY --jobs ${JOBS:-6} --skip-measure 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -15
+timeout ${STUDY_TIMEOUT:-400} python3 -m imagen_transfer study transfer $STUDY --jobs ${JOBS:-6} --skip-measure 2>&1 | tr '\r' '\n' | grep -v "it/s\]" | tail -15
 ls runs/study-gpu; nvidia-smi --query-gpu=memory.used --format=csv,noheader
 tar czf $OUT/study-train.tgz --exclude=checkpoints --exclude=tensorboard --exclude=cascade --exclude='*.tmp*' -C runs study-gpu
 ls -la $OUT

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .outputs import check_output_dir, fresh_sibling, replace_dir
@@ -81,8 +83,6 @@ class Cascade:
 
 def training_scheduler(prediction_type: str = "epsilon"):
     """Imagen's cosine schedule (Nichol & Dhariwal 2021) over 1000 steps, as diffusers' DDPMScheduler."""
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type,
                          clip_sample=False, variance_type="fixed_small")
 
@@ -116,8 +116,6 @@ def init_cascade(preset: str, *, text_encoder: str | None = None, max_text_lengt
 
 def _cast_safetensors(path: Path, dtype: torch.dtype) -> None:
     """Rewrite a safetensors file with its floating-point tensors in `dtype` (fp16 for shipping)."""
-    from safetensors.torch import load_file, save_file
-
     tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(path).items()}
     save_file(tensors, path, metadata={"format": "pt"})
 
@@ -212,8 +210,6 @@ def read_cascade_json(folder: Path) -> dict:
 def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Cascade:
     """Read a cascade folder (JSON + safetensors only) into fp32 (default) modules in eval mode. (Commands open
     models through `interop.open_model`, which also takes DeepFloyd IF folders.)"""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
     folder = resolve_model(name_or_path)
     if (folder / "model_index.json").is_file() and not (folder / "cascade.json").is_file():
         raise UserError(f"{folder} is a diffusers pipeline folder, not a cascade: open it with "

@@ -96,7 +96,7 @@ class TrainConfig:
     grad_clip: float = rule(1.0, low=0, note="(0: off)")
     ema_decay: float = rule(0.999, low=0, high=1, high_open=True)
     mixed_precision: str = rule("auto", choices=("auto", "no", "bf16", "fp16"))  # auto (bf16 where the hardware runs it natively: unet.resolve_precision) | no | bf16
-    channels_last: bool = False  # NHWC convolutions; on a 2-core CPU 1.1x in fp32 but slower in bf16 (so off)
+    channels_last: bool = False  # NHWC convolutions; off: slower in bf16 on the CPUs measured (docs/performance.md)
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (diffusers' own): less
     # activation memory for large stages at the cost of one more forward; the same gradients
     compile: bool = False  # torch.compile the training step's U-Net (no gain measured on a CPU; for GPUs)
@@ -129,7 +129,7 @@ class TransferConfig:
     lora_rank: int = rule(8, low=1)
     lora_alpha: float = 8.0
     # The attention projections (the usual LoRA) and the ResNet convolutions, which hold a domain: on CIFAR-10 ->
-    # chest X-rays attention-only LoRA ended with KID 286 against 153 ± 17 with the convolutions (docs/results.md).
+    # chest X-rays attention-only LoRA could not make the shift, the convolutions could (docs/results.md).
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj",
                                                              "add_v_proj", "conv1", "conv2"])
 

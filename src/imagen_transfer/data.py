@@ -27,6 +27,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from .errors import UserError
 from .outputs import cache_root
@@ -100,8 +102,6 @@ def resolve_dataset(spec: str) -> Path:
 
 def _to_array(data: bytes, name: str, resolution: int, channels: int) -> np.ndarray:
     """Decode, convert to RGB/L, centre-crop to a square and resize (bicubic, antialiased) to `resolution`."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: scale to 8 bits (convert("L") saturates)
@@ -269,7 +269,6 @@ def _decode_archive(path: Path, split: str, resolution: int, channels: int, skip
     archive = _Archive(path)
     entries, prefix = _entries(archive, split)
     images, texts, labels, skipped = [], [], [], 0
-    from tqdm.auto import tqdm
 
     for name, text, label in tqdm(entries, desc=f"decoding {path.name}:{split}", leave=False,
                                   disable=len(entries) < 2000):

@@ -34,8 +34,18 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image
 
-from .data import IMAGE_SUFFIXES, SPLIT_SEED, _Archive, _safe_member, resolve_dataset, seeded_split
+from .data import (
+    IMAGE_SUFFIXES,
+    SPLIT_SEED,
+    ImageTextData,
+    _Archive,
+    _safe_member,
+    resolve_dataset,
+    seeded_split,
+)
 from .errors import UserError
 
 # Built-in class names of the shared data sets whose files do not name them (data README: 0 background incl. red
@@ -123,8 +133,6 @@ def detect_layout(archive: _Archive) -> tuple[str, str]:
 
 
 def _decode_rgb(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -133,8 +141,6 @@ def _decode_rgb(data: bytes, where: str) -> np.ndarray:
 
 
 def _resize_rgb(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
     if arr.shape[:2] == size:
         return arr
     return np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BICUBIC, reducing_gap=None))
@@ -258,8 +264,6 @@ def _coco(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[li
 
 
 def _yolo(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
-    import yaml
-
     where = archive.where(root + "data.yaml")
     try:
         spec = yaml.safe_load(archive.read(root + "data.yaml"))
@@ -390,8 +394,6 @@ def load_dense(spec: str, split: str = "train", *, size: tuple[int, int] | None 
 
 def _read_mask(archive: _Archive, name: str) -> np.ndarray:
     """A mask's values as int64 (palette and 16-bit masks as stored, anything else as 8-bit gray)."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(archive.read(name))) as m:
             return np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m).astype(np.int64)
@@ -400,8 +402,6 @@ def _read_mask(archive: _Archive, name: str) -> np.ndarray:
 
 
 def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults, short: str | None) -> DenseData:
-    from PIL import Image
-
     pairs, class_map = _masks(archive, root, short)
     usable = []
     for image, mask in pairs:
@@ -462,8 +462,6 @@ def image_tiles(spec: str, split: str, *, resolution: int, channels: int = 3, ca
     """A dense data set's images as an image-text set for fine-tuning without labels: each image at its task size
     cut into non-overlapping resolution x resolution tiles (the scale the dense features see), one caption each
     from `captions` (default: DENSE_CAPTIONS for the shared sets, else "an image"); no labels (-1)."""
-    from .data import ImageTextData
-
     templates = captions or DENSE_CAPTIONS.get(_short_name(spec)) or ["an image"]
     if any("{label}" in t or "{report}" in t for t in templates):
         raise UserError(f"{spec} is a detection / segmentation set without image labels: give captions without "

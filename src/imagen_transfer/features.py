@@ -15,13 +15,26 @@ batch size or on how the images are sharded across processes (`accelerate launch
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
+from .cascade import resolve_model
+from .checkpoint import save_safetensors_atomic
 from .data import ImageTextData, load_dataset, resize, resolve_dataset, to_float
+from .dense import load_dense
+from .diffusion import add_noise, condition_lowres, denoise
 from .errors import UserError
+from .interop import open_model
+from .sampling import randn
+from .text import load_text_encoder
 
 DEFAULT_TIMESTEPS = (10, 100, 300)
 
@@ -55,10 +68,6 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
     `first_index` is image 0's index in its split (its noise seed). SR stages see the image's own downsampled copy
     (by the stage's factor) as their clean low-res input.
     """
-    from tqdm.auto import tqdm
-
-    from .diffusion import add_noise, condition_lowres, denoise
-    from .sampling import randn
 
     unet = stage.unet.eval()
     device = next(unet.parameters()).device
@@ -110,9 +119,6 @@ def pixel_features(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 def random_like(stage, seed: int = 0):
     """The same stage with freshly initialised U-Net weights (the 'architecture only' baseline)."""
-    import copy
-
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     clone = copy.copy(stage)
@@ -125,7 +131,6 @@ def _shard(n: int, state):
     Shards are contiguous and padded to equal size, so gathering in rank order and cutting to n restores the order."""
     if state.num_processes == 1:
         return list(range(n)), lambda t: t
-    from accelerate.utils import gather
 
     with state.split_between_processes(list(range(n)), apply_padding=True) as idx:
         mine = list(idx)
@@ -137,9 +142,6 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
             prompt: str = "", baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0,
             batch_size: int = 64, pool: bool = True, limit: int | None = None, progress: bool = True) -> Path:
     """Write a feature folder for each model in `models` (name -> cascade) plus the baselines; see module doc."""
-    from .cascade import resolve_model
-    from .text import load_text_encoder
-
     state, cascades, blocks, timesteps = _open_models(models, stage_name, blocks, timesteps, DEFAULT_TIMESTEPS)
     first = next(iter(cascades.values()))
     stage0 = first.stage(stage_name)
@@ -168,9 +170,6 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
 
 def _open_models(models: dict[str, str], stage_name: str, blocks, timesteps, default_timesteps):
     """(accelerate state, {name: cascade}, blocks, timesteps) with the blocks and timesteps checked."""
-    from accelerate import PartialState
-
-    from .interop import open_model
 
     if not models:
         raise UserError("give at least one --model")
@@ -191,8 +190,6 @@ def _unet_sets(cascades: dict, stage_name: str, images: dict[str, torch.Tensor],
                prompt: str, baselines, seed: int, batch_size: int, progress: bool, **kwargs) -> dict[str, dict]:
     """{set name: {'<split>/<view>': tensor}} for each model's stage and (for the first) its random-weights twin,
     sharded over accelerate processes; `kwargs` go to unet_features (pool, size, grid)."""
-    from .text import load_text_encoder
-
     sets = {}
     for name, cascade in cascades.items():
         stage = cascade.stage(stage_name)
@@ -234,9 +231,6 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
     space-to-depth (each stride x stride patch's 3 * stride^2 values as channels, nothing lost). Targets (boxes,
     box labels, masks) go to `targets.safetensors`; the manifest records the task, classes, sizes, faults and cost.
     """
-    from .cascade import resolve_model
-    from .dense import load_dense
-
     state, cascades, blocks, timesteps = _open_models(models, stage_name, list(blocks or DENSE_BLOCKS), timesteps,
                                                       DENSE_TIMESTEPS)
     stage0 = next(iter(cascades.values())).stage(stage_name)
@@ -256,8 +250,6 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
         sets["pixels"] = {f"{s}/pixels": torch.nn.functional.pixel_unshuffle(to_float(d.images), stride).half()
                           for s, d in data.items()}
     if state.is_main_process:
-        from .checkpoint import save_safetensors_atomic
-
         first_data = next(iter(data.values()))
         Path(out).mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(Path(out) / "targets.safetensors", _dense_targets(data))
@@ -287,8 +279,6 @@ def _dense_targets(data: dict) -> dict[str, torch.Tensor]:
 def _write(out: Path, sets: dict, manifest: dict) -> None:
     """Each feature set as `<name>.safetensors` and `manifest.json`: the given fields (settings, splits) plus each
     set's file, views, dimensions and size."""
-    from .checkpoint import save_safetensors_atomic
-
     out.mkdir(parents=True, exist_ok=True)
     split = next(iter(manifest["splits"]))
     manifest = dict(manifest, sets={})
@@ -304,8 +294,6 @@ def _write(out: Path, sets: dict, manifest: dict) -> None:
 
 def load_features(folder: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """(manifest, {set name: {'<split>/<view>': tensor}}) of a feature folder."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise UserError(f"{folder} is not a feature folder (no manifest.json); write one with `imagen-transfer features`")

@@ -14,9 +14,12 @@ All models must share the architecture of each merged stage (checked, with the d
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable
 
 import torch
+from peft.utils import merge_utils
 
 from .errors import UserError
 
@@ -53,9 +56,7 @@ def merge_states(states: list[dict[str, torch.Tensor]], weights: list[float], me
         raise UserError(f"merge method '{method}' needs --base (the model the fine-tunes started from)")
     if not 0 < density <= 1:
         raise UserError(f"density must be in (0, 1] (got {density})")
-    import warnings
 
-    from peft.utils import merge_utils
 
     warnings.filterwarnings("ignore", message="The density .* no pruning will be performed")
 
@@ -86,8 +87,6 @@ def merge_states(states: list[dict[str, torch.Tensor]], weights: list[float], me
 def merge_cascades(cascades: list, names: list[str], *, weights: list[float] | None = None, method: str = "average",
                    base=None, scale: float = 1.0, density: float = 0.5, stage_from: dict | None = None, seed: int = 0):
     """A new cascade: a copy of the first model with each stage merged (or taken whole from `stage_from`)."""
-    import copy
-
     if not cascades:
         raise UserError("merge needs at least one model")
     weights = list(weights) if weights else [1 / len(cascades)] * len(cascades)

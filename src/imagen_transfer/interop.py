@@ -21,10 +21,14 @@ import json
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
 from .cascade import DEFAULT_SAMPLING, Cascade, Stage, load_cascade, resolve_model
 from .errors import UserError
 from .outputs import check_output_dir
+from .sampling import make_scheduler
+from .text import TextEncoderSpec, load_text_encoder, minilm_path
 
 IF_TEXT_LENGTH = 77
 IF_SR_NOISE_LEVEL = 250
@@ -57,9 +61,6 @@ def _check_layout(folder: Path, what: str) -> None:
 
 def import_if(stage1: str | Path, stage2: str | Path | None = None, text_encoder: str | Path | None = None):
     """A Cascade from IF stage I (and optionally stage II) diffusers folders; T5 from `text_encoder` or stage I."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    from .text import TextEncoderSpec, load_text_encoder
 
     stage1 = Path(stage1)
     _check_layout(stage1, "stage I")
@@ -91,17 +92,12 @@ def import_if(stage1: str | Path, stage2: str | Path | None = None, text_encoder
 
 def sampling_scheduler_config(stage, sampling: dict) -> dict:
     """The DDPM scheduler config our `ddpm` sampler uses for this stage, for a diffusers pipeline to load."""
-    from .sampling import make_scheduler
-
     scheduler = make_scheduler(stage.scheduler.config, "ddpm", sampling.get("thresholding", "dynamic"),
                                sampling.get("percentile", 0.95), sampling.get("max_value", 1.5))
     return dict(scheduler.config)
 
 
 def _text_components(cascade):
-    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
-
-    from .text import minilm_path
 
     spec = cascade.text_encoder
     if spec.kind == "tiny":
@@ -116,7 +112,9 @@ def _text_components(cascade):
 
 def export_diffusers(cascade, out: str | Path) -> Path:
     """Write `<out>/stage_I` (IFPipeline) and, with an SR stage, `<out>/stage_II` (IFSuperResolutionPipeline)."""
-    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+    # here, not at the top: diffusers' IF pipelines import transformers' CLIP image processor, which prints a
+    # torchvision warning on every command that merely loads a model
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
 
     out = Path(out)
     check_output_dir(out, what="diffusers export")  # an existing non-empty folder is refused, never mixed into

@@ -13,7 +13,9 @@ import json
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset, to_float
 
@@ -47,8 +49,6 @@ def predict(judge: nn.Module, images_uint8: torch.Tensor, batch_size: int = 256)
 def train_judge(data: ImageTextData, epochs: int = 8, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                 progress: bool = True) -> nn.Sequential:
     """Train on labelled real images with random flips and 2-pixel shifts; AdamW with a one-cycle schedule."""
-    from tqdm.auto import tqdm
-
     labelled = data.labels >= 0
     images, labels = data.images[labelled], data.labels[labelled]
     gen = torch.Generator().manual_seed(seed)
@@ -84,8 +84,6 @@ def load_or_train_judge(dataset: str, resolution: int, *, split: str = "train", 
                         seed: int = 0, epochs: int = 8, progress: bool = True) -> tuple[nn.Sequential, dict]:
     """The cached judge for (dataset, split, resolution, seed), trained on first use; with its facts (class names,
     accuracy on the real `eval_split`)."""
-    from safetensors.torch import load_file, save_file
-
     path = resolve_dataset(dataset)
     key = f"{dataset_fingerprint(path)}|{split}|{eval_split}|{resolution}|{seed}|{epochs}|v{JUDGE_VERSION}"
     folder = cache_root() / "judges" / hashlib.sha1(key.encode()).hexdigest()[:24]

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+from tqdm.auto import tqdm
 
 from .errors import UserError
 
@@ -62,7 +66,7 @@ class InceptionFeatures(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = nv_bilinear(x, self.size)
-        # NHWC: oneDNN's convolutions run ~1.35x faster on a CPU; features agree with NCHW to 1e-6 relative
+        # NHWC: oneDNN's convolutions run faster on a CPU (docs/performance.md); features agree with NCHW to 1e-6 relative
         x = (x / 128 - 1).contiguous(memory_format=torch.channels_last)
         return self.net(x).float().flatten(1)
 
@@ -92,8 +96,6 @@ def load_feature_net(path: str | Path | None = None) -> tuple[InceptionFeatures,
 def extract_features(net: nn.Module, images: torch.Tensor, batch_size: int = 50, progress: bool = True,
                      desc: str = "features") -> torch.Tensor:
     """Features (N, D) float32 of uint8 images (N, H, W, C), in batches with a progress bar."""
-    from tqdm.auto import tqdm
-
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
         out.append(net(images[start : start + batch_size].permute(0, 3, 1, 2)).cpu())
@@ -113,8 +115,6 @@ class _Features(nn.Module):
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017), via torchmetrics."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
     metric = FrechetInceptionDistance(feature=_Features(real.shape[1]))
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -125,8 +125,6 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size:
         seed: int = 0) -> tuple[float, float, int]:
     """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel, mean and
     std over random subsets (seeded), via torchmetrics. The subset size shrinks to the smaller set when needed."""
-    from torchmetrics.image.kid import KernelInceptionDistance
-
     size = min(subset_size, len(real), len(fake))
     if size < 2:
         raise UserError("KID needs at least 2 real and 2 generated images")
@@ -170,8 +168,6 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
 
 def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tuple[float, float]:
     """Inception Score (Salimans et al. 2016) from classifier logits, mean and std over splits, via torchmetrics."""
-    from torchmetrics.image.inception import InceptionScore
-
     metric = InceptionScore(feature=_Features(logits.shape[1]), splits=min(splits, len(logits)))
     metric.update(logits.double())
     with torch.random.fork_rng():

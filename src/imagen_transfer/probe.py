@@ -18,7 +18,9 @@ import json
 from pathlib import Path
 
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import select_subset
 from .errors import UserError
@@ -49,8 +51,6 @@ def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: 
                 head: str = "linear", epochs: int = 30, batch_size: int = 256, seed: int = 0,
                 progress: bool = True) -> dict[tuple[str, float], nn.Module]:
     """One head per (input name, lr), trained together: AdamW, cosine schedule, weight decay 1e-4."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     heads = {(name, lr): _head(x.shape[1], classes, head) for name, x in inputs.items() for lr in lrs}
     opt = torch.optim.AdamW([dict(params=h.parameters(), lr=lr) for (_, lr), h in heads.items()], weight_decay=1e-4)
@@ -77,8 +77,6 @@ def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: 
 
 def classification_scores(probs: torch.Tensor, labels: torch.Tensor, label_names: list[str]) -> dict:
     """Accuracy, AUC and per-class accuracy from class probabilities."""
-    from sklearn.metrics import roc_auc_score
-
     pred = probs.argmax(1)
     out = dict(accuracy=float((pred == labels).float().mean()))
     try:
@@ -209,10 +207,10 @@ def retrieval_scores(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 1
 
 def heatmap(grid: list[dict], set_name: str, out: Path) -> Path | None:
     """Validation accuracy (best lr) per block x timestep for one feature set, as a PNG."""
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend is chosen only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use
 
     cells = {}
     for r in grid:
@@ -240,10 +238,10 @@ def heatmap(grid: list[dict], set_name: str, out: Path) -> Path | None:
 
 
 def efficiency_plot(curve: dict, out: Path) -> Path:
-    import matplotlib
+    import matplotlib  # here, not at the top: the Agg backend is chosen only where a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, points in curve.items():

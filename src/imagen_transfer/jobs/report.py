@@ -13,8 +13,12 @@ import html
 import json
 from pathlib import Path
 
-from .checkpoint import read_jsonl
-from .errors import UserError
+import matplotlib
+import matplotlib.pyplot as plt
+import yaml
+
+from ..checkpoint import read_jsonl
+from ..errors import UserError
 
 EVAL_COLUMNS = [("resolution", "px"), ("n_generated", "N gen"), ("n_real", "N real"), ("fid", "FID"), ("kid_mean", "KID"),
                 ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
@@ -55,10 +59,7 @@ def stage_summaries(rows: list[dict]) -> list[dict]:
 
 def plot_curves(rows: list[dict], out: Path) -> Path | None:
     """loss / validation loss / KID against step, one line per stage; None when there is nothing to plot."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     series = [(key, title) for key, title in (("loss", "training loss"), ("val_loss", "validation loss (fixed noise)"),
                                               ("kid", "KID (EMA samples)"),
@@ -136,8 +137,6 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _prompts(config_text: str) -> list[str]:
-    import yaml
-
     try:
         return list((yaml.safe_load(config_text) or {}).get("sample", {}).get("prompts") or [])
     except yaml.YAMLError:

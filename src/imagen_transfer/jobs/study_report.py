@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import write_atomic
+import matplotlib
+import matplotlib.pyplot as plt
+
+from ..checkpoint import write_atomic
 
 
 def _pm(cell: dict, scale: float = 1.0, digits: int = 1) -> str:
@@ -16,10 +19,7 @@ def _pm(cell: dict, scale: float = 1.0, digits: int = 1) -> str:
 
 def plot_curves(summary: dict, key: str, path: Path, ylabel: str, scale: float = 1.0) -> Path:
     """One panel per data fraction: mean over seeds against steps, a band of +- one std, per arm."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fractions = summary["plan"]["fractions"]
     fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 3.4), sharey=True, squeeze=False)

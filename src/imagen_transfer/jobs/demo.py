@@ -19,6 +19,17 @@ import json
 import time
 from pathlib import Path
 
+from ..cascade import save_cascade
+from ..config import load_config
+from ..data import resolve_dataset
+from ..evaluate import evaluate
+from ..features import extract
+from ..fusion import merge_cascades
+from ..interop import open_model
+from ..probe import PUBLISHED, run_probe
+from ..train import train
+from .report import write_report
+
 FULL = dict(steps=250, sr_steps=80, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
             probe_epochs=30, sample_steps=None, precision="no")
 # --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
@@ -47,17 +58,6 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
              feature_net: str | None = None) -> Path:
     """Run the five phases (module doc) into `out` (default: runs/demo-<time>); `settings` overrides the sizes
     (tests use tiny ones) and `feature_net` the FID network."""
-    from .cascade import save_cascade
-    from .config import load_config
-    from .data import resolve_dataset
-    from .evaluate import evaluate
-    from .features import extract
-    from .fusion import merge_cascades
-    from .interop import open_model
-    from .probe import PUBLISHED, run_probe
-    from .report import write_report
-    from .train import train
-
     settings = {**(QUICK if quick else FULL), **(settings or {})}
     resolve_dataset(data)  # a missing data file fails here, naming the file, before any work
     out = Path(out) if out else default_out()
