@@ -241,3 +241,68 @@ def test_prediction_type_is_the_sources_own_when_transferring(tiny_cascade_dir):
     assert {s.scheduler.config.prediction_type for s in fresh.stages} == {"v_prediction"}
     assert build_or_load_cascade(load_config(None, ["model.preset=tiny"])).stages[0].scheduler.config.prediction_type \
         == "epsilon"
+
+
+def test_hold_frozen_in_casts_only_what_does_not_train():
+    from imagen_transfer.step import hold_frozen_in
+
+    unet = build_unet("tiny", kind="base", resolution=16, text_dim=32)
+    prepare_transfer(unet, TransferConfig(method="bitfit"))
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    held = hold_frozen_in(unet, "bf16")
+    norms = {f"{m}.{n}" for m, module in unet.named_modules() if isinstance(module, (torch.nn.GroupNorm,
+                                                                                 torch.nn.LayerNorm))
+             for n, _ in module.named_parameters(recurse=False)}
+    frozen = [n for n, p in unet.named_parameters() if not p.requires_grad and n not in norms]
+    assert frozen and held["frozen_parameters"] == sum(before[n].numel() for n in frozen)
+    for name, p in unet.named_parameters():
+        if p.requires_grad or name in norms:  # trained, or a normalisation layer's: fp32 as they were
+            assert p.dtype == torch.float32 and torch.equal(p, before[name])
+        else:  # bf16 keeps 8 bits of mantissa: the frozen values are rounded to it, nothing more
+            assert p.dtype == torch.bfloat16 and torch.equal(p, before[name].to(torch.bfloat16))
+    assert 0 < held["frozen_max_abs_change"] <= max(before[n].abs().max().item() for n in frozen) * 2**-8
+    # an fp16 source held in fp16 is exact
+    unet = build_unet("tiny", kind="base", resolution=16, text_dim=32).half().float()
+    prepare_transfer(unet, TransferConfig(method="lora", lora_rank=2))
+    assert hold_frozen_in(unet, "fp16")["frozen_max_abs_change"] == 0
+
+
+@pytest.mark.parametrize("method", ["bitfit", pytest.param("lora", marks=pytest.mark.slow)])
+def test_half_precision_frozen_weights_train_and_fold_back_into_a_plain_cascade(tiny_cascade_dir, tmp_path, method):
+    """train.frozen_dtype=bf16: the run logs what was held, validates and samples under autocast, and saves an
+    ordinary fp32 cascade whose frozen weights are the source's rounded to bf16 (BitFit: the trained biases
+    moved; LoRA: the adapters folded in, no adapter keys left)."""
+    from conftest import make_npz
+    from safetensors.torch import load_file
+
+    from imagen_transfer.train import train
+
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    run = train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", method, "train.mixed_precision=bf16",
+                                 "train.frozen_dtype=bf16", "transfer.lora_rank=2"))
+    start = next(r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "start")
+    assert start["frozen_dtype"] == "bf16" and start["frozen_parameters"] > 0
+    assert any("val_loss" in r for r in read_jsonl(run / "metrics.jsonl"))
+    saved = load_file(run / "cascade" / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    source = load_cascade(tiny_cascade_dir).stage("base").unet.state_dict()
+    assert saved.keys() == source.keys() and all(v.dtype == torch.float32 for v in saved.values())
+    kept = [k for k in source if torch.equal(saved[k], source[k].to(torch.bfloat16).float())
+            or torch.equal(saved[k], source[k])]  # held in bf16, or a frozen norm kept in fp32
+    moved = [k for k in source if k not in kept]
+    assert moved and kept, "some weights trained, the rest are the source's held in bf16"
+    if method == "bitfit":
+        assert all(k.endswith(".bias") or "norm" in k for k in moved)
+    load_cascade(run / "cascade")  # an ordinary cascade folder
+
+
+def test_half_precision_frozen_weights_without_autocast_are_refused_before_the_run_folder(tiny_cascade_dir,
+                                                                                          tmp_path):
+    from conftest import make_npz
+
+    from imagen_transfer.train import train
+
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    with pytest.raises(UserError, match="frozen_dtype=bf16 needs autocast"):
+        train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", "bitfit", "train.mixed_precision=no",
+                               "train.frozen_dtype=bf16"))
+    assert not (tmp_path / "run").exists()

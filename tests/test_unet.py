@@ -48,3 +48,32 @@ def test_bad_presets_and_lengths():
         build_unet("small", resolution=18)
     with pytest.raises(UserError, match="perfect square"):
         check_text_length(16)
+
+
+def test_if_stage_presets_have_the_published_parameter_counts(capsys):
+    """IF-I-XL and IF-II-L as published (diffusers configs), counted on the meta device: 4.3B and 1.2B."""
+    from imagen_transfer.jobs.cli import main
+    from imagen_transfer.unet import if_unet_config, unet_parameters
+
+    assert unet_parameters(if_unet_config("if-i-xl")) == 4_304_695_110
+    assert unet_parameters(if_unet_config("if-ii-l")) == 1_187_608_070
+    scaled = if_unet_config("if-i-xl", 192)  # an IF-I-M-sized model of the same layout
+    assert scaled["block_out_channels"] == (192, 384, 576, 768) and unet_parameters(scaled) == 371_605_830
+    assert main(["info", "--preset", "if-i-xl"]) == 0 and "4,304,695,110 parameters" in capsys.readouterr().out
+    assert main(["info", "--preset", "if-i-xl", "--width", "100"]) == 2
+    assert "must be a multiple of 64" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_scaled_if_stage_runs_a_training_step():
+    """The IF-I-XL layout at width 64 (88M parameters, most of them in the 4096-d text projections): a forward and backward pass at 64 px with 4096-d text."""
+    from diffusers import UNet2DConditionModel
+
+    from imagen_transfer.unet import if_unet_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**if_unet_config("if-i-xl", 64))
+    out = unet(torch.randn(1, 3, 64, 64), torch.tensor([10]), encoder_hidden_states=torch.randn(1, 8, 4096)).sample
+    assert out.shape == (1, 6, 64, 64)
+    out[:, :3].square().mean().backward()
+    assert unet.conv_in.weight.grad is not None

@@ -99,6 +99,11 @@ class TrainConfig:
     channels_last: bool = False  # NHWC convolutions; off: slower in bf16 on the CPUs measured (docs/performance.md)
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass (diffusers' own): less
     # activation memory for large stages at the cost of one more forward; the same gradients
+    # Frozen weights held in half precision under freeze / bitfit / difffit / lora (the trained ones and their
+    # optimizer state stay fp32): half the weight memory of a large stage. Needs autocast (mixed_precision not no);
+    # the frozen values are rounded to this precision once (exact for an fp16 source held in fp16) and the saved
+    # cascade keeps them so. fp32: no change.
+    frozen_dtype: str = rule("fp32", choices=("fp32", "bf16", "fp16"))
     compile: bool = False  # torch.compile the training step's U-Net (no gain measured on a CPU; for GPUs)
     compile_mode: str = rule("default", choices=COMPILE_MODES)  # torch.compile mode; reduce-overhead replays the step as CUDA graphs on a GPU
     log_every: int = rule(50, low=1)

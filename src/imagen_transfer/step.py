@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.training_utils import EMAModel
@@ -62,6 +62,7 @@ class StageTraining:
     alphas: torch.Tensor
     local: int  # this process's share of the global batch
     micro: int  # one micro-batch (local / grad_accum)
+    held: dict = field(default_factory=dict)  # what train.frozen_dtype did (hold_frozen_in)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -86,6 +87,41 @@ def named_trainable(unet) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
 
 
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_frozen_dtype(dtype_name: str, precision: str) -> None:
+    """Half-precision frozen weights need autocast: without it an fp32 input meets a bf16 / fp16 weight."""
+    if dtype_name != "fp32" and precision == "no":
+        raise UserError(f"train.frozen_dtype={dtype_name} needs autocast, but this run trains in fp32 "
+                        "(train.mixed_precision resolved to no); set train.mixed_precision=bf16 (or fp16 on a GPU), "
+                        "or train.frozen_dtype=fp32")
+
+
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def hold_frozen_in(unet, dtype_name: str) -> dict:
+    """Cast the parameters that do not train to `dtype_name` in place (`train.frozen_dtype`), leaving the trained
+    ones in fp32, and the normalisation layers' too (a few thousand values; CPU kernels refuse an fp32 input with
+    a half-precision norm weight, and mixed-precision practice keeps norms in fp32 anyway). Returns what the cast
+    did: the count of values held and the largest absolute change (0 for an fp16 source held in fp16), so the run
+    log says whether the frozen weights were rounded."""
+    dtype = FROZEN_DTYPES[dtype_name]
+    count, change = 0, 0.0
+    for module in unet.modules():
+        if isinstance(module, NORMS):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.requires_grad or p.dtype == dtype or not p.numel():
+                continue
+            held = p.data.to(dtype)
+            change = max(change, (held.float() - p.data.float()).abs().max().item())
+            p.data = held
+            count += p.numel()
+    return dict(frozen_dtype=dtype_name, frozen_parameters=count, frozen_max_abs_change=change)
+
+
 def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, data: Captioned, null: TextEncoding,
                            accelerator) -> StageTraining:
     """The U-Net in training mode on the accelerator's device (gradient checkpointing and channels-last as
@@ -96,7 +132,9 @@ def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, da
     if tc.batch_size % (world * tc.grad_accum):
         raise UserError(f"train.batch_size {tc.batch_size} must be divisible by processes x grad_accum "
                         f"({world} x {tc.grad_accum})")
+    check_frozen_dtype(tc.frozen_dtype, accelerator.mixed_precision)
     unet = stage.unet.to(device).train()
+    held = hold_frozen_in(unet, tc.frozen_dtype)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if tc.channels_last:
@@ -116,7 +154,7 @@ def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, da
     local = tc.batch_size // world
     return StageTraining(config, stage, stage_index, accelerator, unet, raw_unet, named, optimizer, lr_schedule, ema,
                          data, data.table.to(device), null.to(device), stage.scheduler.alphas_cumprod.to(device),
-                         local, local // tc.grad_accum)
+                         local, local // tc.grad_accum, held)
 
 
 def lr_lambda(warmup: int, total: int):

@@ -49,7 +49,7 @@ from .metrics import load_feature_net
 from .outputs import check_writable_dir, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
-from .step import Captioned, StageTraining, prepare_stage_training, training_step
+from .step import Captioned, StageTraining, check_frozen_dtype, prepare_stage_training, training_step
 from .text import (
     EmbeddingCache,
     TextEncoderSpec,
@@ -297,7 +297,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     run.log = log = StageLog(run_dir, stage.name, tc.steps, step, accelerator.is_main_process)
     log.event(event="start", step=step, processes=accelerator.num_processes, precision=accelerator.mixed_precision,
               precision_reason=precision_choice(tc.mixed_precision, cuda)[1], device=str(device),
-              peak_memory_window="stage")
+              peak_memory_window="stage", **t.held)
     window = LossWindow(device)
     reset_peak_memory(device)
     while step < tc.steps and not done:
@@ -365,12 +365,22 @@ def _save(run: StageRun, step: int, done: bool) -> Path | None:
 def _measure(run: StageRun, step: int, val_due: bool, kid_due: bool) -> dict:
     """Validation loss and / or sample quality of the EMA weights (swapped in, then back); the sample grid and the
     on_validation hook run while they are in."""
-    t, stage, config = run.t, run.stage, run.config
-    gray = run.cascade.sampling.get("grayscale", False)
-    main, device = run.accelerator.is_main_process, run.accelerator.device
+    t = run.t
     t.ema.store(t.params)
     t.ema.copy_to(t.params)
     t.raw_unet.eval()
+    with run.accelerator.autocast() if t.held.get("frozen_parameters") else nullcontext():  # half-precision frozen
+        values = _measured(run, step, val_due, kid_due)  # weights run only under autocast
+    t.raw_unet.train()
+    t.ema.restore(t.params)
+    return values
+
+
+def _measured(run: StageRun, step: int, val_due: bool, kid_due: bool) -> dict:
+    """The measurements of _measure, the EMA weights in place."""
+    t, stage, config = run.t, run.stage, run.config
+    gray = run.cascade.sampling.get("grayscale", False)
+    main, device = run.accelerator.is_main_process, run.accelerator.device
     values = {}
     if val_due:
         values["val_loss"] = validation_loss(stage, run.val, run.null, config, device, batch_size=max(t.micro, 16))
@@ -382,8 +392,6 @@ def _measure(run: StageRun, step: int, val_due: bool, kid_due: bool) -> dict:
                       device, run.encode, gray=gray)
     if main and run.on_validation is not None:  # stage.unet is raw_unet: .to() and unwrap_model return the module
         run.on_validation(run.cascade, stage, step)
-    t.raw_unet.train()
-    t.ema.restore(t.params)
     return values
 
 
@@ -413,7 +421,8 @@ def _finish(run: StageRun, step: int) -> dict:
     log.close()
     t.ema.copy_to(t.params)
     t.raw_unet.eval()
-    run.stage.unet = t.raw_unet.to(memory_format=torch.contiguous_format)
+    # an ordinary fp32 NCHW module again (frozen weights held in half precision come back as their rounded values)
+    run.stage.unet = t.raw_unet.to(dtype=torch.float32, memory_format=torch.contiguous_format)
     history = [r for r in read_jsonl(log.file) if r.get("stage") == run.stage.name]
     metric = stopping.metric
     return dict(stage=run.stage.name, steps=step, early_stopping_metric=metric, best_value=stopping.val,
@@ -569,6 +578,7 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=resolve_precision(config.train.mixed_precision, cuda), cpu=not cuda)
+    check_frozen_dtype(config.train.frozen_dtype, accelerator.mixed_precision)  # before the run folder exists
     main = accelerator.is_main_process
     if main:
         check_run_dir(config, resume)

@@ -32,6 +32,54 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# DeepFloyd IF's stage U-Nets as published in diffusers format (the `unet/config.json` of DeepFloyd/IF-I-XL-v1.0
+# and IF-II-L-v1.0, as fine-tunes of them on the Hugging Face hub repeat it), randomly initialised, so memory and
+# speed can be measured without the weights. Built on the meta device they count 4,304,695,110 and 1,187,608,070
+# parameters: IF's published 4.3B and 1.2B. (The IF-I-M / L and IF-II-M configs were not available offline.)
+_IF_COMMON: dict[str, Any] = dict(
+    act_fn="gelu", addition_embed_type="text", addition_embed_type_num_heads=64, attention_head_dim=64,
+    cross_attention_norm="group_norm", encoder_hid_dim=4096, encoder_hid_dim_type="text_proj",
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", resnet_time_scale_shift="scale_shift", out_channels=6,
+)
+IF_UNETS: dict[str, dict[str, Any]] = {
+    "if-i-xl": dict(
+        _IF_COMMON, sample_size=64, in_channels=3, block_out_channels=(704, 1408, 2112, 2816), layers_per_block=3,
+        cross_attention_dim=2816, down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",), mid_block_scale_factor=1,
+        resnet_out_scale_factor=1.0, resnet_skip_time_act=False,
+    ),
+    "if-ii-l": dict(
+        _IF_COMMON, sample_size=256, in_channels=6, block_out_channels=(160, 320, 640, 960, 1280),
+        layers_per_block=(2, 2, 3, 5, 5), cross_attention_dim=1280, class_embed_type="timestep",
+        down_block_types=("ResnetDownsampleBlock2D",) * 3 + ("SimpleCrossAttnDownBlock2D",) * 2,
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * 2 + ("ResnetUpsampleBlock2D",) * 3,
+        mid_block_scale_factor=1.4142271248762552, resnet_out_scale_factor=1.4142271248762552,
+        resnet_skip_time_act=True,
+    ),
+}
+
+
+def if_unet_config(name: str, width: int | None = None) -> dict[str, Any]:
+    """The diffusers config of an IF stage; `width` scales its block widths to a first width of `width` (same
+    layout, a smaller model: the memory benchmark's second and third sizes)."""
+    if name not in IF_UNETS:
+        raise UserError(f"unknown IF stage '{name}'; known: {', '.join(IF_UNETS)}")
+    config = dict(IF_UNETS[name])
+    if width is not None:
+        first = config["block_out_channels"][0]
+        if width % 64 or any(w * width % first for w in config["block_out_channels"]):
+            raise UserError(f"width {width} must be a multiple of 64 that scales {name}'s widths to whole numbers")
+        widths = tuple(w * width // first for w in config["block_out_channels"])
+        config.update(block_out_channels=widths, cross_attention_dim=widths[-1])
+    return config
+
+
+def unet_parameters(config: dict[str, Any]) -> int:
+    """Parameters of a U-Net config, counted on the meta device (nothing allocated: a 4.3B stage in milliseconds)."""
+    with torch.device("meta"):
+        return count_parameters(UNet2DConditionModel(**config))
+
+
 def build_unet(
     preset: str,
     *,

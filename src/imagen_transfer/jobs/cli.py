@@ -103,9 +103,24 @@ def cmd_info(args) -> None:
     from ..interop import open_model
 
     model = args.model or args.model_option
+    if args.preset:
+        if model is not None:
+            raise UserError("name a model or an IF stage preset, not both")
+        print(describe_if_stage(args.preset, args.width))
+        return
     if model is None or (args.model and args.model_option):
         raise UserError("name one model: `imagen-transfer info DIR` or `imagen-transfer info --model DIR`")
     print(describe(open_model(model)))
+
+
+def describe_if_stage(name: str, width: int | None) -> str:
+    from ..unet import if_unet_config, unet_parameters
+
+    config = if_unet_config(name, width)
+    scaled = f", widths scaled to {width}" if width else ""
+    return (f"{name}{scaled}: {unet_parameters(config):,} parameters, {config['sample_size']}px, channels "
+            f"{list(config['block_out_channels'])}, layers per block {config['layers_per_block']}, text states "
+            f"{config['encoder_hid_dim']}-d (randomly initialised: for memory and speed measurements)")
 
 
 def cmd_pretrain(args) -> None:
@@ -361,6 +376,10 @@ def _sample_arguments(p: argparse.ArgumentParser) -> None:
 def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--model", dest="model_option", default=None, help="the same, as every other command names it")
+    p.add_argument("--preset", choices=["if-i-xl", "if-ii-l"], default=None,
+                   help="an IF stage's published architecture instead of a model: its parameter count, nothing loaded")
+    p.add_argument("--width", type=int_in(64), default=None,
+                   help="with --preset: the same layout with its block widths scaled to this first width")
 
 
 def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
