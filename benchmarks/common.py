@@ -53,7 +53,7 @@ def our_step(config, cascade, stage, data, null, accelerator=None):
     cuda = torch.cuda.is_available()
     accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(config.train.mixed_precision, cuda),
                                              cpu=not cuda)
-    index = [s.name for s in cascade.stages].index(stage.name)
+    index = [s.name for s in cascade.stages].index(stage.name) if cascade is not None else 0  # None: a lone stage
     t = prepare_stage_training(config, stage, index, data, null, accelerator)
     return (lambda i: training_step(t, i)[0]), t
 
