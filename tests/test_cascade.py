@@ -82,3 +82,25 @@ def test_errors_for_missing_and_foreign_folders(tmp_path):
 def test_describe_names_the_stages(tiny_cascade):
     text = describe(tiny_cascade)
     assert "stage base (base, 16px)" in text and "stage sr (sr, 16->32px" in text
+
+
+def test_a_sharded_save_reloads_exactly_and_stays_ours(tiny_cascade, tmp_path):
+    """A stage above max_shard_size is written as safetensors shards plus an index (a large IF stage by default):
+    it reloads bit-exactly, counts as a cascade folder of ours (so --overwrite may replace it), and the fp16
+    shipping cast reaches every shard."""
+    from imagen_transfer.cascade import is_cascade_folder, weight_files
+
+    save_cascade(tiny_cascade, tmp_path / "c", max_shard_size="1MB")
+    shards = weight_files(tmp_path / "c" / "base" / "unet")
+    assert shards[0].endswith(".index.json") and len(shards) > 2
+    loaded = load_cascade(tmp_path / "c")
+    for a, b in zip(tiny_cascade.stages, loaded.stages):
+        sa, sb = a.unet.state_dict(), b.unet.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert is_cascade_folder(tmp_path / "c")
+    save_cascade(tiny_cascade, tmp_path / "c", dtype=torch.float16, max_shard_size="1MB", overwrite=True)
+    half = load_cascade(tmp_path / "c").stages[0].unet.state_dict()
+    full = tiny_cascade.stages[0].unet.state_dict()
+    assert all(torch.equal(half[k], full[k].half().float()) for k in full)
+    (tmp_path / "c" / "base" / "unet" / "notes.txt").write_text("mine")
+    assert not is_cascade_folder(tmp_path / "c")  # a file we did not write: --overwrite must refuse

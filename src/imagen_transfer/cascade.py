@@ -30,6 +30,7 @@ from .text import TextEncoderSpec, text_dim
 from .unet import build_unet, count_parameters
 
 FORMAT_VERSION = 1
+WEIGHTS = "diffusion_pytorch_model.safetensors"
 SHIPPED_DIR = Path(__file__).parent / "models"
 
 # preset -> (text encoder, [(stage name, kind, resolution, U-Net preset)])
@@ -132,9 +133,22 @@ def cascade_files(folder: Path) -> set[str] | None:
         return None
     files = {"cascade.json"}
     for name in names:
-        files |= {f"{name}/unet/config.json", f"{name}/unet/diffusion_pytorch_model.safetensors",
-                  f"{name}/scheduler/scheduler_config.json"}
+        files |= {f"{name}/unet/config.json", f"{name}/scheduler/scheduler_config.json"}
+        files |= {f"{name}/unet/{w}" for w in weight_files(Path(folder) / name / "unet")}
     return files
+
+
+def weight_files(unet_dir: Path) -> list[str]:
+    """The safetensors files of a saved U-Net: one file, or an index and the shards it names (diffusers shards a
+    stage larger than `max_shard_size`, 10 GB by default: IF-I-XL in fp32 is 17 GB)."""
+    index = unet_dir / (WEIGHTS + ".index.json")
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return [index.name]
+        return [index.name, *shards]
+    return [WEIGHTS]
 
 
 def is_cascade_folder(folder: Path) -> bool:
@@ -152,8 +166,10 @@ def check_cascade_out(out: str | Path, overwrite: bool = False) -> None:
 
 
 def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = None, *,
-                 overwrite: bool = False) -> Path:
-    """Write a cascade folder (see module doc). `dtype=torch.float16` halves the size for shipping.
+                 overwrite: bool = False, max_shard_size: str | int = "10GB") -> Path:
+    """Write a cascade folder (see module doc). `dtype=torch.float16` halves the size for shipping; a stage whose
+    weights exceed `max_shard_size` is written as safetensors shards with an index (diffusers' layout, which
+    `from_pretrained` reads back).
 
     `out` must be absent, empty, or (with `overwrite`) a cascade folder written by this tool and holding nothing
     else; the new folder is written beside it and renamed into place."""
@@ -163,9 +179,11 @@ def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = 
     try:
         for stage in cascade.stages:
             unet_dir = tmp / stage.name / "unet"
-            stage.unet.save_pretrained(unet_dir, safe_serialization=True)
+            stage.unet.save_pretrained(unet_dir, safe_serialization=True, max_shard_size=max_shard_size)
             if dtype is not None:
-                _cast_safetensors(unet_dir / "diffusion_pytorch_model.safetensors", dtype)
+                for name in weight_files(unet_dir):
+                    if name.endswith(".safetensors"):
+                        _cast_safetensors(unet_dir / name, dtype)
             stage.scheduler.save_pretrained(tmp / stage.name / "scheduler")
         meta = dict(format="imagen-transfer-cascade", format_version=FORMAT_VERSION,
                     text_encoder=cascade.text_encoder.to_dict(), stages=[s.meta() for s in cascade.stages],

@@ -143,8 +143,11 @@ def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, da
     if not named:
         raise UserError(f"stage {stage.name}: no trainable parameters")
     base_lr = tc.lr if tc.lr is not None else DEFAULT_LR[config.transfer.method]
-    optimizer = torch.optim.AdamW(parameter_groups(named, base_lr, tc.lr_multipliers), lr=base_lr,
-                                  weight_decay=tc.weight_decay, fused=True)  # one kernel for all tensors (CPU too)
+    groups = parameter_groups(named, base_lr, tc.lr_multipliers)
+    if tc.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(groups, lr=base_lr, weight_decay=tc.weight_decay)
+    else:  # fused: one kernel for all tensors (CPU too)
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, weight_decay=tc.weight_decay, fused=True)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.steps))
     unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
     raw_unet = accelerator.unwrap_model(unet)
