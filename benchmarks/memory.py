@@ -56,10 +56,11 @@ def transfer_config(method: str) -> TransferConfig:
 def measure_one(spec: dict) -> dict:
     """One configuration in this process: peak memory above the process baseline, seconds per step."""
     torch.set_num_threads(spec["threads"])
-    cpu = torch.device("cpu")
-    baseline = resident_mb()
+    device = torch.device(spec.get("device", "cpu"))
+    baseline = resident_mb() if device.type == "cpu" else 0.0  # a GPU: allocated memory, none before the model
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**if_unet_config(STAGE, spec["width"]))
+    with device:  # built where it trains (IF-I-XL's random init on a CPU alone takes minutes)
+        unet = UNet2DConditionModel(**if_unet_config(STAGE, spec["width"]))
     summary = prepare_transfer(unet, transfer_config(spec["method"]))
     stage = Stage("base", "base", 64, unet, training_scheduler())
     precision, frozen = PRECISIONS[spec["precision"]]
@@ -74,10 +75,10 @@ def measure_one(spec: dict) -> dict:
     null = TextEncoding(torch.zeros(1, TEXT_TOKENS, TEXT_DIM), torch.ones(1, TEXT_TOKENS), torch.zeros(1, TEXT_DIM))
     images = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8, generator=gen)
     step, t = our_step(config, None, stage, Captioned(images, torch.arange(8) % 2, table, []), null)
-    reset_peak_memory(cpu)  # the peak of training (the model as the step holds it), not of building it in fp32
-    times = timed_steps(step, 1, spec["steps"])
+    reset_peak_memory(device)  # the peak of training (the model as the step holds it), not of building it in fp32
+    times = timed_steps(step, 1, spec["steps"], device)
     return dict(spec, parameters=summary.total, trainable=summary.trainable, baseline_mb=baseline,
-                peak_mb=peak_memory_mb(cpu) - baseline, seconds_per_step=sorted(times)[len(times) // 2])
+                peak_mb=peak_memory_mb(device) - baseline, seconds_per_step=sorted(times)[len(times) // 2])
 
 
 def resident_mb() -> float:
@@ -208,6 +209,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=None, help="only these (default: all at the first width)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=list(PRECISIONS), help="only these")
+    parser.add_argument("--checkpointing", nargs="+", default=None, choices=["off", "on"], help="only these")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: peak allocated GPU memory instead of RSS")
     parser.add_argument("--rows", type=Path, default=None, help="jsonl of measured rows: appended to, and reused")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: one configuration
     parser.add_argument("--out", type=Path, default=None)
@@ -220,8 +224,11 @@ def main() -> None:
     done = {json.dumps({k: r[k] for k in ("width", "method", "checkpointing", "precision", "batch")}) for r in rows}
     started = time.time()
     for spec in plan(args):
-        if args.methods and spec["method"] not in args.methods:
+        if (args.methods and spec["method"] not in args.methods
+                or args.precisions and spec["precision"] not in args.precisions
+                or args.checkpointing and ("on" if spec["checkpointing"] else "off") not in args.checkpointing):
             continue
+        spec["device"] = args.device
         key = json.dumps({k: spec[k] for k in ("width", "method", "checkpointing", "precision", "batch")})
         if key in done:
             continue

@@ -96,3 +96,14 @@ def test_every_declared_rule_refuses_a_bad_value_at_load_naming_the_valid_ones()
     assert checked >= 30
     with pytest.raises(UserError, match="sample.sampler must be one of ddpm, ddim, dpmpp, got 'euler'"):
         load_config(None, ["sample.sampler=euler"])
+
+
+def test_shipped_accelerate_configs_load():
+    """configs/accelerate/*.yaml are accelerate launch configs (multi-GPU, one and two machines) that accelerate reads."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs" / "accelerate").glob("*.yaml"))
+    assert len(files) == 2
+    for path in files:
+        config = load_config_from_file(str(path))
+        assert config.distributed_type == "MULTI_GPU" and config.num_processes == 8 * config.num_machines

@@ -16,7 +16,7 @@ PACKAGE = REPO / "src" / "imagen_transfer"
 LAYERS = [
     {"errors", "outputs", "config", "text", "unet", "checkpoint", "metrics"},  # foundations
     {"cascade", "diffusion", "data", "transfer"},  # the model and its math, data sets
-    {"interop", "sampling", "dense", "step", "fusion", "judge"},  # built on the model
+    {"interop", "sampling", "dense", "shard", "step", "fusion", "judge"},  # built on the model
     {"evaluate", "quality", "train", "features", "probe", "dense_probe"},  # tasks: one result each
     {"jobs.demo", "jobs.study", "jobs.study_report", "jobs.report", "jobs.cli"},  # whole experiments, the command line
 ]

@@ -108,6 +108,9 @@ class TrainConfig:
     # the frozen values are rounded to this precision once (exact for an fp16 source held in fp16) and the saved
     # cascade keeps them so. fp32: no change.
     frozen_dtype: str = rule("fp32", choices=("fp32", "bf16", "fp16"))
+    # fsdp: shard every weight, gradient and optimizer state across the processes of `accelerate launch` (FSDP2
+    # per U-Net block: shard.py), for a stage whose training state does not fit one device; none: DDP as usual
+    shard: str = rule("none", choices=("none", "fsdp"))
     compile: bool = False  # torch.compile the training step's U-Net (no gain measured on a CPU; for GPUs)
     compile_mode: str = rule("default", choices=COMPILE_MODES)  # torch.compile mode; reduce-overhead replays the step as CUDA graphs on a GPU
     log_every: int = rule(50, low=1)

@@ -27,6 +27,7 @@ from .config import RunConfig
 from .data import stage_inputs
 from .diffusion import draw, training_loss
 from .errors import UserError
+from .shard import is_sharded, local, shard_unet
 from .text import TextEncoding
 from .transfer import DEFAULT_LR, parameter_groups
 from .unet import training_attention
@@ -139,6 +140,9 @@ def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, da
         unet.enable_gradient_checkpointing()
     if tc.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
+    sharded = tc.shard == "fsdp" and world > 1
+    if sharded:  # before the optimizer: FSDP2 replaces the parameters by sharded ones
+        unet = shard_unet(unet)
     named = named_trainable(unet)
     if not named:
         raise UserError(f"stage {stage.name}: no trainable parameters")
@@ -146,14 +150,16 @@ def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, da
     groups = parameter_groups(named, base_lr, tc.lr_multipliers)
     if tc.optimizer == "adafactor":
         optimizer = torch.optim.Adafactor(groups, lr=base_lr, weight_decay=tc.weight_decay)
-    else:  # fused: one kernel for all tensors (CPU too)
-        optimizer = torch.optim.AdamW(groups, lr=base_lr, weight_decay=tc.weight_decay, fused=True)
+    else:  # fused: one kernel for all tensors (CPU too); sharded parameters take the foreach kernels
+        optimizer = torch.optim.AdamW(groups, lr=base_lr, weight_decay=tc.weight_decay, fused=not sharded or None)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.steps))
-    unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
+    if not sharded:
+        unet, optimizer = accelerator.prepare(unet, optimizer)  # with several processes: rank 0's weights everywhere
     raw_unet = accelerator.unwrap_model(unet)
     if tc.compile:  # the training step only: validation and sampling call the eager module
         unet = torch.compile(unet, mode=tc.compile_mode)
-    ema = EMAModel([p for _, p in named], decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3, foreach=True)
+    ema = EMAModel([p for _, p in named], decay=tc.ema_decay, use_ema_warmup=True, power=2 / 3,
+                   foreach=not sharded)  # DTensor has no sharding rule for _foreach_copy_
     local = tc.batch_size // world
     return StageTraining(config, stage, stage_index, accelerator, unet, raw_unet, named, optimizer, lr_schedule, ema,
                          data, data.table.to(device), null.to(device), stage.scheduler.alphas_cumprod.to(device),
@@ -192,7 +198,8 @@ def training_step(t: StageTraining, step: int) -> tuple[torch.Tensor, torch.Tens
         a, b = lo + k * t.micro, lo + (k + 1) * t.micro
         x0, lowres = stage_inputs(stage, t.data.images[idx[a:b]], None if flips is None else flips[a:b], device)
         text = t.table.index(t.data.caption_ids[idx[a:b]].to(device))
-        sync = nullcontext() if k == tc.grad_accum - 1 else accelerator.no_sync(t.unet)
+        last = k == tc.grad_accum - 1  # sharded: gradients are reduce-scattered at every micro-batch
+        sync = nullcontext() if last or is_sharded(t.raw_unet) else accelerator.no_sync(t.unet)
         if tc.compile:  # a new step for CUDA graph trees (reduce-overhead): the last step's outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         with sync, accelerator.autocast(), training_attention(device.type):
@@ -207,7 +214,7 @@ def training_step(t: StageTraining, step: int) -> tuple[torch.Tensor, torch.Tens
         nonfinite |= ~torch.isfinite(loss.detach())
     with record_function("step/update"):
         if tc.grad_clip:
-            nonfinite |= ~torch.isfinite(accelerator.clip_grad_norm_(t.params, tc.grad_clip))
+            nonfinite |= ~torch.isfinite(local(accelerator.clip_grad_norm_(t.params, tc.grad_clip)))
         t.optimizer.step()
         t.lr_schedule.step()
         t.optimizer.zero_grad(set_to_none=True)

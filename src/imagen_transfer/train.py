@@ -49,6 +49,7 @@ from .metrics import load_feature_net
 from .outputs import check_writable_dir, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
+from .shard import all_finite, gathered_state, is_sharded, like, load_gathered_state, reshard, unsharded
 from .step import Captioned, StageTraining, check_frozen_dtype, prepare_stage_training, training_step
 from .text import (
     EmbeddingCache,
@@ -124,7 +125,7 @@ def sample_settings(s) -> dict:
                 percentile=s.percentile, max_value=s.max_value)
 
 
-def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, path: Path, device,
+def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, path: Path | None, device,
                   encode, gray: bool = False) -> None:
     """Base stage: a row per prompt. SR stage: real low-res input | SR output | real image, for validation images.
     `gray`: average the generated images' channels, as sampling does for models trained on gray data."""
@@ -136,7 +137,8 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
         prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         images = sample_stage(stage, encode(prompts), null, gens, **opts)
-        save_grid(shown(images.cpu()), path, nrow=s.per_prompt, scale=4)
+        if path is not None:
+            save_grid(shown(images.cpu()), path, nrow=s.per_prompt, scale=4)
         return
     k = min(8, len(val.caption_ids))
     idx = torch.linspace(0, len(val.caption_ids) - 1, k).round().long()
@@ -144,7 +146,8 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
     gens = [torch.Generator().manual_seed(i) for i in range(k)]
     out = sample_stage(stage, val.table.index(val.caption_ids[idx]), null, gens, lowres=lowres, **opts)
     upsampled = resize(lowres, stage.resolution)
-    save_grid(torch.cat([upsampled.cpu(), shown(out.cpu()), real.cpu()]), path, nrow=k, scale=4)
+    if path is not None:  # None: a sharded run's other ranks, which sample with rank 0 but write nothing
+        save_grid(torch.cat([upsampled.cpu(), shown(out.cpu()), real.cpu()]), path, nrow=k, scale=4)
 
 
 @dataclass
@@ -335,7 +338,7 @@ def _stop_if_nonfinite(run: StageRun, step: int, weights_too: bool = False) -> N
     non-finite is ever checkpointed, so the last good checkpoint stays as it was for a --resume."""
     bad = bool(run.nonfinite)  # one host sync, only at log, validation and checkpoint steps
     if weights_too and not bad:
-        bad = not bool(torch.stack([torch.isfinite(p).all() for p in run.t.params]).all())
+        bad = not all_finite(run.t.params)
     if not bad:
         return
     name = run.stage.name
@@ -351,13 +354,12 @@ def _save(run: StageRun, step: int, done: bool) -> Path | None:
     """An atomic checkpoint of the weights, EMA, optimizer and loop state (main process; everyone waits)."""
     _stop_if_nonfinite(run, step, weights_too=True)
     t, path = run.t, None
+    model, ema, optimizer = gathered_state(t.raw_unet, t.named, t.ema, t.optimizer)  # sharded: every rank gathers
     if run.accelerator.is_main_process:
         state = dict(stage=run.stage.name, ema_step=t.ema.optimization_step, best=run.stopping.state(), done=done,
                      early_stopped=run.early_stopped)
-        path = save_checkpoint(run.run_dir, run.stage.name, step, model=dict(t.raw_unet.named_parameters()),
-                               ema={n: p for (n, _), p in zip(t.named, t.ema.shadow_params)},
-                               optimizer=t.optimizer.state_dict(), state=state,
-                               keep=run.config.train.keep_checkpoints)
+        path = save_checkpoint(run.run_dir, run.stage.name, step, model=model, ema=ema, optimizer=optimizer,
+                               state=state, keep=run.config.train.keep_checkpoints)
     run.accelerator.wait_for_everyone()  # nobody runs ahead while the main process writes
     return path
 
@@ -371,6 +373,7 @@ def _measure(run: StageRun, step: int, val_due: bool, kid_due: bool) -> dict:
     t.raw_unet.eval()
     with run.accelerator.autocast() if t.held.get("frozen_parameters") else nullcontext():  # half-precision frozen
         values = _measured(run, step, val_due, kid_due)  # weights run only under autocast
+    reshard(t.raw_unet)  # sharded: before the training weights are written back
     t.raw_unet.train()
     t.ema.restore(t.params)
     return values
@@ -387,9 +390,10 @@ def _measured(run: StageRun, step: int, val_due: bool, kid_due: bool) -> dict:
     if kid_due:  # every process measures (same seeds), so an early stop on KID is the same decision everywhere
         values.update(measure_quality(run.quality, stage, run.encode, run.null, sample_settings(config.sample),
                                       gray=gray))
-    if main and config.train.sample_every and step % config.train.sample_every == 0:
-        write_samples(stage, run.val, run.null, config, run.run_dir / "samples" / f"{stage.name}-step-{step:07d}.png",
-                      device, run.encode, gray=gray)
+    sharded = is_sharded(t.raw_unet)  # a sharded forward is a collective: every rank samples, rank 0 writes
+    if (main or sharded) and config.train.sample_every and step % config.train.sample_every == 0:
+        grid = run.run_dir / "samples" / f"{stage.name}-step-{step:07d}.png" if main else None
+        write_samples(stage, run.val, run.null, config, grid, device, run.encode, gray=gray)
     if main and run.on_validation is not None:  # stage.unet is raw_unet: .to() and unwrap_model return the module
         run.on_validation(run.cascade, stage, step)
     return values
@@ -421,6 +425,7 @@ def _finish(run: StageRun, step: int) -> dict:
     log.close()
     t.ema.copy_to(t.params)
     t.raw_unet.eval()
+    t.raw_unet = unsharded(t.raw_unet, run.config.transfer)  # sharded: every rank gathers the full weights
     # an ordinary fp32 NCHW module again (frozen weights held in half precision come back as their rounded values)
     run.stage.unet = t.raw_unet.to(dtype=torch.float32, memory_format=torch.contiguous_format)
     history = [r for r in read_jsonl(log.file) if r.get("stage") == run.stage.name]
@@ -433,11 +438,9 @@ def _finish(run: StageRun, step: int) -> dict:
 def _resume(t: StageTraining, ckpt: Path, run_dir: Path, stopping: EarlyStopping, keep_best: bool):
     """Load a checkpoint into the stage's training state: (step, early_stopped, best EMA weights or None)."""
     saved = load_checkpoint(ckpt)
-    unexpected = t.raw_unet.load_state_dict(saved["model"], strict=False).unexpected_keys
+    unexpected = load_gathered_state(t.raw_unet, t.named, t.ema, t.optimizer, saved)
     if unexpected:
         raise UserError(f"{ckpt}: weights {unexpected[:3]}... do not fit this model; resume with the same config")
-    t.optimizer.load_state_dict(saved["optimizer"])
-    t.ema.shadow_params = [saved["ema"][n].to(t.device) for n, _ in t.named]
     t.ema.optimization_step = saved["state"]["ema_step"]
     step = saved["state"]["step"]
     early_stopped = saved["state"].get("early_stopped", saved["state"].get("done", False) and step < t.config.train.steps)
@@ -445,7 +448,7 @@ def _resume(t: StageTraining, ckpt: Path, run_dir: Path, stopping: EarlyStopping
     best_ckpt = latest_checkpoint(run_dir, t.stage.name, "best")
     best_ema = None
     if keep_best and best_ckpt is not None:
-        best_ema = [load_checkpoint(best_ckpt)["ema"][n].to(t.device) for n, _ in t.named]
+        best_ema = [like(load_checkpoint(best_ckpt)["ema"][n], p) for n, p in t.named]
     with warnings.catch_warnings():  # replaying the schedule before any optimizer step is intended here
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(step):
@@ -579,6 +582,9 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=resolve_precision(config.train.mixed_precision, cuda), cpu=not cuda)
     check_frozen_dtype(config.train.frozen_dtype, accelerator.mixed_precision)  # before the run folder exists
+    if config.train.shard == "fsdp" and on_validation is not None:  # the hook samples on rank 0 alone: a sharded
+        raise UserError("train.shard=fsdp cannot run a study's per-validation hook (it samples on one process, a "
+                        "sharded forward needs all); run the study unsharded")  # forward would wait forever
     main = accelerator.is_main_process
     if main:
         check_run_dir(config, resume)
