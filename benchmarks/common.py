@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.profiler import record_function
 
 
 def synchronize(device: torch.device) -> None:
@@ -90,12 +91,15 @@ def plain_diffusers_step(stage, images: torch.Tensor, table, caption_ids: torch.
             model_in = torch.cat([model_in, upsample(low, stage.resolution)], 1)
             class_labels = torch.randint(0, 500, (batch,), device=device)
         with autocast, attention():
-            pred = unet(model_in, t, encoder_hidden_states=text.states, encoder_attention_mask=text.mask,
-                        class_labels=class_labels).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            with record_function("step/forward"):  # the labels `step.training_step` uses, for side-by-side profiles
+                pred = unet(model_in, t, encoder_hidden_states=text.states, encoder_attention_mask=text.mask,
+                            class_labels=class_labels).sample
+                loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            with record_function("step/backward"):
+                loss.backward()
+        with record_function("step/update"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step, params

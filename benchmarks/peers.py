@@ -253,6 +253,36 @@ def table(results: dict, names: tuple, reference: str, title: str) -> list[str]:
     return lines
 
 
+# Each contender family at one precision: (ours, plain diffusers, imagen-pytorch) contenders, for equal_precision.
+PRECISION_ROWS = {"fp32": ("ours-fp32", ("plain-cached", "plain"), ("imagen-pytorch",)),
+                  "bf16": ("ours", ("plain-bf16",), ("imagen-pytorch-bf16",))}
+
+
+def equal_precision(results: dict) -> list[str]:
+    """Ratios at equal precision (ours against each peer at the same autocast setting) and best against best (each
+    side at whichever precision is fastest for it on this machine): not our best against another's default."""
+    speed = {n: _summary(r, "images_per_s") for n, r in results.items()}
+    lines = ["", "### At equal precision, and best against best", "",
+             "| precision | ours | plain diffusers (best of its configurations) | ours / plain | imagen-pytorch | "
+             "ours / imagen-pytorch |", "|---|---|---|---|---|---|"]
+    best = {}
+    for precision, (ours, plains, imagens) in PRECISION_ROWS.items():
+        o = speed.get(ours)
+        p = max((speed[n] for n in plains if speed.get(n)), default=None)
+        i = max((speed[n] for n in imagens if speed.get(n)), default=None)
+        for side, value in (("ours", o), ("plain", p), ("imagen", i)):
+            if value and value > best.get(side, (0, ""))[0]:
+                best[side] = (value, precision)
+        cells = [f"{v:.1f}" if v else "-" for v in (o, p)] + [f"{o / p:.2f}x" if o and p else "-"]
+        cells += [f"{i:.1f}" if i else "-", f"{o / i:.2f}x" if o and i else "-"]
+        lines.append(f"| {precision} | " + " | ".join(cells) + " |")
+    if {"ours", "plain", "imagen"} <= set(best):
+        (o, op), (p, pp), (i, ip) = best["ours"], best["plain"], best["imagen"]
+        lines.append(f"| best of each | {o:.1f} ({op}) | {p:.1f} ({pp}) | **{o / p:.2f}x** | {i:.1f} ({ip}) | "
+                     f"**{o / i:.2f}x** |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -290,6 +320,7 @@ def main() -> None:
     if train_names:
         lines += table(results["train"], train_names, "ours", f"Training ({args.steps} timed steps after "
                                                               f"{args.warmup} warm-up, batch {args.batch})")
+        lines += equal_precision(results["train"])
         full = _summary(results["train"].get("ours", []), "images_per_s")
         for name, what in (("ours-freeze", "the stem + first two down blocks"), ("ours-freeze3", "the stem + all "
                                                                                  "three down blocks")):

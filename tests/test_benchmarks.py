@@ -44,6 +44,8 @@ def test_peers(tmp_path):
                "--threads", "1", "--train", "ours,ours-freeze,plain,plain-bf16", "--sample", "ours",
                "--sample-batch", "2", "--sample-repeats", "1", "--out", tmp_path / "p.md")
     assert "| plain-bf16 |" in out and "frozen against full" in out
+    bf16_row = next(line for line in out.splitlines() if line.startswith("| bf16 |"))
+    assert "x |" in bf16_row  # ours / plain-bf16 at the same precision (imagen-pytorch not run here: "-")
 
 
 def test_gpu_mfu_runs_on_a_cpu(tmp_path):
@@ -107,3 +109,19 @@ def test_dense_tables(tmp_path):
     out = _run("dense_tables.py", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "t.md")
     assert "| source (conv) | 1,000 | 300 | 0.700 |" in out and "| scratch | 5,000 | 600 | 0.700 |" in out
     assert "| source (conv) | 0.700 +- 0.000 |  | 0.700 |" in out
+
+
+def test_step_profile(tmp_path):
+    out = _run("step_profile.py", "--preset", "tiny", "--batch", "4", "--warmup", "1", "--steps", "2",
+               "--profile-steps", "1", "--threads", "1", "--out", tmp_path / "s.md")
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "s.md").read_text().splitlines()}
+    assert float(rows["forward"].split(" | ")[1]) > 0 and float(rows["forward"].split(" | ")[2]) > 0 and out
+
+
+def test_memory(tmp_path):
+    out = _run("memory.py", "--widths", "64", "--methods", "lora", "--precisions", "bf16+frozen", "--checkpointing",
+               "off", "--steps", "1", "--threads", "1", "--out", tmp_path / "m.md")
+    text = (tmp_path / "m.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 64 | lora"))
+    assert float(row.split(" | ")[5].replace(",", "")) > 0  # a measured peak
+    assert "| lora |" in text.split("IF-I-XL at 64 px")[1] and out  # the fits-on table from IF-I-XL's counts
