@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import our_step, plain_diffusers_step  # noqa: E402
@@ -32,16 +32,37 @@ from imagen_transfer.text import load_text_encoder  # noqa: E402
 PHASES = ("step/forward", "step/backward", "step/update", "step/ema")
 
 
-def profiled(step, first: int, steps: int) -> tuple[dict, list]:
-    """(ms per step per labelled phase, the operators by self CPU time) over `steps` profiled steps."""
+def profiled(steps: dict, first: int, count: int) -> dict:
+    """{name: (ms per step per labelled phase, the operators by self CPU time)} from one profiler session over
+    `count` alternating steps of each (so both see the same machine); a phase belongs to the step whose range
+    holds it."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(first, first + steps):
-            step(i)
-    events = prof.key_averages()
-    phases = {e.key: e.cpu_time_total / 1e3 / steps for e in events if e.key in PHASES}
-    ops = sorted((e for e in events if not e.key.startswith("step/") and not e.key.startswith("ProfilerStep")),
-                 key=lambda e: e.self_cpu_time_total, reverse=True)
-    return phases, [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in ops[:12]]
+        for i in range(first, first + count):
+            for name, step in steps.items() if i % 2 == 0 else reversed(steps.items()):
+                with record_function(f"whole/{name}"):
+                    step(i)
+    events = prof.events()
+    wholes = {name: [e for e in events if e.name == f"whole/{name}"] for name in steps}
+    result = {}
+    for name, ranges in wholes.items():
+        def inside(e, ranges=ranges):
+            return any(r.time_range.start <= e.time_range.start and e.time_range.end <= r.time_range.end
+                       for r in ranges)
+
+        mine = [e for e in events if inside(e)]
+        phases = {}
+        for e in mine:
+            if e.name in PHASES:
+                phases[e.name] = phases.get(e.name, 0.0) + e.cpu_time_total / 1e3 / count
+        ops = {}
+        for e in mine:
+            if not e.name.startswith(("step/", "whole/")):
+                total, calls = ops.get(e.name, (0.0, 0))
+                ops[e.name] = (total + e.self_cpu_time_total / 1e3 / count, calls + 1)
+        top = sorted(ops.items(), key=lambda kv: kv[1][0], reverse=True)[:12]
+        whole = sum(r.cpu_time_total for r in ranges) / 1e3 / count
+        result[name] = (phases, [(k, ms, calls // count) for k, (ms, calls) in top], whole)
+    return result
 
 
 def main() -> None:
@@ -52,6 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="wall-clock timed steps of each")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["auto", "no", "bf16"], default="auto",
+                        help="ours: train.mixed_precision; plain takes bf16 autocast and our levers when ours runs bf16")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,7 +86,8 @@ def main() -> None:
     null = encoder([""])
     images = torch.randint(0, 256, (512, stage.resolution, stage.resolution, 3), dtype=torch.uint8)
     ids = torch.arange(len(images)) % 4
-    config = load_config(None, [f"train.batch_size={args.batch}", f"train.steps={10**6}"])
+    config = load_config(None, [f"train.batch_size={args.batch}", f"train.steps={10**6}",
+                                f"train.mixed_precision={args.precision}"])
     ours, t = our_step(config, cascade, stage, Captioned(images, ids, table, []), null)
     precision = t.accelerator.mixed_precision
     plain_stage = init_cascade(args.preset, max_text_length=32 if args.preset != "tiny" else 20).stages[0]
@@ -78,20 +102,20 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     wall = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     first = args.warmup + args.steps
-    profiles = {"ours": profiled(ours, first, args.profile_steps), "plain": profiled(plain, first, args.profile_steps)}
+    profiles = profiled({"ours": ours, "plain": plain}, first, args.profile_steps)
     lines = [f"# One training step, ours against the plain diffusers loop with the same levers (preset `{args.preset}`, "
              f"batch {args.batch}, {args.threads} threads, {precision})", "",
              f"Wall time: median of {args.steps} alternating steps each after {args.warmup} warm-up; phases from "
-             f"{args.profile_steps} profiled steps each (the profiler's own overhead included); run "
+             f"{args.profile_steps} more alternating steps each under the profiler (its overhead included); run "
              f"{time.time() - started:.0f} s.", "",
-             "| ms per step | ours | plain (bf16, fused AdamW, math attention) | ours - plain |", "|---|---|---|---|"]
+             f"| ms per step | ours | plain ({'bf16, fused AdamW, math attention' if precision == 'bf16' else 'fp32, as diffusers runs it'}) | ours - plain |", "|---|---|---|---|"]
     for phase in PHASES:
         o, p = profiles["ours"][0].get(phase, 0.0), profiles["plain"][0].get(phase, 0.0)
         lines.append(f"| {phase.split('/')[1]} | {o:.1f} | {p:.1f} | {o - p:+.1f} |")
-    for name in ("ours", "plain"):
-        inside = sum(profiles[name][0].values())
-        profiles[name] = (*profiles[name], wall[name] - inside)
-    lines.append(f"| outside the phases (wall - phases) | {profiles['ours'][2]:.1f} | {profiles['plain'][2]:.1f} | "
+    outside = {name: profiles[name][2] - sum(profiles[name][0].values()) for name in profiles}
+    lines.append(f"| outside the phases (profiled step - phases) | {outside['ours']:.1f} | {outside['plain']:.1f} | "
+                 f"{outside['ours'] - outside['plain']:+.1f} |")
+    lines.append(f"| profiled step | {profiles['ours'][2]:.1f} | {profiles['plain'][2]:.1f} | "
                  f"{profiles['ours'][2] - profiles['plain'][2]:+.1f} |")
     lines.append(f"| **whole step (wall clock)** | **{wall['ours']:.1f}** | **{wall['plain']:.1f}** | "
                  f"**{wall['ours'] - wall['plain']:+.1f}** (ours {wall['plain'] / wall['ours']:.2f}x plain's speed) |")
@@ -100,7 +124,7 @@ def main() -> None:
                   "| operator | ms | calls |", "|---|---|---|"]
         lines += [f"| `{key}` | {ms:.1f} | {calls} |" for key, ms, calls in profiles[name][1]]
     lines += ["", f"Command: `python benchmarks/step_profile.py --preset {args.preset} --batch {args.batch} --warmup "
-              f"{args.warmup} --steps {args.steps} --profile-steps {args.profile_steps} --threads {args.threads}`"]
+              f"{args.warmup} --steps {args.steps} --profile-steps {args.profile_steps} --threads {args.threads} --precision {args.precision}`"]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
