@@ -75,6 +75,7 @@ def test_bad_input_is_one_line_and_non_zero(argv, message, tmp_path, capfd):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
+@pytest.mark.slow
 def test_the_entry_point_answers_bad_input_in_one_line_from_a_cold_start(tmp_path):
     """The installed entry point in a fresh interpreter: whatever the imports print on the way also counts."""
     out = subprocess.run([sys.executable, "-m", "imagen_transfer", "sample", "--model", str(tmp_path / "missing"),

@@ -121,6 +121,7 @@ def test_caption_templates():
         caption_for("cat", 0, ["{report}"])
 
 
+@pytest.mark.slow
 def test_real_datasets_when_present():
     """The shared data mirror: CIFAR-10 zip and PneumoniaMNIST npz with their official split sizes."""
     try:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from imagen_transfer.cascade import training_scheduler
@@ -15,6 +16,7 @@ def _batch(n=4):
     return x0, enc([f"image {i}" for i in range(n)]), enc([""])
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_a_tiny_batch():
     torch.manual_seed(0)
     unet = build_unet("tiny", kind="base", resolution=16, text_dim=32)

@@ -91,13 +91,15 @@ def sampler_sensitivity(cascade, prompts, seeds, opts, monkeypatch) -> float:
     return (moved - reference).abs().max().item()
 
 
-# The fast subset keeps one kernel setting per sampler (1 thread, oneDNN on: it runs beside other test workers
-# without oversubscribing the cores); the other three, which change the kernels the way another CPU does, are slow.
+# The fast subset keeps the default sampler at one kernel setting (1 thread, oneDNN on: it runs beside other test
+# workers without oversubscribing the cores); the other samplers and the three settings that change the kernels the
+# way another CPU does run with the slow tests.
 KERNEL_SETTINGS = [(1, True)] + [pytest.param(t, o, marks=pytest.mark.slow) for t, o in [(2, True), (2, False), (1, False)]]
 
 
 @pytest.mark.parametrize("threads,onednn", KERNEL_SETTINGS)
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+@pytest.mark.parametrize("sampler", [pytest.param("ddpm", marks=pytest.mark.slow),
+                                     pytest.param("ddim", marks=pytest.mark.slow), "dpmpp"])
 def test_sampling_is_deterministic_per_seed_and_independent_of_the_batch(tiny_cascade, sampler, threads, onednn,
                                                                           monkeypatch):
     """Same call, same bits; alone, in a batch or chunked: equal within fp32 kernel rounding as the sampler

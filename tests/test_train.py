@@ -55,6 +55,7 @@ def test_pretrain_writes_a_self_describing_run_folder(pneumonia_npz, tmp_path):
         train(tiny_config(pneumonia_npz, tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_validation_loss_falls(pneumonia_npz, tmp_path):
     run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=40", "train.val_every=20",
                                "train.lr=0.002", "train.ema_decay=0.9", "train.checkpoint_every=40",
