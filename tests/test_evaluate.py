@@ -14,6 +14,7 @@ def toy_npz(tmp_path_factory):
     return make_npz(tmp_path_factory.mktemp("data") / "toy.npz", n_train=64, n_val=24)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_eval_json_with_protocol_and_metrics(tiny_cascade_dir, toy_npz, small_feature_net, tmp_path):
     from imagen_transfer.evaluate import evaluate
 

@@ -29,6 +29,7 @@ def test_average_and_interpolation_follow_the_formula(three):
     assert mixed.info["method"] == "average" and _w(a)["conv_in.weight"].equal(wa["conv_in.weight"])  # inputs untouched
 
 
+@pytest.mark.slow
 def test_task_vector_methods(three):
     from imagen_transfer.fusion import merge_cascades
 

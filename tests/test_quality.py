@@ -30,6 +30,7 @@ def test_kid_and_conditioning_accuracy_are_logged_with_the_validation_loss(pneum
     assert plot_curves(rows, tmp_path / "curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_kid_measurements_repeat_exactly(pneumonia_npz, small_feature_net, tmp_path):
     extra = ("train.kid_every=6", "train.kid_samples=8", f"train.kid_feature_net={small_feature_net}")
     first = [r["kid"] for r in read_jsonl(train(tiny_config(pneumonia_npz, tmp_path / "a", *extra)) / "metrics.jsonl")
