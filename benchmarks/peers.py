@@ -336,9 +336,9 @@ def main() -> None:
     if sample_names:
         lines += [""] + table(results["sample"], sample_names, "ours", f"Sampling (25 steps, guidance 3, "
                                                                       f"{args.sample_batch} images)")
-    subsets = [f'--{task} "{",".join(names)}"' for task, names, every in (("train", train_names, TRAIN),
-                                                                         ("sample", sample_names, SAMPLE))
-               if names != every]  # a run of some contenders only
+    subsets = [f'--{task} "{",".join(names) or "none"}"' for task, names, every in (("train", train_names, TRAIN),
+                                                                                   ("sample", sample_names, SAMPLE))
+               if names != every]  # a run of some contenders only (none: that half skipped)
     flags = " ".join([*(f"--{k.replace('_', '-')} {v}" for k, v in options.items()), *subsets])
     lines += ["", f"Command: `python benchmarks/peers.py {flags}{' --out ' + args.out if args.out else ''}`"]
     text = "\n".join(lines) + "\n"
