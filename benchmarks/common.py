@@ -4,6 +4,9 @@ they compare it with, and a timer.
 - `our_step`: `step.prepare_stage_training` + `step.training_step`, the function `train_stage` calls each step
   (batch, randomness, min-SNR loss, condition dropout, SR noise augmentation, clipping, fused AdamW, EMA), without
   the loop's logging, validation or checkpoints: benchmarks time the step, not a run folder.
+- `phase_profile`: torch.profiler over alternating steps of several contenders, split by the phases the steps
+  label (step/forward, backward, update, ema), each phase credited to the step whose range holds it.
+- `publish`: print a results table and write it where asked.
 - `plain_diffusers_step`: the loop of diffusers' train_text_to_image example on the same U-Net (add_noise, forward,
   MSE on eps, backward, `torch.optim.AdamW`, fp32): with `encode`, the frozen text encoder runs on each batch's
   captions as in the example; otherwise it is fed the cached caption states. `bf16` adds bf16 autocast, fused AdamW
@@ -16,9 +19,10 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
-from torch.profiler import record_function
+from torch.profiler import ProfilerActivity, profile, record_function
 
 
 def synchronize(device: torch.device) -> None:
@@ -38,6 +42,45 @@ def timed_steps(step, warmup: int, steps: int, device: torch.device = torch.devi
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
+
+
+PHASES = ("step/forward", "step/backward", "step/update", "step/ema")
+
+
+def phase_profile(steps: dict, first: int, count: int) -> dict:
+    """{name: (ms per step per labelled phase, the 12 operators with the most self CPU time as (name, ms per step,
+    calls per step), ms per profiled step)} from one profiler session over `count` alternating steps of each of
+    `steps` (name -> step(i)), so all see the same machine; the profiler's own overhead is included."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(first, first + count):
+            for name, step in steps.items() if i % 2 == 0 else reversed(steps.items()):
+                with record_function(f"whole/{name}"):
+                    step(i)
+    events = prof.events()
+    result = {}
+    for name in steps:
+        ranges = [e for e in events if e.name == f"whole/{name}"]
+        mine = [e for e in events if any(r.time_range.start <= e.time_range.start and e.time_range.end <= r.time_range.end
+                                         for r in ranges)]
+        phases, ops = {}, {}
+        for e in mine:
+            if e.name in PHASES:
+                phases[e.name] = phases.get(e.name, 0.0) + e.cpu_time_total / 1e3 / count
+            elif not e.name.startswith(("step/", "whole/")):
+                total, calls = ops.get(e.name, (0.0, 0))
+                ops[e.name] = (total + e.self_cpu_time_total / 1e3 / count, calls + 1)
+        top = sorted(ops.items(), key=lambda kv: kv[1][0], reverse=True)[:12]
+        whole = sum(r.cpu_time_total for r in ranges) / 1e3 / count
+        result[name] = (phases, [(k, ms, calls // count) for k, (ms, calls) in top], whole)
+    return result
+
+
+def publish(text: str, out: str | Path | None) -> None:
+    """Print a results table and, when a path is given, write it there."""
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
 
 
 def median_images_per_s(times: list[float], batch: int) -> float:

@@ -10,7 +10,7 @@ hits both sides of a pair alike; the result is the median of the per-pair ratios
 Each step is the loop's own training step (`step.training_step` through `common.our_step`: batch, min-SNR loss,
 condition dropout, autocast and attention settings, clipping, fused AdamW, EMA) on the source's base stage, each arm
 prepared by `transfer.prepare_transfer` from the same weights and fed the same cached caption states. A few more
-steps per arm run under torch.profiler and split the step by its labelled phases (forward, backward, update, EMA),
+alternating steps per arm run under torch.profiler (`common.phase_profile`) and split the step by its labelled phases (forward, backward, update, EMA),
 which bound the speed-up: freezing saves the frozen blocks' backward, their optimizer and EMA work and some forward
 time (no activations kept for autograd), and leaves the up path's backward untouched.
 """
@@ -25,18 +25,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_images_per_s, our_step, timed_steps  # noqa: E402
+from common import PHASES, median_images_per_s, our_step, phase_profile, publish, timed_steps  # noqa: E402
 
 from imagen_transfer.cascade import load_cascade  # noqa: E402
 from imagen_transfer.config import load_config  # noqa: E402
 from imagen_transfer.step import Captioned  # noqa: E402
 from imagen_transfer.text import TextEncoding  # noqa: E402
 from imagen_transfer.transfer import prepare_transfer  # noqa: E402
-
-PHASES = ("step/forward", "step/backward", "step/update", "step/ema")
 
 
 def arm(cascade, stage, data, null, transfer: list[str], args):
@@ -47,16 +44,6 @@ def arm(cascade, stage, data, null, transfer: list[str], args):
     copied.unet = copy.deepcopy(stage.unet)
     prepare_transfer(copied.unet, config.transfer)
     return our_step(config, cascade, copied, data, null)
-
-
-def phase_ms(step, first: int, steps: int) -> list[float]:
-    """Milliseconds per step in each labelled phase, from torch.profiler over `steps` steps (CPU wall time of the
-    labelled ranges)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(first, first + steps):
-            step(i)
-    totals = {e.key: e.cpu_time_total for e in prof.key_averages() if e.key in PHASES}
-    return [totals.get(name, 0.0) / 1e3 / steps for name in PHASES]
 
 
 def main() -> None:
@@ -100,8 +87,8 @@ def main() -> None:
                 for name in pair:
                     times[name].append(pair[name])
         first = args.warmup + args.pairs
-        phases = {"full": phase_ms(full_step, first, args.profile_steps),
-                  "frozen": phase_ms(frozen_step, first, args.profile_steps)}
+        profiled = phase_profile({"full": full_step, "frozen": frozen_step}, first, args.profile_steps)
+        phases = {arm: [profiled[arm][0].get(name, 0.0) for name in PHASES] for arm in profiled}
         q1, median, q3 = statistics.quantiles(ratios, n=4)
         rows.append(dict(k=k, trainable=trainable, ratio=median, q1=q1, q3=q3, phases_ms=phases,
                          full_images_per_s=median_images_per_s(times["full"], args.batch),
@@ -111,7 +98,7 @@ def main() -> None:
     lines = [f"# Frozen early blocks against full fine-tuning: paired steps in one process ({args.source} base stage, "
              f"batch {args.batch}, {args.precision}, {args.threads} threads)", "",
              f"{total:,} parameters; {args.pairs} timed pairs per depth after {args.warmup} warm-up pairs, the order "
-             f"within a pair alternating; phases from {args.profile_steps} profiled steps per arm; wall time "
+             f"within a pair alternating; phases from {args.profile_steps} more alternating steps per arm under the profiler; wall time "
              f"{time.time() - started:.0f} s.", "",
              "| frozen | trainable % | full images/s | frozen images/s | frozen speed-up (median of pair ratios) | IQR "
              "| full ms: forward / backward / update / EMA | frozen ms: forward / backward / update / EMA |",
@@ -124,11 +111,7 @@ def main() -> None:
                      f"{r['q1']:.2f}-{r['q3']:.2f} | {full_ms} | {frozen_ms} |")
     lines += ["", f"Command: `python benchmarks/frozen_ratio.py --batch {args.batch} --pairs {args.pairs} --depths "
               f"{' '.join(map(str, args.depths))} --precision {args.precision} --threads {args.threads} --profile-steps {args.profile_steps}`"]
-    text_out = "\n".join(lines) + "\n"
-    print(text_out)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text_out)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import our_step, timed_steps  # noqa: E402
+from common import our_step, publish, timed_steps  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from imagen_transfer.cascade import Stage, training_scheduler  # noqa: E402
@@ -243,11 +243,7 @@ def main() -> None:
         if rows_file:
             with rows_file.open("a") as f:
                 f.write(line[4:] + "\n")
-    text = report(rows, args)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(report(rows, args), args.out)
 
 
 if __name__ == "__main__":

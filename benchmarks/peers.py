@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import our_step, plain_diffusers_step, timed_steps  # noqa: E402
+from common import our_step, plain_diffusers_step, publish, timed_steps  # noqa: E402
 
 from imagen_transfer.train import peak_memory_mb  # noqa: E402
 
@@ -341,11 +341,8 @@ def main() -> None:
                if names != every]  # a run of some contenders only (none: that half skipped)
     flags = " ".join([*(f"--{k.replace('_', '-')} {v}" for k, v in options.items()), *subsets])
     lines += ["", f"Command: `python benchmarks/peers.py {flags}{' --out ' + args.out if args.out else ''}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
+    publish("\n".join(lines) + "\n", args.out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
         Path(args.out).with_suffix(".json").write_text(json.dumps(dict(options=options, results=results), indent=1))
 
 

@@ -19,50 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import our_step, plain_diffusers_step  # noqa: E402
+from common import PHASES, our_step, phase_profile, plain_diffusers_step, publish  # noqa: E402
 
 from imagen_transfer.cascade import init_cascade  # noqa: E402
 from imagen_transfer.config import load_config  # noqa: E402
 from imagen_transfer.step import Captioned  # noqa: E402
 from imagen_transfer.text import load_text_encoder  # noqa: E402
-
-PHASES = ("step/forward", "step/backward", "step/update", "step/ema")
-
-
-def profiled(steps: dict, first: int, count: int) -> dict:
-    """{name: (ms per step per labelled phase, the operators by self CPU time)} from one profiler session over
-    `count` alternating steps of each (so both see the same machine); a phase belongs to the step whose range
-    holds it."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(first, first + count):
-            for name, step in steps.items() if i % 2 == 0 else reversed(steps.items()):
-                with record_function(f"whole/{name}"):
-                    step(i)
-    events = prof.events()
-    wholes = {name: [e for e in events if e.name == f"whole/{name}"] for name in steps}
-    result = {}
-    for name, ranges in wholes.items():
-        def inside(e, ranges=ranges):
-            return any(r.time_range.start <= e.time_range.start and e.time_range.end <= r.time_range.end
-                       for r in ranges)
-
-        mine = [e for e in events if inside(e)]
-        phases = {}
-        for e in mine:
-            if e.name in PHASES:
-                phases[e.name] = phases.get(e.name, 0.0) + e.cpu_time_total / 1e3 / count
-        ops = {}
-        for e in mine:
-            if not e.name.startswith(("step/", "whole/")):
-                total, calls = ops.get(e.name, (0.0, 0))
-                ops[e.name] = (total + e.self_cpu_time_total / 1e3 / count, calls + 1)
-        top = sorted(ops.items(), key=lambda kv: kv[1][0], reverse=True)[:12]
-        whole = sum(r.cpu_time_total for r in ranges) / 1e3 / count
-        result[name] = (phases, [(k, ms, calls // count) for k, (ms, calls) in top], whole)
-    return result
 
 
 def main() -> None:
@@ -102,7 +66,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     wall = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     first = args.warmup + args.steps
-    profiles = profiled({"ours": ours, "plain": plain}, first, args.profile_steps)
+    profiles = phase_profile({"ours": ours, "plain": plain}, first, args.profile_steps)
     lines = [f"# One training step, ours against the plain diffusers loop with the same levers (preset `{args.preset}`, "
              f"batch {args.batch}, {args.threads} threads, {precision})", "",
              f"Wall time: median of {args.steps} alternating steps each after {args.warmup} warm-up; phases from "
@@ -125,11 +89,7 @@ def main() -> None:
         lines += [f"| `{key}` | {ms:.1f} | {calls} |" for key, ms, calls in profiles[name][1]]
     lines += ["", f"Command: `python benchmarks/step_profile.py --preset {args.preset} --batch {args.batch} --warmup "
               f"{args.warmup} --steps {args.steps} --profile-steps {args.profile_steps} --threads {args.threads} --precision {args.precision}`"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_images_per_s, our_step, plain_diffusers_step, timed_steps  # noqa: E402
+from common import median_images_per_s, our_step, plain_diffusers_step, publish, timed_steps  # noqa: E402
 
 from imagen_transfer.cascade import init_cascade  # noqa: E402
 from imagen_transfer.config import load_config  # noqa: E402
@@ -78,11 +78,7 @@ def main() -> None:
         lines.append(f"| {stage.name} | {stage.resolution}px | {params:.2f}M | {p:.1f} | {o:.1f} | {o / p:.2f}x |")
         print(lines[-1], flush=True)
     lines += ["", f"runs: plain {[round(v, 1) for v in plain]}, ours {[round(v, 1) for v in ours]} (last stage)"]
-    text_out = "\n".join(lines) + "\n"
-    print(text_out)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text_out)
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -392,6 +392,9 @@ def _subset(n: int, count: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
+SPLITS = ("train", "val", "test")
+
+
 @dataclass
 class DenseTask:
     """One feature folder's dense task: its truth per split and how a head is fitted and scored on it."""
@@ -439,9 +442,6 @@ def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: 
         truth, train_target = {s: targets[f"{s}/masks"] for s in SPLITS}, None
     return DenseTask(detection, names, stride, tuple(manifest["size"]), truth, train_target, steps,
                      scratch_steps or steps, kind, ensemble)
-
-
-SPLITS = ("train", "val", "test")
 
 
 def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",

@@ -46,20 +46,21 @@ def reshard(unet: torch.nn.Module) -> None:
         unet.reshard()
 
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (gathered from every rank when sharded: a collective), on the CPU."""
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().cpu()
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """A replicated result (e.g. clip_grad_norm_'s total norm of sharded gradients) as a plain tensor."""
+def replicated(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor as a plain one, on its device (gathered from every rank when sharded: a collective); e.g.
+    clip_grad_norm_'s total norm of sharded gradients."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU, for a checkpoint or the finished stage."""
+    return replicated(tensor).detach().cpu()
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every value of every tensor is finite, across ranks when they are sharded."""
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-    ok = torch.stack([torch.isfinite(t).all() for t in local]).all()
+    shards = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    ok = torch.stack([torch.isfinite(t).all() for t in shards]).all()
     if tensors and isinstance(tensors[0], DTensor):
         ok = ok.to(torch.int32)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)

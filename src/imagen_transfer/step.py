@@ -27,7 +27,7 @@ from .config import RunConfig
 from .data import stage_inputs
 from .diffusion import draw, training_loss
 from .errors import UserError
-from .shard import is_sharded, local, shard_unet
+from .shard import replicated, shard_unet
 from .text import TextEncoding
 from .transfer import DEFAULT_LR, parameter_groups
 from .unet import training_attention
@@ -64,6 +64,7 @@ class StageTraining:
     local: int  # this process's share of the global batch
     micro: int  # one micro-batch (local / grad_accum)
     held: dict = field(default_factory=dict)  # what train.frozen_dtype did (hold_frozen_in)
+    sharded: bool = False  # train.shard=fsdp over several processes (shard.py)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -163,7 +164,7 @@ def prepare_stage_training(config: RunConfig, stage: Stage, stage_index: int, da
     local = tc.batch_size // world
     return StageTraining(config, stage, stage_index, accelerator, unet, raw_unet, named, optimizer, lr_schedule, ema,
                          data, data.table.to(device), null.to(device), stage.scheduler.alphas_cumprod.to(device),
-                         local, local // tc.grad_accum, held)
+                         local, local // tc.grad_accum, held, sharded)
 
 
 def lr_lambda(warmup: int, total: int):
@@ -199,7 +200,7 @@ def training_step(t: StageTraining, step: int) -> tuple[torch.Tensor, torch.Tens
         x0, lowres = stage_inputs(stage, t.data.images[idx[a:b]], None if flips is None else flips[a:b], device)
         text = t.table.index(t.data.caption_ids[idx[a:b]].to(device))
         last = k == tc.grad_accum - 1  # sharded: gradients are reduce-scattered at every micro-batch
-        sync = nullcontext() if last or is_sharded(t.raw_unet) else accelerator.no_sync(t.unet)
+        sync = nullcontext() if last or t.sharded else accelerator.no_sync(t.unet)
         if tc.compile:  # a new step for CUDA graph trees (reduce-overhead): the last step's outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         with sync, accelerator.autocast(), training_attention(device.type):
@@ -214,7 +215,7 @@ def training_step(t: StageTraining, step: int) -> tuple[torch.Tensor, torch.Tens
         nonfinite |= ~torch.isfinite(loss.detach())
     with record_function("step/update"):
         if tc.grad_clip:
-            nonfinite |= ~torch.isfinite(local(accelerator.clip_grad_norm_(t.params, tc.grad_clip)))
+            nonfinite |= ~torch.isfinite(replicated(accelerator.clip_grad_norm_(t.params, tc.grad_clip)))
         t.optimizer.step()
         t.lr_schedule.step()
         t.optimizer.zero_grad(set_to_none=True)

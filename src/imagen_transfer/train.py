@@ -49,7 +49,7 @@ from .metrics import load_feature_net
 from .outputs import check_writable_dir, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
-from .shard import all_finite, gathered_state, is_sharded, like, load_gathered_state, reshard, unsharded
+from .shard import all_finite, gathered_state, like, load_gathered_state, reshard, unsharded
 from .step import Captioned, StageTraining, check_frozen_dtype, prepare_stage_training, training_step
 from .text import (
     EmbeddingCache,
@@ -287,17 +287,18 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     t = prepare_stage_training(config, stage, [s.name for s in cascade.stages].index(stage.name), train, null,
                                accelerator)
     stopping = EarlyStopping(tc.early_stopping_patience, tc.early_stopping_min_delta, tc.early_stopping_metric)
-    run = StageRun(config, cascade, stage, t, val, null, run_dir, encode, accelerator, None, stopping, quality,
-                   on_validation, keep_best=tc.restore_best and tc.early_stopping_patience > 0,
-                   nonfinite=torch.zeros((), dtype=torch.bool, device=device))
-    step = 0
+    keep_best = tc.restore_best and tc.early_stopping_patience > 0
+    step, early_stopped, best_ema = 0, False, None
     ckpt = latest_checkpoint(run_dir, stage.name) if resume else None
     if ckpt is not None:
-        step, run.early_stopped, run.best_ema = _resume(t, ckpt, run_dir, stopping, run.keep_best)
+        step, early_stopped, best_ema = _resume(t, ckpt, run_dir, stopping, keep_best)
         if accelerator.is_main_process:
             print(f"[{stage.name}] resumed from {ckpt} at step {step}")
-    done = run.early_stopped  # a stage that reached its budget continues when the budget grew; an early stop stays
-    run.log = log = StageLog(run_dir, stage.name, tc.steps, step, accelerator.is_main_process)
+    done = early_stopped  # a stage that reached its budget continues when the budget grew; an early stop stays
+    log = StageLog(run_dir, stage.name, tc.steps, step, accelerator.is_main_process)
+    run = StageRun(config, cascade, stage, t, val, null, run_dir, encode, accelerator, log, stopping, quality,
+                   on_validation, keep_best, nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+                   early_stopped=early_stopped, best_ema=best_ema)
     log.event(event="start", step=step, processes=accelerator.num_processes, precision=accelerator.mixed_precision,
               precision_reason=precision_choice(tc.mixed_precision, cuda)[1], device=str(device),
               peak_memory_window="stage", **t.held)
@@ -390,8 +391,8 @@ def _measured(run: StageRun, step: int, val_due: bool, kid_due: bool) -> dict:
     if kid_due:  # every process measures (same seeds), so an early stop on KID is the same decision everywhere
         values.update(measure_quality(run.quality, stage, run.encode, run.null, sample_settings(config.sample),
                                       gray=gray))
-    sharded = is_sharded(t.raw_unet)  # a sharded forward is a collective: every rank samples, rank 0 writes
-    if (main or sharded) and config.train.sample_every and step % config.train.sample_every == 0:
+    # a sharded forward is a collective: every rank samples, rank 0 writes
+    if (main or t.sharded) and config.train.sample_every and step % config.train.sample_every == 0:
         grid = run.run_dir / "samples" / f"{stage.name}-step-{step:07d}.png" if main else None
         write_samples(stage, run.val, run.null, config, grid, device, run.encode, gray=gray)
     if main and run.on_validation is not None:  # stage.unet is raw_unet: .to() and unwrap_model return the module
