@@ -1,0 +1,68 @@
+"""scripts/ship_source.py: a continued stage inherits its parent's history, and the card's commands rerun the runs."""
+
+import importlib.util
+import json
+import shlex
+import sys
+
+import pytest
+from conftest import REPO, make_npz
+from test_train import tiny_config
+
+from imagen_transfer.cascade import load_cascade
+from imagen_transfer.config import config_to_dict, load_config
+from imagen_transfer.errors import UserError
+from imagen_transfer.train import train
+
+spec = importlib.util.spec_from_file_location("ship_source", REPO / "scripts" / "ship_source.py")
+ship_source = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ship_source)
+REFERENCE = REPO / "configs" / "cifar10-small.yaml"
+
+
+def ship(monkeypatch, base, sr, out, label, *extra):
+    monkeypatch.setattr(sys, "argv", ["ship_source.py", "--base", str(base), "--sr", str(sr), "--out", str(out),
+                                      "--label", label, "--reference-config", str(REFERENCE), *extra])
+    ship_source.main()
+
+
+@pytest.mark.slow
+def test_a_continued_stage_counts_every_image_and_keeps_the_history(tmp_path, monkeypatch):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    first = train(tiny_config(data, tmp_path / "first", "train.stages=[base, sr]"))
+    ship(monkeypatch, first, first, tmp_path / "v1", "v1")
+    more = train(tiny_config(data, tmp_path / "more", f"model.init_from={tmp_path / 'v1'}", "train.steps=4",
+                             "train.val_every=2", "train.checkpoint_every=2", "train.sample_every=0"))
+    ship(monkeypatch, more, first, tmp_path / "v2", "v2")
+
+    record = json.loads((tmp_path / "v2" / "training.json").read_text())
+    assert record["base"]["images_seen"] == 6 * 8 + 4 * 8 and len(record["base"]["segments"]) == 2
+    assert record["sr"]["images_seen"] == 6 * 8 and len(record["sr"]["segments"]) == 1
+    assert [h["name"] for h in record["history"]] == ["v1"]
+    assert record["history"][0]["images_seen"] == {"base": 48, "sr": 48}
+    assert load_cascade(tmp_path / "v2").info["images_seen"] == {"base": 80, "sr": 48}
+    card = (tmp_path / "v2" / "README.md").read_text()
+    assert "| v1 | 48 | 48 |" in card and "| v2 | 80 | 48 |" in card
+    for name in ("samples-16px.png", "samples-32px.png", "validation-loss.png"):
+        assert (tmp_path / "v2" / name).stat().st_size > 0
+
+    # each segment's command, rerun through the config loader, is the run's own config
+    for segment, run in zip(record["base"]["segments"], (first, more)):
+        words = shlex.split(segment["command"])
+        sets = words[words.index("--set") + 1:words.index("--out")]
+        rebuilt, ran = (config_to_dict(c) for c in (load_config(REFERENCE, sets), load_config(run / "config.yaml")))
+        assert {**rebuilt, "out": None} == {**ran, "out": None}
+
+
+def test_refuses_a_parent_without_history_and_a_used_out(tmp_path, monkeypatch):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    first = train(tiny_config(data, tmp_path / "first"))
+    more = train(tiny_config(data, tmp_path / "more", f"model.init_from={first / 'cascade'}", "train.steps=2",
+                             "train.val_every=2", "train.checkpoint_every=2", "train.sample_every=0"))
+    with pytest.raises(UserError, match="has no training.json"):
+        ship(monkeypatch, more, first, tmp_path / "out", "v2")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("not ours")
+    with pytest.raises(UserError, match="not empty"):
+        ship(monkeypatch, first, first, tmp_path / "used", "v1")
+    assert (tmp_path / "used" / "keep.txt").read_text() == "not ours"
