@@ -36,6 +36,8 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
         if "loss" in row:
             steps[row["stage"]] = max(steps.get(row["stage"], 0), row["step"])
     assert steps == {"base": 4, "sr": 2}  # both stages fine-tuned, the SR stage for its own step count
+    assert set(summary["bicubic_baseline"]) == {"source", "fine-tuned"}  # both cascades against their own bar
+    assert json.loads((run / "eval-1-finetuned.json").read_text())["bicubic_baseline"]["resolution"] == 32
     guided = json.loads((run / "eval-3-guidance-1.5.json").read_text())
     assert guided["sampling"]["mix"][0]["weight"] == -0.5
     md = (run / "report.md").read_text()

@@ -28,6 +28,10 @@ def _make_run(root):
                                                    kid_std=0.002, precision=0.5, recall=0.25, conditioning_accuracy=0.75,
                                                    inception_score=None, inception_score_absent="no logits",
                                                    samples_grid="eval-samples.png")))
+    (run / "eval-sr.json").write_text(json.dumps(dict(split="test", resolution=32, n_generated=8, n_real=24, fid=30.0,
+                                                      kid_mean=0.03, bicubic_baseline=dict(
+                                                          generator="stage base + bicubic upsampling to 32px",
+                                                          split="test", resolution=32, fid=20.0, kid_mean=0.02))))
     return run
 
 
@@ -42,6 +46,8 @@ def test_report_tables_curves_and_embedded_images(tmp_path):
     assert "http" not in page.replace("http-equiv", "")  # self-contained
     assert "| base | lora | 1 | 60 | 0.05 | 30 | 60 | 30 |" in md  # best val loss 0.05 at 30, stop 60, restored 30
     assert "| eval.json | test | 16 | 8 | 24 | 12.5 | 0.01 |" in md
+    sr_row = md.index("| eval-sr.json | test | 32 | 8 | 24 | 30 | 0.03 |")  # an SR cascade, then its bicubic bar
+    assert md.index("| eval-sr.json: stage base + bicubic upsampling to 32px | test | 32 | n/a | n/a | 20 | 0.02 |") > sr_row
     assert "rows: chest x-ray, normal, chest x-ray, pneumonia" in md
     assert "inception_score_absent: no logits" in page
 

@@ -5,7 +5,7 @@ From the shipped CIFAR-10 source cascade to PneumoniaMNIST chest X-rays with rep
    the SR stage for fewer steps (it costs ~3x more per step), with early stopping on the validation loss
    (`--quick`: the base stage only, see QUICK);
 2. evaluate the source and the fine-tuned cascade on the test split (FID, KID, precision / recall, conditioning
-   accuracy);
+   accuracy), each beside its own base stage's samples upsampled bicubically (the bar its SR stage must clear);
 3. fuse: weight interpolation between source and fine-tune (mixing weight 0.5), and guidance between the two models
    at sampling time (1.5 x fine-tuned - 0.5 x source), each evaluated the same way;
 4. probe: U-Net features of the source and fine-tuned base stages against raw pixels and random weights;
@@ -85,9 +85,10 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     common = dict(split="test", n=n, n_real=settings.get("n_real"), seed=0, sampling=sampling,
                   feature_net=feature_net)
 
-    def evaluate_all():
-        results = {"source": evaluate(source, data, out=run / "eval-0-source.json", **common),
-                   "fine-tuned": evaluate(str(tuned_dir), data, out=run / "eval-1-finetuned.json", **common)}
+    def evaluate_all():  # through an SR stage, each cascade is also measured against its base upsampled bicubically
+        bar = dict(bicubic_baseline=bool(settings["sr_steps"]))
+        results = {"source": evaluate(source, data, out=run / "eval-0-source.json", **common, **bar),
+                   "fine-tuned": evaluate(str(tuned_dir), data, out=run / "eval-1-finetuned.json", **common, **bar)}
         return results
 
     against = f"{settings['n_real']} real" if settings.get("n_real") else "all real"
@@ -117,9 +118,16 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     summary = dict(quick=quick, source=source, data=data, method=method, settings=settings, timings_s=timings,
                    kid={k: v["kid_mean"] for k, v in results.items()},
                    conditioning_accuracy={k: v.get("conditioning_accuracy") for k, v in results.items()},
+                   precision={k: v.get("precision") for k, v in results.items()},
+                   recall={k: v.get("recall") for k, v in results.items()},
+                   bicubic_baseline={k: {m: v["bicubic_baseline"].get(m) for m in ("kid_mean", "precision", "recall")}
+                                     for k, v in results.items() if v.get("bicubic_baseline")},
                    probe_test_accuracy={k: v["test"]["accuracy"] for k, v in probe_result["best"].items()})
     (run / "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndemo done in {timings['total']} s: {html_path}")
     for name, value in summary["kid"].items():
         print(f"  {name:20s} KID {value:.4f}  conditioning accuracy {summary['conditioning_accuracy'][name]:.3f}")
+    for name, bar in summary["bicubic_baseline"].items():
+        print(f"  {name:20s} against its base + bicubic upsampling: KID {summary['kid'][name]:.4f} vs "
+              f"{bar['kid_mean']:.4f}")
     return run

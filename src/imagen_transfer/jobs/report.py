@@ -157,7 +157,12 @@ def _tables(summaries: list[dict], evals: list[tuple[Path, dict]],
                        [[_fmt(s.get(k)) for k, _ in STAGE_COLUMNS] for s in summaries]))
     if evals:
         head = ["evaluation", "split"] + [t for _, t in EVAL_COLUMNS]
-        body = [[p.name, r.get("split", "")] + [_fmt(r.get(k)) for k, _ in EVAL_COLUMNS] for p, r in evals]
+        body = []
+        for p, r in evals:  # an SR cascade's row is followed by its bar: the same base samples upsampled bicubically
+            body.append([p.name, r.get("split", "")] + [_fmt(r.get(k)) for k, _ in EVAL_COLUMNS])
+            if r.get("bicubic_baseline"):
+                b = r["bicubic_baseline"]
+                body.append([f"{p.name}: {b['generator']}", b.get("split", "")] + [_fmt(b.get(k)) for k, _ in EVAL_COLUMNS])
         tables.append(("Metrics", head, body))
     if probe and probe.get("best"):
         body = [[name, b["view"], _fmt(b["lr"]), _fmt(b["val_accuracy"]), _fmt(b["test"]["accuracy"]),
