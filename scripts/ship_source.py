@@ -96,11 +96,16 @@ def quality_summary(eval_file: Path | None) -> dict | None:
     return summary
 
 
-def model_summary(record: dict, name: str) -> dict:
+def last_val(record: dict) -> float | None:
+    """A stage's latest validation loss over its segments (None if no segment measured one)."""
+    vals = [v for seg in record["segments"] for _, v in seg["val"]]
+    return vals[-1] if vals else None
+
+
+def model_summary(record: dict, name: str, quality: dict | None = None) -> dict:
     """One history row: what a shipped model had seen and how it scored."""
     return dict(name=name, images_seen={s: record[s]["images_seen"] for s in STAGES},
-                final_val_loss={s: record[s]["segments"][-1]["val"][-1][1] for s in STAGES},
-                quality=record.get("quality"))
+                final_val_loss={s: last_val(record[s]) for s in STAGES}, quality=quality or record.get("quality"))
 
 
 def pretrain_command(run: Path, reference: Path) -> str:
@@ -140,11 +145,15 @@ def plot_validation(records: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else f"{value:{spec}}"
+
+
 def stage_rows(record: dict, stage: str) -> str:
     """The card's table of a stage's training segments."""
     rows = []
     for i, s in enumerate(record["segments"]):
-        final_val = f"{s['val'][-1][1]:.4f}" if s["val"] else "n/a"
+        final_val = _num(s["val"][-1][1] if s["val"] else None, ".4f")
         rows.append(f"| {stage} {i + 1} | {s['steps']:,} x {s['batch_size']} = {s['images']:,} | {s['lr']}, "
                     f"{s['warmup_steps']} warmup, cosine | {s['precision']} | {s['wall_s'] / 60:.0f} min | "
                     f"{s['images_per_s']:.1f} | {final_val} |")
@@ -173,10 +182,9 @@ def history_table(history: list[dict], current: dict) -> str:
     rows = []
     for h in history + [current]:
         q = (h.get("quality") or {}).get("cascade") or {}
-        fmt = (lambda k, f: f"{q[k]:{f}}" if q.get(k) is not None else "n/a")
         rows.append(f"| {h['name']} | {h['images_seen']['base']:,} | {h['images_seen']['sr']:,} | "
-                    f"{h['final_val_loss']['base']:.4f} | {h['final_val_loss']['sr']:.4f} | {fmt('fid', '.1f')} | "
-                    f"{fmt('kid_mean', '.4f')} | {fmt('precision', '.3f')} | {fmt('recall', '.3f')} |")
+                    f"{_num(h['final_val_loss']['base'], '.4f')} | {_num(h['final_val_loss']['sr'], '.4f')} | {_num(q.get('fid'), '.1f')} | "
+                    f"{_num(q.get('kid_mean'), '.4f')} | {_num(q.get('precision'), '.3f')} | {_num(q.get('recall'), '.3f')} |")
     return ("| model | base images seen | SR images seen | base val loss | SR val loss | FID 32 px | KID 32 px | "
             "precision | recall |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
@@ -189,8 +197,7 @@ def model_card(label: str, shipped, records: dict, quality: dict | None, history
     prediction = {s: shipped.stage(s).scheduler.config.prediction_type.replace("_prediction", "") for s in STAGES}
     commands = "\n".join(f"# {stage} segment {i + 1}\n{seg['command']}" for stage in STAGES
                          for i, seg in enumerate(records[stage]["segments"]))
-    current = dict(name=label, images_seen={s: records[s]["images_seen"] for s in STAGES},
-                   final_val_loss={s: records[s]["segments"][-1]["val"][-1][1] for s in STAGES}, quality=quality)
+    current = model_summary(records, label, quality)
     return f"""# cifar10: the shipped CIFAR-10 source cascade ({label})
 
 An Imagen-style two-stage cascade trained on CIFAR-10 with class-caption text, as the *source* model that
@@ -203,7 +210,7 @@ imagen-transfer fine-tunes, probes and fuses. Load it by name: `--source cifar10
 | prediction target | {prediction['base']} | {prediction['sr']} |
 | images seen | {base['images_seen']:,} (~{base['images_seen'] / 50000:.1f} epochs) | {sr['images_seen']:,} (~{sr['images_seen'] / 50000:.1f} epochs) |
 | training wall time (all segments) | {base['wall_s'] / 3600:.1f} h | {sr['wall_s'] / 3600:.1f} h |
-| validation loss (last) | {current['final_val_loss']['base']:.4f} | {current['final_val_loss']['sr']:.4f} |
+| validation loss (last) | {_num(current['final_val_loss']['base'], '.4f')} | {_num(current['final_val_loss']['sr'], '.4f')} |
 
 - **Data**: CIFAR-10 train split (50,000 JPEG images, `$IMAGEN_TRANSFER_DATA/cifar10-jpg.zip`), random horizontal
   flips; captions from three templates ("a photo of a {{label}}", "a picture of a {{label}}", "a small photo of the
