@@ -126,3 +126,25 @@ def test_two_processes_extract_the_same_features(tiny_cascade_dir, toy, feature_
     two, one = load_file(tmp_path / "two" / "tiny.safetensors"), load_file(feature_dir / "tiny.safetensors")
     assert set(two) == set(one)
     assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
+
+
+def test_without_a_val_split_the_probe_holds_out_part_of_train(tiny_cascade_dir, toy, tmp_path):
+    """CIFAR-10 has train and test only: views and learning rates are then chosen on 10% of train per class, and
+    test stays unseen (DDAE's in-domain protocol)."""
+    from imagen_transfer.features import extract, load_features
+    from imagen_transfer.probe import hold_out_val, run_probe
+
+    folder = extract({"tiny": str(tiny_cascade_dir)}, str(toy), tmp_path / "f", splits=("train", "test"),
+                     timesteps=[10], batch_size=16, baselines=("pixels",), progress=False)
+    manifest, sets = load_features(folder)
+    held, held_sets = hold_out_val(manifest, sets)
+    train_labels = torch.tensor(manifest["splits"]["train"]["labels"])
+    assert held["splits"]["val"]["n"] == sum(round(0.1 * int((train_labels == c).sum())) for c in (0, 1))
+    assert held["splits"]["train"]["n"] + held["splits"]["val"]["n"] == 96
+    rows = {tuple(r.tolist()) for r in sets["pixels"]["train/pixels"]}  # every image in exactly one of the two
+    parts = [{tuple(r.tolist()) for r in held_sets["pixels"][f"{s}/pixels"]} for s in ("train", "val")]
+    assert parts[0] | parts[1] == rows and not parts[0] & parts[1]
+    assert torch.equal(held_sets["pixels"]["test/pixels"], sets["pixels"]["test/pixels"])
+    result = run_probe(folder, epochs=5, progress=False)
+    assert result["val_from_train"]["n"] == held["splits"]["val"]["n"] and result["best"]["pixels"]["test"]
+    assert "held out" in (folder / "probe-classification.md").read_text()

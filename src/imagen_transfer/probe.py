@@ -260,15 +260,49 @@ def efficiency_plot(curve: dict, out: Path) -> Path:
     return out
 
 
+VAL_FROM_TRAIN = 0.1  # the share of each class held out of train when a data set has no validation split
+
+
+def hold_out_val(manifest: dict, sets: dict, share: float = VAL_FROM_TRAIN, seed: int = 0) -> tuple[dict, dict]:
+    """For a feature folder with train and test but no val split (CIFAR-10's own split): a seeded, per-class `share`
+    of train becomes val, so views and learning rates are chosen on held-out training images and test stays unseen
+    (DDAE's protocol, Xiang et al. 2023, sec. 4.1). Returns the new (manifest, sets); others pass through."""
+    splits = manifest["splits"]
+    if "val" in splits or "train" not in splits or "test" not in splits:
+        return manifest, sets
+    labels = torch.tensor(splits["train"]["labels"])
+    gen = torch.Generator().manual_seed(seed)
+    val = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        val += members[torch.randperm(len(members), generator=gen)[:max(1, round(share * len(members)))]].tolist()
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[val] = True
+    parts = {"train": (~is_val).nonzero().flatten(), "val": is_val.nonzero().flatten()}
+    new_splits = dict(splits, **{name: dict(splits["train"], n=len(idx), labels=labels[idx].tolist())
+                                 for name, idx in parts.items()})
+    new_sets = {}
+    for set_name, tensors in sets.items():
+        new_sets[set_name] = {k: v for k, v in tensors.items() if not k.startswith("train/")}
+        for key, value in tensors.items():
+            if key.startswith("train/"):
+                for name, idx in parts.items():
+                    new_sets[set_name][name + key[len("train"):]] = value[idx]
+    held = dict(share=share, seed=seed, n=len(val), note="val held out of train, per class")
+    return dict(manifest, splits=new_splits, val_from_train=held), new_sets
+
+
 def run_probe(features: str | Path, *, task: str = "classification", head: str = "linear", epochs: int = 30,
               out: str | Path | None = None, reference: dict | None = None, fuse: list[list[str]] | None = None,
               progress: bool = True) -> dict:
     """Probe a feature folder and write probe.json, probe.md and the plots into `out` (default: the folder)."""
-    manifest, sets = load_features(features)
+    manifest, sets = hold_out_val(*load_features(features))
     out = Path(out or features)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"],
                   n={s: v["n"] for s, v in manifest["splits"].items()})
+    if manifest.get("val_from_train"):
+        result["val_from_train"] = manifest["val_from_train"]
     if task == "classification":
         result.update(classify(manifest, sets, head=head, epochs=epochs, fuse=fuse, progress=progress))
         for name in sets:
@@ -288,8 +322,10 @@ def run_probe(features: str | Path, *, task: str = "classification", head: str =
 
 
 def probe_markdown(result: dict) -> str:
+    held = result.get("val_from_train")
     lines = [f"# Probe of {result['features']} ({result['dataset']}, stage {result['stage']})", "",
-             "n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items()), ""]
+             "n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items())
+             + (f" (val: {held['share']:.0%} of train per class, seed {held['seed']}, held out)" if held else ""), ""]
     if "best" in result:
         lines += [f"Head: {result['head']}, {result['epochs']} epochs; chosen on validation accuracy.", "",
                   "| features | view | lr | val acc | test acc | test AUC | per-class test acc |", "|---|---|---|---|---|---|---|"]
