@@ -6,6 +6,7 @@ import shlex
 import sys
 
 import pytest
+import torch
 from conftest import REPO, make_npz
 from test_train import tiny_config
 
@@ -66,3 +67,20 @@ def test_refuses_a_parent_without_history_and_a_used_out(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not empty"):
         ship(monkeypatch, first, first, tmp_path / "used", "v1")
     assert (tmp_path / "used" / "keep.txt").read_text() == "not ours"
+
+
+def test_checkpoint_cascade_takes_the_named_checkpoints_ema_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("checkpoint_cascade", REPO / "scripts" / "checkpoint_cascade.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    run = train(tiny_config(make_npz(tmp_path / "pneumoniamnist.npz"), tmp_path / "run"))
+    used = module.checkpoint_cascade(run, "base", tmp_path / "at3", checkpoint="step-0000003")
+    ema = load_file(used / "ema.safetensors")
+    unet = load_cascade(tmp_path / "at3").stage("base").unet
+    assert used.name == "step-0000003" and all(torch.equal(v, ema[k]) for k, v in unet.state_dict().items())
+    final = load_cascade(run / "cascade").stage("base").unet.state_dict()
+    assert not all(torch.equal(v, final[k]) for k, v in unet.state_dict().items())  # step 3, not the end
+    with pytest.raises(UserError, match="no checkpoint step-0000004"):
+        module.checkpoint_cascade(run, "base", tmp_path / "at4", checkpoint="step-0000004")

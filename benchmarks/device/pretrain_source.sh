@@ -31,34 +31,18 @@ stage() {  # stage NAME "overrides": one pretrain process for one stage, cut at 
 mkdir -p $RUNS
 stage base "$BASE" & stage sr "$SR loss.prediction_type=v_prediction" & wait
 tail -n 5 $RUNS/log-base.txt $RUNS/log-sr.txt > $OUT/log.txt
-RUNS=$RUNS python3 - <<'PY' >> $OUT/log.txt 2>&1
-# each stage's cascade in fp16: the one the run wrote, or (a run cut by its timeout) its last checkpoint's EMA weights
-import os
-import shutil
-from pathlib import Path
-
-import torch
-
-from imagen_transfer.cascade import load_cascade, save_cascade
-from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint
-from imagen_transfer.config import load_config
-from imagen_transfer.train import build_or_load_cascade
-for name in ("base", "sr"):
-    run = Path(os.environ["RUNS"]) / f"gpu-{name}"
-    if not (run / "config.yaml").is_file() or latest_checkpoint(run, name) is None:
-        print(f"{name}: no checkpoint (the run was cut before its first); nothing to ship")
-        continue
-    if (run / "cascade" / "cascade.json").is_file():
-        cascade = load_cascade(run / "cascade")
-    else:
-        cascade = build_or_load_cascade(load_config(run / "config.yaml"))
-        checkpoint = latest_checkpoint(run, name)
-        cascade.stage(name).unet.load_state_dict(load_checkpoint(checkpoint)["ema"])
-        print(f"{name}: cut by the timeout, shipping {checkpoint.name}")
-    shutil.rmtree(run / "cascade", ignore_errors=True)
-    save_cascade(cascade, run / "cascade", dtype=torch.float16)
-    print(name, "saved", sum(f.stat().st_size for f in (run / "cascade").rglob("*.safetensors")) >> 20, "MB")
-PY
+for name in base sr; do  # each stage's cascade in fp16: the run's own, or (a run cut by the timeout) its last checkpoint's
+  run=$RUNS/gpu-$name
+  if [ -f $run/cascade/cascade.json ]; then
+    python3 -c "import sys, torch; from imagen_transfer.cascade import load_cascade, save_cascade
+save_cascade(load_cascade(sys.argv[1]), sys.argv[1], dtype=torch.float16, overwrite=True)" $run/cascade
+  elif ls -d $run/checkpoints/$name/step-* >/dev/null 2>&1; then
+    echo "$name: cut by the timeout, shipping its last checkpoint" >> $OUT/log.txt
+    python3 scripts/checkpoint_cascade.py $run --stage $name --out $run/cascade --fp16 >> $OUT/log.txt 2>&1
+  else
+    echo "$name: no checkpoint (cut before its first); nothing to ship" >> $OUT/log.txt
+  fi
+done
 for name in base sr; do  # in 15 MB parts: a file coming back holds at most 16 MiB
   tar czf - --exclude=checkpoints --exclude=tensorboard --exclude='*.tmp*' -C $RUNS gpu-$name | split -b 15M - $OUT/source-$name.tgz.
 done
