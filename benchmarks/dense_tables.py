@@ -4,7 +4,8 @@ set's test scores and label-efficiency curve side by side, with each run's head,
     python benchmarks/dense_tables.py runs/dense/bccd/probe-detection.json runs/dense/bccd-scratch/probe-detection.json
 
 Probe runs of the same task and data (for example the feature sets in one folder, the scratch competitor in
-another, a fine-tuned model's features in a third) are merged; a set name met twice is kept with its head name.
+another, a fine-tuned model's features in a third) are merged; a set name met twice (same head) is one row: the
+first run's scores, with the label counts of later runs added where the first did not measure them.
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ def tables(results: list[dict]) -> str:
     task = results[0]["task"]
     detection = task == "detection"
     key = "map50" if detection else "miou"
-    rows, counts = [], []
+    rows, counts, seen = [], [], {}
     for r in results:
         for name, s in r["sets"].items():
             label = name if name == "scratch" else f"{name} ({r['head']})"
-            rows.append((label, r, s))
             counts += [c for c in s["label_efficiency"] if c not in counts]
+            if label in seen:  # a later run of the same set adds the label counts the first did not measure
+                first = seen[label]["label_efficiency"]
+                first.update({c: v for c, v in s["label_efficiency"].items() if c not in first})
+                continue
+            seen[label] = dict(s, label_efficiency=dict(s["label_efficiency"]))
+            rows.append((label, r, seen[label]))
     counts.sort(key=lambda c: float("inf") if c == "all" else int(c))
     classes = list(rows[0][2]["test"]["per_class"])
     lines = [f"## {task.capitalize()}: {Path(results[0]['dataset']).name}, test split", ""]

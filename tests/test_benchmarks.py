@@ -104,11 +104,15 @@ def test_dense_tables(tmp_path):
         "source": dict(parameters=1000, test=point, label_efficiency={"5": [point, point], "all": [point]})})
     scratch = dict(task="segmentation", dataset="/data/wbc-seg.zip", head="mlp", steps=300, scratch=dict(steps=600),
                    sets={"scratch": dict(parameters=5000, test=point, label_efficiency={"20": [point], "all": [point]})})
-    (tmp_path / "a.json").write_text(json.dumps(run))
-    (tmp_path / "b.json").write_text(json.dumps(scratch))
-    out = _run("dense_tables.py", tmp_path / "a.json", tmp_path / "b.json", "--out", tmp_path / "t.md")
+    more = dict(scratch, sets={"scratch": dict(parameters=5000, test=dict(point, miou=0.5),
+                                                label_efficiency={"5": [dict(point, miou=0.6)], "20": [point]})})
+    for name, result in (("a", run), ("b", scratch), ("c", more)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    out = _run("dense_tables.py", *(tmp_path / f"{n}.json" for n in "abc"), "--out", tmp_path / "t.md")
     assert "| source (conv) | 1,000 | 300 | 0.700 |" in out and "| scratch | 5,000 | 600 | 0.700 |" in out
     assert "| source (conv) | 0.700 +- 0.000 |  | 0.700 |" in out
+    assert "| scratch | 0.600 | 0.700 | 0.700 |" in out  # the later run adds 5 labels, the first run's 20 stays
+    assert out.count("| scratch |") == 3  # one row per table (scores, efficiency, Dice)
 
 
 def test_step_profile(tmp_path):
