@@ -26,7 +26,9 @@ def checkpoint_cascade(run: Path, stage: str, out: Path, checkpoint: str | None 
     path = stage_dir(run, stage) / checkpoint if checkpoint else latest_checkpoint(run, stage)
     if path is None or not path.is_dir():
         raise UserError(f"{run}: no checkpoint {checkpoint or ''} of stage {stage}; list {stage_dir(run, stage)}")
-    cascade = build_or_load_cascade(load_config(run / "config.yaml"))
+    # resume=True: the run's own checkpoints decide, as when resuming it (older runs recorded `epsilon` for a
+    # continued v-prediction stage)
+    cascade = build_or_load_cascade(load_config(run / "config.yaml"), resume=True)
     cascade.stage(stage).unet.load_state_dict(load_checkpoint(path)["ema"])
     cascade.info = dict(cascade.info or {}, checkpoint=str(path), stage=stage)
     save_cascade(cascade, out, dtype=torch.float16 if fp16 else None)
