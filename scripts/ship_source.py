@@ -182,11 +182,15 @@ def history_table(history: list[dict], current: dict) -> str:
     rows = []
     for h in history + [current]:
         q = (h.get("quality") or {}).get("cascade") or {}
+        n = f"{q['n_generated']:,} / {q['n_real']:,}" if q.get("n_generated") else "n/a"
+        val = h["final_val_loss"]
         rows.append(f"| {h['name']} | {h['images_seen']['base']:,} | {h['images_seen']['sr']:,} | "
-                    f"{_num(h['final_val_loss']['base'], '.4f')} | {_num(h['final_val_loss']['sr'], '.4f')} | {_num(q.get('fid'), '.1f')} | "
-                    f"{_num(q.get('kid_mean'), '.4f')} | {_num(q.get('precision'), '.3f')} | {_num(q.get('recall'), '.3f')} |")
-    return ("| model | base images seen | SR images seen | base val loss | SR val loss | FID 32 px | KID 32 px | "
-            "precision | recall |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                    f"{_num(val['base'], '.4f')} | {_num(val['sr'], '.4f')} | {n} | {_num(q.get('fid'), '.1f')} | "
+                    f"{_num(q.get('kid_mean'), '.4f')} | {_num(q.get('precision'), '.3f')} | "
+                    f"{_num(q.get('recall'), '.3f')} |")
+    return ("| model | base images seen | SR images seen | base val loss | SR val loss | N generated / real | "
+            "FID 32 px | KID 32 px | precision | recall |\n|---|---|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def model_card(label: str, shipped, records: dict, quality: dict | None, history: list[dict], hardware: str,

@@ -43,7 +43,7 @@ def test_a_continued_stage_counts_every_image_and_keeps_the_history(tmp_path, mo
     assert record["history"][0]["images_seen"] == {"base": 48, "sr": 48}
     assert load_cascade(tmp_path / "v2").info["images_seen"] == {"base": 80, "sr": 48}
     card = (tmp_path / "v2" / "README.md").read_text()
-    assert "| v1 | 48 | 48 |" in card and "| v2 | 80 | 48 |" in card
+    assert "| v1 | 48 | 48 |" in card and "| v2 | 80 | 48 |" in card and "| n/a | n/a |" in card
     for name in ("samples-16px.png", "samples-32px.png", "validation-loss.png"):
         assert (tmp_path / "v2" / name).stat().st_size > 0
 
@@ -84,3 +84,12 @@ def test_checkpoint_cascade_takes_the_named_checkpoints_ema_weights(tmp_path):
     assert not all(torch.equal(v, final[k]) for k, v in unet.state_dict().items())  # step 3, not the end
     with pytest.raises(UserError, match="no checkpoint step-0000004"):
         module.checkpoint_cascade(run, "base", tmp_path / "at4", checkpoint="step-0000004")
+
+
+def test_the_shipped_record_reads_as_the_first_history_row():
+    """The shipped cascade's training.json (migrated to the per-segment schema) is a valid parent for the next ship."""
+    record = ship_source.read_training(REPO / "src" / "imagen_transfer" / "models" / "cifar10")
+    v1 = ship_source.model_summary(record, record["label"])
+    table = ship_source.history_table([v1], dict(v1, name="next"))
+    assert f"| {record['label']} | 128,000 | 38,400 | 0.0428 | 0.0352 | 500 / 2,000 | 302.6 | 0.3129 | 0.338 | 0.000 |" \
+        in table
