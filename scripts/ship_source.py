@@ -26,7 +26,7 @@ import yaml
 
 from imagen_transfer.cascade import load_cascade, resolve_model, save_cascade
 from imagen_transfer.checkpoint import read_jsonl, write_atomic
-from imagen_transfer.config import config_to_dict, load_config
+from imagen_transfer.config import config_by_key, load_config
 from imagen_transfer.errors import UserError
 from imagen_transfer.sampling import sample_cascade, save_grid
 
@@ -34,6 +34,11 @@ STAGES = ("base", "sr")
 RESTART_GAP_S = 600  # a gap between two log records longer than this is a stop, not training time
 QUALITY_KEYS = ("n_generated", "n_real", "resolution", "fid", "kid_mean", "kid_std", "precision", "recall",
                 "conditioning_accuracy")
+
+
+def _precision_name(logged: str) -> str:
+    """The run log's autocast setting as the card names it (`no` autocast is fp32)."""
+    return "fp32" if logged == "no" else logged
 
 
 def run_segment(run: Path, stage: str) -> dict:
@@ -54,8 +59,7 @@ def run_segment(run: Path, stage: str) -> dict:
                 images=steps * batch,
                 wall_s=first_window + sum(b - a for a, b in zip(times, times[1:]) if b - a < RESTART_GAP_S),
                 images_per_s=sorted(r["images_per_s"] for r in train_rows)[len(train_rows) // 2],
-                precision={"no": "fp32"}.get(starts[-1].get("precision"), starts[-1].get("precision")) if starts
-                else "fp32",
+                precision=_precision_name(starts[-1].get("precision", "no") if starts else "no"),
                 device=starts[-1]["device"] if starts else "cpu", restarts=max(len(starts) - 1, 0),
                 final_loss=train_rows[-1]["loss"], lr=config["train"]["lr"],
                 warmup_steps=config["train"]["warmup_steps"],
@@ -111,18 +115,12 @@ def model_summary(record: dict, name: str, quality: dict | None = None) -> dict:
 def pretrain_command(run: Path, reference: Path) -> str:
     """The exact `imagen-transfer pretrain` line of a run: the reference config plus every setting that differs from
     it, read from the run's resolved config.yaml."""
-    ran = config_to_dict(load_config(run / "config.yaml"))
-    base = config_to_dict(load_config(reference))
-    continued = ran["model"].get("init_from") and not ran["model"].get("random_init")
-    sets = []
-    for section, values in ran.items():
-        if section == "out" or not isinstance(values, dict):
-            continue
-        for key, value in values.items():
-            if continued and f"{section}.{key}" == "loss.prediction_type":
-                continue  # a continued stage keeps its own target (runs before that rule recorded `epsilon` here)
-            if base[section].get(key) != value:
-                sets.append(f"{section}.{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    ran, base = config_by_key(load_config(run / "config.yaml")), config_by_key(load_config(reference))
+    continued = ran["model.init_from"] and not ran["model.random_init"]
+    # a continued stage keeps its own target (runs before that rule recorded `epsilon` in loss.prediction_type)
+    skip = {"out"} | ({"loss.prediction_type"} if continued else set())
+    sets = [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in ran.items()
+            if key not in skip and base.get(key) != value]
     quoted = " ".join(f"'{s}'" if any(c in s for c in " []{}\"") else s for s in sets)
     return f"imagen-transfer pretrain --config {reference} --set {quoted} --out {run}"
 

@@ -355,6 +355,17 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_by_key(config: RunConfig) -> dict:
+    """{'section.key': value, 'out': ...}: the config's sections, one level deep (dict-valued keys stay whole)."""
+    flat = {}
+    for section, values in config_to_dict(config).items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            flat[section] = values
+    return flat
+
+
 def config_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
 

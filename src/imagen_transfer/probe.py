@@ -271,11 +271,7 @@ def hold_out_val(manifest: dict, sets: dict, share: float = VAL_FROM_TRAIN, seed
     if "val" in splits or "train" not in splits or "test" not in splits:
         return manifest, sets
     labels = torch.tensor(splits["train"]["labels"])
-    gen = torch.Generator().manual_seed(seed)
-    val = []
-    for c in labels.unique().tolist():
-        members = (labels == c).nonzero().flatten()
-        val += members[torch.randperm(len(members), generator=gen)[:max(1, round(share * len(members)))]].tolist()
+    val = select_subset(labels, fraction=share, seed=seed)  # the data layer's seeded per-class draw
     is_val = torch.zeros(len(labels), dtype=torch.bool)
     is_val[val] = True
     parts = {"train": (~is_val).nonzero().flatten(), "val": is_val.nonzero().flatten()}

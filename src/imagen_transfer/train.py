@@ -40,7 +40,7 @@ from .checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from .config import RunConfig, config_to_dict, config_yaml, load_config
+from .config import RunConfig, config_by_key, config_yaml, load_config
 from .data import ImageTextData, load_dataset, resize, stage_inputs
 from .diffusion import training_loss
 from .errors import UserError
@@ -469,20 +469,9 @@ RESUMABLE_KEYS = ("out", "train.steps", "train.stage_steps", "train.log_every", 
                   "sample.")
 
 
-def _by_key(config: RunConfig) -> dict:
-    """{'section.key': value, 'out': ...}: the config's sections, one level deep (dict-valued keys stay whole)."""
-    flat = {}
-    for section, values in config_to_dict(config).items():
-        if isinstance(values, dict):
-            flat.update({f"{section}.{key}": value for key, value in values.items()})
-        else:
-            flat[section] = values
-    return flat
-
-
 def resume_differences(saved: RunConfig, given: RunConfig) -> list[str]:
     """`key: saved -> given` for each setting a resume may not change (see RESUMABLE_KEYS)."""
-    old, new = _by_key(saved), _by_key(given)
+    old, new = config_by_key(saved), config_by_key(given)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and not any(key == k or k.endswith(".") and key.startswith(k)
                                                        for k in RESUMABLE_KEYS)]
