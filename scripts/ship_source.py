@@ -8,6 +8,8 @@ new one:
     python scripts/ship_source.py --base runs/cifar10-base --sr runs/cifar10-sr --out /tmp/cifar10-new \
         [--eval runs/eval/cascade.json] [--eval-base runs/eval/base.json]
 
+(`evaluate --bicubic-baseline --base-stage` puts all three quality rows in one --eval file, from one sampling pass.)
+
 Every number in the card is read from the runs' metrics.jsonl and config.yaml, the parent's training.json and the
 `imagen-transfer evaluate` results given. Ship to a fresh --out, then replace src/imagen_transfer/models/cifar10
 with it (the runs' `init_from: cifar10` names the package's model, which must still be the parent while shipping).
@@ -95,9 +97,18 @@ def quality_summary(eval_file: Path | None) -> dict | None:
     r = json.loads(eval_file.read_text())
     summary = {k: r.get(k) for k in QUALITY_KEYS}
     summary["sampling"] = r["sampling"]
-    if r.get("bicubic_baseline"):
-        summary["bicubic_baseline"] = {k: r["bicubic_baseline"].get(k) for k in QUALITY_KEYS}
+    for baseline in ("bicubic_baseline", "base_stage"):  # the latter: the base alone, from the same samples
+        if r.get(baseline):
+            summary[baseline] = {k: r[baseline].get(k) for k in QUALITY_KEYS}
     return summary
+
+
+def read_quality(eval_file: Path | None, eval_base_file: Path | None) -> dict | None:
+    """The card's quality figures: the cascade (with its bicubic bar) and the base alone, from --eval-base or else
+    from the cascade evaluation's own `base_stage` (`evaluate --base-stage`: the same base samples)."""
+    cascade = quality_summary(eval_file)
+    base = quality_summary(eval_base_file) or (cascade or {}).pop("base_stage", None)
+    return {k: v for k, v in (("cascade", cascade), ("base", base)) if v} or None
 
 
 def last_val(record: dict) -> float | None:
@@ -275,7 +286,8 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="this version's name in the history table, e.g. 'v2 2026-12'")
     parser.add_argument("--eval", type=Path, default=None, help="evaluate's JSON of the whole cascade (32 px, with "
                         "--bicubic-baseline) on CIFAR-10 test")
-    parser.add_argument("--eval-base", type=Path, default=None, help="evaluate's JSON of the base stage (16 px)")
+    parser.add_argument("--eval-base", type=Path, default=None, help="evaluate's JSON of the base stage (16 px); "
+                        "default: the --eval file's base_stage, where it was run with --base-stage")
     parser.add_argument("--reference-config", type=Path, default=Path("configs/cifar10-small.yaml"))
     parser.add_argument("--hardware", default="2-core x86-64 CPU (Intel Xeon, AMX), no GPU, 1 thread per stage")
     args = parser.parse_args()
@@ -293,8 +305,7 @@ def main() -> None:
     for parent in parents:
         previous = read_training(parent)
         history += previous.get("history", []) + [model_summary(previous, previous.get("label", str(parent)))]
-    quality = {k: v for k, v in (("cascade", quality_summary(args.eval)), ("base", quality_summary(args.eval_base)))
-               if v} or None
+    quality = read_quality(args.eval, args.eval_base)
 
     cascade = load_cascade(args.base / "cascade")
     cascade.stages = [cascade.stage("base"), load_cascade(args.sr / "cascade").stage("sr")]

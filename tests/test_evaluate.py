@@ -83,30 +83,41 @@ def test_evaluate_cli_rejects_bad_n(tiny_cascade_dir, toy_npz, capsys):
     assert "argument --n: must be >= 2 (got 1)" in capsys.readouterr().err
 
 
-def test_bicubic_baseline_uses_the_cascades_own_base_samples(tiny_cascade_dir, toy_npz, small_feature_net,
-                                                            monkeypatch):
-    """The baseline is the same base images (same captions and seeds) upsampled bicubically: checked by rebuilding
-    it by hand, and it is absent (with the reason) when no SR stage is evaluated."""
+def test_bicubic_baseline_and_base_stage_reuse_the_cascades_own_base_samples(tiny_cascade_dir, toy_npz,
+                                                                            small_feature_net, monkeypatch):
+    """The bar is the same base images (same captions and seeds) upsampled bicubically, and `base_stage` those images
+    at 16 px: both checked against samples rebuilt by hand; the base stage is sampled once for all three generators
+    (recorded on the way through the cascade); both are absent (with the reason) when no SR stage is evaluated."""
     import imagen_transfer.evaluate as ev
+    import imagen_transfer.sampling as sampling
     from imagen_transfer.cascade import load_cascade
     from imagen_transfer.metrics import extract_features, load_feature_net
     from imagen_transfer.sampling import sample_cascade, to_uint8
 
-    result = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=6, seed=2, batch_size=6,
+    calls = []
+    real_sample_stage = sampling.sample_stage
+    monkeypatch.setattr(sampling, "sample_stage",
+                        lambda stage, *a, **k: calls.append(stage.name) or real_sample_stage(stage, *a, **k))
+    result = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=6, seed=2, batch_size=3,
                          sampling=dict(steps=2), feature_net=str(small_feature_net), judge=False,
-                         bicubic_baseline=True, progress=False)
-    baseline = result["bicubic_baseline"]
+                         bicubic_baseline=True, base_stage=True, progress=False)
+    assert calls == ["base", "sr"] * 2  # two batches of 3, each stage once: the baselines drew nothing again
+    monkeypatch.setattr(sampling, "sample_stage", real_sample_stage)
+    baseline, alone = result["bicubic_baseline"], result["base_stage"]
     assert baseline["generator"] == "stage base + bicubic upsampling to 32px"
+    assert alone["generator"] == "stage base alone at 16px" and alone["resolution"] == 16
     prompts, _ = ev.draw_captions(ev.load_dataset(str(toy_npz), "test", resolution=32), 6, seed=2)
     base = sample_cascade(load_cascade(tiny_cascade_dir), prompts, [2_000_000 + i for i in range(6)], steps=2,
                           stages=["base"], progress=False)
-    by_hand = to_uint8(torch.nn.functional.interpolate(base, size=(32, 32), mode="bicubic").clamp(-1, 1))
     net, net_id = load_feature_net(str(small_feature_net))
-    real, _ = ev.reference_features(str(toy_npz), "test", 32, net, net_id, progress=False)
-    assert baseline["kid_mean"] == pytest.approx(ev.kid(real, extract_features(net, by_hand, progress=False),
-                                                        seed=2)[0], abs=1e-6)
-    assert baseline["kid_mean"] != pytest.approx(result["kid_mean"], abs=1e-9)  # a different generator
+    for images, size, measured in ((torch.nn.functional.interpolate(base, size=(32, 32), mode="bicubic"), 32, baseline),
+                                   (base, 16, alone)):
+        real, _ = ev.reference_features(str(toy_npz), "test", size, net, net_id, progress=False)
+        by_hand = extract_features(net, to_uint8(images.clamp(-1, 1)), progress=False)
+        assert measured["kid_mean"] == pytest.approx(ev.kid(real, by_hand, seed=2)[0], abs=1e-6)
+        assert measured["kid_mean"] != pytest.approx(result["kid_mean"], abs=1e-9)  # a different generator
     base_only = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=4, judge=False, progress=False,
                             sampling=dict(steps=1, stages=["base"]), feature_net=str(small_feature_net),
-                            bicubic_baseline=True)
+                            bicubic_baseline=True, base_stage=True)
     assert base_only["bicubic_baseline"] is None and "SR stage" in base_only["bicubic_baseline_absent"]
+    assert base_only["base_stage"] is None and "SR stage" in base_only["base_stage_absent"]

@@ -93,3 +93,21 @@ def test_the_shipped_record_reads_as_the_first_history_row():
     table = ship_source.history_table([v1], dict(v1, name="next"))
     assert f"| {record['label']} | 128,000 | 38,400 | 0.0428 | 0.0352 | 500 / 2,000 | 302.6 | 0.3129 | 0.338 | 0.000 |" \
         in table
+
+
+def test_one_evaluation_fills_all_three_quality_rows(tmp_path):
+    """`evaluate --bicubic-baseline --base-stage` writes the cascade, its bar and its base alone into one file; the
+    card's table shows the three; an explicit --eval-base file wins over the embedded base_stage."""
+    def scores(resolution, fid):
+        return dict(n_generated=2000, n_real=10000, resolution=resolution, fid=fid, kid_mean=0.01, kid_std=0.001,
+                    precision=0.5, recall=0.25, conditioning_accuracy=None)
+
+    cascade = dict(scores(32, 100.0), sampling={}, bicubic_baseline=scores(32, 150.0), base_stage=scores(16, 80.0))
+    (tmp_path / "eval.json").write_text(json.dumps(cascade))
+    table = ship_source.quality_table(ship_source.read_quality(tmp_path / "eval.json", None))
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "generator" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| cascade (base + SR stage)", "| base + bicubic upsampling (the bar)",
+                                                 "| base stage alone"]
+    assert [r.split(" | ")[3] for r in rows] == ["100.0", "150.0", "80.0"]
+    (tmp_path / "base.json").write_text(json.dumps(dict(scores(16, 90.0), sampling={})))
+    assert ship_source.read_quality(tmp_path / "eval.json", tmp_path / "base.json")["base"]["fid"] == 90.0

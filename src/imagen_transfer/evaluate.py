@@ -42,11 +42,14 @@ def draw_captions(data: ImageTextData, n: int, seed: int) -> tuple[list[str], to
     return [data.captions[i] for i in idx.tolist()], data.labels[idx]
 
 
-def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=None, **sampling) -> Generator:
+def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=None, on_stage=None,
+                      **sampling) -> Generator:
     """Generation through every stage of a cascade with its sampling defaults overridden by `sampling`, optionally
-    mixing other models' predictions in (`mix`, see sampling.mixed_denoiser)."""
+    mixing other models' predictions in (`mix`, see sampling.mixed_denoiser) and watching every stage's output
+    (`on_stage`, see sampling.sample_cascade)."""
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return sample_cascade(cascade, prompts, seeds, batch_size=batch_size, progress=progress, mix=mix, **sampling)
+        return sample_cascade(cascade, prompts, seeds, batch_size=batch_size, progress=progress, mix=mix,
+                              on_stage=on_stage, **sampling)
 
     return generate
 
@@ -90,22 +93,27 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
              seed: int = 0, batch_size: int = 64, sampling: dict | None = None, feature_net: str | None = None,
              logits_net: str | None = None, judge: bool = True, out: str | Path | None = None,
              generate: Generator | None = None, resolution: int | None = None, mix=None,
-             bicubic_baseline: bool = False, progress: bool = True) -> dict:
+             bicubic_baseline: bool = False, base_stage: bool = False, progress: bool = True) -> dict:
     """Generate n images from `model` (or from a custom `generate` producing `resolution`-pixel images), compare them
     with the real split, return (and write) the result dictionary. See the module doc for the protocol.
 
     `bicubic_baseline`: also measure the cascade's base-stage samples upsampled bicubically to the output resolution
     (same captions and seeds, so the same base images), under `bicubic_baseline` in the result: an SR stage earns
-    its place only if the cascade scores better than that."""
+    its place only if the cascade scores better than that. `base_stage`: also measure those base samples themselves at
+    the base's resolution, under `base_stage`. Both reuse the base images drawn on the way through the cascade (one
+    sampling pass, not three) and share this call's protocol: captions, seeds, real images, judge."""
     if n < 2:
         raise UserError(f"--n must be at least 2 (got {n})")
     started = time.time()
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    overrides, cascade, used = dict(sampling), None, []  # used: the stages evaluated (none for a custom generator)
+    used = []  # the stages evaluated (none for a custom generator)
+    base_images: dict[int, torch.Tensor] = {}  # seed -> the first stage's image, for the baselines that reuse it
     if generate is None:
         cascade, used = _evaluated_stages(model, sampling)
         resolution = used[-1].resolution  # `stages` in `sampling` evaluates a prefix of the cascade, e.g. [base]
-        generate = cascade_generator(cascade, batch_size=batch_size, progress=False, mix=mix, **sampling)
+        record = _recorder(used[0].name, base_images) if (bicubic_baseline or base_stage) and len(used) > 1 else None
+        generate = cascade_generator(cascade, batch_size=batch_size, progress=False, mix=mix, on_stage=record,
+                                     **sampling)
         sampling = {**cascade.sampling, **sampling}
         if mix:
             sampling["mix"] = [dict(model=str(c.info.get("run") or c.info), weight=w) for c, w in mix]
@@ -134,17 +142,25 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     result.update(_distribution_metrics(real, fake, images, logits_net, seed, progress))
     if judge:
         result.update(_judge(dataset, resolution, split, images, labels, progress))
+    protocol = dict(dataset=dataset, split=split, n=n, n_real=n_real, seed=seed, batch_size=batch_size,
+                    feature_net=feature_net, judge=judge, progress=progress)
+    absent = "needs a cascade evaluated through at least one SR stage"
     if bicubic_baseline:
-        if len(used) > 1:  # the same protocol, captions and seeds, through a custom generator
+        if base_images:
             generator = f"stage {used[0].name} + bicubic upsampling to {resolution}px"
-            baseline = evaluate(f"{model_name} ({generator})", dataset, split=split, n=n, n_real=n_real, seed=seed,
-                                batch_size=batch_size, feature_net=feature_net, judge=judge, resolution=resolution,
-                                generate=bicubic_generator(cascade, used[0].name, resolution, batch_size, overrides),
-                                progress=progress)
+            baseline = evaluate(f"{model_name} ({generator})", resolution=resolution,
+                                generate=bicubic_generator(base_images, resolution), **protocol)
             result["bicubic_baseline"] = dict(generator=generator, **baseline)
         else:
-            result["bicubic_baseline"] = None
-            result["bicubic_baseline_absent"] = "needs a cascade evaluated through at least one SR stage"
+            result["bicubic_baseline"], result["bicubic_baseline_absent"] = None, absent
+    if base_stage:
+        if base_images:
+            generator = f"stage {used[0].name} alone at {used[0].resolution}px"
+            alone = evaluate(f"{model_name} ({generator})", resolution=used[0].resolution,
+                             generate=replay_generator(base_images), **protocol)
+            result["base_stage"] = dict(generator=generator, **alone)
+        else:
+            result["base_stage"], result["base_stage_absent"] = None, absent
     result["timing_s"] = dict(generation=round(generation_s, 1), features=round(features_s, 1),
                               total=round(time.time() - started, 1))
     if out is not None:
@@ -191,14 +207,31 @@ def _write_result(result: dict, images: torch.Tensor, labels: torch.Tensor, out:
     write_atomic(out, json.dumps(result, indent=2))
 
 
-def bicubic_generator(cascade, base_name: str, resolution: int, batch_size: int, sampling: dict) -> Generator:
-    """The cascade's base-stage samples (the same images as in the whole cascade for the same seeds), upsampled
-    bicubically to `resolution` and clamped: the bar an SR stage must clear (findings 2026-12: the shipped one lost)."""
-    base_only = cascade_generator(cascade, batch_size=batch_size, progress=False, **{**sampling, "stages": [base_name]})
+def _recorder(stage_name: str, store: dict[int, torch.Tensor]) -> Callable:
+    """An `on_stage` callback keeping one stage's images by seed (a seed names one image of an evaluation)."""
+    def record(name: str, images: torch.Tensor, seeds: list[int]) -> None:
+        if name == stage_name:
+            store.update(zip(seeds, images))
+
+    return record
+
+
+def replay_generator(images_by_seed: dict[int, torch.Tensor]) -> Generator:
+    """The images recorded for these seeds (same captions by construction: the evaluation draws both again)."""
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return torch.stack([images_by_seed[s] for s in seeds])
+
+    return generate
+
+
+def bicubic_generator(base_images: dict[int, torch.Tensor], resolution: int) -> Generator:
+    """The cascade's base-stage samples (recorded on the way through the cascade, so the same images for the same
+    seeds), upsampled bicubically to `resolution` and clamped: the bar an SR stage must clear (findings 2026-12: the
+    shipped one lost)."""
+    replay = replay_generator(base_images)
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        x = base_only(prompts, seeds)
-        return torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bicubic",
+        return torch.nn.functional.interpolate(replay(prompts, seeds), size=(resolution, resolution), mode="bicubic",
                                                align_corners=False).clamp(-1, 1)
 
     return generate

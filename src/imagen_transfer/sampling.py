@@ -152,6 +152,7 @@ def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators:
 
 def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: list[str] | None = None,
                    batch_size: int = 16, mix: list[tuple[object, float]] | None = None, progress: bool = True,
+                   on_stage: Callable[[str, torch.Tensor, list[int]], None] | None = None,
                    **options) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for N prompts, one seed each, through every stage (or the named ones).
 
@@ -159,6 +160,8 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
     max_value, grayscale: average the colour channels of the final images, set for models trained on gray data).
     Prompts are processed in batches of `batch_size`; the results do not depend on it. `mix` = [(other cascade,
     weight)] mixes other models' predictions into every stage they share (output-space fusion, see mixed_denoiser).
+    `on_stage(name, images, seeds)` sees every stage's output per batch, as sampling only up to that stage would
+    return it (grayscale applied): how evaluation reuses the base samples of a cascade instead of drawing them again.
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
@@ -179,6 +182,8 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
         for stage in use:
             partners = [(o.stage(stage.name), w) for o, w in mix or [] if any(s.name == stage.name for s in o.stages)]
             x = sample_stage(stage, text, null, generators, lowres=x, mix=partners, progress=progress, **settings)
+            if on_stage is not None:
+                on_stage(stage.name, (to_gray(x) if grayscale else x).cpu(), list(seeds[start : start + batch_size]))
         if grayscale:
             x = to_gray(x)
         outputs.append(x.cpu())

@@ -234,11 +234,10 @@ def cmd_evaluate(args) -> None:
     result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
                       batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
                       logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix),
-                      bicubic_baseline=args.bicubic_baseline)
+                      bicubic_baseline=args.bicubic_baseline, base_stage=args.base_stage)
     shown = ["fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"]
     print(", ".join(f"{k}={result[k]:.4g}" for k in shown if result.get(k) is not None))
-    if result.get("bicubic_baseline"):
-        baseline = result["bicubic_baseline"]
+    for baseline in filter(None, (result.get("bicubic_baseline"), result.get("base_stage"))):
         print(f"{baseline['generator']}: " + ", ".join(f"{k}={baseline[k]:.4g}" for k in shown
                                                          if baseline.get(k) is not None))
     print(f"wrote {args.out} (N={result['n_generated']} generated vs {result['n_real']} real, {args.split} split)")
@@ -414,6 +413,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bicubic-baseline", action="store_true",
                    help="also measure the base stage's samples upsampled bicubically (same captions and seeds): the "
                         "bar an SR stage must clear")
+    p.add_argument("--base-stage", action="store_true",
+                   help="also measure those base samples themselves at the base's resolution (against the real "
+                        "images at that size); both reuse the cascade's own base samples, no second sampling pass")
     p.add_argument("--out", default="eval.json")
 
 

@@ -158,10 +158,9 @@ def _tables(summaries: list[dict], evals: list[tuple[Path, dict]],
     if evals:
         head = ["evaluation", "split"] + [t for _, t in EVAL_COLUMNS]
         body = []
-        for p, r in evals:  # an SR cascade's row is followed by its bar: the same base samples upsampled bicubically
+        for p, r in evals:  # an SR cascade's row, then its bar (its base samples upsampled) and its base alone
             body.append([p.name, r.get("split", "")] + [_fmt(r.get(k)) for k, _ in EVAL_COLUMNS])
-            if r.get("bicubic_baseline"):
-                b = r["bicubic_baseline"]
+            for b in filter(None, (r.get("bicubic_baseline"), r.get("base_stage"))):
                 body.append([f"{p.name}: {b['generator']}", b.get("split", "")] + [_fmt(b.get(k)) for k, _ in EVAL_COLUMNS])
         tables.append(("Metrics", head, body))
     if probe and probe.get("best"):
