@@ -305,6 +305,25 @@ def test_dense_probe_end_to_end(dense_sets, task):
         run_dense(folder, folder / "other", task="segmentation" if task == "detection" else "detection")
 
 
+def test_fused_set_is_its_parts_maps_side_by_side(dense_sets, tmp_path):
+    """`fuse`: one more set whose maps are the parts' standardised maps concatenated (U-Net channels, then the 48
+    pixel channels), probed like any other; a group naming an unknown set is refused before any head trains."""
+    from imagen_transfer.dense_probe import probe_dense, run_dense, stacked_views
+    from imagen_transfer.features import load_features
+
+    folder = dense_sets["detection"]
+    result, chosen = probe_dense(folder, steps=3, seeds=1, labelled=(None,), fuse=[["tiny", "pixels"]],
+                                 only=["tiny+pixels"], progress=False)
+    assert list(result["sets"]) == ["tiny+pixels"] and 0 <= result["sets"]["tiny+pixels"]["test"]["map50"] <= 1
+    manifest, sets = load_features(folder)
+    parts = [stacked_views(sets[n], manifest["sets"][n]["views"], ["train", "val", "test"])["test"]
+             for n in ("tiny", "pixels")]
+    assert torch.equal(chosen["tiny+pixels"][1], torch.cat(parts, 1))
+    with pytest.raises(UserError, match="--fuse needs two or more of tiny, random, pixels"):
+        run_dense(folder, tmp_path / "bad", task="detection", fuse=[["tiny", "nope"]], progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, capsys):
     from imagen_transfer.jobs.cli import main
 

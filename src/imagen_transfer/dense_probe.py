@@ -446,10 +446,13 @@ def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: 
 
 def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
                 ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
-                only: list[str] | None = None, progress: bool = True) -> tuple[dict, dict]:
+                only: list[str] | None = None, fuse: list[list[str]] | None = None,
+                progress: bool = True) -> tuple[dict, dict]:
     """Train and score the dense head on every feature set of `folder` (and, with `scratch`, a small U-Net trained
-    end to end on the images, the same protocol); see the module doc. Returns the result (JSON-ready) and {set name:
-    (chosen head, its test-split inputs)} for the overlays."""
+    end to end on the images, the same protocol); see the module doc. `fuse` = groups of set names: each group is
+    one more set whose maps are the group's standardised maps concatenated as channels (feature fusion, e.g. U-Net
+    features + pixels for objects a few grid cells wide). Returns the result (JSON-ready) and {set name: (chosen
+    head, its test-split inputs)} for the overlays."""
     manifest, sets = load_features(folder)
     for split in SPLITS:
         if split not in manifest["splits"]:
@@ -458,6 +461,10 @@ def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3,
     lrs = tuple(lrs or (DETECTION_LRS if task.detection else SEGMENTATION_LRS))
     inputs = {name: (lambda t=tensors, n=name: stacked_views(t, manifest["sets"][n]["views"], SPLITS))
               for name, tensors in sets.items()}
+    for group in fuse or []:
+        if len(group) < 2 or not set(group) <= set(inputs):
+            raise UserError(f"--fuse needs two or more of {', '.join(inputs)} (got {'+'.join(group)})")
+        inputs["+".join(group)] = lambda g=tuple(group), parts=dict(inputs): _fused([parts[n]() for n in g])
     if scratch:
         inputs["scratch"] = lambda: _images(manifest)
     if only:
@@ -481,6 +488,11 @@ def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3,
             result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, lrs, counts, seeds, bar)
             chosen[set_name] = (head, x["test"])
     return result, chosen
+
+
+def _fused(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{split: maps}: the parts' (already standardised) maps concatenated as channels, split by split."""
+    return {split: torch.cat([part[split] for part in parts], 1) for split in parts[0]}
 
 
 def _probe_set(task: DenseTask, set_name: str, x: dict, n_train: int, lrs, counts, seeds: int, bar):

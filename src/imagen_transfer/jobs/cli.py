@@ -306,7 +306,8 @@ def cmd_probe(args) -> None:
 
         run_dense(args.features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
                   kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
-                  labelled=tuple(None if c == "all" else int(c) for c in args.labelled))
+                  labelled=tuple(None if c == "all" else int(c) for c in args.labelled),
+                  fuse=[group.split("+") for group in args.fuse or []])
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -524,7 +525,8 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="detection / segmentation: labelled training images per label-efficiency point (or all)")
     p.add_argument("--epochs", type=int_in(1), default=30)
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
-                   help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text")
+                   help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text "
+                        "(detection / segmentation: their maps, e.g. source+pixels)")
     p.add_argument("--out", default=None, help="default: the feature folder")
 
 
