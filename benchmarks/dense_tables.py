@@ -5,7 +5,8 @@ set's test scores and label-efficiency curve side by side, with each run's head,
 
 Probe runs of the same task and data (for example the feature sets in one folder, the scratch competitor in
 another, a fine-tuned model's features in a third) are merged; a set name met twice (same head) is one row: the
-first run's scores, with the label counts of later runs added where the first did not measure them.
+first run's scores, with the label counts of later runs added where the first did not measure them. A run whose task
+size differs from the first run's is labelled with its size (a different protocol, never merged).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def tables(results: list[dict]) -> str:
     key = "map50" if detection else "miou"
     rows, counts, seen = [], [], {}
     for r in results:
+        size = r.get("size")  # a run that read the images at another size is another protocol: its own rows
+        size = "" if size in (None, results[0].get("size")) else f", {size[0]}x{size[1]}"
         for name, s in r["sets"].items():
-            label = name if name == "scratch" else f"{name} ({r['head']})"
+            label = f"scratch{size}" if name == "scratch" else f"{name} ({r['head']}{size})"
             counts += [c for c in s["label_efficiency"] if c not in counts]
             if label in seen:  # a later run of the same set adds the label counts the first did not measure
                 first = seen[label]["label_efficiency"]
@@ -50,7 +53,7 @@ def tables(results: list[dict]) -> str:
         lines += ["| features (head) | trained parameters | steps | test mAP@0.5 | test mAP@[.5:.95] | "
                   + " | ".join(f"AP@0.5 {c}" for c in classes) + " |", "|---|---|---|---|---|" + "---|" * len(classes)]
         for label, r, s in rows:
-            steps = r.get("scratch", {}).get("steps", r["steps"]) if label == "scratch" else r["steps"]
+            steps = r.get("scratch", {}).get("steps", r["steps"]) if label.startswith("scratch") else r["steps"]
             lines.append(f"| {label} | {_count(s)} | {steps} | {s['test']['map50']:.3f} | "
                          f"{s['test']['map']:.3f} | "
                          + " | ".join(f"{s['test']['per_class'][c]['ap50']:.3f}" for c in classes) + " |")
@@ -58,7 +61,7 @@ def tables(results: list[dict]) -> str:
         lines += ["| features (head) | trained parameters | steps | test mIoU | "
                   + " | ".join(f"IoU / Dice {c}" for c in classes) + " |", "|---|---|---|---|" + "---|" * len(classes)]
         for label, r, s in rows:
-            steps = r.get("scratch", {}).get("steps", r["steps"]) if label == "scratch" else r["steps"]
+            steps = r.get("scratch", {}).get("steps", r["steps"]) if label.startswith("scratch") else r["steps"]
             per = " | ".join(f"{s['test']['per_class'][c]['iou']:.3f} / {s['test']['per_class'][c]['dice']:.3f}"
                              for c in classes)
             lines.append(f"| {label} | {_count(s)} | {steps} | {s['test']['miou']:.3f} | {per} |")

@@ -106,9 +106,11 @@ def test_dense_tables(tmp_path):
                    sets={"scratch": dict(parameters=5000, test=point, label_efficiency={"20": [point], "all": [point]})})
     more = dict(scratch, sets={"scratch": dict(parameters=5000, test=dict(point, miou=0.5),
                                                 label_efficiency={"5": [dict(point, miou=0.6)], "20": [point]})})
-    for name, result in (("a", run), ("b", scratch), ("c", more)):
+    larger = dict(run, size=[240, 320], sets={"source": dict(run["sets"]["source"], test=dict(point, miou=0.8))})
+    for name, result in (("a", dict(run, size=[120, 160])), ("b", scratch), ("c", more), ("d", larger)):
         (tmp_path / f"{name}.json").write_text(json.dumps(result))
-    out = _run("dense_tables.py", *(tmp_path / f"{n}.json" for n in "abc"), "--out", tmp_path / "t.md")
+    out = _run("dense_tables.py", *(tmp_path / f"{n}.json" for n in "abcd"), "--out", tmp_path / "t.md")
+    assert "| source (conv, 240x320) | 1,000 | 300 | 0.800 |" in out  # another size: its own row, never merged
     assert "| source (conv) | 1,000 | 300 | 0.700 |" in out and "| scratch | 5,000 | 600 | 0.700 |" in out
     assert "| source (conv) | 0.700 +- 0.000 |  | 0.700 |" in out
     assert "| scratch | 0.600 | 0.700 | 0.700 |" in out  # the later run adds 5 labels, the first run's 20 stays
