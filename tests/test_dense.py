@@ -285,6 +285,30 @@ def test_dense_size_must_fit_the_unet(tmp_path, tiny_cascade_dir):
     assert not (tmp_path / "f").exists()
 
 
+def test_tiled_extraction_stitches_the_tiles_maps_in_place(tmp_path, tiny_cascade_dir):
+    """--tile: images cut into row-major tiles and the maps stitched back in place (checked on index images); the
+    whole image as its one tile is the untiled extraction; a tile that does not divide the size is refused first."""
+    from imagen_transfer.features import extract_dense, from_tiles, load_features, to_tiles
+
+    x = torch.arange(2 * 8 * 12 * 3).reshape(2, 8, 12, 3)
+    tiles = to_tiles(x, 4, 6)
+    assert tiles.shape == (8, 4, 6, 3) and torch.equal(tiles[1], x[0, :4, 6:]) and torch.equal(tiles[6], x[1, 4:, :6])
+    assert torch.equal(from_tiles(tiles.permute(0, 3, 1, 2), 2, 2), x.permute(0, 3, 1, 2))
+
+    voc = make_voc(tmp_path / "voc", n=8, faults=False)
+    kw = dict(blocks=["up1"], timesteps=[50], baselines=(), progress=False, size=(32, 48))
+    folders = {name: extract_dense({"tiny": str(tiny_cascade_dir)}, str(voc), tmp_path / name, tile=tile, **kw)
+               for name, tile in (("whole", None), ("one-tile", (32, 48)), ("tiled", (16, 24)))}
+    (whole_m, whole), (_, one), (tiled_m, tiled) = (load_features(folders[n]) for n in ("whole", "one-tile", "tiled"))
+    assert tiled_m["tile"] == [16, 24] and tiled_m["grid"] == whole_m["grid"] == [8, 12]
+    assert all(torch.equal(whole["tiny"][k], one["tiny"][k]) for k in whole["tiny"])
+    assert all(tiled["tiny"][k].shape == whole["tiny"][k].shape for k in whole["tiny"])
+    assert not torch.equal(tiled["tiny"]["test/up1@t50"], whole["tiny"]["test/up1@t50"])  # each tile seen alone
+    with pytest.raises(UserError, match="tile 16x20 must divide the task size 32x48"):
+        extract_dense({"tiny": str(tiny_cascade_dir)}, str(voc), tmp_path / "bad", tile=(16, 20), **kw)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("task", ["detection", pytest.param("segmentation", marks=pytest.mark.slow)])
 def test_dense_probe_end_to_end(dense_sets, task):
     from imagen_transfer.dense_probe import run_dense

@@ -223,11 +223,13 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
                   blocks: list[str] | None = None, timesteps: list[int] | None = None,
                   size: tuple[int, int] | None = None, stride: int = DENSE_STRIDE, prompt: str = "",
                   baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0, batch_size: int = 16,
-                  limit: int | None = None, progress: bool = True) -> Path:
+                  limit: int | None = None, tile: tuple[int, int] | None = None, progress: bool = True) -> Path:
     """A feature folder of multi-block maps for a detection or segmentation data set (dense.py).
 
-    The U-Net runs on each image at the task size (h, w); every block x timestep map is brought to the common grid
-    (h / stride, w / stride) and stored in fp16, one view each. The pixel baseline is the image itself at that grid,
+    The U-Net runs on each image at the task size (h, w), or on its non-overlapping `tile`s, their maps stitched back
+    (self-attention costs the square of the token count: at 240 x 320 the SR U-Net's attention is 16x its cost at
+    120 x 160, tiled it is 4x; a U-Net trained on 32 px crops never attended over a whole smear anyway); every block x
+    timestep map is brought to the common grid (h / stride, w / stride) and stored in fp16, one view each. The pixel baseline is the image itself at that grid,
     space-to-depth (each stride x stride patch's 3 * stride^2 values as channels, nothing lost). Targets (boxes,
     box labels, masks) go to `targets.safetensors`; the manifest records the task, classes, sizes, faults and cost.
     """
@@ -243,9 +245,16 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
         raise UserError(f"task size {h}x{w} must be a multiple of {max(factor, stride)} (the U-Net halves its input "
                         f"{factor.bit_length() - 1} times; the grid stride is {stride}); pass --size H W")
     grid = (h // stride, w // stride)
-    sets = _unet_sets(cascades, stage_name, {s: d.images for s, d in data.items()}, state, blocks=blocks,
-                      timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed, batch_size=batch_size,
-                      progress=progress, pool=False, size=(h, w), grid=grid)
+    th, tw = tile or (h, w)
+    if h % th or w % tw or th % max(factor, stride) or tw % max(factor, stride):
+        raise UserError(f"tile {th}x{tw} must divide the task size {h}x{w} and be a multiple of {max(factor, stride)}; "
+                        f"pass --tile H W accordingly")
+    rows, cols = h // th, w // tw
+    sets = _unet_sets(cascades, stage_name, {s: to_tiles(d.images, th, tw) for s, d in data.items()}, state,
+                      blocks=blocks, timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed,
+                      batch_size=batch_size, progress=progress, pool=False, size=(th, tw),
+                      grid=(th // stride, tw // stride))
+    sets = {name: {k: from_tiles(v, rows, cols) for k, v in tensors.items()} for name, tensors in sets.items()}
     if "pixels" in baselines:
         sets["pixels"] = {f"{s}/pixels": torch.nn.functional.pixel_unshuffle(to_float(d.images), stride).half()
                           for s, d in data.items()}
@@ -255,12 +264,26 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
         save_safetensors_atomic(Path(out) / "targets.safetensors", _dense_targets(data))
         _write(Path(out), sets, dict(
             models={k: str(resolve_model(v)) for k, v in models.items()}, dataset=str(resolve_dataset(dataset)),
-            stage=stage_name, size=[h, w], stride=stride, grid=list(grid), blocks=blocks, timesteps=timesteps,
+            stage=stage_name, size=[h, w], tile=[th, tw], stride=stride, grid=list(grid), blocks=blocks,
+            timesteps=timesteps,
             prompt=prompt, seed=seed, pool=False, task=first_data.task, layout=first_data.layout,
             label_names=first_data.class_names, targets="targets.safetensors",
             splits={s: dict(n=len(d), source=d.source, names=d.names, faults=d.faults) for s, d in data.items()}))
     state.wait_for_everyone()
     return Path(out)
+
+
+def to_tiles(images: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """(N, H, W, C) -> (N * rows * cols, th, tw, C): each image's tiles in row-major order."""
+    n, h, w, c = images.shape
+    tiles = images.reshape(n, h // th, th, w // tw, tw, c).permute(0, 1, 3, 2, 4, 5)
+    return tiles.reshape(-1, th, tw, c)
+
+
+def from_tiles(maps: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """(N * rows * cols, C, gh, gw) maps of row-major tiles -> (N, C, rows * gh, cols * gw): to_tiles undone."""
+    _, c, gh, gw = maps.shape
+    return maps.reshape(-1, rows, cols, c, gh, gw).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, rows * gh, cols * gw)
 
 
 def _dense_targets(data: dict) -> dict[str, torch.Tensor]:

@@ -277,10 +277,11 @@ def cmd_features(args) -> None:
             raise UserError("--baselines text is for captioned data; a dense data set has pixels and random")
         out = extract_dense(_named_models(args.model), args.data, args.out, stage_name=args.stage or "sr",
                             size=tuple(args.size) if args.size else None, stride=args.stride,
-                            batch_size=args.batch_size or 16, **common)
+                            tile=tuple(args.tile) if args.tile else None, batch_size=args.batch_size or 16, **common)
     else:
-        if args.size:
-            raise UserError(f"--size is for detection and segmentation data sets; {args.data} is an image-text one")
+        if args.size or args.tile:
+            raise UserError(f"--size and --tile are for detection and segmentation data sets; {args.data} is an "
+                            f"image-text one")
         out = extract(_named_models(args.model), args.data, args.out, stage_name=args.stage or "base",
                       batch_size=args.batch_size or 64, pool=not args.spatial, **common)
     print(f"wrote {out}/manifest.json")
@@ -500,6 +501,9 @@ def _features_arguments(p: argparse.ArgumentParser) -> None:
                    help="detection / segmentation: the task size the U-Net reads (default bccd 120 160, wbc-seg 120 "
                         "120, else the first image's size)")
     p.add_argument("--stride", type=int_in(1), default=4, help="detection / segmentation: the common grid's stride")
+    p.add_argument("--tile", nargs=2, type=int_in(8), default=None, metavar=("H", "W"),
+                   help="detection / segmentation: run the U-Net on non-overlapping tiles of this size and stitch "
+                        "the maps (attention costs grow with the square of the size; default: the whole image)")
     p.add_argument("--batch-size", type=int_in(1), default=None, help="default 64 (16 for dense maps)")
     p.add_argument("--limit", type=int_in(1), default=None, help="at most this many images per split (spread over classes)")
     p.add_argument("--out", default="features")
