@@ -133,6 +133,7 @@ def test_a_rerun_reuses_the_generated_images_and_only_its_own(tiny_cascade_dir, 
 
     import imagen_transfer.evaluate as ev
     import imagen_transfer.sampling as sampling
+    from imagen_transfer.errors import UserError
 
     model = tmp_path / "model"
     shutil.copytree(tiny_cascade_dir, model)
@@ -155,3 +156,8 @@ def test_a_rerun_reuses_the_generated_images_and_only_its_own(tiny_cascade_dir, 
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the model changed
     assert ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **dict(kw, seed=1))["generated_images"][
         "reused"] is False and calls == ["base", "sr"] * 3
+    (tmp_path / "mine-generated.safetensors").write_bytes(b"a user's file")  # not ours: refused, left as it was
+    with pytest.raises(UserError, match="mine-generated.safetensors exists and was not written by"):
+        ev.evaluate(str(model), str(toy_npz), out=tmp_path / "mine.json", **kw)
+    assert (tmp_path / "mine-generated.safetensors").read_bytes() == b"a user's file"
+    assert not (tmp_path / "mine.json").exists()

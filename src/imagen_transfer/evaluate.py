@@ -185,6 +185,9 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     return result
 
 
+GENERATED_FORMAT = "imagen-transfer-generated-v1"
+
+
 def _generated_file(out: str | Path) -> Path:
     """Where an evaluation keeps its generated images (beside its JSON): sampling is most of its cost, so a run killed
     while measuring (or a rerun with another real subset or feature network) does not sample again."""
@@ -207,18 +210,27 @@ def _save_generated(path: Path, key: str, images: torch.Tensor, base_images: dic
     if base_images:
         seeds = sorted(base_images)
         tensors.update(base_seeds=torch.tensor(seeds), base_images=torch.stack([base_images[s] for s in seeds]))
-    save_safetensors_atomic(path, tensors, metadata={"key": key})
+    save_safetensors_atomic(path, tensors, metadata={"format": GENERATED_FORMAT, "key": key})
 
 
 def _load_generated(path: Path, key: str, with_base: bool):
     """(images, {seed: base image}) saved under the same key (and with the base images where the baselines need
-    them), else None: anything else is sampled again, never reused."""
-    if not path.is_file():
+    them), else None: anything else is sampled again, never reused. A file of that name the tool did not write is
+    refused, before any work: it is not ours to overwrite."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata, names = f.metadata() or {}, set(f.keys())
+    except Exception:  # not a safetensors file at all
+        metadata, names = {}, set()
+    if metadata.get("format") != GENERATED_FORMAT:
+        raise UserError(f"{path} exists and was not written by `imagen-transfer evaluate`; move it or pick another "
+                        f"--out (the generated images are kept beside the JSON under that name)")
+    if metadata.get("key") != key or (with_base and "base_images" not in names):
         return None
     with safe_open(str(path), "pt") as f:
-        if (f.metadata() or {}).get("key") != key or (with_base and "base_images" not in f.keys()):
-            return None
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in names}
     base = dict(zip(tensors["base_seeds"].tolist(), tensors["base_images"])) if "base_images" in tensors else {}
     return tensors["images"], base
 
