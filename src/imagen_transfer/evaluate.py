@@ -133,16 +133,8 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     t0 = time.time()
     saved = _generated_file(out) if out is not None and used and not mix else None  # what a rerun picks up again
     key = _generation_key(model, dataset, split, n, seed, sampling) if saved else ""
-    reused = _load_generated(saved, key, with_base=record is not None) if saved else None
-    if reused:
-        images, recorded = reused
-        base_images.update(recorded)
-        if progress:
-            print(f"reusing the {n} images generated for this protocol from {saved}")
-    else:
-        images = generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress)
-        if saved:
-            _save_generated(saved, key, images, base_images)
+    images, reused = _generate_or_reuse(generate, prompts, seed, batch_size, saved, key, base_images,
+                                        with_base=record is not None, progress=progress)
     generation_s = time.time() - t0
     net, net_id = load_feature_net(feature_net)
     t0 = time.time()
@@ -161,28 +153,51 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
         result.update(_judge(dataset, resolution, split, images, labels, progress))
     protocol = dict(dataset=dataset, split=split, n=n, n_real=n_real, seed=seed, batch_size=batch_size,
                     feature_net=feature_net, judge=judge, progress=progress)
-    absent = "needs a cascade evaluated through at least one SR stage"
-    if bicubic_baseline:
-        if base_images:
-            generator = f"stage {used[0].name} + bicubic upsampling to {resolution}px"
-            baseline = evaluate(f"{model_name} ({generator})", resolution=resolution,
-                                generate=bicubic_generator(base_images, resolution), **protocol)
-            result["bicubic_baseline"] = dict(generator=generator, **baseline)
-        else:
-            result["bicubic_baseline"], result["bicubic_baseline_absent"] = None, absent
-    if base_stage:
-        if base_images:
-            generator = f"stage {used[0].name} alone at {used[0].resolution}px"
-            alone = evaluate(f"{model_name} ({generator})", resolution=used[0].resolution,
-                             generate=replay_generator(base_images), **protocol)
-            result["base_stage"] = dict(generator=generator, **alone)
-        else:
-            result["base_stage"], result["base_stage_absent"] = None, absent
+    result.update(_baselines(model_name, used, base_images, resolution, protocol, bicubic=bicubic_baseline,
+                             alone=base_stage))
     result["timing_s"] = dict(generation=round(generation_s, 1), features=round(features_s, 1),
                               total=round(time.time() - started, 1))
     if out is not None:
         _write_result(result, images, labels, Path(out))
     return result
+
+
+def _baselines(model_name: str, used: list, base_images: dict, resolution: int, protocol: dict, *, bicubic: bool,
+               alone: bool) -> dict:
+    """The bicubic bar and / or the base stage alone, each measured from the recorded base images (or why absent)."""
+    result, absent = {}, "needs a cascade evaluated through at least one SR stage"
+    for wanted, name in ((bicubic, "bicubic_baseline"), (alone, "base_stage")):
+        if not wanted:
+            continue
+        if not base_images:
+            result[name], result[f"{name}_absent"] = None, absent
+            continue
+        if name == "bicubic_baseline":
+            generator, size = f"stage {used[0].name} + bicubic upsampling to {resolution}px", resolution
+            generate = bicubic_generator(base_images, resolution)
+        else:
+            generator, size = f"stage {used[0].name} alone at {used[0].resolution}px", used[0].resolution
+            generate = replay_generator(base_images)
+        measured = evaluate(f"{model_name} ({generator})", resolution=size, generate=generate, **protocol)
+        result[name] = dict(generator=generator, **measured)
+    return result
+
+
+def _generate_or_reuse(generate: Generator, prompts: list[str], seed: int, batch_size: int, saved: Path | None,
+                       key: str, base_images: dict, *, with_base: bool, progress: bool) -> tuple[torch.Tensor, bool]:
+    """(uint8 images, whether they were reused): the images saved under this protocol's key, else generated (and
+    saved, with the base images recorded on the way, when there is a file to save to)."""
+    reused = _load_generated(saved, key, with_base=with_base) if saved else None
+    if reused:
+        images, recorded = reused
+        base_images.update(recorded)
+        if progress:
+            print(f"reusing the {len(prompts)} images generated for this protocol from {saved}")
+        return images, True
+    images = generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress)
+    if saved:
+        _save_generated(saved, key, images, base_images)
+    return images, False
 
 
 GENERATED_FORMAT = "imagen-transfer-generated-v1"
