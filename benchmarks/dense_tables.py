@@ -36,9 +36,9 @@ def tables(results: list[dict]) -> str:
     rows, counts, seen = [], [], {}
     for r in results:
         size = r.get("size")  # a run that read the images at another size is another protocol: its own rows
-        size = "" if size in (None, results[0].get("size")) else f", {size[0]}x{size[1]}"
+        at_size = "" if size in (None, results[0].get("size")) else f", {size[0]}x{size[1]}"
         for name, s in r["sets"].items():
-            label = f"scratch{size}" if name == "scratch" else f"{name} ({r['head']}{size})"
+            label = f"scratch{at_size}" if name == "scratch" else f"{name} ({r['head']}{at_size})"
             counts += [c for c in s["label_efficiency"] if c not in counts]
             if label in seen:  # a later run of the same set adds the label counts the first did not measure
                 first = seen[label]["label_efficiency"]

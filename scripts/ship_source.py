@@ -107,7 +107,8 @@ def read_quality(eval_file: Path | None, eval_base_file: Path | None) -> dict | 
     """The card's quality figures: the cascade (with its bicubic bar) and the base alone, from --eval-base or else
     from the cascade evaluation's own `base_stage` (`evaluate --base-stage`: the same base samples)."""
     cascade = quality_summary(eval_file)
-    base = quality_summary(eval_base_file) or (cascade or {}).pop("base_stage", None)
+    embedded = (cascade or {}).pop("base_stage", None)  # a row of its own, never also inside the cascade's
+    base = quality_summary(eval_base_file) or embedded
     return {k: v for k, v in (("cascade", cascade), ("base", base)) if v} or None
 
 

@@ -110,4 +110,5 @@ def test_one_evaluation_fills_all_three_quality_rows(tmp_path):
                                                  "| base stage alone"]
     assert [r.split(" | ")[3] for r in rows] == ["100.0", "150.0", "80.0"]
     (tmp_path / "base.json").write_text(json.dumps(dict(scores(16, 90.0), sampling={})))
-    assert ship_source.read_quality(tmp_path / "eval.json", tmp_path / "base.json")["base"]["fid"] == 90.0
+    both = ship_source.read_quality(tmp_path / "eval.json", tmp_path / "base.json")
+    assert both["base"]["fid"] == 90.0 and "base_stage" not in both["cascade"]  # the base row is stored once

