@@ -146,7 +146,7 @@ def test_a_rerun_reuses_the_generated_images_and_only_its_own(tiny_cascade_dir, 
     first = ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **kw)
     assert calls == ["base", "sr"] and (tmp_path / "e-generated.safetensors").is_file()
     again = ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **kw)
-    assert calls == ["base", "sr"] and again["generated_images"] == dict(file="e-generated.safetensors", reused=True)
+    assert calls == ["base", "sr"] and again["generated_images"] == dict(file="e-generated.safetensors", reused=4)
     for k in ("kid_mean", "fid"):
         assert again[k] == first[k] and again["bicubic_baseline"][k] == first["bicubic_baseline"][k]
         assert again["base_stage"][k] == first["base_stage"][k]
@@ -155,9 +155,45 @@ def test_a_rerun_reuses_the_generated_images_and_only_its_own(tiny_cascade_dir, 
     weights = next((model / "sr").rglob("*.safetensors"))
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the model changed
     assert ev.evaluate(str(model), str(toy_npz), out=tmp_path / "e.json", **dict(kw, seed=1))["generated_images"][
-        "reused"] is False and calls == ["base", "sr"] * 3
+        "reused"] == 0 and calls == ["base", "sr"] * 3
     (tmp_path / "mine-generated.safetensors").write_bytes(b"a user's file")  # not ours: refused, left as it was
     with pytest.raises(UserError, match="mine-generated.safetensors exists and was not written by"):
         ev.evaluate(str(model), str(toy_npz), out=tmp_path / "mine.json", **kw)
     assert (tmp_path / "mine-generated.safetensors").read_bytes() == b"a user's file"
     assert not (tmp_path / "mine.json").exists()
+
+
+def test_a_run_killed_while_sampling_resumes_at_its_last_batch(tiny_cascade_dir, toy_npz, small_feature_net,
+                                                               tmp_path, monkeypatch):
+    """The images so far are saved after every batch: a run killed in its third batch of two images loses that batch
+    only; the rerun samples the rest and measures the same images an uninterrupted run makes (per-image seeds)."""
+    import imagen_transfer.evaluate as ev
+    import imagen_transfer.sampling as sampling
+
+    kw = dict(split="test", n=6, batch_size=2, sampling=dict(steps=1), feature_net=str(small_feature_net),
+              judge=False, bicubic_baseline=True, progress=False)
+    whole = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), out=tmp_path / "whole.json", **kw)
+    calls = []
+    real_sample_stage = sampling.sample_stage
+
+    def killed_in_the_third_batch(stage, *a, **k):
+        calls.append(stage.name)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_sample_stage(stage, *a, **k)
+
+    monkeypatch.setattr(sampling, "sample_stage", killed_in_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(str(tiny_cascade_dir), str(toy_npz), out=tmp_path / "cut.json", **kw)
+    from safetensors.torch import load_file
+
+    kept = load_file(tmp_path / "cut-generated.safetensors")
+    assert len(kept["images"]) == 4 and len(kept["base_images"]) == 4 and not (tmp_path / "cut.json").exists()
+    calls.clear()
+    resumed = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), out=tmp_path / "cut.json", **kw)
+    assert calls == ["base", "sr"] and resumed["generated_images"]["reused"] == 4  # the third batch only
+    cut, uncut = (load_file(tmp_path / f"{name}-generated.safetensors") for name in ("cut", "whole"))
+    assert all(torch.equal(cut[k], uncut[k]) for k in uncut)  # same batches of the same seeds: the same images
+    for k in ("kid_mean", "fid", "precision", "recall"):
+        assert resumed[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-9)
+        assert resumed["bicubic_baseline"][k] == pytest.approx(whole["bicubic_baseline"][k], rel=1e-6, abs=1e-9)

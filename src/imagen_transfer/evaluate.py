@@ -7,9 +7,10 @@ Protocol (written into eval.json so a number never travels without it):
 - Real images are read at the model's output resolution (the generated resolution), as 3-channel uint8.
 - Inception features of the real split are cached on disk, keyed by dataset content, split, resolution, the feature
   network's sha256 and the real-subset size and seed.
-- The generated images (and the base samples the baselines reuse) are kept beside the JSON, keyed by what they depend
-  on (model files, data, split, N, seed, sampling settings, code version): a rerun after a crash while measuring, or
-  with another real subset or feature network, measures them again without sampling again.
+- The generated images (and the base samples the baselines reuse) are kept beside the JSON, saved after every batch
+  and keyed by what they depend on (model files, data, split, N, seed, sampling settings, code version): a rerun after
+  a crash while sampling resumes at the last saved batch; one after a crash while measuring, or with another real
+  subset or feature network, measures them again without sampling again.
 """
 
 from __future__ import annotations
@@ -59,17 +60,23 @@ def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=
     return generate
 
 
-def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: int = 64,
-                    progress: bool = True) -> torch.Tensor:
-    """uint8 images (N, H, W, 3), generated in chunks with an overall progress bar."""
-    out = []
-    with tqdm(total=len(prompts), desc="generate", unit="img", disable=not progress) as bar:
-        for start in range(0, len(prompts), chunk):
+def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: int = 64, progress: bool = True,
+                    done: torch.Tensor | None = None, on_chunk: Callable[[torch.Tensor], None] | None = None
+                    ) -> torch.Tensor:
+    """uint8 images (N, H, W, 3), generated in chunks with an overall progress bar; image i uses seed
+    `seed * 1_000_000 + i` whatever the chunking. `done`: the first images, already generated (a resumed run: they are
+    the images this call would make, so it starts after them); `on_chunk(images so far)` runs after every chunk."""
+    out = [done] if done is not None and len(done) else []
+    first = len(out[0]) if out else 0
+    with tqdm(total=len(prompts), initial=first, desc="generate", unit="img", disable=not progress) as bar:
+        for start in range(first, len(prompts), chunk):
             part = prompts[start : start + chunk]
             seeds = [seed * 1_000_000 + start + i for i in range(len(part))]
             images = to_uint8(generate(part, seeds))
             out.append(images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images)
             bar.update(len(part))
+            if on_chunk is not None:
+                on_chunk(torch.cat(out))
     return torch.cat(out)
 
 
@@ -184,20 +191,20 @@ def _baselines(model_name: str, used: list, base_images: dict, resolution: int, 
 
 
 def _generate_or_reuse(generate: Generator, prompts: list[str], seed: int, batch_size: int, saved: Path | None,
-                       key: str, base_images: dict, *, with_base: bool, progress: bool) -> tuple[torch.Tensor, bool]:
-    """(uint8 images, whether they were reused): the images saved under this protocol's key, else generated (and
-    saved, with the base images recorded on the way, when there is a file to save to)."""
-    reused = _load_generated(saved, key, with_base=with_base) if saved else None
-    if reused:
-        images, recorded = reused
-        base_images.update(recorded)
-        if progress:
-            print(f"reusing the {len(prompts)} images generated for this protocol from {saved}")
-        return images, True
-    images = generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress)
-    if saved:
-        _save_generated(saved, key, images, base_images)
-    return images, False
+                       key: str, base_images: dict, *, with_base: bool, progress: bool) -> tuple[torch.Tensor, int]:
+    """(uint8 images, how many were reused): those saved under this protocol's key, the rest generated. With a file to
+    save to, the images so far (and the base images recorded on the way) are saved after every batch, so a run killed
+    while sampling resumes at its last batch (image i's seed depends on i alone: the same images either way)."""
+    done, recorded = (_load_generated(saved, key, with_base=with_base) if saved else None) or (None, {})
+    base_images.update(recorded)
+    reused = 0 if done is None else len(done)
+    if progress and reused:
+        print(f"reusing {reused} of the {len(prompts)} images generated for this protocol from {saved}")
+    if reused == len(prompts):
+        return done, reused
+    save = (lambda images: _save_generated(saved, key, images, base_images)) if saved else None
+    return generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress, done=done,
+                           on_chunk=save), reused
 
 
 GENERATED_FORMAT = "imagen-transfer-generated-v1"
@@ -229,7 +236,7 @@ def _save_generated(path: Path, key: str, images: torch.Tensor, base_images: dic
 
 def _load_generated(path: Path, key: str, with_base: bool):
     """(images, {seed: base image}) saved under the same key (and with the base images where the baselines need
-    them), else None: anything else is sampled again, never reused. A file of that name the tool did not write is
+    them; the first images only, if sampling was cut short), else None: anything else is sampled again, never reused. A file of that name the tool did not write is
     refused, before any work: it is not ours to overwrite."""
     if not path.exists():
         return None
