@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--data", default="pneumoniamnist")
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--guidance", type=float, default=1.5)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps per stage (default: the fine-tune's own)")
     p.add_argument("--out", default="runs/fusion")
     p.add_argument("--table", default=None)
     args = p.parse_args()
@@ -53,11 +54,13 @@ def main() -> None:
         cascade.sampling = dict(tuned.sampling)
         save_cascade(cascade, folder, overwrite=True)
         print(f"\n== {name} ==", flush=True)
-        result = evaluate(str(folder), args.data, n=args.n, sampling=dict(guidance=args.guidance), mix=mix,
-                          out=out / f"eval-{i}.json")
+        result = evaluate(str(folder), args.data, n=args.n, sampling=dict(guidance=args.guidance, steps=args.steps),
+                          mix=mix, out=out / f"eval-{i}.json")
         rows.append((name, result))
+    steps = args.steps or tuned.sampling["steps"]
     lines = [f"Fusions on {args.data} test (N={args.n} generated per row vs {rows[0][1]['n_real']} real, guidance "
-             f"{args.guidance}, seed 0, same captions and seeds for every row). Lower FID / KID is better.", "",
+             f"{args.guidance}, {steps} steps per stage, seed 0, same captions and seeds for every row). Lower FID / KID "
+             "is better.", "",
              "| model | FID | KID (x1e3) | precision | recall | conditioning acc. |", "|---|---|---|---|---|---|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['fid']:.1f} | {1e3 * r['kid_mean']:.1f} +- {1e3 * r['kid_std']:.1f} | "

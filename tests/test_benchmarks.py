@@ -93,8 +93,11 @@ def test_sr_sweep(tmp_path, tiny_cascade_dir, tiny_feature_env):
 def test_fusion_pneumonia(tmp_path, tiny_cascade_dir, tiny_feature_env):
     data = make_npz(tmp_path / "pneumoniamnist.npz")
     out = _run("fusion_pneumonia.py", "--source", tiny_cascade_dir, "--finetuned", tiny_cascade_dir, "--second",
-               tiny_cascade_dir, "--data", data, "--n", "4", "--out", tmp_path / "fusion", "--table", tmp_path / "f.md")
-    assert (tmp_path / "f.md").is_file() and out is not None
+               tiny_cascade_dir, "--data", data, "--n", "4", "--steps", "2", "--out", tmp_path / "fusion",
+               "--table", tmp_path / "f.md")  # 2 sampling steps: 25 made this smoke test take ~4 min on 2 cores
+    table = (tmp_path / "f.md").read_text()
+    assert "2 steps per stage" in table and "| ensemble 0.5 F + 0.5 G (outputs) |" in table and out is not None
+    assert len(json.loads((tmp_path / "fusion" / "fusion.json").read_text())) == 7  # every fusion measured
 
 
 def test_dense_tables(tmp_path):
