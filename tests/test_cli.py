@@ -1,3 +1,4 @@
+import argparse
 import os
 import subprocess
 import sys
@@ -133,3 +134,15 @@ def test_every_command_takes_its_model_as_model(tiny_cascade_dir, capsys):
     assert "--n is now --per-prompt" in capsys.readouterr().err
     assert main(["info", "--model", str(tiny_cascade_dir)]) == 0 and "stage base" in capsys.readouterr().out
     assert main(["info"]) == 2 and "name one model" in capsys.readouterr().err
+
+
+def test_the_features_help_states_the_defaults_the_code_uses():
+    """The help spells out the block and timestep defaults (argparse cannot: they depend on the task); a change of
+    the constants without the help would mislead whoever reads it."""
+    from imagen_transfer.features import DEFAULT_TIMESTEPS, DENSE_BLOCKS, DENSE_TIMESTEPS
+    from imagen_transfer.jobs.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["features"].format_help().split())
+    for defaults in (DEFAULT_TIMESTEPS, DENSE_BLOCKS, DENSE_TIMESTEPS):
+        assert " ".join(map(str, defaults)) in text
