@@ -197,3 +197,30 @@ def test_a_run_killed_while_sampling_resumes_at_its_last_batch(tiny_cascade_dir,
     for k in ("kid_mean", "fid", "precision", "recall"):
         assert resumed[k] == pytest.approx(whole[k], rel=1e-6, abs=1e-9)
         assert resumed["bicubic_baseline"][k] == pytest.approx(whole["bicubic_baseline"][k], rel=1e-6, abs=1e-9)
+
+
+def test_features_are_measured_in_cached_pieces(small_feature_net, toy_npz, monkeypatch):
+    """A feature pass keeps each piece of images it measured (keyed by their pixels): a rerun measures only the pieces
+    it lacks, with the same features as one pass; a real split, cached whole, leaves no pieces behind."""
+    import imagen_transfer.evaluate as ev
+    from imagen_transfer.metrics import load_feature_net
+
+    net, net_id = load_feature_net(str(small_feature_net))
+    images = torch.randint(0, 256, (7, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(ev, "FEATURE_CHUNK", 3)
+    measured = []
+    real_extract = ev.extract_features
+    monkeypatch.setattr(ev, "extract_features", lambda net, x, **k: measured.append(len(x)) or real_extract(net, x, **k))
+    first, files = ev.cached_features(net, net_id, images, progress=False)
+    assert measured == [3, 3, 1] and len(set(files)) == 3
+    close = dict(rtol=1e-5, atol=1e-5)  # another batch size may sum the convolutions in another order (float32)
+    assert torch.allclose(first, real_extract(net, images, progress=False), **close)
+    files[1].unlink()  # as if killed while measuring the second piece
+    again, _ = ev.cached_features(net, net_id, images, progress=False)
+    assert measured == [3, 3, 1, 3] and torch.equal(again, first)
+    other, _ = ev.cached_features(net, net_id, images.flip(0), progress=False)  # other pixels: measured afresh
+    assert measured == [3, 3, 1, 3, 3, 3, 1] and torch.allclose(other, first.flip(0), **close)
+    pieces = ev.cache_root() / "features" / "pieces"
+    before = set(pieces.iterdir())
+    ev.reference_features(str(toy_npz), "test", 32, net, net_id, progress=False)
+    assert set(pieces.iterdir()) == before

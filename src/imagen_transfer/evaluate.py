@@ -6,7 +6,8 @@ Protocol (written into eval.json so a number never travels without it):
   class balance; image i is sampled with seed `seed * 1_000_000 + i`.
 - Real images are read at the model's output resolution (the generated resolution), as 3-channel uint8.
 - Inception features of the real split are cached on disk, keyed by dataset content, split, resolution, the feature
-  network's sha256 and the real-subset size and seed.
+  network's sha256 and the real-subset size and seed; every feature pass is computed in pieces of 250 images cached
+  by their pixels' hash, so a run killed while measuring keeps what it measured.
 - The generated images (and the base samples the baselines reuse) are kept beside the JSON, saved after every batch
   and keyed by what they depend on (model files, data, split, N, seed, sampling settings, code version): a rerun after
   a crash while sampling resumes at the last saved batch; one after a crash while measuring, or with another real
@@ -80,6 +81,31 @@ def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: i
     return torch.cat(out)
 
 
+FEATURE_CHUNK = 250  # images per cached piece: about a minute of TF-Inception on one CPU thread
+
+
+def cached_features(net, net_id: str, images: torch.Tensor, *, batch_size: int = 50, progress: bool = True,
+                    desc: str = "features") -> tuple[torch.Tensor, list[Path]]:
+    """Features of uint8 images (N, H, W, C), computed FEATURE_CHUNK images at a time, each piece cached on disk
+    under the hash of its pixels and the network (`net_id`): a run killed while measuring, or a rerun on the same
+    images, computes only the pieces still missing. Returns the features and the pieces' files."""
+    folder, out, files = cache_root() / "features" / "pieces", [], []
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), FEATURE_CHUNK):
+            piece = images[start : start + FEATURE_CHUNK].contiguous()
+            digest = hashlib.sha1(f"{net_id}|{tuple(piece.shape)}|{piece.dtype}|".encode() + piece.numpy().tobytes())
+            file = folder / f"{digest.hexdigest()[:32]}.safetensors"
+            if file.is_file():
+                features = load_file(file)["features"]
+            else:
+                features = extract_features(net, piece, batch_size=batch_size, progress=False)
+                save_safetensors_atomic(file, {"features": features})
+            out.append(features)
+            files.append(file)
+            bar.update(len(piece))
+    return (torch.cat(out) if out else extract_features(net, images, progress=False)), files
+
+
 def reference_features(dataset: str, split: str, resolution: int, net, net_id: str, *, n_real: int | None = None,
                        seed: int = 0, batch_size: int = 50, data: ImageTextData | None = None,
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
@@ -96,8 +122,11 @@ def reference_features(dataset: str, split: str, resolution: int, net, net_id: s
     images = data.images
     if n_real is not None and n_real < len(images):
         images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_real]]
-    features = extract_features(net, images, batch_size=batch_size, progress=progress, desc=f"features {split} (real)")
+    features, parts = cached_features(net, net_id, images, batch_size=batch_size, progress=progress,
+                                      desc=f"features {split} (real)")
     save_safetensors_atomic(file, {"features": features})
+    for part in parts:  # the whole split's file holds them now
+        part.unlink(missing_ok=True)
     return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=False)
 
 
@@ -147,7 +176,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     t0 = time.time()
     real, ref_info = reference_features(dataset, split, resolution, net, net_id, n_real=n_real, seed=seed, data=data,
                                         progress=progress)
-    fake = extract_features(net, images, progress=progress, desc="features (generated)")
+    fake, _ = cached_features(net, net_id, images, progress=progress, desc="features (generated)")
     features_s = time.time() - t0
 
     result = dict(model=model_name, dataset=str(resolve_dataset(dataset)), split=split, n_generated=n,
