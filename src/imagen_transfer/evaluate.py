@@ -265,8 +265,8 @@ def _save_generated(path: Path, key: str, images: torch.Tensor, base_images: dic
 
 def _load_generated(path: Path, key: str, with_base: bool):
     """(images, {seed: base image}) saved under the same key (and with the base images where the baselines need
-    them; the first images only, if sampling was cut short), else None: anything else is sampled again, never reused. A file of that name the tool did not write is
-    refused, before any work: it is not ours to overwrite."""
+    them; the first images only, if sampling was cut short), else None: anything else is sampled again, never
+    reused. A file of that name the tool did not write is refused, before any work: it is not ours to overwrite."""
     if not path.exists():
         return None
     try:  # one read: the tensors only when the file is ours and of this protocol

@@ -489,8 +489,10 @@ def _features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"])
     p.add_argument("--stage", default=None,
                    help="base | sr (the stage's name; default base, and sr for detection / segmentation data)")
-    p.add_argument("--blocks", nargs="+", default=None, help="down0 .. mid .. up0 .. (default: all; detection / segmentation: mid up0 up1)")
-    p.add_argument("--timesteps", nargs="+", type=int_in(0, 999), default=None, help="default: 10 100 300 (detection / segmentation: 50 150)")
+    p.add_argument("--blocks", nargs="+", default=None,
+                   help="down0 .. mid .. up0 .. (default: all; detection / segmentation: mid up0 up1)")
+    p.add_argument("--timesteps", nargs="+", type=int_in(0, 999), default=None,
+                   help="default: 10 100 300 (detection / segmentation: 50 150)")
     p.add_argument("--prompt", default="", help="conditioning text (default: the empty prompt)")
     p.add_argument("--baselines", nargs="+", default=["pixels", "random"], choices=["pixels", "random", "text", "none"],
                    help="text = the captions' text-encoder embeddings (they name the class: for fusion and retrieval, "
