@@ -84,6 +84,44 @@ def test_spatial_maps_sr_stage_and_bad_names(tiny_cascade, toy):
         unet_features(sr, images, blocks=["down9"], timesteps=[5], text=text, progress=False)
 
 
+def test_a_killed_extraction_resumes_from_its_cached_pieces(tiny_cascade_dir, toy, tmp_path, monkeypatch):
+    """Features are computed in pieces cached on disk: a run killed part-way, rerun, computes only the pieces it had
+    not finished, its features equal an uninterrupted run's bit for bit, and no piece is left behind."""
+    from safetensors.torch import load_file
+
+    import imagen_transfer.features as features
+
+    monkeypatch.setattr(features, "PIECE_BATCHES", 2)  # pieces of 16 images: 6 per split of 96, 2 of 32
+    settings = dict(splits=("train", "test"), timesteps=[10], batch_size=8, baselines=("random",), progress=False)
+    models = {"tiny": str(tiny_cascade_dir)}
+    whole = features.extract(models, str(toy), tmp_path / "whole", **settings)
+    pieces_root = features.cache_root() / "unet-features"
+    assert not list(pieces_root.rglob("*.safetensors"))  # dropped once the sets were written
+
+    real, calls, kill_at = features.unet_features, [], [5]
+
+    class Killed(Exception):
+        pass
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["first_index"])
+        if len(calls) in kill_at:
+            raise Killed  # killed while computing the fifth piece
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "unet_features", counted)
+    with pytest.raises(Killed):
+        features.extract(models, str(toy), tmp_path / "resumed", **settings)
+    assert len(list(pieces_root.rglob("*.safetensors"))) == 4 and not (tmp_path / "resumed").exists()
+    calls.clear(), kill_at.clear()
+    features.extract(models, str(toy), tmp_path / "resumed", **settings)
+    assert len(calls) == 2 * (6 + 2) - 4 and calls[0] == 64  # only the missing pieces: train from image 64 on
+    for name in ("tiny", "random"):
+        one, two = load_file(whole / f"{name}.safetensors"), load_file(tmp_path / "resumed" / f"{name}.safetensors")
+        assert set(one) == set(two) and all(torch.equal(one[k], two[k]) for k in one)
+    assert not list(pieces_root.rglob("*.safetensors"))
+
+
 def test_probe_learns_toy_classes_and_writes_outputs(feature_dir):
     from imagen_transfer.probe import run_probe
 

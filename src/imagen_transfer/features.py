@@ -11,11 +11,17 @@ random weights, the captions' text-encoder embeddings) with tensors named `<spli
 
 Image i of a split always gets the noise of generator seed `seed * 1_000_000 + i`, so features do not depend on the
 batch size or on how the images are sharded across processes (`accelerate launch ... imagen-transfer features`).
+
+The U-Net runs in pieces of PIECE_BATCHES batches, each piece's features cached (under the cache root) by the hash
+of the weights, the settings, the piece's first index and its pixels: a run killed after an hour of a 60,000-image
+extraction, rerun with the same command, redoes only the pieces it had not finished. A set's pieces are deleted once
+its file is written.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -33,6 +39,7 @@ from .dense import load_dense
 from .diffusion import add_noise, condition_lowres, denoise
 from .errors import UserError
 from .interop import open_model
+from .outputs import cache_root
 from .sampling import randn
 from .text import load_text_encoder
 
@@ -112,6 +119,64 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+PIECE_BATCHES = 8  # batches per cached piece: ~15-30 s of a 32 px U-Net on one CPU thread at the default batch
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def features_key(stage, text, **settings) -> str:
+    """A digest of everything a stage's features depend on but the images: its U-Net weights, noise schedule, kind
+    and sizes, the conditioning text and the extraction settings (blocks, timesteps, seed, pooling, size, grid)."""
+    digest = hashlib.sha1(repr((stage.kind, stage.resolution, getattr(stage, "lowres", None),
+                                sorted(settings.items()))).encode())
+    for name, tensor in stage.unet.state_dict().items():
+        digest.update(name.encode() + _tensor_bytes(tensor))
+    for tensor in (stage.scheduler.alphas_cumprod, *text):
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()[:24]
+
+
+def cached_unet_features(stage, images: torch.Tensor, *, key: str, first_index: int = 0, batch_size: int = 64,
+                         progress: bool = True, desc: str = "features",
+                         **kwargs) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """unet_features in pieces of PIECE_BATCHES batches (the same batches as one pass, so the same numbers), each
+    piece kept in `cache_root()/unet-features/<key>/` under its first index and pixels' hash; pieces already there
+    are read, not computed. `key` is features_key of the stage and settings. Returns the features and the pieces."""
+    if len(images) == 0:
+        return unet_features(stage, images, first_index=first_index, batch_size=batch_size, progress=False,
+                             **kwargs), []
+    folder, parts, files = cache_root() / "unet-features" / key, [], []
+    step = batch_size * PIECE_BATCHES
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), step):
+            piece = images[start : start + step].contiguous()
+            pixels = hashlib.sha1(f"{tuple(piece.shape)}|{piece.dtype}|".encode() + piece.numpy().tobytes())
+            file = folder / f"{first_index + start}-b{batch_size}-{pixels.hexdigest()[:20]}.safetensors"
+            if file.is_file():
+                features = load_file(file)
+            else:
+                features = unet_features(stage, piece, first_index=first_index + start, batch_size=batch_size,
+                                         progress=False, **kwargs)
+                save_safetensors_atomic(file, features)
+            parts.append(features)
+            files.append(file)
+            bar.update(len(piece))
+    return {view: torch.cat([part[view] for part in parts]) for view in parts[0]}, files
+
+
+def drop_pieces(files: list[Path]) -> None:
+    """Delete cached pieces (and their folders, once empty) after the feature files they make up are written."""
+    for file in files:
+        file.unlink(missing_ok=True)
+    for folder in {file.parent for file in files}:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another extraction's pieces share the key
+            pass
+
+
 def pixel_features(images: torch.Tensor, resolution: int) -> torch.Tensor:
     """Raw pixels at `resolution`, flattened, in [-1, 1]: the baseline every representation must beat."""
     return to_float(images, resolution).flatten(1)
@@ -148,9 +213,9 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
     out = Path(out)
     data: dict[str, ImageTextData] = {s: load_dataset(dataset, s, resolution=stage0.resolution, channels=3,
                                                       limit=limit) for s in splits}
-    sets = _unet_sets(cascades, stage_name, {s: d.images for s, d in data.items()}, state, blocks=blocks,
-                      timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed, batch_size=batch_size,
-                      progress=progress, pool=pool)
+    sets, pieces = _unet_sets(cascades, stage_name, {s: d.images for s, d in data.items()}, state, blocks=blocks,
+                              timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed,
+                              batch_size=batch_size, progress=progress, pool=pool)
     encoder = load_text_encoder(first.text_encoder)
     if "pixels" in baselines:
         sets["pixels"] = {f"{s}/pixels": pixel_features(d.images, stage0.resolution) for s, d in data.items()}
@@ -165,6 +230,7 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
                                splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist())
                                        for s, d in data.items()}))
     state.wait_for_everyone()
+    drop_pieces(pieces)
     return out
 
 
@@ -187,25 +253,29 @@ def _open_models(models: dict[str, str], stage_name: str, blocks, timesteps, def
 
 
 def _unet_sets(cascades: dict, stage_name: str, images: dict[str, torch.Tensor], state, *, blocks, timesteps,
-               prompt: str, baselines, seed: int, batch_size: int, progress: bool, **kwargs) -> dict[str, dict]:
-    """{set name: {'<split>/<view>': tensor}} for each model's stage and (for the first) its random-weights twin,
-    sharded over accelerate processes; `kwargs` go to unet_features (pool, size, grid)."""
-    sets = {}
+               prompt: str, baselines, seed: int, batch_size: int, progress: bool,
+               **kwargs) -> tuple[dict[str, dict], list[Path]]:
+    """({set name: {'<split>/<view>': tensor}}, cached pieces) for each model's stage and (for the first) its
+    random-weights twin, sharded over accelerate processes; `kwargs` go to unet_features (pool, size, grid)."""
+    sets, pieces = {}, []
     for name, cascade in cascades.items():
         stage = cascade.stage(stage_name)
         sources = [(name, stage)] + ([("random", random_like(stage, 1000 + seed))] if "random" in baselines and
                                      name == next(iter(cascades)) else [])
         text = load_text_encoder(cascade.text_encoder)([prompt])
         for set_name, st in sources:
+            settings = dict(blocks=blocks, timesteps=timesteps, text=text, seed=seed, **kwargs)
+            key = features_key(st, text, **{k: v for k, v in settings.items() if k != "text"})
             tensors = {}
             for split, split_images in images.items():
                 mine, gather = _shard(len(split_images), state)
-                feats = unet_features(st, split_images[mine], blocks=blocks, timesteps=timesteps, text=text,
-                                      first_index=mine[0] if mine else 0, seed=seed, batch_size=batch_size,
-                                      progress=progress, desc=f"{set_name} {split}", **kwargs)
+                feats, files = cached_unet_features(st, split_images[mine], key=key,
+                                                    first_index=mine[0] if mine else 0, batch_size=batch_size,
+                                                    progress=progress, desc=f"{set_name} {split}", **settings)
                 tensors.update({f"{split}/{view}": gather(v) for view, v in feats.items()})
+                pieces += files
             sets[set_name] = tensors
-    return sets
+    return sets, pieces
 
 
 DENSE_BLOCKS = ("mid", "up0", "up1")  # decoder blocks, as ddpm-segmentation reads (Baranchuk et al. 2022)
@@ -251,10 +321,10 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
         raise UserError(f"tile {th}x{tw} must divide the task size {h}x{w} and be a multiple of {max(factor, stride)}; "
                         f"pass --tile H W accordingly")
     rows, cols = h // th, w // tw
-    sets = _unet_sets(cascades, stage_name, {s: to_tiles(d.images, th, tw) for s, d in data.items()}, state,
-                      blocks=blocks, timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed,
-                      batch_size=batch_size, progress=progress, pool=False, size=(th, tw),
-                      grid=(th // stride, tw // stride))
+    tiles = {s: to_tiles(d.images, th, tw) for s, d in data.items()}
+    sets, pieces = _unet_sets(cascades, stage_name, tiles, state, blocks=blocks, timesteps=timesteps, prompt=prompt,
+                              baselines=baselines, seed=seed, batch_size=batch_size, progress=progress, pool=False,
+                              size=(th, tw), grid=(th // stride, tw // stride))
     sets = {name: {k: from_tiles(v, rows, cols) for k, v in tensors.items()} for name, tensors in sets.items()}
     if "pixels" in baselines:
         sets["pixels"] = {f"{s}/pixels": torch.nn.functional.pixel_unshuffle(to_float(d.images), stride).half()
@@ -270,6 +340,7 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
             label_names=first_data.class_names, targets="targets.safetensors",
             splits={s: dict(n=len(d), source=d.source, names=d.names, faults=d.faults) for s, d in data.items()}))
     state.wait_for_everyone()
+    drop_pieces(pieces)
     return Path(out)
 
 
