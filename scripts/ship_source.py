@@ -298,8 +298,9 @@ def main() -> None:
     records, parents = {}, []
     for stage, run in (("base", args.base), ("sr", args.sr)):
         records[stage], parent = stage_record(run, stage)
-        for seg in records[stage]["segments"]:
-            seg.setdefault("command", pretrain_command(Path(seg["run"]), args.reference_config))
+        for seg in records[stage]["segments"]:  # a parent's segments keep their command: their run may be gone
+            if "command" not in seg:
+                seg["command"] = pretrain_command(Path(seg["run"]), args.reference_config)
         if parent and parent not in parents:
             parents.append(parent)
     history = []

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import shlex
+import shutil
 import sys
 
 import pytest
@@ -31,7 +32,9 @@ def ship(monkeypatch, base, sr, out, label, *extra):
 def test_a_continued_stage_counts_every_image_and_keeps_the_history(tmp_path, monkeypatch):
     data = make_npz(tmp_path / "pneumoniamnist.npz")
     first = train(tiny_config(data, tmp_path / "first", "train.stages=[base, sr]"))
-    ship(monkeypatch, first, first, tmp_path / "v1", "v1")
+    shutil.copytree(first, tmp_path / "gone")
+    ship(monkeypatch, tmp_path / "gone", tmp_path / "gone", tmp_path / "v1", "v1")
+    shutil.rmtree(tmp_path / "gone")  # v1's runs are not kept: its segments' commands come from its training.json
     more = train(tiny_config(data, tmp_path / "more", f"model.init_from={tmp_path / 'v1'}", "train.steps=4",
                              "train.val_every=2", "train.checkpoint_every=2", "train.sample_every=0"))
     ship(monkeypatch, more, first, tmp_path / "v2", "v2")
