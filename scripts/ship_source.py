@@ -188,19 +188,23 @@ def quality_table(quality: dict | None) -> str:
 
 
 def history_table(history: list[dict], current: dict) -> str:
-    """Each shipped model so far against this one: images seen, final validation loss, 32 px quality."""
+    """Each shipped model so far against this one: images seen, final validation loss, 32 px quality, and the two
+    rows the SR stage is judged by: its base upsampled bicubically (the bar), and the base alone at 16 px."""
     rows = []
     for h in history + [current]:
-        q = (h.get("quality") or {}).get("cascade") or {}
+        quality = h.get("quality") or {}
+        q = quality.get("cascade") or {}
+        bar, base = q.get("bicubic_baseline") or {}, quality.get("base") or {}
         n = f"{q['n_generated']:,} / {q['n_real']:,}" if q.get("n_generated") else "n/a"
         val = h["final_val_loss"]
         rows.append(f"| {h['name']} | {h['images_seen']['base']:,} | {h['images_seen']['sr']:,} | "
                     f"{_num(val['base'], '.4f')} | {_num(val['sr'], '.4f')} | {n} | {_num(q.get('fid'), '.1f')} | "
                     f"{_num(q.get('kid_mean'), '.4f')} | {_num(q.get('precision'), '.3f')} | "
-                    f"{_num(q.get('recall'), '.3f')} |")
+                    f"{_num(q.get('recall'), '.3f')} | {_num(bar.get('fid'), '.1f')} / {_num(bar.get('kid_mean'), '.4f')}"
+                    f" | {_num(base.get('fid'), '.1f')} / {_num(base.get('kid_mean'), '.4f')} |")
     return ("| model | base images seen | SR images seen | base val loss | SR val loss | N generated / real | "
-            "FID 32 px | KID 32 px | precision | recall |\n|---|---|---|---|---|---|---|---|---|---|\n"
-            + "\n".join(rows) + "\n")
+            "FID 32 px | KID 32 px | precision | recall | bicubic bar FID / KID 32 px | base FID / KID 16 px |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def model_card(label: str, shipped, records: dict, quality: dict | None, history: list[dict], hardware: str,

@@ -94,8 +94,8 @@ def test_the_shipped_record_reads_as_the_first_history_row():
     record = ship_source.read_training(REPO / "src" / "imagen_transfer" / "models" / "cifar10")
     v1 = ship_source.model_summary(record, record["label"])
     table = ship_source.history_table([v1], dict(v1, name="next"))
-    assert f"| {record['label']} | 128,000 | 38,400 | 0.0428 | 0.0352 | 500 / 2,000 | 302.6 | 0.3129 | 0.338 | 0.000 |" \
-        in table
+    assert (f"| {record['label']} | 128,000 | 38,400 | 0.0428 | 0.0352 | 2,000 / 10,000 | 279.9 | 0.3171 | 0.177 | "
+            f"0.000 | 101.6 / 0.0773 | 52.7 / 0.0363 |") in table  # v1 on the full protocol, beside its two bars
 
 
 def test_one_evaluation_fills_all_three_quality_rows(tmp_path):
