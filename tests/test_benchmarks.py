@@ -120,6 +120,20 @@ def test_dense_tables(tmp_path):
     assert out.count("| scratch |") == 3  # one row per table (scores, efficiency, Dice)
 
 
+def test_probe_seeds(tmp_path):
+    def result(source, random):
+        best = {name: dict(view=f"mid@t{i}", test=dict(accuracy=acc, auc=0.9)) for i, (name, acc) in
+                enumerate((("source", source), ("random", random)))}
+        return dict(best=best, n=dict(test=100), head="linear")
+
+    for seed, (source, random) in enumerate(((0.80, 0.70), (0.90, 0.70), (0.85, 0.75))):
+        (tmp_path / f"{seed}.json").write_text(json.dumps(result(source, random)))
+    out = _run("probe_seeds.py", *(tmp_path / f"{s}.json" for s in range(3)), "--out", tmp_path / "t.md")
+    # accuracy 0.85 +- 0.05 (sample std); paired leads 0.10, 0.20, 0.10: 0.133 +- 0.058
+    assert "| source | 0.850 +- 0.050 | 0.900 +- 0.000 | +0.133 +- 0.058 | mid@t0, mid@t0, mid@t0 |" in out
+    assert "| random | 0.717 +- 0.029 | 0.900 +- 0.000 |  |" in out and (tmp_path / "t.md").read_text() == out[:-1]
+
+
 def test_step_profile(tmp_path):
     out = _run("step_profile.py", "--preset", "tiny", "--batch", "4", "--warmup", "1", "--steps", "2",
                "--profile-steps", "1", "--threads", "1", "--out", tmp_path / "s.md")
