@@ -208,14 +208,15 @@ def history_table(history: list[dict], current: dict) -> str:
 
 
 def model_card(label: str, shipped, records: dict, quality: dict | None, history: list[dict], hardware: str,
-               size_mb: float) -> str:
-    """The README.md of the shipped cascade."""
+               size_mb: float, recipe: str = "") -> str:
+    """The README.md of the shipped cascade; `recipe`: the maintainers' markdown on why the recipe is what it is."""
     base, sr = records["base"], records["sr"]
     params = {s: sum(p.numel() for p in shipped.stage(s).unet.parameters()) / 1e6 for s in STAGES}
     prediction = {s: shipped.stage(s).scheduler.config.prediction_type.replace("_prediction", "") for s in STAGES}
     commands = "\n".join(f"# {stage} segment {i + 1}\n{seg['command']}" for stage in STAGES
                          for i, seg in enumerate(records[stage]["segments"]))
     current = model_summary(records, label, quality)
+    recipe_section = f"\n## Recipe, and why\n\n{recipe.strip()}\n" if recipe.strip() else ""
     return f"""# cifar10: the shipped CIFAR-10 source cascade ({label})
 
 An Imagen-style two-stage cascade trained on CIFAR-10 with class-caption text, as the *source* model that
@@ -255,7 +256,7 @@ A segment is one run; a later segment continues the weights the earlier ones shi
 ![validation loss against images seen](validation-loss.png)
 
 Every validation point is in `training.json`.
-
+{recipe_section}
 ## Samples (one row per class caption, airplane ... truck; seeds 0-79)
 
 16 px, base stage only: ![16 px](samples-16px.png)
@@ -293,9 +294,13 @@ def main() -> None:
                         "--bicubic-baseline) on CIFAR-10 test")
     parser.add_argument("--eval-base", type=Path, default=None, help="evaluate's JSON of the base stage (16 px); "
                         "default: the --eval file's base_stage, where it was run with --base-stage")
+    parser.add_argument("--recipe", type=Path, default=None, help="a markdown file: why this recipe (measured "
+                        "choices), printed in the card under 'Recipe, and why'")
     parser.add_argument("--reference-config", type=Path, default=Path("configs/cifar10-small.yaml"))
     parser.add_argument("--hardware", default="2-core x86-64 CPU (Intel Xeon, AMX), no GPU, 1 thread per stage")
     args = parser.parse_args()
+    if args.recipe and not args.recipe.is_file():
+        raise UserError(f"--recipe {args.recipe}: no such file; pass the markdown file that explains the recipe")
     if args.out.exists() and any(args.out.iterdir()):
         raise UserError(f"{args.out} is not empty; ship to a fresh folder, then move it into place")
 
@@ -329,7 +334,8 @@ def main() -> None:
     save_grid(sample_cascade(shipped, prompts, seeds, progress=False), args.out / "samples-32px.png", nrow=8, scale=2)
     plot_validation(records, args.out / "validation-loss.png")
     size_mb = sum(f.stat().st_size for f in args.out.rglob("*.safetensors")) / 2**20
-    card = model_card(args.label, shipped, records, quality, history, args.hardware, size_mb)
+    card = model_card(args.label, shipped, records, quality, history, args.hardware, size_mb,
+                      args.recipe.read_text() if args.recipe else "")
     write_atomic(args.out / "README.md", card)
     write_atomic(args.out / "training.json", json.dumps(dict(label=args.label, **records, quality=quality,
                                                              history=history), indent=1))

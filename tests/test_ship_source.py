@@ -89,13 +89,16 @@ def test_checkpoint_cascade_takes_the_named_checkpoints_ema_weights(tmp_path):
         module.checkpoint_cascade(run, "base", tmp_path / "at4", checkpoint="step-0000004")
 
 
-def test_the_shipped_record_reads_as_the_first_history_row():
-    """The shipped cascade's training.json (migrated to the per-segment schema) is a valid parent for the next ship."""
+def test_the_shipped_record_is_a_valid_parent_and_keeps_v1_in_its_history():
+    """The shipped cascade's training.json is a valid parent for the next ship: its history holds v1 on the full
+    protocol (beside its two bars), and its own row counts every image its stages have seen."""
     record = ship_source.read_training(REPO / "src" / "imagen_transfer" / "models" / "cifar10")
-    v1 = ship_source.model_summary(record, record["label"])
-    table = ship_source.history_table([v1], dict(v1, name="next"))
-    assert (f"| {record['label']} | 128,000 | 38,400 | 0.0428 | 0.0352 | 2,000 / 10,000 | 279.9 | 0.3171 | 0.177 | "
-            f"0.000 | 101.6 / 0.0773 | 52.7 / 0.0363 |") in table  # v1 on the full protocol, beside its two bars
+    current = ship_source.model_summary(record, record["label"])
+    table = ship_source.history_table(record["history"], dict(current, name="next"))
+    assert ("| v1 2026-11-26 | 128,000 | 38,400 | 0.0428 | 0.0352 | 2,000 / 10,000 | 279.9 | 0.3171 | 0.177 | "
+            "0.000 | 101.6 / 0.0773 | 52.7 / 0.0363 |") in table
+    assert "| next | 1,128,000 | 438,400 | 0.0377 | 0.0173 | 2,000 / 10,000 |" in table
+    assert record["base"]["images_seen"] == sum(s["images"] for s in record["base"]["segments"]) == 1_128_000
 
 
 def test_one_evaluation_fills_all_three_quality_rows(tmp_path):
