@@ -129,7 +129,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def features_key(stage, text, **settings) -> str:
     """A digest of everything a stage's features depend on but the images: its U-Net weights, noise schedule, kind
     and sizes, the conditioning text and the extraction settings (blocks, timesteps, seed, pooling, size, grid)."""
-    digest = hashlib.sha1(repr((stage.kind, stage.resolution, getattr(stage, "lowres", None),
+    digest = hashlib.sha1(repr((stage.kind, stage.resolution, stage.lowres,
                                 sorted(settings.items()))).encode())
     for name, tensor in stage.unet.state_dict().items():
         digest.update(name.encode() + _tensor_bytes(tensor))
@@ -264,14 +264,15 @@ def _unet_sets(cascades: dict, stage_name: str, images: dict[str, torch.Tensor],
                                      name == next(iter(cascades)) else [])
         text = load_text_encoder(cascade.text_encoder)([prompt])
         for set_name, st in sources:
-            settings = dict(blocks=blocks, timesteps=timesteps, text=text, seed=seed, **kwargs)
-            key = features_key(st, text, **{k: v for k, v in settings.items() if k != "text"})
+            settings = dict(blocks=blocks, timesteps=timesteps, seed=seed, **kwargs)
+            key = features_key(st, text, **settings)
             tensors = {}
             for split, split_images in images.items():
                 mine, gather = _shard(len(split_images), state)
                 feats, files = cached_unet_features(st, split_images[mine], key=key,
                                                     first_index=mine[0] if mine else 0, batch_size=batch_size,
-                                                    progress=progress, desc=f"{set_name} {split}", **settings)
+                                                    progress=progress, desc=f"{set_name} {split}", text=text,
+                                                    **settings)
                 tensors.update({f"{split}/{view}": gather(v) for view, v in feats.items()})
                 pieces += files
             sets[set_name] = tensors
