@@ -6,6 +6,11 @@ level of the low-res input, guidance, thresholding, steps), with the same SR noi
 same real images (TF-Inception features: FID, KID, precision / recall). The first row is the bar: the same base
 images upsampled bicubically. Settings cost minutes; training costs hours, so this comes first.
 
+`--real-lowres SPLIT` replaces the base samples by another split's real images shrunk to the base's size (area
+averaging, as training shrinks them), captioned as they are, measured against `--split` as usual: it separates the SR stage's own skill from the base samples' faults
+(if the SR stage loses to bicubic even on real low-res images, no sampling setting of the base will save it).
+`--guidance` sets the guidance weight of the base and of every row (default: the cascade's).
+
     python benchmarks/sr_sweep.py --model cifar10 --data cifar10 --n 256 --n-real 1000 \
         --out benchmarks/results/sr_sweep_cifar10_cpu.md
 """
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 
 from imagen_transfer.cascade import load_cascade
-from imagen_transfer.data import load_dataset
+from imagen_transfer.data import load_dataset, resize, to_float
 from imagen_transfer.evaluate import draw_captions, reference_features
 from imagen_transfer.metrics import extract_features, fid, kid, load_feature_net, precision_recall
 from imagen_transfer.sampling import sample_stage, to_gray, to_uint8
@@ -28,7 +33,7 @@ from imagen_transfer.text import EmbeddingCache, default_cache_dir, load_text_en
 
 # (label, SR sampling overrides, noise-augmentation level at sampling)
 SETTINGS = [
-    ("shipped defaults (aug 100, guidance 3, dynamic, 25 steps)", {}, 100),
+    ("aug level 100, the cascade's other settings", {}, 100),
     ("aug level 0", {}, 0),
     ("aug level 50", {}, 50),
     ("aug level 250", {}, 250),
@@ -55,6 +60,9 @@ def main() -> None:
     parser.add_argument("--n-real", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--only", nargs="*", type=int, default=None, help="indices of SETTINGS to run")
+    parser.add_argument("--real-lowres", default=None, metavar="SPLIT",
+                        help="super-resolve this split's real images, shrunk (not --split: its images are the reference)")
+    parser.add_argument("--guidance", type=float, default=None, help="default: the cascade's")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -62,8 +70,16 @@ def main() -> None:
     base, sr = cascade.stages[0], cascade.stages[-1]
     settings = dict(cascade.sampling)
     gray = settings.pop("grayscale", False)
+    if args.guidance is not None:
+        settings["guidance"] = args.guidance
     data = load_dataset(args.data, args.split, resolution=sr.resolution, channels=3)
     prompts, _ = draw_captions(data, args.n, seed=0)
+    if args.real_lowres == args.split:
+        parser.error("--real-lowres needs a split other than --split (whose images are the reference)")
+    if args.real_lowres:
+        lowres_data = load_dataset(args.data, args.real_lowres, resolution=sr.resolution, channels=3)
+        picked = torch.randperm(len(lowres_data), generator=torch.Generator().manual_seed(0))[: args.n]
+        prompts = [lowres_data.captions[i] for i in picked.tolist()]
     encode = EmbeddingCache(load_text_encoder(cascade.text_encoder), default_cache_dir())
     null = encode([""])
     net, net_id = load_feature_net(None)
@@ -75,11 +91,12 @@ def main() -> None:
     for start in range(0, args.n, args.batch):
         chunk = prompts[start : start + args.batch]
         gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        lows.append(sample_stage(base, encode(chunk), null, gens, progress=False, **settings))
-    low = torch.cat(lows)
+        if not args.real_lowres:
+            lows.append(sample_stage(base, encode(chunk), null, gens, progress=False, **settings))
+    low = resize(to_float(lowres_data.images[picked]), base.resolution) if args.real_lowres else torch.cat(lows)
     base_s = time.time() - started
     bicubic = torch.nn.functional.interpolate(low, size=(sr.resolution,) * 2, mode="bicubic").clamp(-1, 1)
-    rows = [("base + bicubic (the bar)", measure(to_uint8(to_gray(bicubic) if gray else bicubic), real, net), 0.0)]
+    rows = [("real low-res + bicubic (the bar)" if args.real_lowres else "base + bicubic (the bar)", measure(to_uint8(to_gray(bicubic) if gray else bicubic), real, net), 0.0)]
     print(rows[-1], flush=True)
     chosen = [SETTINGS[i] for i in args.only] if args.only is not None else SETTINGS
     for label, overrides, level in chosen:
@@ -95,16 +112,20 @@ def main() -> None:
         rows.append((label, measure(to_uint8(torch.cat(outs)), real, net), time.time() - t0))
         print(rows[-1], flush=True)
 
-    lines = [f"SR sampling settings on `{args.model}`, {args.data} {args.split}: the same {args.n} base samples "
-             f"(16 px, the cascade's base settings, seeds 0..{args.n - 1}) super-resolved to {sr.resolution} px per "
+    inputs = (f"{args.n} real {args.real_lowres} images shrunk to {base.resolution} px (area) with their captions"
+              if args.real_lowres else f"{args.n} base samples ({base.resolution} px, the cascade's base settings, "
+              f"seeds 0..{args.n - 1})")
+    lines = [f"SR sampling settings on `{args.model}`, {args.data} {args.split}: the same {inputs}, guidance "
+             f"{settings['guidance']}, super-resolved to {sr.resolution} px per "
              f"row, against {info['n_real']} real images (TF-Inception; KID std over 100 subsets). "
              f"Base sampling {base_s:.0f} s; torch threads {torch.get_num_threads()}.", "",
              "| SR setting | FID | KID (std) | precision | recall | SR seconds |", "|---|---|---|---|---|---|"]
     for label, m, seconds in rows:
         lines.append(f"| {label} | {m['fid']:.1f} | {m['kid']:.3f} ({m['kid_std']:.3f}) | {m['precision']:.3f} | "
                      f"{m['recall']:.3f} | {seconds:.0f} |")
-    lines += ["", "Reproduce: `python benchmarks/sr_sweep.py --model " + args.model + f" --data {args.data} --n "
-              f"{args.n} --n-real {args.n_real} --out {args.out}`"]
+    flags = (f" --real-lowres {args.real_lowres}" if args.real_lowres else "") + (f" --guidance {args.guidance}" if args.guidance else "")
+    lines += ["", "Reproduce: `python benchmarks/sr_sweep.py --model " + args.model + f" --data {args.data} --split "
+              f"{args.split} --n {args.n} --n-real {args.n_real}{flags} --out {args.out}`"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(dict(rows=rows, args={k: str(v) for k, v in

@@ -88,6 +88,21 @@ def test_sr_sweep(tmp_path, tiny_cascade_dir, tiny_feature_env):
     out = _run("sr_sweep.py", "--model", tiny_cascade_dir, "--data", data, "--split", "val", "--n", "4", "--n-real",
                "8", "--batch", "4", "--only", "0", "--out", tmp_path / "sr.md")
     assert (tmp_path / "sr.md").is_file() and out is not None
+    out = _run("sr_sweep.py", "--model", tiny_cascade_dir, "--data", data, "--split", "test", "--n", "4", "--n-real",
+               "8", "--batch", "4", "--only", "0", "--real-lowres", "val", "--guidance", "1.5", "--out", tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "4 real val images shrunk" in text and "| real low-res + bicubic (the bar) |" in text, out
+
+
+def test_sr_finetune_curve(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    out = _run("sr_finetune_curve.py", "--source", tiny_cascade_dir, "--data", data, "--steps", "1", "--sr-steps", "2",
+               "--every", "1", "--batch", "4", "--n", "4", "--sample-steps", "2", "--aug-level", "0",
+               "--out", tmp_path / "curve", "--table", tmp_path / "c.md")
+    table = (tmp_path / "c.md").read_text()
+    assert "| cascade, SR step 1 |" in table and "| cascade, SR step 2 |" in table and "(the bar)" in table, out
+    kept = json.loads((tmp_path / "curve" / "by-step" / "sr-00002" / "cascade.json").read_text())
+    assert kept["stages"][1]["aug_level_sample"] == 0  # --aug-level reached the kept cascades
 
 
 def test_fusion_pneumonia(tmp_path, tiny_cascade_dir, tiny_feature_env):

@@ -58,8 +58,10 @@ def test_stage_from_and_architecture_mismatch(three):
     from imagen_transfer.fusion import merge_cascades
 
     a, b, c = three
+    c.stage("sr").aug_level_sample = 0  # e.g. a fine-tune's level, chosen on its val split
     assembled = merge_cascades([a], ["a"], stage_from={"sr": c})
     assert all(torch.equal(_w(assembled, "sr")[k], v) for k, v in _w(c, "sr").items())
+    assert assembled.stage("sr").aug_level_sample == 0 != a.stage("sr").aug_level_sample  # the stage came whole
     assert all(torch.equal(_w(assembled)[k], v) for k, v in _w(a).items())
     from imagen_transfer.unet import build_unet
 

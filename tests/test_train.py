@@ -55,6 +55,17 @@ def test_pretrain_writes_a_self_describing_run_folder(pneumonia_npz, tmp_path):
         train(tiny_config(pneumonia_npz, tmp_path / "run"))
 
 
+def test_sample_aug_level_is_written_into_the_sr_stages(pneumonia_npz, tmp_path):
+    run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.stages=[sr]", "train.steps=1",
+                            "train.val_every=0", "train.sample_every=0", "sample.aug_level=7"))
+    cascade = load_cascade(run / "cascade")
+    assert cascade.stage("sr").aug_level_sample == 7
+    assert cascade.stage("base").aug_level_sample == init_cascade("tiny").stage("base").aug_level_sample
+    with pytest.raises(UserError, match=r"sample.aug_level=1000000 is outside stage sr's \d+ noise levels"):
+        train(tiny_config(pneumonia_npz, tmp_path / "bad", "sample.aug_level=1000000"))
+    assert not (tmp_path / "bad").exists()  # refused before any folder is made
+
+
 @pytest.mark.slow
 def test_validation_loss_falls(pneumonia_npz, tmp_path):
     run = train(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=40", "train.val_every=20",

@@ -158,6 +158,9 @@ class SampleConfig:
     max_value: float = rule(1.5, low=1)
     prompts: list[str] = field(default_factory=list)  # empty: one training caption per label
     per_prompt: int = rule(4, low=1)
+    # SR stages: the low-res input's noise-augmentation level at sampling (Imagen sec. 2.5), written into the trained
+    # cascade; None keeps each stage's own (a fresh stage's 100, a source's its). Choose it on the val split.
+    aug_level: int | None = rule(None, low=0)
 
 
 @dataclass

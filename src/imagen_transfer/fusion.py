@@ -100,6 +100,7 @@ def merge_cascades(cascades: list, names: list[str], *, weights: list[float] | N
         if stage.name in stage_from:
             donor = stage_from[stage.name].stage(stage.name)
             stage.unet, stage.scheduler = copy.deepcopy(donor.unet), copy.deepcopy(donor.scheduler)
+            stage.aug_level_sample = donor.aug_level_sample  # whole: its sampling level goes with its weights
             continue
         states = [_state(c.stage(stage.name)) for c in cascades]
         base_state = _state(base.stage(stage.name)) if base is not None else None

@@ -554,6 +554,17 @@ def build_or_load_cascade(config: RunConfig, resume: bool = False) -> Cascade:
     return cascade
 
 
+def set_sampling_aug_level(cascade: Cascade, level: int | None) -> None:
+    """Give every SR stage `level` as its sampling noise-augmentation level (sample.aug_level; None: unchanged)."""
+    for stage in cascade.stages if level is not None else []:
+        steps = len(stage.scheduler.alphas_cumprod)
+        if stage.kind == "sr" and level >= steps:
+            raise UserError(f"sample.aug_level={level} is outside stage {stage.name}'s {steps} noise levels; use 0 to "
+                            f"{steps - 1}")
+        if stage.kind == "sr":
+            stage.aug_level_sample = level
+
+
 def default_prompts(data: ImageTextData) -> list[str]:
     """One training caption per label (or the first few captions): what sample grids show by default."""
     first: dict[int, str] = {}
@@ -580,6 +591,7 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
         check_run_dir(config, resume)
     torch.manual_seed(config.train.seed)
     cascade = build_or_load_cascade(config, resume)
+    set_sampling_aug_level(cascade, config.sample.aug_level)
     if config.train.kid_every:  # a missing feature network fails here, before the run folder exists
         load_feature_net(config.train.kid_feature_net)
     note = resolve_transfer_defaults(config.transfer)

@@ -27,17 +27,22 @@ from ..features import extract
 from ..fusion import merge_cascades
 from ..interop import open_model
 from ..probe import PUBLISHED, run_probe
-from ..train import train
+from ..train import set_sampling_aug_level, train
 from .report import write_report
 
-FULL = dict(steps=250, sr_steps=80, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
-            probe_epochs=30, sample_steps=None, precision="no")
+# The SR stage's recipe on X-rays (benchmarks/results/sr_xray_cpu.md, issue #19): at 80 steps and the method's
+# 1e-4 its samples lost to bicubic upsampling of its own base (KID 0.162 vs 0.076); at lr 3e-4 both stages reach a lower
+# validation loss and the cascade's KID keeps falling to 600 SR steps; noise-augmentation level 0 at sampling, chosen
+# on the val split, beats 50 / 100 / 200. bf16 U-Net calls where native pay for the longer SR run (same KID:
+# sampler_parity_cpu.md); min_delta suits the SR stage's loss scale (~0.006).
+FULL = dict(steps=250, sr_steps=600, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
+            probe_epochs=30, sample_steps=None, precision="auto", lr=3e-4, aug_level=0, min_delta=0.00005)
 # --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
 # a seeded subset of 256 real test images, bf16 U-Net calls where native (same KID: benchmarks/results/
 # sampler_parity_cpu.md). Measured: 3 min 39 s on 2 cores with empty feature and judge caches (peak RSS 1.9 GB;
 # benchmarks/results/demo_quick_cpu.json), against ~9 min 50 s for the whole cascade at these sizes.
 QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
-             sample_steps=None, precision="auto")
+             sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002)
 
 
 def _phase(name: str, timings: dict, fn, *args, **kwargs):
@@ -53,6 +58,28 @@ def default_out() -> Path:
     return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
 
 
+def finetune_config(out: Path, settings: dict, source: str = "cifar10", data: str = "pneumoniamnist",
+                    method: str = "full"):
+    """The demo's fine-tuning run (phase 1) as a RunConfig writing to `out`, from its `settings` (FULL / QUICK)."""
+    def optional(value):
+        return "null" if value is None else value
+
+    overrides = [f"model.init_from={source}", f"data.dataset={data}", "data.split=train", "data.val_split=val",
+                 "data.val_size=256", "data.hflip=false", f"transfer.method={method}",
+                 "train.stages=[base, sr]" if settings["sr_steps"] else "train.stages=[base]",
+                 f"train.stage_steps={{sr: {settings['sr_steps']}}}",
+                 f"train.steps={settings['steps']}", f"train.batch_size={settings['batch']}", "train.warmup_steps=10",
+                 f"train.log_every={max(1, settings['val_every'] // 2)}", f"train.val_every={settings['val_every']}",
+                 f"train.sample_every={settings['steps']}", f"train.checkpoint_every={settings['steps']}",
+                 "train.early_stopping_patience=3", f"train.early_stopping_min_delta={settings['min_delta']}",
+                 "train.restore_best=true", f"train.lr={optional(settings['lr'])}",
+                 f"sample.aug_level={optional(settings['aug_level'])}",
+                 'sample.prompts=["chest x-ray, normal", "chest x-ray, pneumonia"]', "sample.per_prompt=8"]
+    config = load_config(None, overrides)
+    config.out = str(out)
+    return config
+
+
 def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str = "cifar10",
              data: str = "pneumoniamnist", method: str = "full", settings: dict | None = None,
              feature_net: str | None = None) -> Path:
@@ -62,17 +89,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     resolve_dataset(data)  # a missing data file fails here, naming the file, before any work
     out = Path(out) if out else default_out()
     started, timings = time.time(), {}
-    overrides = [f"model.init_from={source}", f"data.dataset={data}", "data.split=train", "data.val_split=val",
-                 "data.val_size=256", "data.hflip=false", f"transfer.method={method}",
-                 "train.stages=[base, sr]" if settings["sr_steps"] else "train.stages=[base]",
-                 f"train.stage_steps={{sr: {settings['sr_steps']}}}",
-                 f"train.steps={settings['steps']}", f"train.batch_size={settings['batch']}", "train.warmup_steps=10",
-                 f"train.log_every={settings['val_every'] // 2}", f"train.val_every={settings['val_every']}",
-                 f"train.sample_every={settings['steps']}", f"train.checkpoint_every={settings['steps']}",
-                 "train.early_stopping_patience=3", "train.early_stopping_min_delta=0.0002", "train.restore_best=true",
-                 'sample.prompts=["chest x-ray, normal", "chest x-ray, pneumonia"]', "sample.per_prompt=8"]
-    config = load_config(None, overrides)
-    config.out = str(out)
+    config = finetune_config(out, settings, source, data, method)
     run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} base / {settings['sr_steps']} SR "
                  "steps)", timings, train, config)
     tuned_dir = run / "cascade"
@@ -97,6 +114,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     def fuse():
         interp = merge_cascades([source_cascade, tuned], [source, "fine-tuned"], weights=[0.5, 0.5])
         interp.sampling = dict(tuned.sampling)
+        set_sampling_aug_level(interp, settings["aug_level"])  # a copy of the source's stages: the tuned level
         save_cascade(interp, run / "fused-interp-0.5", overwrite=True)
         results["interpolation 0.5"] = evaluate(str(run / "fused-interp-0.5"), data,
                                                 out=run / "eval-2-interp-0.5.json", **common)
