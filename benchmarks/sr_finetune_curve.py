@@ -2,7 +2,8 @@
 
 Runs the demo's fine-tuning (jobs/demo.finetune_config: both stages, early stopping off here) with the given SR
 steps and learning rate, keeps the cascade every `--every` SR steps (its EMA weights, through the training loop's
-validation hook), and evaluates each kept cascade as the demo does (N generated vs every real test image,
+validation hook: the learning rate there is mid-way down the cosine to --sr-steps, so a point is not a run that ends at that
+step), and evaluates each kept cascade as the demo does (N generated vs every real test image,
 guidance 1.5, the same captions and seeds), the first also against its own base samples upsampled bicubically: the
 base stage is the same for all of them, so that bar is too. Issue #19: after the demo's old 80 SR steps at 1e-4 the
 cascade lost to that bar on X-rays.
@@ -77,8 +78,10 @@ def main() -> None:
 
 def table(args, bar: dict, rows: dict, train_s: float) -> str:
     lr = args.lr if args.lr is not None else "the method's default"
-    lines = [f"`{args.source}` fine-tuned on {args.data} ({args.steps} base steps, SR steps as listed, lr {lr}, "
-             f"batch {args.batch}; training {train_s:.0f} s), each kept cascade evaluated on the test split: "
+    aug = args.aug_level if args.aug_level is not None else "the source's"
+    lines = [f"`{args.source}` fine-tuned on {args.data} ({args.steps} base steps; {args.sr_steps} SR steps, the cascade "
+             f"kept every {args.every} (warmup + cosine to step {args.sr_steps}); lr {lr}, batch {args.batch}; SR "
+             f"sampling aug level {aug}; training {train_s:.0f} s), each kept cascade evaluated on the test split: "
              f"N={args.n} generated vs all real test images, guidance 1.5, the same captions and seeds.", "",
              "| 32 px images | FID | KID (std) | precision | recall | conditioning acc. |", "|---|---|---|---|---|---|"]
     for label, m in [("base + bicubic (the bar)", bar), *((f"cascade, SR step {s}", rows[s]) for s in sorted(rows))]:

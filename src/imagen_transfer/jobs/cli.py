@@ -559,7 +559,7 @@ COMMANDS = [
     ("export", "write a cascade as diffusers IF pipelines",
      _export_arguments, cmd_export),
     ("demo", "the main job: CIFAR-10 source -> PneumoniaMNIST fine-tune, evaluate, fuse, "
-              "probe, report (about 20 min on 2 CPU cores; --quick about 5)",
+              "probe, report (about 14 min on 2 CPU cores with native bf16; --quick about 3)",
      _demo_arguments, cmd_demo),
     ("study", "studies: `study transfer` compares transfer with training from scratch",
      _study_arguments, cmd_study),
