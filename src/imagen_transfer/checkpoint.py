@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -41,6 +42,27 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
+
+
+def cached_pieces(items: torch.Tensor, piece_size: int, file_for, compute, *, progress: bool = True,
+                  desc: str = "pieces") -> tuple[list[dict[str, torch.Tensor]], list[Path]]:
+    """`compute(start, piece)` (a dict of tensors) for each run of `piece_size` items, each kept at
+    `file_for(start, piece)` (atomic safetensors) and read back instead of computed when it is there: work killed
+    midway, or repeated on the same items, redoes only the missing pieces. Returns the pieces and their files."""
+    parts, files = [], []
+    with tqdm(total=len(items), desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(0, len(items), piece_size):
+            piece = items[start : start + piece_size].contiguous()
+            file = file_for(start, piece)
+            if file.is_file():
+                part = load_file(file)
+            else:
+                part = compute(start, piece)
+                save_safetensors_atomic(file, part)
+            parts.append(part)
+            files.append(file)
+            bar.update(len(piece))
+    return parts, files
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (after a newline of its own if a killed writer left the last line unfinished)."""

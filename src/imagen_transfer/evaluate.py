@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .cascade import resolve_model
-from .checkpoint import save_safetensors_atomic, write_atomic
+from .checkpoint import cached_pieces, save_safetensors_atomic, write_atomic
 from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset
 from .errors import UserError
 from .interop import open_model
@@ -89,20 +89,17 @@ def cached_features(net, net_id: str, images: torch.Tensor, *, batch_size: int =
     """Features of uint8 images (N, H, W, C), computed FEATURE_CHUNK images at a time, each piece cached on disk
     under the hash of its pixels and the network (`net_id`): a run killed while measuring, or a rerun on the same
     images, computes only the pieces still missing. Returns the features and the pieces' files."""
-    folder, out, files = cache_root() / "features" / "pieces", [], []
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(images), FEATURE_CHUNK):
-            piece = images[start : start + FEATURE_CHUNK].contiguous()
-            digest = hashlib.sha1(f"{net_id}|{tuple(piece.shape)}|{piece.dtype}|".encode() + piece.numpy().tobytes())
-            file = folder / f"{digest.hexdigest()[:32]}.safetensors"
-            if file.is_file():
-                features = load_file(file)["features"]
-            else:
-                features = extract_features(net, piece, batch_size=batch_size, progress=False)
-                save_safetensors_atomic(file, {"features": features})
-            out.append(features)
-            files.append(file)
-            bar.update(len(piece))
+    folder = cache_root() / "features" / "pieces"
+
+    def file_for(start: int, piece: torch.Tensor) -> Path:
+        digest = hashlib.sha1(f"{net_id}|{tuple(piece.shape)}|{piece.dtype}|".encode() + piece.numpy().tobytes())
+        return folder / f"{digest.hexdigest()[:32]}.safetensors"
+
+    def compute(start: int, piece: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": extract_features(net, piece, batch_size=batch_size, progress=False)}
+
+    parts, files = cached_pieces(images, FEATURE_CHUNK, file_for, compute, progress=progress, desc=desc)
+    out = [part["features"] for part in parts]
     return (torch.cat(out) if out else extract_features(net, images, progress=False)), files
 
 

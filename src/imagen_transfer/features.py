@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .cascade import resolve_model
-from .checkpoint import save_safetensors_atomic
+from .checkpoint import cached_pieces, save_safetensors_atomic
 from .data import ImageTextData, load_dataset, resize, resolve_dataset, to_float
 from .dense import load_dense
 from .diffusion import add_noise, condition_lowres, denoise
@@ -147,22 +147,17 @@ def cached_unet_features(stage, images: torch.Tensor, *, key: str, first_index: 
     if len(images) == 0:
         return unet_features(stage, images, first_index=first_index, batch_size=batch_size, progress=False,
                              **kwargs), []
-    folder, parts, files = cache_root() / "unet-features" / key, [], []
-    step = batch_size * PIECE_BATCHES
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(images), step):
-            piece = images[start : start + step].contiguous()
-            pixels = hashlib.sha1(f"{tuple(piece.shape)}|{piece.dtype}|".encode() + piece.numpy().tobytes())
-            file = folder / f"{first_index + start}-b{batch_size}-{pixels.hexdigest()[:20]}.safetensors"
-            if file.is_file():
-                features = load_file(file)
-            else:
-                features = unet_features(stage, piece, first_index=first_index + start, batch_size=batch_size,
-                                         progress=False, **kwargs)
-                save_safetensors_atomic(file, features)
-            parts.append(features)
-            files.append(file)
-            bar.update(len(piece))
+    folder = cache_root() / "unet-features" / key
+
+    def file_for(start: int, piece: torch.Tensor) -> Path:
+        pixels = hashlib.sha1(f"{tuple(piece.shape)}|{piece.dtype}|".encode() + piece.numpy().tobytes())
+        return folder / f"{first_index + start}-b{batch_size}-{pixels.hexdigest()[:20]}.safetensors"
+
+    def compute(start: int, piece: torch.Tensor) -> dict[str, torch.Tensor]:
+        return unet_features(stage, piece, first_index=first_index + start, batch_size=batch_size, progress=False,
+                             **kwargs)
+
+    parts, files = cached_pieces(images, batch_size * PIECE_BATCHES, file_for, compute, progress=progress, desc=desc)
     return {view: torch.cat([part[view] for part in parts]) for view in parts[0]}, files
 
 
