@@ -123,7 +123,8 @@ def main() -> None:
     for label, m, seconds in rows:
         lines.append(f"| {label} | {m['fid']:.1f} | {m['kid']:.3f} ({m['kid_std']:.3f}) | {m['precision']:.3f} | "
                      f"{m['recall']:.3f} | {seconds:.0f} |")
-    flags = (f" --real-lowres {args.real_lowres}" if args.real_lowres else "") + (f" --guidance {args.guidance}" if args.guidance else "")
+    flags = (" --only " + " ".join(map(str, args.only)) if args.only is not None else "")
+    flags += (f" --real-lowres {args.real_lowres}" if args.real_lowres else "") + (f" --guidance {args.guidance}" if args.guidance else "")
     lines += ["", "Reproduce: `python benchmarks/sr_sweep.py --model " + args.model + f" --data {args.data} --split "
               f"{args.split} --n {args.n} --n-real {args.n_real}{flags} --out {args.out}`"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
