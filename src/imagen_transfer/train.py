@@ -556,13 +556,14 @@ def build_or_load_cascade(config: RunConfig, resume: bool = False) -> Cascade:
 
 def set_sampling_aug_level(cascade: Cascade, level: int | None) -> None:
     """Give every SR stage `level` as its sampling noise-augmentation level (sample.aug_level; None: unchanged)."""
-    for stage in cascade.stages if level is not None else []:
+    if level is None:
+        return
+    for stage in [s for s in cascade.stages if s.kind == "sr"]:
         steps = len(stage.scheduler.alphas_cumprod)
-        if stage.kind == "sr" and level >= steps:
+        if level >= steps:
             raise UserError(f"sample.aug_level={level} is outside stage {stage.name}'s {steps} noise levels; use 0 to "
                             f"{steps - 1}")
-        if stage.kind == "sr":
-            stage.aug_level_sample = level
+        stage.aug_level_sample = level
 
 
 def default_prompts(data: ImageTextData) -> list[str]:
