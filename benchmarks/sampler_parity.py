@@ -61,9 +61,11 @@ def main() -> None:
     for r in rows:
         gap = (r["kid"] - reference["kid"]) / max(r["kid_std"], reference["kid_std"])
         acc = r["conditioning_accuracy"]
+        # eval.json times generation to 0.1 s: a tiny run can read 0.0, too fast to give a rate
+        rate = f"{args.n / r['generation_s']:.2f}" if r["generation_s"] > 0 else "-"
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['precision']} | {r['kid'] * 1e3:.1f} +- "
                      f"{r['kid_std'] * 1e3:.1f} | {gap:+.2f} | {r['fid']:.1f} | "
-                     f"{'-' if acc is None else f'{acc:.3f}'} | {args.n / r['generation_s']:.2f} |")
+                     f"{'-' if acc is None else f'{acc:.3f}'} | {rate} |")
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
     lines += ["", f"Command: `python benchmarks/sampler_parity.py {flags}{' --out ' + args.out if args.out else ''}`"]
     text = "\n".join(lines) + "\n"
