@@ -2,8 +2,8 @@
 
 Runs the demo's fine-tuning (jobs/demo.finetune_config: both stages, early stopping off here) with the given SR
 steps and learning rate, keeps the cascade every `--every` SR steps (its EMA weights, through the training loop's
-validation hook: the learning rate there is mid-way down the cosine to --sr-steps, so a point is not a run that ends at that
-step), and evaluates each kept cascade as the demo does (N generated vs every real test image,
+validation hook: the learning rate there is mid-way down the cosine to --sr-steps, so a point is not a run that
+ends at that step), and evaluates each kept cascade as the demo does (N generated vs every real test image,
 guidance 1.5, the same captions and seeds), the first also against its own base samples upsampled bicubically: the
 base stage is the same for all of them, so that bar is too. Issue #19: after the demo's old 80 SR steps at 1e-4 the
 cascade lost to that bar on X-rays.
@@ -60,13 +60,14 @@ def main() -> None:
     train(config, on_validation=keep)
     train_s = time.time() - started
     rows, bar = {}, None
+    sampling = dict(guidance=1.5, precision=args.precision, steps=args.sample_steps)
     for folder in sorted(kept.iterdir()):
-        result = evaluate(str(folder), args.data, split="test", n=args.n, seed=0, progress=False,
-                          sampling=dict(guidance=1.5, precision=args.precision, steps=args.sample_steps), bicubic_baseline=bar is None,
-                          out=args.out / f"eval-{folder.name}.json")
+        result = evaluate(str(folder), args.data, split="test", n=args.n, seed=0, progress=False, sampling=sampling,
+                          bicubic_baseline=bar is None, out=args.out / f"eval-{folder.name}.json")
         bar = bar or {k: result["bicubic_baseline"].get(k) for k in METRICS}
-        rows[int(folder.name.split("-")[1])] = {k: result.get(k) for k in METRICS}
-        print(folder.name, rows[int(folder.name.split("-")[1])], flush=True)
+        step = int(folder.name.split("-")[1])
+        rows[step] = {k: result.get(k) for k in METRICS}
+        print(folder.name, rows[step], flush=True)
     (args.out / "curve.json").write_text(json.dumps(dict(bar=bar, rows=rows, train_s=train_s, args={
         k: str(v) for k, v in vars(args).items()}), indent=1))
     text = table(args, bar, rows, train_s)

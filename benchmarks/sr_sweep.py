@@ -7,8 +7,9 @@ same real images (TF-Inception features: FID, KID, precision / recall). The firs
 images upsampled bicubically. Settings cost minutes; training costs hours, so this comes first.
 
 `--real-lowres SPLIT` replaces the base samples by another split's real images shrunk to the base's size (area
-averaging, as training shrinks them), captioned as they are, measured against `--split` as usual: it separates the SR stage's own skill from the base samples' faults
-(if the SR stage loses to bicubic even on real low-res images, no sampling setting of the base will save it).
+averaging, as training shrinks them), captioned as they are, measured against `--split` as usual: it separates the SR
+stage's own skill from the base samples' faults (if the SR stage loses to bicubic even on real low-res images, no
+sampling setting of the base will save it).
 `--guidance` sets the guidance weight of the base and of every row (default: the cascade's).
 
     python benchmarks/sr_sweep.py --model cifar10 --data cifar10 --n 256 --n-real 1000 \
@@ -61,10 +62,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--only", nargs="*", type=int, default=None, help="indices of SETTINGS to run")
     parser.add_argument("--real-lowres", default=None, metavar="SPLIT",
-                        help="super-resolve this split's real images, shrunk (not --split: its images are the reference)")
+                        help="super-resolve this split's real images, shrunk (not --split: its images are the "
+                        "reference)")
     parser.add_argument("--guidance", type=float, default=None, help="default: the cascade's")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.real_lowres == args.split:
+        parser.error("--real-lowres needs a split other than --split (whose images are the reference)")
 
     cascade = load_cascade(args.model)
     base, sr = cascade.stages[0], cascade.stages[-1]
@@ -73,13 +77,12 @@ def main() -> None:
     if args.guidance is not None:
         settings["guidance"] = args.guidance
     data = load_dataset(args.data, args.split, resolution=sr.resolution, channels=3)
-    prompts, _ = draw_captions(data, args.n, seed=0)
-    if args.real_lowres == args.split:
-        parser.error("--real-lowres needs a split other than --split (whose images are the reference)")
     if args.real_lowres:
         lowres_data = load_dataset(args.data, args.real_lowres, resolution=sr.resolution, channels=3)
         picked = torch.randperm(len(lowres_data), generator=torch.Generator().manual_seed(0))[: args.n]
         prompts = [lowres_data.captions[i] for i in picked.tolist()]
+    else:
+        prompts, _ = draw_captions(data, args.n, seed=0)
     encode = EmbeddingCache(load_text_encoder(cascade.text_encoder), default_cache_dir())
     null = encode([""])
     net, net_id = load_feature_net(None)
@@ -87,16 +90,19 @@ def main() -> None:
                                     data=data, progress=True)
 
     started = time.time()
-    lows = []
-    for start in range(0, args.n, args.batch):
-        chunk = prompts[start : start + args.batch]
-        gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        if not args.real_lowres:
+    if args.real_lowres:
+        low = resize(to_float(lowres_data.images[picked]), base.resolution)
+    else:
+        lows = []
+        for start in range(0, args.n, args.batch):
+            chunk = prompts[start : start + args.batch]
+            gens = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
             lows.append(sample_stage(base, encode(chunk), null, gens, progress=False, **settings))
-    low = resize(to_float(lowres_data.images[picked]), base.resolution) if args.real_lowres else torch.cat(lows)
+        low = torch.cat(lows)
     base_s = time.time() - started
     bicubic = torch.nn.functional.interpolate(low, size=(sr.resolution,) * 2, mode="bicubic").clamp(-1, 1)
-    rows = [("real low-res + bicubic (the bar)" if args.real_lowres else "base + bicubic (the bar)", measure(to_uint8(to_gray(bicubic) if gray else bicubic), real, net), 0.0)]
+    bar = "real low-res + bicubic (the bar)" if args.real_lowres else "base + bicubic (the bar)"
+    rows = [(bar, measure(to_uint8(to_gray(bicubic) if gray else bicubic), real, net), 0.0)]
     print(rows[-1], flush=True)
     chosen = [SETTINGS[i] for i in args.only] if args.only is not None else SETTINGS
     for label, overrides, level in chosen:
@@ -123,8 +129,9 @@ def main() -> None:
     for label, m, seconds in rows:
         lines.append(f"| {label} | {m['fid']:.1f} | {m['kid']:.3f} ({m['kid_std']:.3f}) | {m['precision']:.3f} | "
                      f"{m['recall']:.3f} | {seconds:.0f} |")
-    flags = (" --only " + " ".join(map(str, args.only)) if args.only is not None else "")
-    flags += (f" --real-lowres {args.real_lowres}" if args.real_lowres else "") + (f" --guidance {args.guidance}" if args.guidance else "")
+    flags = " --only " + " ".join(map(str, args.only)) if args.only is not None else ""
+    flags += f" --real-lowres {args.real_lowres}" if args.real_lowres else ""
+    flags += f" --guidance {args.guidance}" if args.guidance is not None else ""
     lines += ["", "Reproduce: `python benchmarks/sr_sweep.py --model " + args.model + f" --data {args.data} --split "
               f"{args.split} --n {args.n} --n-real {args.n_real}{flags} --out {args.out}`"]
     args.out.parent.mkdir(parents=True, exist_ok=True)

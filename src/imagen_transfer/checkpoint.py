@@ -43,7 +43,6 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
     os.replace(tmp, path)
 
 
-
 def cached_pieces(items: torch.Tensor, piece_size: int, file_for, compute, *, progress: bool = True,
                   desc: str = "pieces") -> tuple[list[dict[str, torch.Tensor]], list[Path]]:
     """`compute(start, piece)` (a dict of tensors) for each run of `piece_size` items, each kept at
@@ -63,6 +62,7 @@ def cached_pieces(items: torch.Tensor, piece_size: int, file_for, compute, *, pr
             files.append(file)
             bar.update(len(piece))
     return parts, files
+
 
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (after a newline of its own if a killed writer left the last line unfinished)."""
