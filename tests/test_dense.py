@@ -416,3 +416,67 @@ def test_decoding_takes_channels_last_outputs():
     strided = decode((heat, size, offset), 4)
     assert all(torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
                for a, b in zip(plain, strided))
+
+
+def _mirror_symmetric_(conv: torch.nn.Conv2d) -> None:
+    """Make a conv's kernels equal to their own mirror image, so the conv commutes with a left-right flip."""
+    with torch.no_grad():
+        conv.weight.copy_((conv.weight + conv.weight.flip(-1)) / 2)
+
+
+def test_flip_test_maps_the_mirror_image_back():
+    """CenterNet's flip test: for a head that commutes with mirroring, the mirror's maps, mapped back, are the
+    image's own, so averaging changes nothing (a forgotten flip-back would mirror the heat-map); for any head the
+    flip-tested heat-map and sizes of the mirror image are the image's mirrored; offsets are the image's alone."""
+    from imagen_transfer.dense_probe import CenterNetHead, decode, detection_maps
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 8)
+    head = CenterNetHead(5, 3, width=8)
+    _mirror_symmetric_(head.trunk[2])
+    plain, flipped = detection_maps(head, x), detection_maps(head, x, flip_test=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, flipped))
+    torch.manual_seed(1)
+    head = CenterNetHead(5, 3, width=8)  # not mirror-symmetric
+    plain, flipped = detection_maps(head, x), detection_maps(head, x, flip_test=True)
+    mirrored = detection_maps(head, x.flip(-1), flip_test=True)
+    assert not torch.allclose(plain[0], flipped[0], atol=1e-4)
+    assert torch.allclose(mirrored[0].flip(-1), flipped[0], atol=1e-6)
+    assert torch.allclose(mirrored[1].flip(-1), flipped[1], atol=1e-5)
+    assert torch.equal(flipped[2], plain[2])
+    assert len(decode(flipped, 4, top=5)[0]["boxes"]) == 5
+
+
+def test_flip_test_in_segmentation_and_in_the_probe(dense_sets, capsys):
+    """Segmentation: the flip-tested conv head commutes with mirroring, pixel MLPs are unchanged by it. The probe
+    scores with the flip test when asked (its test mAP is the flip-tested predictions' and the JSON says so); the
+    CLI refuses it for a pooled task in one line."""
+    from safetensors.torch import load_file
+
+    from imagen_transfer import dense_probe as dp
+    from imagen_transfer.features import load_features
+    from imagen_transfer.jobs.cli import main
+
+    torch.manual_seed(0)
+    x, size = torch.randn(3, 5, 6, 8), (12, 16)
+    conv = [dp.ConvSegHead(5, 3, width=8).eval()]
+    assert torch.equal(dp.segment(conv, "conv", x.flip(-1), size, flip_test=True),
+                       dp.segment(conv, "conv", x, size, flip_test=True).flip(-1))
+    mlps = [dp.PixelMLP(5, 3).eval() for _ in range(2)]
+    assert torch.equal(dp.segment(mlps, "mlp", x, size, flip_test=True), dp.segment(mlps, "mlp", x, size))
+
+    folder = dense_sets["detection"]
+    result, chosen = dp.probe_dense(folder, steps=30, seeds=1, labelled=(None,), only=["pixels"], flip_test=True,
+                                    progress=False)
+    manifest, _ = load_features(folder)
+    head, test_x = chosen["pixels"]
+    truth = dp.boxes_of(load_file(Path(folder) / manifest["targets"]), "test")
+    expected = dp.coco_map(dp._predict(head, test_x, manifest["stride"], flip_test=True), *truth,
+                           manifest["label_names"], tuple(manifest["size"]))
+    plain = dp.coco_map(dp._predict(head, test_x, manifest["stride"]), *truth, manifest["label_names"],
+                        tuple(manifest["size"]))
+    assert result["flip_test"] is True and result["sets"]["pixels"]["test"] == expected != plain
+    result.update(features=str(folder), dataset=manifest["dataset"], stage=manifest["stage"])
+    assert "flip test" in dp.dense_markdown(result)
+    assert main(["probe", "--features", str(folder), "--task", "classification", "--flip-test"]) == 2
+    assert "--flip-test applies to --task detection or segmentation" in capsys.readouterr().err

@@ -15,6 +15,8 @@ training split's per-channel statistics; the heads are small and trained from sc
 
 The learning rate is chosen on validation (mAP@0.5 or mIoU); test scores are reported for that choice. Label
 efficiency retrains the chosen head on 5 / 10 / 20 / all training images, several seeds (the images drawn by seed).
+`flip_test` scores every head (the scratch U-Net's too) on the input and its mirror image, averaged (CenterNet's flip
+test): the heads train on mirrored inputs already, so it costs one more forward pass and no training.
 """
 
 from __future__ import annotations
@@ -141,10 +143,23 @@ def centernet_loss(out, target) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode(out, stride: int, top: int = MAX_DETECTIONS) -> list[dict[str, torch.Tensor]]:
-    """Per image: boxes (xyxy pixels), scores and labels of the `top` heat-map peaks (3x3 max-pool, no NMS)."""
-    heat, size, offset = out
+def detection_maps(head: nn.Module, x: torch.Tensor, flip_test: bool = False):
+    """The head's heat-map probabilities, sizes and offsets for `x`. With `flip_test`, CenterNet's flip test (Zhou
+    et al. 2019, sec. 5): the heat-maps and sizes of `x` and of its mirror image (mapped back) averaged, the offsets
+    from `x` alone (a mirrored sub-cell offset is not the same cell's)."""
+    heat, size, offset = head(x)
     heat = heat.sigmoid()
+    if flip_test:
+        heat_mirror, size_mirror, _ = head(x.flip(-1))
+        heat, size = (heat + heat_mirror.sigmoid().flip(-1)) / 2, (size + size_mirror.flip(-1)) / 2
+    return heat, size, offset
+
+
+@torch.inference_mode()
+def decode(maps, stride: int, top: int = MAX_DETECTIONS) -> list[dict[str, torch.Tensor]]:
+    """Per image: boxes (xyxy pixels), scores and labels of the `top` heat-map peaks (3x3 max-pool, no NMS), from
+    detection_maps' (heat-map probabilities, sizes, offsets)."""
+    heat, size, offset = maps
     heat = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
     n, k, h, w = heat.shape
     scores, idx = heat.reshape(n, -1).topk(min(top, k * h * w))
@@ -231,10 +246,9 @@ def _flip(x: torch.Tensor, t: dict, flip: torch.Tensor):
     return x, out
 
 
-def _predict(head, x: torch.Tensor, stride: int, batch_size: int = 32) -> list[dict]:
-    with torch.inference_mode():
-        return [p for start in range(0, len(x), batch_size)
-                for p in decode(head(x[start:start + batch_size]), stride)]
+def _predict(head, x: torch.Tensor, stride: int, flip_test: bool = False, batch_size: int = 32) -> list[dict]:
+    return [p for start in range(0, len(x), batch_size)
+            for p in decode(detection_maps(head, x[start:start + batch_size], flip_test), stride)]
 
 
 # ------------------------------------------------------------------------------------------------ segmentation
@@ -360,8 +374,11 @@ class ScratchSegmenter(nn.Module):
 
 
 @torch.inference_mode()
-def segment(heads: list[nn.Module], kind: str, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Class index per pixel (N, H, W): the heads' softmax averaged."""
+def segment(heads: list[nn.Module], kind: str, x: torch.Tensor, size: tuple[int, int],
+            flip_test: bool = False) -> torch.Tensor:
+    """Class index per pixel (N, H, W): the heads' softmax averaged; with `flip_test` also over the mirror image
+    (its probabilities mirrored back). Pixel MLPs see one pixel's features at a time, so mirroring cannot change
+    their output: the flip test applies to grid heads (conv, scratch)."""
     out = []
     for xi in x.split(4):
         if kind == "mlp":
@@ -369,7 +386,10 @@ def segment(heads: list[nn.Module], kind: str, x: torch.Tensor, size: tuple[int,
             flat = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])
             probs = sum(h(flat).softmax(-1) for h in heads).reshape(len(xi), *size, -1)
         else:
-            probs = sum(h(xi, size).softmax(1) for h in heads).permute(0, 2, 3, 1)
+            probs = sum(h(xi, size).softmax(1) for h in heads)
+            if flip_test:
+                probs = probs + sum(h(xi.flip(-1), size).softmax(1).flip(-1) for h in heads)
+            probs = probs.permute(0, 2, 3, 1)
         out.append(probs.argmax(-1))
     return torch.cat(out)
 
@@ -409,6 +429,7 @@ class DenseTask:
     scratch_steps: int
     kind: str
     ensemble: int
+    flip_test: bool = False
 
     @property
     def key(self) -> str:
@@ -426,12 +447,13 @@ class DenseTask:
 
     def score(self, head, x: torch.Tensor, split: str) -> dict:
         if self.detection:
-            return coco_map(_predict(head, x, self.stride), *self.truth[split], self.names, self.size)
-        return segmentation_scores(segment(head, _kind_of(head), x, self.size), self.truth[split], self.names)
+            return coco_map(_predict(head, x, self.stride, self.flip_test), *self.truth[split], self.names, self.size)
+        return segmentation_scores(segment(head, _kind_of(head), x, self.size, self.flip_test), self.truth[split],
+                                   self.names)
 
 
 def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: int | None, kind: str,
-               ensemble: int) -> DenseTask:
+               ensemble: int, flip_test: bool = False) -> DenseTask:
     detection = manifest["task"] == "detection"
     names, stride = manifest["label_names"], manifest["stride"]
     steps = steps or (600 if detection else 300)
@@ -441,12 +463,12 @@ def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: 
     else:
         truth, train_target = {s: targets[f"{s}/masks"] for s in SPLITS}, None
     return DenseTask(detection, names, stride, tuple(manifest["size"]), truth, train_target, steps,
-                     scratch_steps or steps, kind, ensemble)
+                     scratch_steps or steps, kind, ensemble, flip_test)
 
 
 def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
                 ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
-                only: list[str] | None = None, fuse: list[list[str]] | None = None,
+                only: list[str] | None = None, fuse: list[list[str]] | None = None, flip_test: bool = False,
                 progress: bool = True) -> tuple[dict, dict]:
     """Train and score the dense head on every feature set of `folder` (and, with `scratch`, a small U-Net trained
     end to end on the images, the same protocol); see the module doc. `fuse` = groups of set names: each group is
@@ -457,7 +479,7 @@ def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3,
     for split in SPLITS:
         if split not in manifest["splits"]:
             raise UserError(f"{folder} has no '{split}' split (extract with --splits train val test)")
-    task = dense_task(manifest, load_targets(folder, manifest), steps, scratch_steps, kind, ensemble)
+    task = dense_task(manifest, load_targets(folder, manifest), steps, scratch_steps, kind, ensemble, flip_test)
     lrs = tuple(lrs or (DETECTION_LRS if task.detection else SEGMENTATION_LRS))
     inputs = {name: (lambda t=tensors, n=name: stacked_views(t, manifest["sets"][n]["views"], SPLITS))
               for name, tensors in sets.items()}
@@ -474,7 +496,7 @@ def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3,
                             f"{'' if scratch else '; scratch needs --scratch'})")
         inputs = {k: v for k, v in inputs.items() if k in only}
     result = dict(task=manifest["task"], head="centernet" if task.detection else kind, steps=task.steps,
-                  lrs=list(lrs), classes=task.names, size=list(task.size), stride=task.stride,
+                  lrs=list(lrs), flip_test=flip_test, classes=task.names, size=list(task.size), stride=task.stride,
                   n={s: manifest["splits"][s]["n"] for s in SPLITS}, sets={})
     if scratch:
         result["scratch"] = dict(steps=task.scratch_steps, widths=list(ScratchUNet.WIDTHS))
@@ -550,7 +572,8 @@ def _images(manifest: dict) -> dict[str, torch.Tensor]:
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
-def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_score: float = 0.3) -> list[str]:
+def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_score: float = 0.3,
+             flip_test: bool = False) -> list[str]:
     """One PNG per feature set: test images with true (thin, white) and predicted (thick, by class) boxes, or
     image | truth | prediction rows for segmentation. Returns the file names."""
     test = _extracted(manifest, "test")
@@ -560,7 +583,7 @@ def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_sco
     files = []
     for set_name, (head, x) in chosen.items():
         if manifest["task"] == "detection":
-            preds = _predict(head, x[:count], manifest["stride"])
+            preds = _predict(head, x[:count], manifest["stride"], flip_test)
             tiles = []
             for i in range(count):
                 img = Image.fromarray(test.images[i].numpy()).resize((test.images.shape[2] * 2,
@@ -575,7 +598,7 @@ def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_sco
                 tiles.append(np.asarray(img))
             grid = np.concatenate(tiles, 1)
         else:
-            pred = segment(head, _kind_of(head), x[:count], tuple(manifest["size"]))
+            pred = segment(head, _kind_of(head), x[:count], tuple(manifest["size"]), flip_test)
             colours = np.array([(0, 0, 0)] + PALETTE, dtype=np.uint8)
             rows = [np.concatenate([test.images[i].numpy(), colours[test.masks[i].numpy() % len(colours)],
                                     colours[pred[i].numpy() % len(colours)]], 1) for i in range(count)]
@@ -598,7 +621,8 @@ def dense_markdown(result: dict) -> str:
              f"{result['stage']})", "",
              f"Head: {result['head']}, {result['steps']} steps, lr chosen on validation {label} from "
              f"{', '.join(f'{lr:g}' for lr in result['lrs'])}; task size {result['size'][0]}x{result['size'][1]}, "
-             f"grid stride {result['stride']}; n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items()), ""]
+             f"grid stride {result['stride']}; n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items())
+             + ("; flip test (scores averaged with the mirror image's)" if result.get("flip_test") else ""), ""]
     if "scratch" in result:
         lines += [f"`scratch`: a U-Net (widths {result['scratch']['widths']}) trained end to end from the pixels on "
                   f"the same labels, {result['scratch']['steps']} steps, the same head and protocol.", ""]
@@ -642,7 +666,7 @@ def run_dense(features: str | Path, out: str | Path | None = None, *, task: str,
     result, chosen = probe_dense(features, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     result.update(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"])
-    result["plots"] = overlays(manifest, chosen, out)
+    result["plots"] = overlays(manifest, chosen, out, flip_test=result["flip_test"])
     (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
     (out / f"probe-{task}.md").write_text(dense_markdown(result))
     return result

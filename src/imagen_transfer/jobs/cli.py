@@ -301,6 +301,8 @@ def cmd_probe(args) -> None:
     if args.head and args.head not in (valid_heads or ()):
         raise UserError(f"--head {args.head} does not apply to --task {args.task} (valid: "
                         f"{', '.join(valid_heads) if valid_heads else 'none, it has a fixed head'})")
+    if args.flip_test and args.task not in ("detection", "segmentation"):
+        raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
     manifest, _ = load_features(args.features)
     if args.task in ("detection", "segmentation"):
         from ..dense_probe import run_dense
@@ -308,7 +310,7 @@ def cmd_probe(args) -> None:
         run_dense(args.features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
                   kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
                   labelled=tuple(None if c == "all" else int(c) for c in args.labelled),
-                  fuse=[group.split("+") for group in args.fuse or []])
+                  fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test)
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -527,6 +529,9 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scratch-steps", type=int_in(1), default=None, help="its steps (default: --steps)")
     p.add_argument("--sets", nargs="+", default=None, metavar="NAME",
                    help="detection / segmentation: probe only these feature sets (scratch included)")
+    p.add_argument("--flip-test", action="store_true",
+                   help="detection / segmentation: score each head on the input and its mirror image, averaged "
+                        "(CenterNet's flip test; conv and scratch heads: pixel MLPs are unchanged by it)")
     p.add_argument("--labelled", nargs="+", default=["5", "10", "20", "all"], type=_labelled_count,
                    help="detection / segmentation: labelled training images per label-efficiency point (or all)")
     p.add_argument("--epochs", type=int_in(1), default=30)
