@@ -6,7 +6,8 @@ set's test scores and label-efficiency curve side by side, with each run's head,
 Probe runs of the same task and data (for example the feature sets in one folder, the scratch competitor in
 another, a fine-tuned model's features in a third) are merged; a set name met twice (same head) is one row: the
 first run's scores, with the label counts of later runs added where the first did not measure them. A run whose task
-size differs from the first run's is labelled with its size (a different protocol, never merged).
+size differs from the first run's is labelled with its size (a different protocol, never merged). A flip-tested
+run (`probe --flip-test`) gives each set a "flip test" row and, from the same heads, a row without it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def _count(s: dict) -> str:
     return f"{s['parameters']:,}" if "parameters" in s else "n/a"
 
 
+def _entries(r: dict):
+    """A run's (set name, label suffix, scores): a flip-tested run gives each set twice, flip-tested and, from the
+    same heads, without the flip test (`without_flip_test`), so the pair measures the flip test alone."""
+    for name, s in r["sets"].items():
+        if not r.get("flip_test"):
+            yield name, "", s
+            continue
+        yield name, ", flip test", s
+        if "without_flip_test" in s:
+            yield name, "", dict(s, **s["without_flip_test"])
+
+
 def tables(results: list[dict]) -> str:
     task = results[0]["task"]
     detection = task == "detection"
@@ -37,8 +50,8 @@ def tables(results: list[dict]) -> str:
     for r in results:
         size = r.get("size")  # a run that read the images at another size is another protocol: its own rows
         at_size = "" if size in (None, results[0].get("size")) else f", {size[0]}x{size[1]}"
-        for name, s in r["sets"].items():
-            label = f"scratch{at_size}" if name == "scratch" else f"{name} ({r['head']}{at_size})"
+        for name, flip, s in _entries(r):
+            label = f"scratch{at_size}{flip}" if name == "scratch" else f"{name} ({r['head']}{at_size}{flip})"
             counts += [c for c in s["label_efficiency"] if c not in counts]
             if label in seen:  # a later run of the same set adds the label counts the first did not measure
                 first = seen[label]["label_efficiency"]

@@ -133,6 +133,13 @@ def test_dense_tables(tmp_path):
     assert "| source (conv) | 0.700 +- 0.000 |  | 0.700 |" in out
     assert "| scratch | 0.600 | 0.700 | 0.700 |" in out  # the later run adds 5 labels, the first run's 20 stays
     assert out.count("| scratch |") == 3  # one row per table (scores, efficiency, Dice)
+    flipped = dict(run, flip_test=True, sets={"random": dict(run["sets"]["source"], test=dict(point, miou=0.75),
+                                                             without_flip_test=dict(test=point, label_efficiency={
+                                                                 "5": [dict(point, miou=0.65)], "all": [point]}))})
+    (tmp_path / "e.json").write_text(json.dumps(flipped))
+    out = _run("dense_tables.py", tmp_path / "a.json", tmp_path / "e.json")
+    assert "| random (conv, flip test) | 1,000 | 300 | 0.750 |" in out  # the flip-tested scores
+    assert "| random (conv) | 1,000 | 300 | 0.700 |" in out and "| random (conv) | 0.650 | 0.700 |" in out
 
 
 def test_probe_seeds(tmp_path):

@@ -449,8 +449,8 @@ def test_flip_test_maps_the_mirror_image_back():
 
 def test_flip_test_in_segmentation_and_in_the_probe(dense_sets, capsys):
     """Segmentation: the flip-tested conv head commutes with mirroring, pixel MLPs are unchanged by it. The probe
-    scores with the flip test when asked (its test mAP is the flip-tested predictions' and the JSON says so); the
-    CLI refuses it for a pooled task in one line."""
+    scores with the flip test when asked (its test mAP is the flip-tested predictions' and the JSON says so) and
+    keeps the same head's plain scores beside; the CLI refuses it for a pooled task in one line."""
     from safetensors.torch import load_file
 
     from imagen_transfer import dense_probe as dp
@@ -476,7 +476,8 @@ def test_flip_test_in_segmentation_and_in_the_probe(dense_sets, capsys):
     plain = dp.coco_map(dp._predict(head, test_x, manifest["stride"]), *truth, manifest["label_names"],
                         tuple(manifest["size"]))
     assert result["flip_test"] is True and result["sets"]["pixels"]["test"] == expected != plain
+    assert result["sets"]["pixels"]["without_flip_test"] == dict(test=plain, label_efficiency={"all": [plain]})
     result.update(features=str(folder), dataset=manifest["dataset"], stage=manifest["stage"])
-    assert "flip test" in dp.dense_markdown(result)
+    assert "flip test" in dp.dense_markdown(result) and "without the flip test" in dp.dense_markdown(result)
     assert main(["probe", "--features", str(folder), "--task", "classification", "--flip-test"]) == 2
     assert "--flip-test applies to --task detection or segmentation" in capsys.readouterr().err

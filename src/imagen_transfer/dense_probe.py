@@ -16,7 +16,8 @@ training split's per-channel statistics; the heads are small and trained from sc
 The learning rate is chosen on validation (mAP@0.5 or mIoU); test scores are reported for that choice. Label
 efficiency retrains the chosen head on 5 / 10 / 20 / all training images, several seeds (the images drawn by seed).
 `flip_test` scores every head (the scratch U-Net's too) on the input and its mirror image, averaged (CenterNet's flip
-test): the heads train on mirrored inputs already, so it costs one more forward pass and no training.
+test): the heads train on mirrored inputs already, so it costs one more forward pass and no training. The same
+heads' test scores without it are kept beside (`without_flip_test`), so its gain is measured on identical fits.
 """
 
 from __future__ import annotations
@@ -445,11 +446,12 @@ class DenseTask:
         return train_segmenter("scratch" if from_scratch else self.kind, x[index], self.truth["train"][index],
                                len(self.names), lr=lr, steps=n_steps, seed=seed, ensemble=self.ensemble)
 
-    def score(self, head, x: torch.Tensor, split: str) -> dict:
+    def score(self, head, x: torch.Tensor, split: str, flip_test: bool | None = None) -> dict:
+        """The head's scores on `split` (with the task's flip-test setting unless `flip_test` overrides it)."""
+        flip = self.flip_test if flip_test is None else flip_test
         if self.detection:
-            return coco_map(_predict(head, x, self.stride, self.flip_test), *self.truth[split], self.names, self.size)
-        return segmentation_scores(segment(head, _kind_of(head), x, self.size, self.flip_test), self.truth[split],
-                                   self.names)
+            return coco_map(_predict(head, x, self.stride, flip), *self.truth[split], self.names, self.size)
+        return segmentation_scores(segment(head, _kind_of(head), x, self.size, flip), self.truth[split], self.names)
 
 
 def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: int | None, kind: str,
@@ -526,17 +528,23 @@ def _probe_set(task: DenseTask, set_name: str, x: dict, n_train: int, lrs, count
         grid.append(dict(lr=lr, val=task.score(head, x["val"], "val"), head=head))
         bar.update()
     best = max(grid, key=lambda g: g["val"][task.key])
-    efficiency = {}
+    efficiency, plain = {}, {}  # plain: the same heads' test scores without the flip test (its gain, same fits)
+
+    def score_test(head, count: str):
+        efficiency.setdefault(count, []).append(task.score(head, x["test"], "test"))
+        if task.flip_test:
+            plain.setdefault(count, []).append(task.score(head, x["test"], "test", flip_test=False))
+
     for count in counts:
-        efficiency[str(count)] = []
         for seed in range(seeds):
-            head = task.fit(set_name, x["train"], _subset(n_train, count, seed), best["lr"], seed)
-            efficiency[str(count)].append(task.score(head, x["test"], "test"))
+            score_test(task.fit(set_name, x["train"], _subset(n_train, count, seed), best["lr"], seed), str(count))
             bar.update()
-    efficiency["all"] = [task.score(best["head"], x["test"], "test")]
+    score_test(best["head"], "all")
     entry = dict(lr=best["lr"], val=best["val"], test=efficiency["all"][0],
                  grid=[dict(lr=g["lr"], val=g["val"][task.key]) for g in grid], label_efficiency=efficiency,
                  parameters=_parameters(best["head"]))
+    if task.flip_test:
+        entry["without_flip_test"] = dict(test=plain["all"][0], label_efficiency=plain)
     return entry, best["head"]
 
 
@@ -644,16 +652,25 @@ def dense_markdown(result: dict) -> str:
         scores, per = cells(r)
         lines.append(f"| {name} | {r['parameters']:,} | {r['lr']:g} | " + " | ".join(f"{v:.3f}" for v in scores)
                      + f" | {per} |")
-    counts = list(next(iter(result["sets"].values()))["label_efficiency"])
-    lines += ["", f"Label efficiency (test {label}, mean +- std over seeds; labelled training images):", "",
-              "| features | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
+    lines += _efficiency_table(result, key, f"Label efficiency (test {label}, mean +- std over seeds; labelled "
+                                            "training images):", lambda r: r["label_efficiency"])
+    if result.get("flip_test"):
+        lines += _efficiency_table(result, key, f"The same heads without the flip test (test {label}):",
+                                   lambda r: r["without_flip_test"]["label_efficiency"])
+    return "\n".join(lines) + "\n"
+
+
+def _efficiency_table(result: dict, key: str, title: str, curve) -> list[str]:
+    """Markdown lines: per feature set, `curve(set entry)`'s scores per label count, mean +- std over seeds."""
+    counts = list(curve(next(iter(result["sets"].values()))))
+    lines = ["", title, "", "| features | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
     for name, r in result["sets"].items():
         cells = []
         for c in counts:
-            v = torch.tensor([s[key] for s in r["label_efficiency"][c]])
+            v = torch.tensor([s[key] for s in curve(r)[c]])
             cells.append(f"{v.mean():.3f} +- {v.std(unbiased=False):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def run_dense(features: str | Path, out: str | Path | None = None, *, task: str, **kwargs) -> dict:
