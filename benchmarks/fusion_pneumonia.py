@@ -29,6 +29,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--steps", type=int, default=None, help="sampling steps per stage (default: the fine-tune's own)")
+    p.add_argument("--precision", choices=["no", "bf16", "auto"], default="no",
+                   help="autocast of the U-Net calls while sampling (no: fp32; auto: bf16 where the CPU runs it "
+                        "natively, same KID and faster: docs/performance.md)")
     p.add_argument("--out", default="runs/fusion")
     p.add_argument("--table", default=None)
     args = p.parse_args()
@@ -54,13 +57,13 @@ def main() -> None:
         cascade.sampling = dict(tuned.sampling)
         save_cascade(cascade, folder, overwrite=True)
         print(f"\n== {name} ==", flush=True)
-        result = evaluate(str(folder), args.data, n=args.n, sampling=dict(guidance=args.guidance, steps=args.steps),
-                          mix=mix, out=out / f"eval-{i}.json")
+        sampling = dict(guidance=args.guidance, steps=args.steps, precision=args.precision)
+        result = evaluate(str(folder), args.data, n=args.n, sampling=sampling, mix=mix, out=out / f"eval-{i}.json")
         rows.append((name, result))
     steps = args.steps or tuned.sampling["steps"]
     lines = [f"Fusions on {args.data} test (N={args.n} generated per row vs {rows[0][1]['n_real']} real, guidance "
-             f"{args.guidance}, {steps} steps per stage, seed 0, same captions and seeds for every row). Lower FID / KID "
-             "is better.", "",
+             f"{args.guidance}, {steps} steps per stage, precision {args.precision}, seed 0, same captions and seeds "
+             "for every row). Lower FID / KID is better.", "",
              "| model | FID | KID (x1e3) | precision | recall | conditioning acc. |", "|---|---|---|---|---|---|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['fid']:.1f} | {1e3 * r['kid_mean']:.1f} +- {1e3 * r['kid_std']:.1f} | "

@@ -111,7 +111,7 @@ def test_fusion_pneumonia(tmp_path, tiny_cascade_dir, tiny_feature_env):
                tiny_cascade_dir, "--data", data, "--n", "4", "--steps", "2", "--out", tmp_path / "fusion",
                "--table", tmp_path / "f.md")  # 2 sampling steps: 25 made this smoke test take ~4 min on 2 cores
     table = (tmp_path / "f.md").read_text()
-    assert "2 steps per stage" in table and "| ensemble 0.5 F + 0.5 G (outputs) |" in table and out is not None
+    assert "2 steps per stage, precision no" in table and "| ensemble 0.5 F + 0.5 G (outputs) |" in table and out is not None
     assert len(json.loads((tmp_path / "fusion" / "fusion.json").read_text())) == 7  # every fusion measured
 
 
