@@ -320,6 +320,8 @@ def test_dense_probe_end_to_end(dense_sets, task):
     assert set(result["sets"]) == {"tiny", "random", "pixels"}
     for r in result["sets"].values():
         assert 0 <= r["test"][key] <= 1 and len(r["label_efficiency"]["4"]) == 2 and r["lr"] in result["lrs"]
+        all_labels = r["label_efficiency"]["all"]  # the chosen head first, then a refit per further seed
+        assert len(all_labels) == 2 and all_labels[0] == r["test"]
     written = json.loads((folder / "probe" / f"probe-{task}.json").read_text())
     assert written["sets"]["pixels"]["test"][key] == result["sets"]["pixels"]["test"][key]
     assert len(result["plots"]) == 3 and all((folder / "probe" / p).is_file() for p in result["plots"])
@@ -364,7 +366,7 @@ def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, 
                  "--scratch", "--labelled", "2", "all", "--seeds", "2", "--out", str(tmp_path / "scratch")]) == 0
     scratch = json.loads((tmp_path / "scratch" / "probe-segmentation.json").read_text())
     assert list(scratch["sets"]) == ["scratch"] and [len(v) for v in scratch["sets"]["scratch"]["label_efficiency"]
-                                                     .values()] == [2, 1]
+                                                     .values()] == [2, 2]
     capsys.readouterr()
     # wrong combinations are one line each, before any work
     assert main(["probe", "--features", str(out), "--task", "classification", "--head", "conv"]) == 2
