@@ -71,4 +71,14 @@ def test_demo_without_data_names_the_missing_file(tmp_path, monkeypatch, capsys)
     assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "pneumoniamnist.npz" in err and "IMAGEN_TRANSFER_DATA" in err
-    assert not (tmp_path / "d").exists()
+    assert main(["demo", "--precision", "no", "--out", str(tmp_path / "d")]) == 2  # parsed, then the same refusal
+    assert "pneumoniamnist.npz" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_demo_precision_reaches_training_and_sampling(tmp_path):
+    """`demo --precision no` trains in fp32 too, not only samples (a CPU without native bf16 runs it so); the
+    default stays auto for both."""
+    from imagen_transfer.jobs.demo import FULL, QUICK, finetune_config
+
+    assert finetune_config(tmp_path, FULL).train.mixed_precision == "auto" and QUICK["precision"] == "auto"
+    assert finetune_config(tmp_path, dict(QUICK, precision="no")).train.mixed_precision == "no"

@@ -184,7 +184,7 @@ def cmd_export(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick, settings=None if args.precision is None else dict(precision=args.precision))
 
 
 def cmd_study(args) -> None:
@@ -440,6 +440,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller settings (about 5 minutes)")
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<date>-<time>)")
+    p.add_argument("--precision", choices=["auto", "no", "bf16"], default=None,
+                   help="autocast of training and sampling (default auto: bf16 where the hardware runs it natively; "
+                        "no: fp32 throughout, as a CPU without native bf16 runs the demo)")
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:

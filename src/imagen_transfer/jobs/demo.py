@@ -69,6 +69,7 @@ def finetune_config(out: Path, settings: dict, source: str = "cifar10", data: st
                  "train.stages=[base, sr]" if settings["sr_steps"] else "train.stages=[base]",
                  f"train.stage_steps={{sr: {settings['sr_steps']}}}",
                  f"train.steps={settings['steps']}", f"train.batch_size={settings['batch']}", "train.warmup_steps=10",
+                 f"train.mixed_precision={settings.get('precision') or 'auto'}",
                  f"train.log_every={max(1, settings['val_every'] // 2)}", f"train.val_every={settings['val_every']}",
                  f"train.sample_every={settings['steps']}", f"train.checkpoint_every={settings['steps']}",
                  "train.early_stopping_patience=3", f"train.early_stopping_min_delta={settings['min_delta']}",
