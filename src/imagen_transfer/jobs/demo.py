@@ -40,7 +40,8 @@ FULL = dict(steps=250, sr_steps=800, n_eval=128, n_real=None, feature_limit=800,
 # --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
 # a seeded subset of 256 real test images, bf16 U-Net calls where native (same KID: benchmarks/results/
 # sampler_parity_cpu.md). Measured on v2: 2 min 18 s on 2 cores with empty caches (peak RSS 1.9 GB;
-# benchmarks/results/demo_quick_cpu.json); the full demo: 13 min 51 s (demo_cpu.json).
+# benchmarks/results/demo_quick_cpu.json); the full demo: 13 min 51 s (demo_cpu.json), 19 min 16 s in fp32 as a CPU
+# without native bf16 runs it (demo_fp32_cpu.json: 1.39x, fine-tuning 1.45x).
 QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
              sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002)
 
