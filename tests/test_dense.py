@@ -160,7 +160,7 @@ def test_masks_layout_classes_split_and_faults(tmp_path):
     (root / "class_map.json").write_text(json.dumps({"0": "background", "128": "cytoplasm", "255": "nucleus"}))
     assert load_dense(str(root), "val").class_names == ["background", "cytoplasm", "nucleus"]
     (root / "class_map.json").write_text(json.dumps({"0": "background", "255": "nucleus"}))
-    with pytest.raises(UserError, match=r"mask values \[128\] are not in the class map"):
+    with pytest.raises(UserError, match=r"mask values 128 \(\d+ pixels\) are not in the class map"):
         load_dense(str(root), "val")
 
 

@@ -16,16 +16,20 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .outputs import check_output_dir, fresh_sibling, replace_dir
+from .outputs import check_output_dir, disk_full_as_oserror, fresh_sibling, replace_dir, require_space
 from .text import TextEncoderSpec, text_dim
 from .unet import build_unet, count_parameters
 
@@ -151,6 +155,44 @@ def weight_files(unet_dir: Path) -> list[str]:
     return [WEIGHTS]
 
 
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """diffusers' loading chatter off (progress bars, warnings) for one block: our own checks speak instead."""
+    verbosity, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        if bars:
+            diffusers_logging.enable_progress_bar()
+
+
+def check_weights_cover(unet: torch.nn.Module, unet_dir: Path) -> None:
+    """Refuse a U-Net whose saved weights leave some of its tensors out: `from_pretrained` would start those from
+    random values with only a generic warning (a sharded index missing an entry, a shard missing a tensor)."""
+    index = unet_dir / (WEIGHTS + ".index.json")
+    if index.is_file():
+        try:
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{index}: not a safetensors index ({err!r}); re-save or copy the cascade again") from None
+        stored, files = set(weight_map), sorted(set(weight_map.values()))
+    elif (unet_dir / WEIGHTS).is_file():
+        files, stored = [WEIGHTS], None
+    else:
+        return  # not safetensors (an IF folder's .bin): from_pretrained checked what it could
+    held = set()
+    for name in files:
+        with safe_open(unet_dir / name, "pt") as f:
+            held |= set(f.keys())
+    missing = sorted(set(unet.state_dict()) - (held if stored is None else stored & held))
+    if missing:
+        raise UserError(f"{unet_dir}: {len(missing)} of the U-Net's weights are not in its safetensors files "
+                        f"(first: {missing[0]}); they would start from random values: re-save or copy the model again")
+
+
 def is_cascade_folder(folder: Path) -> bool:
     """True when `folder` holds a cascade this tool wrote and nothing else (so `--overwrite` loses no user file)."""
     expected = cascade_files(folder)
@@ -175,20 +217,12 @@ def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = 
     else; the new folder is written beside it and renamed into place."""
     out = Path(out)
     check_cascade_out(out, overwrite)
+    needed = sum(p.numel() * p.element_size() for s in cascade.stages for p in s.unet.state_dict().values())
+    require_space(out.parent, needed, f"cascade {out}")  # the weights are written in their own dtype first
     tmp = fresh_sibling(out)
     try:
-        for stage in cascade.stages:
-            unet_dir = tmp / stage.name / "unet"
-            stage.unet.save_pretrained(unet_dir, safe_serialization=True, max_shard_size=max_shard_size)
-            if dtype is not None:
-                for name in weight_files(unet_dir):
-                    if name.endswith(".safetensors"):
-                        _cast_safetensors(unet_dir / name, dtype)
-            stage.scheduler.save_pretrained(tmp / stage.name / "scheduler")
-        meta = dict(format="imagen-transfer-cascade", format_version=FORMAT_VERSION,
-                    text_encoder=cascade.text_encoder.to_dict(), stages=[s.meta() for s in cascade.stages],
-                    sampling=cascade.sampling, info=cascade.info)
-        (tmp / "cascade.json").write_text(json.dumps(meta, indent=2))
+        with disk_full_as_oserror(tmp, needed):
+            _write_stages(cascade, tmp, dtype, max_shard_size)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder
         raise
@@ -196,6 +230,22 @@ def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = 
         out.rmdir()  # an empty folder (the user's mkdir): nothing in it to keep
     replace_dir(tmp, out)
     return out
+
+
+def _write_stages(cascade: Cascade, tmp: Path, dtype: torch.dtype | None, max_shard_size: str | int) -> None:
+    """The files of a cascade folder (see save_cascade), into `tmp`."""
+    for stage in cascade.stages:
+        unet_dir = tmp / stage.name / "unet"
+        stage.unet.save_pretrained(unet_dir, safe_serialization=True, max_shard_size=max_shard_size)
+        if dtype is not None:
+            for name in weight_files(unet_dir):
+                if name.endswith(".safetensors"):
+                    _cast_safetensors(unet_dir / name, dtype)
+        stage.scheduler.save_pretrained(tmp / stage.name / "scheduler")
+    meta = dict(format="imagen-transfer-cascade", format_version=FORMAT_VERSION,
+                text_encoder=cascade.text_encoder.to_dict(), stages=[s.meta() for s in cascade.stages],
+                sampling=cascade.sampling, info=cascade.info)
+    (tmp / "cascade.json").write_text(json.dumps(meta, indent=2))
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -251,8 +301,12 @@ def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, d
             if not (unet_dir / needed).is_file() and not (unet_dir / (needed + ".index.json")).is_file():
                 raise UserError(f"{folder} is incomplete: missing {unet_dir / needed}")
         try:
-            unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype)
+            with quiet_diffusers():  # shard progress bars and "newly initialized": check_weights_cover says it
+                unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype)
             scheduler = DDPMScheduler.from_pretrained(folder / entry["name"] / "scheduler")
+            check_weights_cover(unet, unet_dir)
+        except UserError:
+            raise
         except Exception as err:  # noqa: BLE001 - a truncated or corrupt file: one line naming it, not a traceback
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise UserError(f"{folder / entry['name']}: cannot load the stage ({type(err).__name__}: {first[:200]}); a "

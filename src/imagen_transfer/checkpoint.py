@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .outputs import disk_full_as_oserror, require_space
+
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -39,7 +41,12 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    try:
+        with disk_full_as_oserror(path, _nbytes(tensors)):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -131,21 +138,32 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, *, model: dict[str, to
     tmp = root / f"step-{step:07d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, tmp / "model.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
     tensors, metadata = optimizer_to_safetensors(optimizer)
-    save_file(tensors, tmp / "optimizer.safetensors", metadata=metadata)
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    needed = sum(_nbytes(d) for d in (model, ema, tensors))
+    require_space(root, needed, f"checkpoint {final}")  # a full disk stops here, the last checkpoint intact
+    tmp.mkdir()
+    try:
+        with disk_full_as_oserror(tmp, needed):
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, tmp / "model.safetensors")
+            save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
+            save_file(tensors, tmp / "optimizer.safetensors", metadata=metadata)
+            (tmp / "state.json").write_text(json.dumps({**state, "step": step, "saved_at": time.time()}, indent=2))
+            for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own half-written folder; `latest` still names a whole one
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_atomic(root / "latest", final.name)
     _prune(root, keep, protect={final.name, _read_pointer(root / "best")})
     return final
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def mark_best(run_dir: Path, stage: str, checkpoint: Path) -> None:

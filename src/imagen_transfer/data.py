@@ -37,6 +37,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 SHORT_NAMES = {"cifar10": "cifar10-jpg.zip", "pneumoniamnist": "pneumoniamnist.npz",
                "bccd": "bccd-voc.zip", "wbc-seg": "wbc-seg.zip"}  # the last two: dense tasks (dense.py)
 MEDMNIST_LABELS = {"pneumoniamnist": ["normal", "pneumonia"]}
+MAX_NPZ_CLASSES = 100_000  # an npz label beyond this is a mistake, not a class index
 
 # Report-like captions per finding, in the wording of chest X-ray reports (IU X-ray style).
 REPORT_CAPTIONS = {
@@ -257,12 +258,48 @@ def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None,
     for name in archive.names:
         if not name.startswith(prefix) or name == prefix + "metadata.jsonl":
             continue
-        rel = name[len(prefix):].split("/")
+        rel = PurePosixPath(name[len(prefix):]).parts
         if any(part.startswith(".") for part in rel):
             continue  # hidden files (.DS_Store, ._foo)
-        label = rel[0] if len(rel) >= 2 else None
-        entries.append((name, None, label))
+        if len(rel) < 2 or rel[0] in ("/", ""):  # beside the class folders, not in one
+            if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
+                raise UserError(f"{archive.where(name)}: an image outside the class folders (<class>/<image>); move it "
+                                "into its class folder or remove it")
+            continue  # a README, LICENSE or list file beside the class folders
+        entries.append((name, None, rel[0]))
     return (entries if prefix else seeded_split(entries, split)), prefix
+
+
+def class_names(labels) -> list[str]:
+    """The sorted distinct class names of a data set (numerically when every name is an integer, so '10' follows
+    '9')."""
+    names = {str(lab) for lab in labels if lab is not None}
+    numeric = all(n.isdigit() for n in names)
+    return sorted(names, key=(lambda n: (int(n), n)) if numeric else None)
+
+
+def archive_class_names(path: Path) -> list[str]:
+    """The class names of a whole image folder or zip: every split's labels, so all splits number classes alike
+    (a class with one image lands in train only; val and test still use the data set's numbering). Zips are listed
+    once per file version."""
+    if path.is_dir():
+        return _class_names_of(path)
+    stat = path.stat()
+    return list(_cached_class_names(path.resolve(), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_class_names(path: Path, _size: int, _mtime_ns: int) -> tuple[str, ...]:
+    return tuple(_class_names_of(path))
+
+
+def _class_names_of(path: Path) -> list[str]:
+    archive = _Archive(path)
+    parent, splits = _split_levels(archive)
+    labels = set()
+    for split in splits or ["all"]:
+        labels |= {label for _, _, label in _entries(archive, split)[0]}
+    return class_names(labels)
 
 
 def _decode_archive(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):
@@ -336,12 +373,23 @@ def _npz_labels(raw: np.ndarray, n_images: int, where: str, names: list[str] | N
     return labels.tolist()
 
 
-def _decode_npz(path: Path, split: str, resolution: int, channels: int):
+def _open_npz(path: Path):
+    """np.load of an .npz, refusing anything else by name (numpy calls any non-zip file 'pickled data')."""
     try:
-        npz_file = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the file ({err.strerror})") from None
+    if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":
+        raise UserError(f"{path}: not an .npz file (an .npz is a zip of .npy arrays, written by numpy.savez)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"{path}: not a readable .npz file ({err})") from None
-    with npz_file as npz:
+
+
+def _decode_npz(path: Path, split: str, resolution: int, channels: int):
+    with _open_npz(path) as npz:
         if f"{split}_images" not in npz.files:
             splits = sorted(k[: -len("_images")] for k in npz.files if k.endswith("_images"))
             raise UserError(f"{path}: no split '{split}' (splits: {', '.join(splits) or 'none: no <split>_images'})")
@@ -365,6 +413,27 @@ def _decode_npz(path: Path, split: str, resolution: int, channels: int):
     images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     labels = [names[i] if names else str(i) for i in label_ids]
     return images, labels
+
+
+def npz_class_names(path: Path) -> list[str]:
+    """The classes of an npz data set: a MedMNIST flag's names, else 0 .. the largest label of any split, so every
+    split numbers its classes alike (a split without the largest class keeps the others' indices)."""
+    known = MEDMNIST_LABELS.get(path.stem.lower())
+    if known:
+        return known
+    largest = 0
+    with _open_npz(path) as npz:
+        for key in (k for k in npz.files if k.endswith("_labels")):
+            try:
+                labels = npz[key]
+                top = labels.max() if labels.size else 0
+                largest = max(largest, int(top))
+            except (ValueError, TypeError, OverflowError) as err:
+                raise UserError(f"{path}:{key}: labels must be integers ({err})") from None
+    if largest >= MAX_NPZ_CLASSES:
+        raise UserError(f"{path}: label {largest} implies over {MAX_NPZ_CLASSES:,} classes; number the classes 0, 1, "
+                        "2, ... consecutively")
+    return [str(i) for i in range(largest + 1)]
 
 
 def dataset_fingerprint(path: Path) -> str:
@@ -478,9 +547,7 @@ def _image_text(path: Path, split: str, resolution: int, channels: int, captions
     images, texts, label_strs, skipped, seeded = _decoded(path, split, resolution, channels, skip_bad)
     if len(images) == 0:
         raise UserError(f"{path}: split '{split}' is empty")
-    names = sorted({lab for lab in label_strs if lab is not None})
-    if path.suffix == ".npz" and path.stem.lower() in MEDMNIST_LABELS:
-        names = MEDMNIST_LABELS[path.stem.lower()]
+    names = npz_class_names(path) if path.suffix == ".npz" else archive_class_names(path)
     index = {name: i for i, name in enumerate(names)}
     labels = torch.tensor([index[lab] if lab is not None else -1 for lab in label_strs], dtype=torch.long)
     final_captions = []

@@ -8,18 +8,20 @@ IMAGEN_TRANSFER_DATA):
 - **COCO**: `instances_<split>*.json` (or `<split>/annotations.json`, `<split>/_annotations.coco.json`) or one
   `annotations.json` (then a seeded split); images at `file_name` beside the json, under `images/` or `<split>/`.
   Boxes are `[x, y, width, height]`; classes are the `categories` in id order.
-- **YOLO / Ultralytics**: `data.yaml` (`names`), `images/<split>/` and `labels/<split>/<stem>.txt` with one
-  `class cx cy w h` line per box (normalised to [0, 1]).
-- **Image + mask folders**: `images/` and `masks/` with matching stems; the classes are the distinct mask values in
-  sorted order, named by a `class_map.json` (`{"128": "cytoplasm", ...}`) when there is one (`wbc-seg` has its
-  published names built in), and a seeded 80/10/10 split (`data.seeded_split`).
+- **YOLO / Ultralytics**: `data.yaml` (`names`: a list, or a mapping of integer indices), `images/<split>/` and
+  `labels/<split>/<stem>.txt` with one `class cx cy w h` line per box (normalised to [0, 1]).
+- **Image + mask folders**: `images/` and `masks/` with matching stems and a seeded 80/10/10 split
+  (`data.seeded_split`); one class table for the whole data set from every mask (gray levels, palette indices or
+  RGB colours, never colours through gray; named by a `class_map.json`, `wbc-seg`'s published names built in;
+  VOC-palette void and stray values ignored and reported): see masks.py.
 
 Images are resized (no crop: a crop would cut boxes) to the task size (h, w) the caller chooses, boxes scaled with
 them (IoU is unchanged by scaling each axis, so mAP measured at the task size equals mAP at the native size), masks
 resized with nearest neighbour. Real-data faults never pass silently and never stop a whole data set: each kind is
 counted and reported in one line (a warning, also kept in `DenseData.faults`): boxes clipped to the image, boxes
 dropped as degenerate, unknown class names or ids, label files without an image, listed images without a file, masks
-whose size differs from their image.
+whose size differs from their image, ignored mask values. A malformed file (XML, JSON, YAML, text that is not UTF-8)
+is one error line that names it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import io
 import json
 import warnings
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -37,6 +40,7 @@ import torch
 import yaml
 from PIL import Image
 
+from . import masks as mask_values
 from .data import (
     IMAGE_SUFFIXES,
     SPLIT_SEED,
@@ -58,7 +62,6 @@ DEFAULT_SIZES = {"bccd": (120, 160), "wbc-seg": (120, 120)}
 # Captions for fine-tuning a cascade on a dense data set's images without their labels (image_tiles).
 DENSE_CAPTIONS = {"bccd": ["a microscope image of a peripheral blood smear: red cells, white cells and platelets"],
                   "wbc-seg": ["a microscope image of a stained white blood cell among red cells"]}
-MAX_MASK_VALUES = 32  # more distinct values than this means a lossy (JPEG) or non-class mask
 
 
 @dataclass
@@ -73,7 +76,7 @@ class DenseData:
     source: str
     boxes: list[torch.Tensor] = field(default_factory=list)  # (n_i, 4) float
     box_labels: list[torch.Tensor] = field(default_factory=list)  # (n_i,) long
-    masks: torch.Tensor | None = None  # (N, h, w) long class indices
+    masks: torch.Tensor | None = None  # (N, h, w) long class indices, masks.IGNORE (-1) where unscored
     faults: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -91,14 +94,19 @@ class _Faults:
     """Counts faults by kind with a first example, reported as one line per kind."""
 
     def __init__(self, where: str):
-        self.where, self.kinds = where, {}
+        self.where, self.kinds, self.notes = where, {}, []
 
     def add(self, kind: str, example: str) -> None:
         count, first = self.kinds.get(kind, (0, example))
         self.kinds[kind] = (count + 1, first)
 
+    def note(self, line: str) -> None:
+        """A fault already counted and described by its finder (e.g. stray mask values)."""
+        self.notes.append(line)
+
     def lines(self) -> list[str]:
-        return [f"{self.where}: {n} {kind} (first: {first})" for kind, (n, first) in self.kinds.items()]
+        return [f"{self.where}: {n} {kind} (first: {first})" for kind, (n, first) in self.kinds.items()] + [
+            f"{self.where}: {line}" for line in self.notes]
 
 
 def _root_of(archive: _Archive, marker: str) -> str | None:
@@ -183,17 +191,13 @@ def _voc(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[lis
                     faults.add("objects without a name dropped", where)
                     continue
                 boxes.append((cls, box))
-            size = tree.find("size")
-            wh = None
-            if size is not None and (size.findtext("width") or "").strip().isdigit():
-                wh = (int(size.findtext("width")), int(size.findtext("height")))
-            objects[PurePosixPath(name).stem] = (tree.findtext("filename"), boxes, wh)
+            objects[PurePosixPath(name).stem] = (tree.findtext("filename"), boxes, _voc_size(tree, where, faults))
     classes = sorted({cls for _, boxes, _ in objects.values() for cls, _ in boxes})
     list_file = f"{root}ImageSets/Main/{split}.txt"
     if split == "all":
         stems = sorted(objects)
     elif list_file in archive.name_set:
-        stems = [s.split()[0] for s in archive.read(list_file).decode("utf-8").splitlines() if s.strip()]
+        stems = [s.split()[0] for s in _text(archive, list_file).splitlines() if s.strip()]
     else:
         have = sorted(PurePosixPath(n).stem for n in archive.names if n.startswith(f"{root}ImageSets/Main/"))
         raise UserError(f"{archive.where(list_file)} does not exist (this data set's splits: {', '.join(have) or 'none'}"
@@ -213,6 +217,56 @@ def _voc(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[lis
     return items, classes
 
 
+def _voc_size(tree: ET.Element, where: str, faults: _Faults) -> tuple[int, int] | None:
+    """The annotation's <size> (width, height), or None (a fault when present but unreadable: the file's size is
+    used)."""
+    size = tree.find("size")
+    if size is None:
+        return None
+    try:
+        width, height = int(size.findtext("width").strip()), int(size.findtext("height").strip())
+    except (AttributeError, ValueError):
+        faults.add("annotations with an unreadable <size> (the image file's size used)", where)
+        return None
+    return width, height
+
+
+def _text(archive: _Archive, name: str) -> str:
+    """A member as UTF-8 text, or one error line naming it."""
+    try:
+        return archive.read(name).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{archive.where(name)}: not UTF-8 text ({err}); save it as UTF-8") from None
+
+
+def _coco_classes(cats, where: str, faults: _Faults) -> tuple[dict, list[str]]:
+    """({category id: name}, class names in id order) of a COCO `categories` list; one error line when malformed."""
+    if not isinstance(cats, list) or not all(isinstance(c, dict) and "id" in c and "name" in c for c in cats):
+        raise UserError(f"{where}: 'categories' must be a list of {{\"id\": ..., \"name\": ...}} objects")
+    index = {}
+    for cat in cats:
+        key = cat["id"]
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or not isinstance(cat["name"], (str, int)):
+            raise UserError(f"{where}: category {cat!r} needs an integer id and a name")
+        if key in index:
+            raise UserError(f"{where}: category id {key!r} appears twice; give each category its own id")
+        index[key] = str(cat["name"])
+    names = [index[k] for k in sorted(index, key=lambda k: (isinstance(k, str), k))]
+    if len(set(names)) < len(names):
+        faults.add("categories sharing a name merged into one class", where)
+    return index, list(dict.fromkeys(names))
+
+
+def _coco_box(a: dict) -> list[float] | None:
+    """An annotation's [x, y, w, h] as xyxy floats, or None when it is not four numbers."""
+    bbox = a.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    return [x, y, x + w, y + h]
+
+
 def _coco(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str], bool]:
     """Like _voc, plus whether the split is seeded (one annotations file for all)."""
     candidates = [n for n in archive.names if n.startswith(root) and n.endswith(".json")]
@@ -228,49 +282,63 @@ def _coco(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[li
     else:
         raise UserError(f"{archive.path}: no COCO annotations for split '{split}' (looked for instances_{split}*.json, "
                         f"{split}/annotations.json and annotations.json)")
+    where = archive.where(ann)
     try:
         coco = json.loads(archive.read(ann))
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
         images, annotations = coco["images"], coco.get("annotations", [])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{archive.where(ann)}: not a COCO instances file ({err!r}); it needs images, annotations and "
+        cats = coco["categories"]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # ValueError: bad JSON or not UTF-8
+        raise UserError(f"{where}: not a COCO instances file ({err!r}); it needs images, annotations and "
                         "categories") from None
-    classes = [str(c["name"]) for c in cats]
-    index = {c["id"]: str(c["name"]) for c in cats}
-    per_image: dict = {img["id"]: [] for img in images}
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise UserError(f"{where}: 'images' and 'annotations' must be lists")
+    index, classes = _coco_classes(cats, where, faults)
+    per_image: dict = {}
+    for img in images:
+        if (isinstance(img, dict) and isinstance(img.get("id"), (int, str)) and not isinstance(img["id"], bool)
+                and isinstance(img.get("file_name"), str) and img["file_name"]):
+            per_image.setdefault(img["id"], [])
+        else:
+            faults.add("images without an id or a file_name skipped", f"{where} image {str(img)[:80]}")
     for a in annotations:
-        if a.get("category_id") not in index:
+        if not isinstance(a, dict):
+            faults.add("annotations that are not objects dropped", f"{where}: {str(a)[:80]}")
+            continue
+        category, image_id, box = a.get("category_id"), a.get("image_id"), _coco_box(a)
+        if not isinstance(category, (int, str)) or category not in index:
             faults.add("boxes with an unknown category id dropped", f"annotation {a.get('id')}")
-            continue
-        if a.get("image_id") not in per_image:
+        elif not isinstance(image_id, (int, str)) or image_id not in per_image:
             faults.add("boxes of an unknown image id dropped", f"annotation {a.get('id')}")
-            continue
-        x, y, w, h = (float(v) for v in a["bbox"])
-        per_image[a["image_id"]].append((index[a["category_id"]], [x, y, x + w, y + h]))
+        elif box is None:
+            faults.add("boxes without a numeric [x, y, width, height] bbox dropped", f"annotation {a.get('id')}")
+        else:
+            per_image[image_id].append((index[category], box))
     folder = str(PurePosixPath(ann).parent)
     folder = "" if folder == "." else folder + "/"
     items = []
     for img in images:
-        where = f"{archive.where(ann)} image {img.get('id')}"
-        member = next((m for m in (_safe_member(folder.rstrip("/"), str(img["file_name"]), where),
-                                   f"{folder}images/{img['file_name']}", f"{folder}{split}/{img['file_name']}")
+        if not isinstance(img, dict) or img.get("id") not in per_image or not isinstance(img.get("file_name"), str):
+            continue
+        name = img["file_name"]
+        member = next((m for m in (_safe_member(folder.rstrip("/"), name, f"{where} image {img['id']}"),
+                                   f"{folder}images/{name}", f"{folder}{split}/{name}")
                        if m in archive.name_set), None)
         if member is None:
-            faults.add("listed images without a file skipped", str(img["file_name"]))
+            faults.add("listed images without a file skipped", name)
             continue
-        wh = (int(img["width"]), int(img["height"])) if "width" in img and "height" in img else None
+        wh = None
+        if "width" in img or "height" in img:
+            try:
+                wh = (int(img["width"]), int(img["height"]))
+            except (KeyError, TypeError, ValueError, OverflowError):
+                faults.add("images with an unreadable width / height (the file's size used)", f"{where} {name}")
         items.append((member, per_image[img["id"]], wh))
     return items, classes, seeded
 
 
 def _yolo(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
-    where = archive.where(root + "data.yaml")
-    try:
-        spec = yaml.safe_load(archive.read(root + "data.yaml"))
-        names = spec["names"]
-    except (yaml.YAMLError, KeyError, TypeError) as err:
-        raise UserError(f"{where}: not an Ultralytics data.yaml with 'names' ({err!r})") from None
-    classes = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else [str(n) for n in names]
+    ids = _yolo_names(archive, root + "data.yaml")
+    classes = [ids[k] for k in sorted(ids)]
     splits = sorted({n[len(root) + 7:].split("/")[0] for n in archive.names
                      if n.startswith(root + "images/") and n.count("/") > root.count("/") + 1})
     if split not in splits:
@@ -285,7 +353,12 @@ def _yolo(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[li
     for stem in sorted(images):
         boxes = []
         if stem in labels:
-            for lineno, line in enumerate(archive.read(labels[stem]).decode("utf-8").splitlines(), 1):
+            try:
+                text = archive.read(labels[stem]).decode("utf-8")
+            except UnicodeDecodeError:
+                faults.add("images whose label file is not UTF-8 text skipped", labels[stem])
+                continue
+            for lineno, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 parts = line.split()
@@ -294,29 +367,55 @@ def _yolo(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[li
                 except (ValueError, IndexError):
                     faults.add("label lines that are not 'class cx cy w h' dropped", f"{labels[stem]}:{lineno}")
                     continue
-                if not 0 <= cls < len(classes):
-                    faults.add(f"boxes with a class index outside 0..{len(classes) - 1} dropped",
-                               f"{labels[stem]}:{lineno}")
+                if cls not in ids:
+                    known = f"0..{len(ids) - 1}" if sorted(ids) == list(range(len(ids))) else str(sorted(ids))
+                    faults.add(f"boxes with a class index outside {known} dropped", f"{labels[stem]}:{lineno}")
                     continue
-                boxes.append((classes[cls], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], "normalised"))
+                boxes.append((ids[cls], [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], "normalised"))
         items.append((images[stem], boxes, None))
     return items, classes
 
 
-def _masks(archive: _Archive, root: str, spec: str) -> tuple[list, dict[int, str] | None]:
-    """[(image member, mask member)] with matching stems, and the class map file's names if any."""
+def _yolo_names(archive: _Archive, name: str) -> dict[int, str]:
+    """{class index: name} of an Ultralytics data.yaml's `names`: a list (index = position) or a mapping of
+    integer indices; anything else (a bare string, an empty or missing entry) is one error line."""
+    where = archive.where(name)
+    try:
+        spec = yaml.safe_load(archive.read(name))
+    except yaml.YAMLError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{where}: not valid YAML ({first})") from None
+    names = spec.get("names") if isinstance(spec, dict) else None
+    example = "names: [cells] or names: {0: cells}"
+    if isinstance(names, list):
+        names = dict(enumerate(names))
+    if not isinstance(names, dict) or not names:
+        got = "missing" if names is None else repr(names)[:60]
+        raise UserError(f"{where}: 'names' must be a non-empty list or mapping of class names, e.g. {example} (got "
+                        f"{got})")
+    ids = {}
+    for key, value in names.items():
+        if isinstance(key, bool) or not isinstance(key, int) or not isinstance(value, (str, int, float)) \
+                or isinstance(value, bool) or not str(value).strip():
+            raise UserError(f"{where}: names entry {key!r}: {value!r} must map an integer index to a class name, "
+                            f"e.g. {example}")
+        ids[key] = str(value).strip()
+    if len(set(ids.values())) < len(ids):
+        raise UserError(f"{where}: names repeats a class name ({sorted(ids.values())}); give each index its own name")
+    return ids
+
+
+def _masks(archive: _Archive, root: str, spec: str) -> tuple[list, dict[int, str | None] | None]:
+    """[(image member, mask member)] with matching stems, and the class map (class_map.json, else the built-in one
+    of a shared data set, else None)."""
     images = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(root + "images/")
               and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES}
     masks = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(root + "masks/")
              and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES}
     class_map = KNOWN_CLASS_MAPS.get(spec)
     if root + "class_map.json" in archive.name_set:
-        where = archive.where(root + "class_map.json")
-        try:
-            class_map = {int(k): str(v) for k, v in json.loads(archive.read(root + "class_map.json")).items()}
-        except (json.JSONDecodeError, ValueError, AttributeError) as err:
-            raise UserError(f"{where}: must map mask values to class names, e.g. {{\"0\": \"background\"}} "
-                            f"({err})") from None
+        name = root + "class_map.json"
+        class_map = mask_values.parse_class_map(archive.read(name), archive.where(name))
     return [(images.get(s), masks.get(s)) for s in sorted(set(images) | set(masks))], class_map
 
 
@@ -392,16 +491,9 @@ def load_dense(spec: str, split: str = "train", *, size: tuple[int, int] | None 
                              boxes, labels), faults)
 
 
-def _read_mask(archive: _Archive, name: str) -> np.ndarray:
-    """A mask's values as int64 (palette and 16-bit masks as stored, anything else as 8-bit gray)."""
-    try:
-        with Image.open(io.BytesIO(archive.read(name))) as m:
-            return np.asarray(m.convert("L") if m.mode not in ("L", "P", "I", "I;16") else m).astype(np.int64)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is reported with the file's name
-        raise UserError(f"{archive.where(name)}: cannot read mask ({err}); fix or remove the file") from None
-
-
 def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults, short: str | None) -> DenseData:
+    """A split of an image + mask set; its class table from every mask of the data set (masks.py), so all splits
+    number classes alike and stray values are counted over the whole set."""
     pairs, class_map = _masks(archive, root, short)
     usable = []
     for image, mask in pairs:
@@ -412,43 +504,41 @@ def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults,
         else:
             usable.append((image, mask))
     chosen = [(i, m) for i, m, *_ in seeded_split([(i, m, None) for i, m in usable], split)]
-    decoded, values, read = [], set(), {}
+    kept = {m for _, m in chosen}
+    counts, voc, read = Counter(), [], {}
+    for _, mask in usable:  # every mask of the data set: the class table's evidence
+        values, is_voc = mask_values.read_mask(archive.read(mask), archive.where(mask))
+        found, n = np.unique(values, return_counts=True)
+        counts.update(dict(zip(found.tolist(), n.tolist())))
+        voc.append(is_voc)
+        if mask in kept:
+            read[mask] = values
+    decoded = []
     for image, mask in chosen:
         arr = _decode_rgb(archive.read(image), archive.where(image))
-        marr = read[mask] = _read_mask(archive, mask)
-        if marr.shape != arr.shape[:2]:
-            faults.add("masks whose size differs from their image skipped", f"{mask} {marr.shape} vs {arr.shape[:2]}")
+        if read[mask].shape != arr.shape[:2]:
+            faults.add("masks whose size differs from their image skipped",
+                       f"{mask} {read[mask].shape} vs {arr.shape[:2]}")
             continue
-        decoded.append((image, arr, marr))
-        values.update(np.unique(marr).tolist())
+        decoded.append((image, arr, read[mask]))
     if not decoded:
-        raise UserError(f"{archive.path}: split '{split}' has no usable image + mask pairs")
-    if class_map is None:  # the distinct values of every mask of the data set, so all splits agree
-        for _, mask in usable:
-            values.update(np.unique(read[mask] if mask in read else _read_mask(archive, mask)).tolist())
-        if len(values) > MAX_MASK_VALUES:
-            raise UserError(f"{archive.path}: masks hold {len(values)} distinct values; save masks losslessly (PNG) "
-                            "with one value per class, or add a class_map.json")
-        class_map = {v: str(v) for v in sorted(values)}
-    unknown = values - set(class_map)
-    if unknown:
-        raise UserError(f"{archive.path}: mask values {sorted(unknown)} are not in the class map "
-                        f"({sorted(class_map)}); add them to class_map.json")
-    lookup = np.zeros(max(max(class_map), max(values)) + 1, dtype=np.int64)
-    for i, v in enumerate(sorted(class_map)):
-        lookup[v] = i
+        reasons = "; ".join(faults.lines()) or "no image has a mask with the same stem"
+        raise UserError(f"{archive.path}: split '{split}' has no usable image + mask pairs ({reasons})")
+    table = mask_values.class_table(counts, class_map, voc_void=bool(voc) and all(voc), where=str(archive.path))
+    for note in table.notes:
+        faults.note(note)
     images, masks, names = [], [], []
     for image, arr, marr in decoded:
         hw = size or arr.shape[:2]
         images.append(_resize_rgb(arr, hw))
-        m = lookup[marr]
-        if m.shape != hw:
-            m = np.asarray(Image.fromarray(m.astype(np.uint8)).resize((hw[1], hw[0]), Image.NEAREST)).astype(np.int64)
+        m = table.apply(marr)
+        if m.shape != hw:  # nearest neighbour on 32-bit values: indices and IGNORE survive as they are
+            m = np.asarray(Image.fromarray(m.astype(np.int32)).resize((hw[1], hw[0]), Image.NEAREST)).astype(np.int64)
         masks.append(m)
         names.append(image)
     source = f"{archive.path}:{split} (masks, seeded split {SPLIT_SEED})"
-    return _finish(DenseData(torch.from_numpy(np.stack(images)), names, [class_map[v] for v in sorted(class_map)],
-                             "segmentation", "masks", source, masks=torch.from_numpy(np.stack(masks))), faults)
+    return _finish(DenseData(torch.from_numpy(np.stack(images)), names, table.names, "segmentation", "masks", source,
+                             masks=torch.from_numpy(np.stack(masks))), faults)
 
 
 def _finish(data: DenseData, faults: _Faults) -> DenseData:

@@ -47,6 +47,7 @@ from .data import to_float
 from .dense import load_dense
 from .errors import UserError
 from .features import load_features
+from .masks import IGNORE
 
 DETECTION_LRS = (1e-3, 3e-3)
 SEGMENTATION_LRS = (1e-3, 3e-3)
@@ -302,6 +303,13 @@ def sample_pixels(x: torch.Tensor, masks: torch.Tensor, count: int, gen: torch.G
     return top * (1 - wy) + bottom * wy, masks[i, py, px].long()
 
 
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the pixels that have a class (masks.IGNORE pixels left out); 0, not NaN, when a
+    batch has none."""
+    total = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+    return total / (target != IGNORE).sum().clamp_min(1)
+
+
 def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: int, *, lr: float, steps: int,
                     seed: int = 0, ensemble: int = 3, pixels: int = 4096, batch_size: int = 8) -> list[nn.Module]:
     """`ensemble` pixel MLPs (different seeds), one conv head, or (kind "scratch", `x` the images) a small U-Net
@@ -317,13 +325,13 @@ def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: in
         for _ in range(steps):
             if kind == "mlp":
                 feats, target = sample_pixels(x, masks, pixels, gen)
-                loss = F.cross_entropy(head(feats), target)
+                loss = masked_cross_entropy(head(feats), target)
             else:
                 idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
                 xb, mb = torch.where(flip, x[idx].flip(-1), x[idx]), masks[idx].long()
                 mb = torch.where(flip[:, 0], mb.flip(-1), mb)
-                loss = F.cross_entropy(head(xb, masks.shape[1:]), mb)
+                loss = masked_cross_entropy(head(xb, masks.shape[1:]), mb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -400,8 +408,11 @@ def segment(heads: list[nn.Module], kind: str, x: torch.Tensor, size: tuple[int,
 def segmentation_scores(pred: torch.Tensor, masks: torch.Tensor, class_names: list[str]) -> dict:
     """IoU and Dice per class over the whole split (torchmetrics), mIoU over all classes and over foreground."""
     k = len(class_names)
-    iou = MulticlassJaccardIndex(k, average=None)(pred.flatten(), masks.long().flatten())
-    dice = MulticlassF1Score(k, average=None)(pred.flatten(), masks.long().flatten())
+    truth = masks.long().flatten()
+    scored = truth != IGNORE  # void and stray pixels (masks.py) are not scored
+    pred, truth = pred.flatten()[scored], truth[scored]
+    iou = MulticlassJaccardIndex(k, average=None)(pred, truth)
+    dice = MulticlassF1Score(k, average=None)(pred, truth)
     return dict(miou=float(iou.mean()), miou_foreground=float(iou[1:].mean()) if k > 1 else float(iou.mean()),
                 per_class={n: dict(iou=float(iou[i]), dice=float(dice[i])) for i, n in enumerate(class_names)})
 
@@ -612,9 +623,8 @@ def overlays(manifest: dict, chosen: dict, out: Path, *, count: int = 4, min_sco
             grid = np.concatenate(tiles, 1)
         else:
             pred = segment(head, _kind_of(head), x[:count], tuple(manifest["size"]), flip_test)
-            colours = np.array([(0, 0, 0)] + PALETTE, dtype=np.uint8)
-            rows = [np.concatenate([test.images[i].numpy(), colours[test.masks[i].numpy() % len(colours)],
-                                    colours[pred[i].numpy() % len(colours)]], 1) for i in range(count)]
+            rows = [np.concatenate([test.images[i].numpy(), _paint(test.masks[i].numpy()), _paint(pred[i].numpy())], 1)
+                    for i in range(count)]
             grid = np.concatenate(rows, 0)
         name = f"overlay-{manifest['task']}-{set_name}.png"
         Image.fromarray(grid).save(out / name)
@@ -692,3 +702,9 @@ def run_dense(features: str | Path, out: str | Path | None = None, *, task: str,
     (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
     (out / f"probe-{task}.md").write_text(dense_markdown(result))
     return result
+
+
+def _paint(mask: np.ndarray) -> np.ndarray:
+    """Class indices (H, W) as colours (background black), ignored pixels (masks.IGNORE) mid-gray."""
+    colours = np.array([(0, 0, 0)] + PALETTE, dtype=np.uint8)
+    return np.where(mask[..., None] == IGNORE, np.uint8(128), colours[mask % len(colours)])

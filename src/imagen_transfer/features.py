@@ -362,7 +362,7 @@ def _dense_targets(data: dict) -> dict[str, torch.Tensor]:
             targets[f"{split}/boxes"] = torch.cat(d.boxes).reshape(-1, 4)
             targets[f"{split}/box_labels"] = torch.cat(d.box_labels).long()
         else:
-            targets[f"{split}/masks"] = d.masks.to(torch.uint8)
+            targets[f"{split}/masks"] = d.masks.to(torch.int16)  # class indices and masks.IGNORE (-1)
     return targets
 
 

@@ -24,7 +24,15 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
-from .cascade import DEFAULT_SAMPLING, Cascade, Stage, load_cascade, resolve_model
+from .cascade import (
+    DEFAULT_SAMPLING,
+    Cascade,
+    Stage,
+    check_weights_cover,
+    load_cascade,
+    quiet_diffusers,
+    resolve_model,
+)
 from .errors import UserError
 from .outputs import check_output_dir
 from .sampling import make_scheduler
@@ -74,7 +82,9 @@ def import_if(stage1: str | Path, stage2: str | Path | None = None, text_encoder
         if folder is None:
             continue
         _check_layout(folder, "stage II" if kind == "sr" else "stage I")
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+        with quiet_diffusers():
+            unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+        check_weights_cover(unet, folder / "unet")
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
         expected = 2 * 3 if kind == "sr" else 3
         if unet.config.in_channels != expected:

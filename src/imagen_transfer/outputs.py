@@ -8,6 +8,7 @@ while one process writes it, so two runs cannot interleave their checkpoints.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -58,12 +59,76 @@ def check_writable_dir(folder: Path, target: Path | None = None) -> None:
     os.unlink(probe)
 
 
-def check_output_file(path: Path) -> None:
-    """An output file's folder must be writable and the path must not be a folder; checked before the compute."""
+def check_output_file(path: Path, *, image: bool = False) -> None:
+    """An output file's folder must be writable and the path must not be a folder (and, for an `image`, its
+    extension one that Pillow writes); checked before the compute."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"--out {path} is a folder; give a file name")
+    if image:
+        from PIL import Image  # Pillow's writers register on init; only image outputs need them
+
+        Image.init()
+        if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+            raise UserError(f"--out {path}: '{path.suffix or 'no extension'}' is not an image format to save; end the "
+                            "name in .png (lossless) or .jpg")
     check_writable_dir(path.parent, path)
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space on the disk of `folder` (or of the nearest folder above it that exists)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def require_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start writing `what` (about `needed` bytes) into `folder` when its disk has less free (plus 1%
+    and 1 MB for file system overhead): one line naming the path and both sizes, before a half-written file."""
+    free = free_bytes(folder)
+    if free < needed * 1.01 + 1e6:
+        raise OSError(errno.ENOSPC, f"no space left for {what}: it needs about {_mb(needed)}, {_mb(free)} free; free "
+                      "some space and rerun", str(folder))
+
+
+@contextmanager
+def disk_full_as_oserror(path: Path, needed: int | None = None) -> Iterator[None]:
+    """Libraries report a full disk their own way (safetensors: `SafetensorError ... os error 28`); inside this
+    block any such failure becomes OSError(ENOSPC) naming `path`, the space needed and the space free, which the
+    command line prints as one line (exit 1)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno != errno.ENOSPC or "needs about" in str(err.strerror):
+            raise
+        raise _disk_full(path, needed) from None
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a full disk in a library's words
+        if "os error 28" not in str(err) and "No space left" not in str(err):
+            raise
+        raise _disk_full(path, needed) from None
+
+
+def _disk_full(path: Path, needed: int | None) -> OSError:
+    need = f"it needs about {_mb(needed)}, " if needed else ""
+    return OSError(errno.ENOSPC, f"no space left on device ({need}{_mb(free_bytes(Path(path).parent))} free); free some "
+                   "space and rerun", str(path))
+
+
+def remove_stale_partials(out: Path) -> int:
+    """Remove the `.NAME.partial-*` / `.NAME.old-*` folders a killed save of `out` left beside it (names only this
+    tool makes, see fresh_sibling and replace_dir); call it after a successful save, under the run's lock."""
+    out = Path(out)
+    removed = 0
+    for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

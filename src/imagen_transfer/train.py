@@ -46,7 +46,7 @@ from .diffusion import training_loss
 from .errors import UserError
 from .interop import open_model
 from .metrics import load_feature_net
-from .outputs import check_writable_dir, run_lock
+from .outputs import check_writable_dir, remove_stale_partials, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
 from .shard import all_finite, gathered_state, like, load_gathered_state, reshard, unsharded
@@ -421,8 +421,10 @@ def _finish(run: StageRun, step: int) -> dict:
     t, stopping, log = run.t, run.stopping, run.log
     if run.best_ema is not None:
         t.ema.shadow_params = run.best_ema
-        log.say(f"restored the best EMA weights: step {stopping.step}, val_loss {stopping.val:.5f}")
-        log.event(event="restore_best", step=stopping.step, val_loss=stopping.val)
+        metric = stopping.metric
+        log.say(f"restored the best EMA weights: step {stopping.step}, {metric} {stopping.val:.5f}")
+        log.event(event="restore_best", step=stopping.step, metric=metric, value=stopping.val,
+                  **({"val_loss": stopping.val} if metric == "val_loss" else {}))
     log.close()
     t.ema.copy_to(t.params)
     t.raw_unet.eval()
@@ -655,6 +657,7 @@ def _train_in(config: RunConfig, resume: bool, on_validation, accelerator, casca
         cascade.info.update(source=str(config.model.init_from), method=config.transfer.method)
     if main:
         save_cascade(cascade, run_dir / "cascade", overwrite=True)  # the run's own output
+        remove_stale_partials(run_dir / "cascade")  # what a killed earlier save of this run left beside it
         append_jsonl(run_dir / "metrics.jsonl", dict(event="done", summaries=summaries, time=time.time()))
     accelerator.wait_for_everyone()
     accelerator.end_training()

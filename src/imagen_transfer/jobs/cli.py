@@ -7,12 +7,13 @@ Bad input raises `UserError`, printed as one line (`error: ...`) with exit code 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..outputs import check_output_dir, check_output_file
+from ..outputs import check_output_dir, check_output_file, check_writable_dir, free_bytes
 
 # ------------------------------------------------------------------------------------------ argument types
 # Every number from the command line is finite and in range before any work starts (argparse then prints one
@@ -89,7 +90,7 @@ def cmd_sample(args) -> None:
     from ..sampling import sample_cascade, save_grid
 
     sampling = _check_sampling(args)
-    check_output_file(Path(args.out))  # a read-only or missing folder fails now, not after the sampling
+    check_output_file(Path(args.out), image=True)  # a bad extension or read-only folder fails now, not after sampling
     cascade = open_model(args.model)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
@@ -287,6 +288,34 @@ def cmd_features(args) -> None:
     print(f"wrote {out}/manifest.json")
 
 
+def cmd_data(args) -> None:
+    """Read each split as the other commands would and say what is there: counts, classes, every fault."""
+    import warnings
+
+    from ..data import load_dataset
+    from ..dense import is_dense, load_dense
+
+    dense = is_dense(args.data)
+    for split in args.splits:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if dense:
+                data = load_dense(args.data, split, size=tuple(args.size) if args.size else None)
+                h, w = data.images.shape[1:3]
+                what = (f"{sum(len(b) for b in data.boxes)} boxes" if data.task == "detection" else
+                        f"{(data.masks < 0).sum().item()} ignored pixels")
+                print(f"{split}: {len(data)} images at {h}x{w}, {data.task} ({data.layout}), {what}, classes "
+                      f"{data.class_names}")
+            else:
+                data = load_dataset(args.data, split, resolution=args.resolution, skip_bad=args.skip_bad)
+                counts = data.labels[data.labels >= 0].bincount(minlength=len(data.label_names)).tolist()
+                print(f"{split}: {len(data)} images at {args.resolution}px ({data.source}), classes "
+                      + ", ".join(f"{n} {c}" for n, c in zip(data.label_names, counts)) + ("" if not data.skipped
+                                                                                    else f", {data.skipped} skipped"))
+        for warning in caught:
+            print(f"  fault: {warning.message}")
+
+
 def _labelled_count(value: str) -> str:
     if value != "all" and not (value.isdigit() and int(value) > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got '{value}'")
@@ -303,7 +332,12 @@ def cmd_probe(args) -> None:
                         f"{', '.join(valid_heads) if valid_heads else 'none, it has a fixed head'})")
     if args.flip_test and args.task not in ("detection", "segmentation"):
         raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
+    if args.out:  # the probe's files (probe-<task>.json / .md, plots, overlays) go here: checked before the heads train
+        check_output_dir(Path(args.out), what="probe folder", overwrite=True,
+                         is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file())
     manifest, _ = load_features(args.features)
+    if not args.out:
+        check_writable_dir(Path(args.features))
     if args.task in ("detection", "segmentation"):
         from ..dense_probe import run_dense
 
@@ -487,6 +521,15 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="a folder, .zip or .npz, or a shared data set's name (cifar10, bccd, ...)")
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    p.add_argument("--size", nargs=2, type=int_in(8), default=None, metavar=("H", "W"),
+                   help="detection / segmentation: the task size (as features --size)")
+    p.add_argument("--resolution", type=int_in(8, 1024), default=32, help="image-text sets: decode at this size")
+    p.add_argument("--skip-bad", action="store_true", help="count unreadable image files instead of stopping")
+
+
 def _features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
                    help="a cascade folder or shipped name; repeat to compare models (e.g. source=cifar10 tuned=runs/x/cascade)")
@@ -573,6 +616,8 @@ COMMANDS = [
      _study_arguments, cmd_study),
     ("merge", "fuse cascades in weight space into a new cascade folder",
      _merge_arguments, cmd_merge),
+    ("data", "read a data set's splits as every command does: images, classes and faults, before any compute",
+     _data_arguments, cmd_data),
     ("features", "U-Net (and baseline) features of a dataset's splits, for probes",
      _features_arguments, cmd_features),
     ("probe", "linear / MLP heads or kNN retrieval on a feature folder",
@@ -592,6 +637,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_line(err: OSError) -> str:
+    """What failed and where, in one line; a full disk also says how much space is free there."""
+    where = f" ({err.filename})" if err.filename else ""
+    text = str(err.strerror or err).replace("\n", " ")
+    if err.errno == errno.ENOSPC and "free" not in text and err.filename:
+        try:
+            text += f" ({free_bytes(Path(err.filename).parent) / 1e6:,.1f} MB free)"
+        except OSError:
+            pass
+    return text + where
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -606,9 +663,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # a full disk or a folder that became read-only mid-run: one line, not a traceback
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}; files are written beside their final name and renamed, so what "
-              "was there before is intact (a run continues with --resume)", file=sys.stderr)
+        print(f"error: {_os_error_line(err)}; files are written beside their final name and renamed, so what was "
+              "there before is intact (a run continues with --resume)", file=sys.stderr)
         return 1
     return 0
 
