@@ -51,7 +51,8 @@ def test_early_stopping_on_kid_restores_the_best_measurement(pneumonia_npz, smal
     assert [r["step"] for r in rows if "kid" in r] == [2, 4, 6, 8]
     assert next(r for r in rows if r.get("early_stop"))["step"] == 8
     restored = next(r for r in rows if r.get("event") == "restore_best")
-    assert restored["step"] == 4
+    assert restored["step"] == 4 and restored["metric"] == "kid" and restored["value"] == 0.3
+    assert "val_loss" not in restored  # the KID is not reported as a validation loss (issue #35)
     done = next(r for r in rows if r.get("event") == "done")["summaries"][0]
     assert done["early_stopping_metric"] == "kid" and done["best_value"] == 0.3 and done["best_val_loss"] is None
 

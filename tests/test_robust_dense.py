@@ -394,3 +394,37 @@ def test_the_data_command_reports_counts_classes_and_faults(tmp_path, capsys):
     npz = make_npz(tmp_path / "pneumoniamnist.npz", n_train=8, n_val=4)
     assert main(["data", str(npz), "--splits", "train", "val", "--resolution", "28"]) == 0
     assert "train: 8 images at 28px" in capsys.readouterr().out
+
+
+def test_study_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years")
+    assert "holds files this tool did not write" in run(["study", "transfer", "--out", mine], capsys)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_report_checks_the_run_folder_is_writable_before_plotting(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from imagen_transfer import outputs
+    from imagen_transfer.jobs import report
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(report, "plot_curves", lambda *a, **k: pytest.fail("plotted before the check"))
+    assert "is not writable" in run(["report", tmp_path], capsys)
+
+
+def test_an_error_naming_a_control_character_stays_one_line(tmp_path, capsys):
+    """Found by the COCO fuzzer: an image id "\\x1e" (a record separator, which splits lines) in the message."""
+    coco = _coco(tmp_path / "c", [])
+    meta = json.loads((coco / "annotations.json").read_text())
+    meta["images"].append({"id": "\x1e", "file_name": "../x.png"})
+    (coco / "annotations.json").write_text(json.dumps(meta))
+    line = run(["data", coco], capsys)
+    assert "image \\x1e: file_name '../x.png' escapes the dataset root" in line

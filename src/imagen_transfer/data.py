@@ -331,6 +331,8 @@ def _npz_pixels(raw: np.ndarray, where: str) -> torch.Tensor:
     anything else (negative or non-finite values, wider integers beyond 255) refused."""
     if raw.ndim not in (3, 4) or (raw.ndim == 4 and raw.shape[-1] not in (1, 3)):
         raise UserError(f"{where}: images must be (N, H, W) or (N, H, W, 1|3), got shape {raw.shape}")
+    if raw.size == 0:
+        raise UserError(f"{where}: holds no images (shape {raw.shape})")
     if raw.dtype == np.uint8:
         return torch.from_numpy(raw).float()
     if raw.dtype == np.uint16:

@@ -303,7 +303,9 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
     state, cascades, blocks, timesteps = _open_models(models, stage_name, list(blocks or DENSE_BLOCKS), timesteps,
                                                       DENSE_TIMESTEPS)
     stage0 = next(iter(cascades.values())).stage(stage_name)
-    data = {s: load_dense(dataset, s, size=size) for s in splits}
+    first = load_dense(dataset, splits[0], size=size)
+    size = tuple(first.images.shape[1:3])  # without --size the first split's, so every split shares one grid
+    data = {s: first if s == splits[0] else load_dense(dataset, s, size=size) for s in splits}
     if limit is not None:
         data = {s: d.subset(range(min(limit, len(d)))) for s, d in data.items()}
     h, w = next(iter(data.values())).images.shape[1:3]

@@ -637,10 +637,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """An error message as exactly one line: characters that break or hide a line (newlines, a file name's control
+    characters such as \\x1e) are written as escapes, so the user still sees which name it was."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _os_error_line(err: OSError) -> str:
     """What failed and where, in one line; a full disk also says how much space is free there."""
     where = f" ({err.filename})" if err.filename else ""
-    text = str(err.strerror or err).replace("\n", " ")
+    text = str(err.strerror or err)
     if err.errno == errno.ENOSPC and "free" not in text and err.filename:
         try:
             text += f" ({free_bytes(Path(err.filename).parent) / 1e6:,.1f} MB free)"
@@ -657,13 +663,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except OSError as err:  # a full disk or a folder that became read-only mid-run: one line, not a traceback
-        print(f"error: {_os_error_line(err)}; files are written beside their final name and renamed, so what was "
+        print(f"error: {one_line(_os_error_line(err))}; files are written beside their final name and renamed, so what was "
               "there before is intact (a run continues with --resume)", file=sys.stderr)
         return 1
     return 0

@@ -19,6 +19,7 @@ import yaml
 
 from ..checkpoint import read_jsonl
 from ..errors import UserError
+from ..outputs import check_writable_dir
 
 EVAL_COLUMNS = [("resolution", "px"), ("n_generated", "N gen"), ("n_real", "N real"), ("fid", "FID"), ("kid_mean", "KID"),
                 ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
@@ -97,6 +98,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if not rows and not evals:
         raise UserError(f"{run} has neither metrics.jsonl nor eval*.json: is it a run folder (train / finetune / "
                         "evaluate --out RUN/eval.json)?")
+    check_writable_dir(run)  # report.html / report.md and the plots go here: a read-only run fails before them
     config = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
     prompts = _prompts(config)
     curves = plot_curves(rows, run / "curves.png") if rows else None

@@ -45,6 +45,7 @@ from ..evaluate import draw_captions, generate_images, reference_features
 from ..interop import open_model
 from ..judge import conditioning_accuracy, load_or_train_judge
 from ..metrics import extract_features, kid, load_feature_net
+from ..outputs import check_output_dir
 from ..sampling import sample_stage, to_gray
 from ..text import EmbeddingCache, default_cache_dir, load_text_encoder
 from ..train import train
@@ -390,6 +391,7 @@ def study_transfer(plan: StudyPlan, out: str | Path, *, jobs: int = 1, train_run
                    progress: bool = True) -> dict:
     """Run (or resume) the whole study; returns the summary (also <out>/study.json, plots, results.md)."""
     out = Path(out)
+    check_output_dir(out, what="study", overwrite=True, is_ours=lambda folder: (folder / "plan.json").is_file())
     out.mkdir(parents=True, exist_ok=True)
     resolve_dataset(plan.data)  # a missing dataset fails here, before any work
     saved = out / "plan.json"
