@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 
 from imagen_transfer.cascade import load_cascade
-from imagen_transfer.data import load_dataset, resize, to_float
+from imagen_transfer.data import resize, to_float
+from imagen_transfer.datasets import load_dataset
 from imagen_transfer.evaluate import draw_captions, reference_features
 from imagen_transfer.metrics import extract_features, fid, kid, load_feature_net, precision_recall
 from imagen_transfer.sampling import sample_stage, to_gray, to_uint8
+from imagen_transfer.sources import open_source
 from imagen_transfer.text import EmbeddingCache, default_cache_dir, load_text_encoder
 
 # (label, SR sampling overrides, noise-augmentation level at sampling)
@@ -76,9 +78,10 @@ def main() -> None:
     gray = settings.pop("grayscale", False)
     if args.guidance is not None:
         settings["guidance"] = args.guidance
-    data = load_dataset(args.data, args.split, resolution=sr.resolution, channels=3)
+    source = open_source(args.data)  # resolved once for the sweep
+    data = load_dataset(source, args.split, resolution=sr.resolution, channels=3)
     if args.real_lowres:
-        lowres_data = load_dataset(args.data, args.real_lowres, resolution=sr.resolution, channels=3)
+        lowres_data = load_dataset(source, args.real_lowres, resolution=sr.resolution, channels=3)
         picked = torch.randperm(len(lowres_data), generator=torch.Generator().manual_seed(0))[: args.n]
         prompts = [lowres_data.captions[i] for i in picked.tolist()]
     else:
@@ -86,7 +89,7 @@ def main() -> None:
     encode = EmbeddingCache(load_text_encoder(cascade.text_encoder), default_cache_dir())
     null = encode([""])
     net, net_id = load_feature_net(None)
-    real, info = reference_features(args.data, args.split, sr.resolution, net, net_id, n_real=args.n_real, seed=0,
+    real, info = reference_features(source, args.split, sr.resolution, net, net_id, n_real=args.n_real, seed=0,
                                     data=data, progress=True)
 
     started = time.time()

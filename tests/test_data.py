@@ -7,14 +7,10 @@ import pytest
 import torch
 from conftest import make_image_folder, make_npz
 
-from imagen_transfer.data import (
-    caption_for,
-    dataset_fingerprint,
-    load_dataset,
-    resolve_dataset,
-    select_subset,
-)
+from imagen_transfer.data import caption_for, select_subset
+from imagen_transfer.datasets import load_dataset
 from imagen_transfer.errors import UserError
+from imagen_transfer.sources import open_source
 
 
 def test_image_folder_with_metadata(tmp_path):
@@ -91,15 +87,18 @@ def test_missing_captions_missing_files_and_empty_datasets(tmp_path):
     with pytest.raises(UserError, match="no readable images"):
         load_dataset(str(tmp_path / "empty"), resolution=8)
     with pytest.raises(UserError, match="dataset not found"):
-        resolve_dataset(str(tmp_path / "nowhere"))
+        open_source(str(tmp_path / "nowhere"))
 
 
 def test_short_names_need_the_data_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("IMAGEN_TRANSFER_DATA", str(tmp_path))
     with pytest.raises(UserError, match="set IMAGEN_TRANSFER_DATA"):
-        resolve_dataset("pneumoniamnist")
+        open_source("pneumoniamnist")
     make_npz(tmp_path / "pneumoniamnist.npz")
-    assert resolve_dataset("pneumoniamnist") == tmp_path / "pneumoniamnist.npz"
+    source = open_source("pneumoniamnist")
+    assert source.path == tmp_path / "pneumoniamnist.npz" and source.kind == "npz" and source.name == "pneumoniamnist"
+    assert source.known.labels == ("normal", "pneumonia") and open_source(source) is source
+    assert open_source("pneumoniamnist") is source  # opened once per file version
 
 
 def test_subsets_are_deterministic_and_stratified():
@@ -125,7 +124,7 @@ def test_caption_templates():
 def test_real_datasets_when_present():
     """The shared data mirror: CIFAR-10 zip and PneumoniaMNIST npz with their official split sizes."""
     try:
-        resolve_dataset("pneumoniamnist")
+        open_source("pneumoniamnist")
     except UserError:
         pytest.skip("IMAGEN_TRANSFER_DATA does not hold the shared datasets")
     pn = {s: load_dataset("pneumoniamnist", s, resolution=28, channels=1) for s in ("train", "val", "test")}
@@ -142,6 +141,6 @@ def test_fingerprint_follows_content_not_file_time(tmp_path):
     copy.parent.mkdir()
     copy.write_bytes(first.read_bytes())
     os.utime(copy, (1, 1))  # a copy with another time (a re-materialised shared folder) keeps its caches
-    assert dataset_fingerprint(first) == dataset_fingerprint(copy)
+    assert open_source(first).fingerprint == open_source(copy).fingerprint
     copy.write_bytes(first.read_bytes()[:-1] + b"x")  # changed content: a new fingerprint
-    assert dataset_fingerprint(first) != dataset_fingerprint(copy)
+    assert open_source(first).fingerprint != open_source(copy).fingerprint

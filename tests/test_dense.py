@@ -83,14 +83,15 @@ def _zip(folder: Path, path: Path) -> Path:
 
 
 def test_voc_folder_and_zip_read_alike_with_boxes_scaled_and_faults_counted(tmp_path):
-    from imagen_transfer.dense import is_dense, load_dense
+    from imagen_transfer.dense import load_dense
+    from imagen_transfer.sources import open_source
 
     voc = make_voc(tmp_path / "voc")
     with pytest.warns(UserWarning, match="1 boxes reaching outside the image clipped"):
         folder = load_dense(str(voc), "train", size=(24, 32))
     with pytest.warns(UserWarning):
         zipped = load_dense(str(_zip(voc, tmp_path / "voc.zip")), "train", size=(24, 32))
-    assert is_dense(str(voc)) and folder.layout == "voc" and folder.class_names == list(CLASSES)
+    assert open_source(str(voc)).kind == "detection" and folder.layout == "voc" and folder.class_names == list(CLASSES)
     assert len(folder) == 6 and folder.images.shape == (6, 24, 32, 3)
     assert torch.equal(folder.images, zipped.images) and all(torch.equal(a, b) for a, b in zip(folder.boxes, zipped.boxes))
     assert any("1 degenerate boxes dropped" in f for f in folder.faults)
@@ -165,11 +166,12 @@ def test_masks_layout_classes_split_and_faults(tmp_path):
 
 
 def test_not_a_dense_layout_is_one_clear_error(tmp_path):
-    from imagen_transfer.dense import is_dense, load_dense
+    from imagen_transfer.dense import load_dense
+    from imagen_transfer.sources import open_source
 
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "a.txt").write_text("x")
-    assert not is_dense(str(tmp_path / "stuff"))
+    assert open_source(str(tmp_path / "stuff")).kind == "image-text"
     with pytest.raises(UserError, match="not a detection or segmentation data set"):
         load_dense(str(tmp_path / "stuff"))
 
@@ -385,7 +387,7 @@ def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, 
 def test_transfer_without_labels_fine_tunes_on_tiles_then_extracts(tmp_path, tiny_cascade_dir):
     """The end-to-end path: fine-tune the source cascade on the target's images (template captions, no labels),
     then read dense features from the fine-tuned model beside the source."""
-    from imagen_transfer.data import load_dataset
+    from imagen_transfer.datasets import load_dataset
     from imagen_transfer.jobs.cli import main
 
     voc = make_voc(tmp_path / "voc", n=8, faults=False)

@@ -62,7 +62,7 @@ def test_evaluate_a_prefix_of_the_cascade_against_a_real_subset(tiny_cascade_dir
 
 
 def test_judge_learns_the_classes_and_scores_conditioning(toy_npz):
-    from imagen_transfer.data import load_dataset
+    from imagen_transfer.datasets import load_dataset
     from imagen_transfer.judge import conditioning_accuracy, load_or_train_judge
 
     judge, info = load_or_train_judge(str(toy_npz), 32, epochs=15, progress=False)

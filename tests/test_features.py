@@ -42,7 +42,7 @@ def test_feature_folder_layout(feature_dir, tiny_cascade):
 
 
 def test_hook_reads_the_named_block_and_noise_is_per_image(tiny_cascade, toy):
-    from imagen_transfer.data import load_dataset
+    from imagen_transfer.datasets import load_dataset
     from imagen_transfer.diffusion import add_noise, denoise
     from imagen_transfer.features import unet_features
     from imagen_transfer.sampling import randn
@@ -70,7 +70,7 @@ def test_hook_reads_the_named_block_and_noise_is_per_image(tiny_cascade, toy):
 
 
 def test_spatial_maps_sr_stage_and_bad_names(tiny_cascade, toy):
-    from imagen_transfer.data import load_dataset
+    from imagen_transfer.datasets import load_dataset
     from imagen_transfer.errors import UserError
     from imagen_transfer.features import unet_features
     from imagen_transfer.text import load_text_encoder

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from imagen_transfer import masks
-from imagen_transfer.data import load_dataset
+from imagen_transfer.datasets import load_dataset
 from imagen_transfer.dense import load_dense
 from imagen_transfer.jobs.cli import main
 

@@ -8,7 +8,7 @@ import torch
 from conftest import make_image_folder, make_npz
 from PIL import Image
 
-from imagen_transfer.data import load_dataset
+from imagen_transfer.datasets import load_dataset
 from imagen_transfer.errors import UserError
 
 

@@ -14,7 +14,7 @@ from test_dense import make_masks, make_voc
 from test_robust_cli import run
 
 from imagen_transfer import masks
-from imagen_transfer.data import load_dataset
+from imagen_transfer.datasets import load_dataset
 from imagen_transfer.dense import load_dense
 from imagen_transfer.errors import UserError
 from imagen_transfer.jobs.cli import main

@@ -218,7 +218,7 @@ DIST_SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
     from imagen_transfer.cascade import init_cascade
     from imagen_transfer.config import load_config
-    from imagen_transfer.data import load_dataset
+    from imagen_transfer.datasets import load_dataset
     from imagen_transfer.text import EmbeddingCache, load_text_encoder
     from imagen_transfer.train import encode_captions, train_stage
 

@@ -23,9 +23,9 @@ _API = {
     # sampling and training
     "sample_cascade": "sampling", "save_grid": "sampling", "load_config": "config",
     # data
-    "load_dataset": "data", "load_dense": "dense",
+    "load_dataset": "datasets", "open_source": "sources", "load_dense": "dense",
     # features and probes
-    "extract": "features", "extract_dense": "features", "load_features": "features", "run_probe": "probe",
+    "extract": "features", "extract_dense": "features", "load_features": "features", "open_features": "features", "run_probe": "probe",
     "run_dense": "dense_probe",
     # fusion and interop
     "merge_cascades": "fusion", "import_if": "interop", "export_diffusers": "interop",

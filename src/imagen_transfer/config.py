@@ -60,7 +60,7 @@ class DataConfig:
     split: str = "train"
     val_split: str = "test"
     val_size: int = rule(256, low=1)
-    captions: list[str] | None = None  # templates; None: the dataset's default (data.default_captions)
+    captions: list[str] | None = None  # templates; None: the data set's default (sources.KNOWN, else "a photo of a {label}")
     fraction: float = rule(1.0, low=0, high=1, low_open=True)
     per_class: int | None = rule(None, low=1)
     skip_bad: bool = False

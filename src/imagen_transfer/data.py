@@ -1,6 +1,7 @@
-"""Datasets of images + captions, decoded once into memory at the cascade's resolution.
+"""Image-text and npz data sets: images + captions, decoded once into memory at the cascade's resolution.
 
-Sources (named by a path, or by a short name resolved in `IMAGEN_TRANSFER_DATA`):
+Sources (a `sources.DataSource`: opened once from a path or a shared data set's name; `datasets.load_dataset` is
+the entry point that takes a spec):
 - an image folder or a zip of one, either with a `metadata.jsonl` (Hugging Face imagefolder convention:
   `file_name`, `text`, optional `label`) or with class subfolders (`<class>/<image>`); an optional split level
   (`train/`, `val/`, `test/`, ...) above either. A split the data set lacks is refused; a data set without split
@@ -32,11 +33,8 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .outputs import cache_root
+from .sources import IMAGE_SUFFIXES, SPLIT_SEED, Archive, DataSource, safe_member, seeded_split, split_levels
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SHORT_NAMES = {"cifar10": "cifar10-jpg.zip", "pneumoniamnist": "pneumoniamnist.npz",
-               "bccd": "bccd-voc.zip", "wbc-seg": "wbc-seg.zip"}  # the last two: dense tasks (dense.py)
-MEDMNIST_LABELS = {"pneumoniamnist": ["normal", "pneumonia"]}
 MAX_NPZ_CLASSES = 100_000  # an npz label beyond this is a mistake, not a class index
 
 # Report-like captions per finding, in the wording of chest X-ray reports (IU X-ray style).
@@ -80,24 +78,6 @@ class ImageTextData:
                              self.label_names, self.source, self.skipped)
 
 
-def data_root() -> Path:
-    return Path(os.environ.get("IMAGEN_TRANSFER_DATA", Path.cwd().parent / "shared" / "data"))
-
-
-def resolve_dataset(spec: str) -> Path:
-    """A path, or a short name (cifar10, pneumoniamnist) looked up in IMAGEN_TRANSFER_DATA."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    if spec in SHORT_NAMES:
-        found = data_root() / SHORT_NAMES[spec]
-        if found.exists():
-            return found
-        raise UserError(f"dataset '{spec}' expects {found}, which does not exist: set IMAGEN_TRANSFER_DATA to the "
-                        f"folder that holds {SHORT_NAMES[spec]}")
-    raise UserError(f"dataset not found: {spec} (a folder, .zip or .npz path, or one of {', '.join(SHORT_NAMES)})")
-
-
 # ----------------------------------------------------------------------------------------------- decoding
 
 
@@ -123,75 +103,10 @@ def _to_array(data: bytes, name: str, resolution: int, channels: int) -> np.ndar
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _safe_member(root_name: str, file_name: str, where: str) -> str:
-    """Join a metadata `file_name` to its folder, refusing absolute paths and `..` that escape the dataset root."""
-    root_parts = PurePosixPath(root_name).parts if root_name else ()
-    parts: list[str] = list(root_parts)
-    inside = not PurePosixPath(file_name).is_absolute()
-    for part in PurePosixPath(file_name).parts:
-        if part == "..":
-            inside = inside and len(parts) > len(root_parts)
-            parts = parts[:-1]
-        elif part not in ("", "."):
-            parts.append(part)
-    if not inside or len(parts) == len(root_parts):
-        raise UserError(f"{where}: file_name '{file_name}' escapes the dataset root; use a relative path inside it")
-    return "/".join(parts)
-
-
-class _Archive:
-    """Uniform read access to a folder or a zip: list member names (posix) and read bytes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.zip = None
-        if path.suffix == ".zip":
-            try:
-                self.zip = zipfile.ZipFile(path)
-            except (zipfile.BadZipFile, OSError) as err:
-                raise UserError(f"{path}: not a readable zip archive ({err}); pass a zip, a folder or an .npz") from None
-        elif not path.is_dir():
-            raise UserError(f"{path}: not a dataset (expected a folder, a .zip or a MedMNIST-style .npz)")
-        if self.zip is not None:
-            self.names = [n for n in self.zip.namelist() if not n.endswith("/")]
-        else:
-            self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-        self.name_set = set(self.names)
-
-    def read(self, name: str) -> bytes:
-        if self.zip is not None:
-            return self.zip.read(name)
-        return (self.path / name).read_bytes()
-
-    def where(self, name: str) -> str:
-        return f"{self.path}:{name}" if self.zip is not None else str(self.path / name)
-
-
-KNOWN_SPLITS = ("train", "val", "valid", "validation", "test")
-SPLIT_SEED = 0  # the seeded split of a dataset without split folders (recorded in the data's source string)
-SPLIT_SHARES = {"val": 0.1, "test": 0.1}  # and the rest train
-
-
-def _split_levels(archive: _Archive) -> tuple[str, list[str]]:
-    """(parent prefix, split folder names) when the archive has a split level (`train/`, `test/`, ..., optionally
-    under one top folder), else ("", [])."""
-    tops = {n.split("/")[0] for n in archive.names if "/" in n}
-    found = sorted(tops & set(KNOWN_SPLITS))
-    if found:
-        return "", found
-    if len(tops) == 1 and all("/" in n for n in archive.names):
-        (top,) = tops
-        below = {n.split("/")[1] for n in archive.names if n.count("/") >= 2}
-        found = sorted(below & set(KNOWN_SPLITS))
-        if found:
-            return top + "/", found
-    return "", []
-
-
-def _split_prefix(archive: _Archive, split: str) -> str:
+def _split_prefix(archive: Archive, split: str) -> str:
     """'train/' when the archive has a split level (optionally under one top folder), '' for one without. A split
     the archive does not have is refused (never the whole archive with its split folders read as classes)."""
-    parent, splits = _split_levels(archive)
+    parent, splits = split_levels(archive)
     if not splits:
         if split not in ("train", "val", "test", "all"):
             raise UserError(f"{archive.path} has no split folders, so its splits are a seeded split (train / val / "
@@ -202,27 +117,7 @@ def _split_prefix(archive: _Archive, split: str) -> str:
     return f"{parent}{split}/"
 
 
-def seeded_split(entries: list, split: str) -> list:
-    """The `split` part of a dataset without split folders: per class (or over all when unlabelled), a seeded
-    permutation of the sorted file names gives 10% test, 10% val (each at least one example where a class has
-    three or more) and the rest train; the same files land in the same split on every machine and call."""
-    if split == "all":
-        return entries
-    groups: dict = {}
-    for entry in sorted(entries):
-        groups.setdefault(entry[2], []).append(entry)
-    chosen = []
-    for key in sorted(groups, key=str):
-        members = groups[key]
-        order = torch.randperm(len(members), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-        n_test = max(1, round(SPLIT_SHARES["test"] * len(members))) if len(members) >= 3 else 0
-        n_val = max(1, round(SPLIT_SHARES["val"] * len(members))) if len(members) >= 3 else 0
-        parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-        chosen += [members[i] for i in sorted(parts[split])]
-    return sorted(chosen, key=entries.index)
-
-
-def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None, str | None]], str]:
+def _entries(archive: Archive, split: str) -> tuple[list[tuple[str, str | None, str | None]], str]:
     """(member name, text or None, label or None) for each example of a split, and the prefix used."""
     prefix = _split_prefix(archive, split)
     meta_name = prefix + "metadata.jsonl"
@@ -249,7 +144,7 @@ def _entries(archive: _Archive, split: str) -> tuple[list[tuple[str, str | None,
                 raise UserError(f"{where}: 'text' must be a string caption, got {caption!r}; quote it")
             if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
                 raise UserError(f"{where}: 'label' must be a string or an integer, got {label!r}")
-            member = _safe_member(prefix.rstrip("/"), row["file_name"], where)
+            member = safe_member(prefix.rstrip("/"), row["file_name"], where)
             if member not in archive.name_set:
                 raise UserError(f"{where}: file '{row['file_name']}' does not exist in the dataset")
             entries.append((member, caption, None if label is None else str(label)))
@@ -278,32 +173,20 @@ def class_names(labels) -> list[str]:
     return sorted(names, key=(lambda n: (int(n), n)) if numeric else None)
 
 
-def archive_class_names(path: Path) -> list[str]:
-    """The class names of a whole image folder or zip: every split's labels, so all splits number classes alike
-    (a class with one image lands in train only; val and test still use the data set's numbering). Zips are listed
-    once per file version."""
-    if path.is_dir():
-        return _class_names_of(path)
-    stat = path.stat()
-    return list(_cached_class_names(path.resolve(), stat.st_size, stat.st_mtime_ns))
-
-
 @functools.lru_cache(maxsize=16)
-def _cached_class_names(path: Path, _size: int, _mtime_ns: int) -> tuple[str, ...]:
-    return tuple(_class_names_of(path))
-
-
-def _class_names_of(path: Path) -> list[str]:
-    archive = _Archive(path)
-    parent, splits = _split_levels(archive)
+def archive_class_names(source: DataSource) -> tuple[str, ...]:
+    """The class names of a whole image folder or zip: every split's labels, so all splits number classes alike
+    (a class with one image lands in train only; val and test still use the data set's numbering); once per
+    source."""
+    _, splits = split_levels(source.archive)
     labels = set()
     for split in splits or ["all"]:
-        labels |= {label for _, _, label in _entries(archive, split)[0]}
-    return class_names(labels)
+        labels |= {label for _, _, label in _entries(source.archive, split)[0]}
+    return tuple(class_names(labels))
 
 
-def _decode_archive(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):
-    archive = _Archive(path)
+def _decode_archive(source: DataSource, split: str, resolution: int, channels: int, skip_bad: bool):
+    archive, path = source.archive, source.path
     entries, prefix = _entries(archive, split)
     images, texts, labels, skipped = [], [], [], 0
 
@@ -390,7 +273,8 @@ def _open_npz(path: Path):
         raise UserError(f"{path}: not a readable .npz file ({err})") from None
 
 
-def _decode_npz(path: Path, split: str, resolution: int, channels: int):
+def _decode_npz(source: DataSource, split: str, resolution: int, channels: int):
+    path = source.path
     with _open_npz(path) as npz:
         if f"{split}_images" not in npz.files:
             splits = sorted(k[: -len("_images")] for k in npz.files if k.endswith("_images"))
@@ -402,7 +286,7 @@ def _decode_npz(path: Path, split: str, resolution: int, channels: int):
             raw, raw_labels = npz[f"{split}_images"], npz[f"{split}_labels"]
         except ValueError as err:  # object arrays would need pickle
             raise UserError(f"{path}: cannot read '{split}' arrays ({err})") from None
-    names = MEDMNIST_LABELS.get(path.stem.lower())
+    names = list(source.known.labels) if source.known.labels else None
     where = f"{path}:{split}"
     x = _npz_pixels(raw, where)
     label_ids = _npz_labels(raw_labels, len(raw), where, names)
@@ -417,12 +301,13 @@ def _decode_npz(path: Path, split: str, resolution: int, channels: int):
     return images, labels
 
 
-def npz_class_names(path: Path) -> list[str]:
-    """The classes of an npz data set: a MedMNIST flag's names, else 0 .. the largest label of any split, so every
-    split numbers its classes alike (a split without the largest class keeps the others' indices)."""
-    known = MEDMNIST_LABELS.get(path.stem.lower())
-    if known:
-        return known
+@functools.lru_cache(maxsize=16)
+def npz_class_names(source: DataSource) -> tuple[str, ...]:
+    """The classes of an npz data set: a known set's names (MedMNIST), else 0 .. the largest label of any split, so
+    every split numbers its classes alike (a split without the largest class keeps the others' indices)."""
+    path = source.path
+    if source.known.labels:
+        return source.known.labels
     largest = 0
     with _open_npz(path) as npz:
         for key in (k for k in npz.files if k.endswith("_labels")):
@@ -435,44 +320,30 @@ def npz_class_names(path: Path) -> list[str]:
     if largest >= MAX_NPZ_CLASSES:
         raise UserError(f"{path}: label {largest} implies over {MAX_NPZ_CLASSES:,} classes; number the classes 0, 1, "
                         "2, ... consecutively")
-    return [str(i) for i in range(largest + 1)]
+    return tuple(str(i) for i in range(largest + 1))
 
 
-def dataset_fingerprint(path: Path) -> str:
-    """Identifies a dataset file by its content (size and sha1, ~0.2 s for CIFAR-10's 62 MB, hashed once per process
-    and file state), so caches survive the file being copied or touched; folders by path only."""
-    if path.is_dir():
-        return str(path.resolve())
-    stat = path.stat()
-    return _content_hash(path.resolve(), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.cache
-def _content_hash(path: Path, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as f:
-        return f"{size}|{hashlib.file_digest(f, 'sha1').hexdigest()}"
-
-
-def _cache_file(path: Path, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
-    if path.is_dir():
+def _cache_file(source: DataSource, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
+    if source.path.is_dir():
         return None
-    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{channels}|{skip_bad}|v3"  # v3: seeded splits, flagged
+    key = f"{source.fingerprint}|{split}|{resolution}|{channels}|{skip_bad}|v3"  # v3: seeded splits, flagged
     return cache_root() / "data" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".npz")
 
 
-def _decoded(path: Path, split: str, resolution: int, channels: int, skip_bad: bool):
+def _decoded(source: DataSource, split: str, resolution: int, channels: int, skip_bad: bool):
     """(images uint8 NHWC, texts or None each, label names or None each, skipped, seeded: whether the split is a
     seeded split of a data set without split folders); cached for zip files."""
-    if path.suffix == ".npz":
-        images, labels = _decode_npz(path, split, resolution, channels)
+    if source.kind == "npz":
+        images, labels = _decode_npz(source, split, resolution, channels)
         return images, [None] * len(labels), labels, 0, False
-    cache = _cache_file(path, split, resolution, channels, skip_bad)
+    path = source.path
+    cache = _cache_file(source, split, resolution, channels, skip_bad)
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             texts = [t if has else None for t, has in zip(z["texts"].tolist(), z["has_text"].tolist())]
             labels = [lab if has else None for lab, has in zip(z["labels"].tolist(), z["has_label"].tolist())]
             return torch.from_numpy(z["images"]), texts, labels, int(z["skipped"]), bool(z["seeded"])
-    images, texts, labels, skipped, seeded = _decode_archive(path, split, resolution, channels, skip_bad)
+    images, texts, labels, skipped, seeded = _decode_archive(source, split, resolution, channels, skip_bad)
     if not images:
         raise UserError(f"{path}: split '{split}' holds no readable images")
     stacked = np.stack(images)
@@ -518,38 +389,16 @@ def select_subset(labels: torch.Tensor, *, fraction: float = 1.0, per_class: int
     return torch.cat(chosen).sort().values
 
 
-def default_captions(path: Path) -> list[str]:
-    """Report-like sentences for the chest X-ray sets, "a photo of a {label}" elsewhere."""
-    return ["{report}"] if path.stem.lower() == "pneumoniamnist" else ["a photo of a {label}"]
-
-
-def load_dataset(spec: str, split: str = "train", *, resolution: int = 32, channels: int = 3,
-                 captions: list[str] | None = None, fraction: float = 1.0, per_class: int | None = None,
-                 seed: int = 0, skip_bad: bool = False, limit: int | None = None) -> ImageTextData:
-    """Load a split of a dataset spec as in-memory images with one caption each (see module doc)."""
-    path = resolve_dataset(spec)
-    # a detection / segmentation set reads as image tiles; dense.py builds on this module, hence the late import
-    from . import dense
-
-    if path.suffix != ".npz" and dense.is_dense(str(path)):
-        data = dense.image_tiles(str(path), split, resolution=resolution, channels=channels, captions=captions)
-    else:
-        data = _image_text(path, split, resolution, channels, captions, skip_bad)
-    if fraction < 1 or per_class is not None:
-        data = data.subset(select_subset(data.labels, fraction=fraction, per_class=per_class, seed=seed))
-    if limit is not None and limit < len(data):
-        data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())  # spread over classes
-    return data
-
-
-def _image_text(path: Path, split: str, resolution: int, channels: int, captions: list[str] | None,
-                skip_bad: bool) -> ImageTextData:
-    """A split of an image folder, zip or npz with its captions (given, or from its labels and templates)."""
-    templates = captions or default_captions(path)
-    images, texts, label_strs, skipped, seeded = _decoded(path, split, resolution, channels, skip_bad)
+def load_image_text(source: DataSource, split: str, *, resolution: int = 32, channels: int = 3,
+                    captions: list[str] | None = None, skip_bad: bool = False) -> ImageTextData:
+    """A split of an image folder, zip or npz with its captions (given, else from its labels and the templates
+    the registry knows for it, else "a photo of a {label}"); classes numbered as the whole data set does."""
+    templates = captions or list(source.known.captions or ("a photo of a {label}",))
+    images, texts, label_strs, skipped, seeded = _decoded(source, split, resolution, channels, skip_bad)
+    path = source.path
     if len(images) == 0:
         raise UserError(f"{path}: split '{split}' is empty")
-    names = npz_class_names(path) if path.suffix == ".npz" else archive_class_names(path)
+    names = list(npz_class_names(source) if source.kind == "npz" else archive_class_names(source))
     index = {name: i for i, name in enumerate(names)}
     labels = torch.tensor([index[lab] if lab is not None else -1 for lab in label_strs], dtype=torch.long)
     final_captions = []
@@ -559,10 +408,21 @@ def _image_text(path: Path, split: str, resolution: int, channels: int, captions
                 raise UserError(f"{path}: example {i} of split '{split}' has neither a 'text' caption nor a label")
             text = caption_for(label, i, templates)
         final_captions.append(text)
-    source = f"{path}:{split}"
+    where = f"{path}:{split}"
     if seeded:
-        source += f" (seeded split, seed {SPLIT_SEED}: 80/10/10 train/val/test per class; the folder has no split folders)"
-    return ImageTextData(images, final_captions, labels, names, source, skipped)
+        where += f" (seeded split, seed {SPLIT_SEED}: 80/10/10 train/val/test per class; the folder has no split folders)"
+    return ImageTextData(images, final_captions, labels, names, where, skipped)
+
+
+def take(data: ImageTextData, *, fraction: float = 1.0, per_class: int | None = None, seed: int = 0,
+         limit: int | None = None) -> ImageTextData:
+    """A deterministic part of a split: a fraction or `per_class` of each class (select_subset), then at most
+    `limit` images spread evenly over the rest (so over the classes)."""
+    if fraction < 1 or per_class is not None:
+        data = data.subset(select_subset(data.labels, fraction=fraction, per_class=per_class, seed=seed))
+    if limit is not None and limit < len(data):
+        data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())
+    return data
 
 
 def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:

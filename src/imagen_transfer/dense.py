@@ -11,7 +11,7 @@ IMAGEN_TRANSFER_DATA):
 - **YOLO / Ultralytics**: `data.yaml` (`names`: a list, or a mapping of integer indices), `images/<split>/` and
   `labels/<split>/<stem>.txt` with one `class cx cy w h` line per box (normalised to [0, 1]).
 - **Image + mask folders**: `images/` and `masks/` with matching stems and a seeded 80/10/10 split
-  (`data.seeded_split`); one class table for the whole data set from every mask (gray levels, palette indices or
+  (`sources.seeded_split`); one class table for the whole data set from every mask (gray levels, palette indices or
   RGB colours, never colours through gray; named by a `class_map.json`, `wbc-seg`'s published names built in;
   VOC-palette void and stray values ignored and reported): see masks.py.
 
@@ -26,14 +26,13 @@ is one error line that names it.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import numpy as np
 import torch
@@ -41,27 +40,18 @@ import yaml
 from PIL import Image
 
 from . import masks as mask_values
-from .data import (
+from .data import ImageTextData
+from .errors import UserError
+from .sources import (
     IMAGE_SUFFIXES,
     SPLIT_SEED,
-    ImageTextData,
-    _Archive,
-    _safe_member,
-    resolve_dataset,
+    Archive,
+    DataSource,
+    detect_layout,
+    open_source,
+    safe_member,
     seeded_split,
 )
-from .errors import UserError
-
-# Built-in class names of the shared data sets whose files do not name them (data README: 0 background incl. red
-# cells, 128 cytoplasm, 255 nucleus).
-KNOWN_CLASS_MAPS = {"wbc-seg": {0: "background", 128: "cytoplasm", 255: "nucleus"}}
-# The task size each shared data set is read at, and why (see docs/results.md): BCCD smears are 640 x 480 and its
-# platelets about 40 px across, so a quarter (160 x 120) keeps them about 10 px (2-3 cells of a stride-4 grid);
-# WBC crops are 120 x 120 and read at their own size.
-DEFAULT_SIZES = {"bccd": (120, 160), "wbc-seg": (120, 120)}
-# Captions for fine-tuning a cascade on a dense data set's images without their labels (image_tiles).
-DENSE_CAPTIONS = {"bccd": ["a microscope image of a peripheral blood smear: red cells, white cells and platelets"],
-                  "wbc-seg": ["a microscope image of a stained white blood cell among red cells"]}
 
 
 @dataclass
@@ -109,37 +99,6 @@ class _Faults:
             f"{self.where}: {line}" for line in self.notes]
 
 
-def _root_of(archive: _Archive, marker: str) -> str | None:
-    """The shallowest folder prefix under which `marker` (a relative path or folder + '/') exists."""
-    hits = [n[: len(n) - len(n.split(marker, 1)[1]) - len(marker)] for n in archive.names
-            if (n.startswith(marker) or f"/{marker}" in n)]
-    prefixes = sorted({h for h in hits if h == "" or h.endswith("/")}, key=len)
-    return prefixes[0] if prefixes else None
-
-
-def _is_coco_file(file_name: str) -> bool:
-    return file_name in ("annotations.json", "_annotations.coco.json") or file_name.startswith("instances")
-
-
-def detect_layout(archive: _Archive) -> tuple[str, str]:
-    """(layout, root prefix) of a dense data set; a clear error when none matches."""
-    voc = _root_of(archive, "Annotations/")
-    if voc is not None and any(n.startswith(voc + "JPEGImages/") for n in archive.names):
-        return "voc", voc
-    yolo = _root_of(archive, "data.yaml")
-    if yolo is not None:
-        return "yolo", yolo
-    coco = [n for n in archive.names if n.endswith(".json") and _is_coco_file(n.rsplit("/", 1)[-1])]
-    if coco:
-        return "coco", min((str(PurePosixPath(n).parent) + "/").lstrip("./") if "/" in n else "" for n in coco)
-    masks = _root_of(archive, "masks/")
-    if masks is not None and any(n.startswith(masks + "images/") for n in archive.names):
-        return "masks", masks
-    raise UserError(f"{archive.path}: not a detection or segmentation data set (expected Pascal VOC Annotations/ + "
-                    "JPEGImages/, COCO instances*.json or annotations.json, YOLO data.yaml + images/ + labels/, or "
-                    "images/ + masks/)")
-
-
 def _decode_rgb(data: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -169,7 +128,7 @@ def _clean_box(box: list[float], width: int, height: int, where: str, faults: _F
     return clipped
 
 
-def _voc(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
+def _voc(archive: Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
     """[(image member, [(class name, xyxy)], (w, h) or None)] of a split, and the sorted class names of all files."""
     objects = {}
     for name in archive.names:
@@ -231,7 +190,7 @@ def _voc_size(tree: ET.Element, where: str, faults: _Faults) -> tuple[int, int] 
     return width, height
 
 
-def _text(archive: _Archive, name: str) -> str:
+def _text(archive: Archive, name: str) -> str:
     """A member as UTF-8 text, or one error line naming it."""
     try:
         return archive.read(name).decode("utf-8")
@@ -267,7 +226,7 @@ def _coco_box(a: dict) -> list[float] | None:
     return [x, y, x + w, y + h]
 
 
-def _coco(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str], bool]:
+def _coco(archive: Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str], bool]:
     """Like _voc, plus whether the split is seeded (one annotations file for all)."""
     candidates = [n for n in archive.names if n.startswith(root) and n.endswith(".json")]
     by_split = [n for n in candidates if PurePosixPath(n).name.startswith(f"instances_{split}")
@@ -320,7 +279,7 @@ def _coco(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[li
         if not isinstance(img, dict) or img.get("id") not in per_image or not isinstance(img.get("file_name"), str):
             continue
         name = img["file_name"]
-        member = next((m for m in (_safe_member(folder.rstrip("/"), name, f"{where} image {img['id']}"),
+        member = next((m for m in (safe_member(folder.rstrip("/"), name, f"{where} image {img['id']}"),
                                    f"{folder}images/{name}", f"{folder}{split}/{name}")
                        if m in archive.name_set), None)
         if member is None:
@@ -336,7 +295,7 @@ def _coco(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[li
     return items, classes, seeded
 
 
-def _yolo(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
+def _yolo(archive: Archive, root: str, split: str, faults: _Faults) -> tuple[list, list[str]]:
     ids = _yolo_names(archive, root + "data.yaml")
     classes = [ids[k] for k in sorted(ids)]
     splits = sorted({n[len(root) + 7:].split("/")[0] for n in archive.names
@@ -376,7 +335,7 @@ def _yolo(archive: _Archive, root: str, split: str, faults: _Faults) -> tuple[li
     return items, classes
 
 
-def _yolo_names(archive: _Archive, name: str) -> dict[int, str]:
+def _yolo_names(archive: Archive, name: str) -> dict[int, str]:
     """{class index: name} of an Ultralytics data.yaml's `names`: a list (index = position) or a mapping of
     integer indices; anything else (a bare string, an empty or missing entry) is one error line."""
     where = archive.where(name)
@@ -405,51 +364,34 @@ def _yolo_names(archive: _Archive, name: str) -> dict[int, str]:
     return ids
 
 
-def _masks(archive: _Archive, root: str, spec: str) -> tuple[list, dict[int, str | None] | None]:
-    """[(image member, mask member)] with matching stems, and the class map (class_map.json, else the built-in one
-    of a shared data set, else None)."""
+def _masks(source: DataSource) -> tuple[list, dict[int, str | None] | None]:
+    """[(image member, mask member)] with matching stems, and the class map (class_map.json, else the registry's
+    for a shared data set, else None)."""
+    archive, root = source.archive, source.root
     images = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(root + "images/")
               and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES}
     masks = {PurePosixPath(n).stem: n for n in archive.names if n.startswith(root + "masks/")
              and PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES}
-    class_map = KNOWN_CLASS_MAPS.get(spec)
+    class_map = dict(source.known.class_map) or None
     if root + "class_map.json" in archive.name_set:
         name = root + "class_map.json"
         class_map = mask_values.parse_class_map(archive.read(name), archive.where(name))
     return [(images.get(s), masks.get(s)) for s in sorted(set(images) | set(masks))], class_map
 
 
-def is_dense(spec: str) -> bool:
-    """Whether a data set (path or short name) has a detection or segmentation layout. Every `load_dataset` asks,
-    so the answer is kept per file version (path, size, modification time): a large image zip is listed once."""
-    path = resolve_dataset(spec).resolve()
-    if path.suffix == ".npz":
-        return False
-    stat = path.stat()
-    return _has_dense_layout(path, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=64)
-def _has_dense_layout(path: Path, _size: int, _mtime_ns: int) -> bool:
-    try:
-        detect_layout(_Archive(path))
-    except UserError:
-        return False
-    return True
-
-
-def load_dense(spec: str, split: str = "train", *, size: tuple[int, int] | None = None) -> DenseData:
-    """A dense data set's split at task size `size` (h, w) (default: DEFAULT_SIZES, else the first image's size)."""
-    path = resolve_dataset(spec)
-    archive = _Archive(path)
-    layout, root = detect_layout(archive)
+def load_dense(spec: str | DataSource, split: str = "train", *, size: tuple[int, int] | None = None) -> DenseData:
+    """A dense data set's split at task size `size` (h, w) (default: the registry's task size for a shared data set,
+    else the first image's size)."""
+    source = open_source(spec)
+    if not source.dense:
+        detect_layout(source.archive)  # raises its one line: which layouts it looked for
+    path, archive, layout, root = source.path, source.archive, source.layout, source.root
     faults = _Faults(f"{path.name}:{split}")
-    short = _short_name(str(path))
-    size = tuple(size or DEFAULT_SIZES.get(short) or ()) or None
+    size = tuple(size or source.known.task_size or ()) or None
     if size is not None and (len(size) != 2 or min(size) < 8):
         raise UserError(f"task size must be (height, width), each at least 8 (got {size})")
     if layout == "masks":
-        return _load_masks(archive, root, split, size, faults, spec if spec in KNOWN_CLASS_MAPS else short)
+        return _load_masks(source, split, size, faults)
     seeded = False
     if layout == "voc":
         items, classes = _voc(archive, root, split, faults)
@@ -491,10 +433,11 @@ def load_dense(spec: str, split: str = "train", *, size: tuple[int, int] | None 
                              boxes, labels), faults)
 
 
-def _load_masks(archive: _Archive, root: str, split: str, size, faults: _Faults, short: str | None) -> DenseData:
+def _load_masks(source: DataSource, split: str, size, faults: _Faults) -> DenseData:
     """A split of an image + mask set; its class table from every mask of the data set (masks.py), so all splits
     number classes alike and stray values are counted over the whole set."""
-    pairs, class_map = _masks(archive, root, short)
+    archive = source.archive
+    pairs, class_map = _masks(source)
     usable = []
     for image, mask in pairs:
         if image is None:
@@ -548,20 +491,21 @@ def _finish(data: DenseData, faults: _Faults) -> DenseData:
     return data
 
 
-def image_tiles(spec: str, split: str, *, resolution: int, channels: int = 3, captions: list[str] | None = None):
+def image_tiles(source: DataSource, split: str, *, resolution: int, channels: int = 3,
+                captions: list[str] | None = None) -> ImageTextData:
     """A dense data set's images as an image-text set for fine-tuning without labels: each image at its task size
     cut into non-overlapping resolution x resolution tiles (the scale the dense features see), one caption each
-    from `captions` (default: DENSE_CAPTIONS for the shared sets, else "an image"); no labels (-1)."""
-    templates = captions or DENSE_CAPTIONS.get(_short_name(spec)) or ["an image"]
+    from `captions` (default: the registry's for a shared set, else "an image"); no labels (-1)."""
+    templates = captions or list(source.known.captions or ("an image",))
     if any("{label}" in t or "{report}" in t for t in templates):
-        raise UserError(f"{spec} is a detection / segmentation set without image labels: give captions without "
+        raise UserError(f"{source.spec} is a detection / segmentation set without image labels: give captions without "
                         "{label} or {report}, e.g. \"data.captions=['a microscope image']\"")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # box and mask faults do not touch the images; the probe reports them
-        data = load_dense(spec, split)
+        data = load_dense(source, split)
     h, w = data.images.shape[1:3]
     if min(h, w) < resolution:
-        raise UserError(f"{spec}: images of {h}x{w} at the task size cannot give {resolution}x{resolution} tiles")
+        raise UserError(f"{source.spec}: images of {h}x{w} at the task size cannot give {resolution}x{resolution} tiles")
     tiles = data.images.unfold(1, resolution, resolution).unfold(2, resolution, resolution)  # N, th, tw, C, r, r
     tiles = tiles.permute(0, 1, 2, 4, 5, 3).reshape(-1, resolution, resolution, data.images.shape[3])
     if channels == 1:
@@ -570,8 +514,3 @@ def image_tiles(spec: str, split: str, *, resolution: int, channels: int = 3, ca
     return ImageTextData(tiles.contiguous(), [templates[i % len(templates)] for i in range(len(tiles))],
                          torch.full((len(tiles),), -1, dtype=torch.long), [],
                          f"{data.source}: {per_image} tiles of {resolution}x{resolution} per {h}x{w} image")
-
-
-def _short_name(spec: str) -> str | None:
-    name = Path(spec).name
-    return next((k for k in DEFAULT_SIZES if spec == k or name.startswith(k)), None)

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .data import to_float
 from .dense import load_dense
 from .errors import UserError
-from .features import load_features
+from .features import FeatureFolder, open_features
 from .masks import IGNORE
 
 DETECTION_LRS = (1e-3, 3e-3)
@@ -481,7 +481,7 @@ def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: 
                      scratch_steps or steps, kind, ensemble, flip_test)
 
 
-def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
+def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
                 ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
                 only: list[str] | None = None, fuse: list[list[str]] | None = None, flip_test: bool = False,
                 progress: bool = True) -> tuple[dict, dict]:
@@ -490,14 +490,15 @@ def probe_dense(folder: str | Path, *, steps: int | None = None, seeds: int = 3,
     one more set whose maps are the group's standardised maps concatenated as channels (feature fusion, e.g. U-Net
     features + pixels for objects a few grid cells wide). Returns the result (JSON-ready) and {set name: (chosen
     head, its test-split inputs)} for the overlays."""
-    manifest, sets = load_features(folder)
+    folder = open_features(folder)
+    manifest, sets = folder.manifest, folder.sets
     for split in SPLITS:
         if split not in manifest["splits"]:
             raise UserError(f"{folder} has no '{split}' split (extract with --splits train val test)")
-    task = dense_task(manifest, load_targets(folder, manifest), steps, scratch_steps, kind, ensemble, flip_test)
+    task = dense_task(manifest, load_targets(folder.path, manifest), steps, scratch_steps, kind, ensemble, flip_test)
     lrs = tuple(lrs or (DETECTION_LRS if task.detection else SEGMENTATION_LRS))
-    inputs = {name: (lambda t=tensors, n=name: stacked_views(t, manifest["sets"][n]["views"], SPLITS))
-              for name, tensors in sets.items()}
+    inputs = {name: (lambda n=name: stacked_views(sets[n], manifest["sets"][n]["views"], SPLITS))
+              for name in sets}  # each set read when its turn comes (or never, when --sets leaves it out)
     for group in fuse or []:
         if len(group) < 2 or not set(group) <= set(inputs):
             raise UserError(f"--fuse needs two or more of {', '.join(inputs)} (got {'+'.join(group)})")
@@ -688,13 +689,14 @@ def _efficiency_table(result: dict, key: str, title: str, curve) -> list[str]:
     return lines
 
 
-def run_dense(features: str | Path, out: str | Path | None = None, *, task: str, **kwargs) -> dict:
+def run_dense(features: str | Path | FeatureFolder, out: str | Path | None = None, *, task: str, **kwargs) -> dict:
     """Probe a dense feature folder and write probe-<task>.json / .md and the overlays into `out`."""
-    manifest, _ = load_features(features)
+    features = open_features(features)
+    manifest = features.manifest
     if manifest.get("task") != task:
         raise UserError(f"{features} holds {manifest.get('task') or 'pooled classification'} features, not {task}; "
                         f"extract a {task} data set with `imagen-transfer features --data ...`")
-    out = Path(out or features)
+    out = Path(out or features.path)
     result, chosen = probe_dense(features, **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     result.update(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"])

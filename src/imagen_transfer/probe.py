@@ -24,12 +24,9 @@ from tqdm.auto import tqdm
 
 from .data import select_subset
 from .errors import UserError
-from .features import load_features
+from .features import FeatureFolder, open_features
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-# Published test numbers printed beside our probes (MedMNIST v2, Yang et al. 2023, Table 3), by dataset file stem.
-PUBLISHED = {"pneumoniamnist": {"ResNet-18 (28)": dict(accuracy=0.854, auc=0.944),
-                                "ResNet-50 (28)": dict(accuracy=0.854, auc=0.948)}}
 LABEL_FRACTIONS = (0.01, 0.1, 1.0)
 
 
@@ -288,12 +285,13 @@ def hold_out_val(manifest: dict, sets: dict, share: float = VAL_FROM_TRAIN, seed
     return dict(manifest, splits=new_splits, val_from_train=held), new_sets
 
 
-def run_probe(features: str | Path, *, task: str = "classification", head: str = "linear", epochs: int = 30,
+def run_probe(features: str | Path | FeatureFolder, *, task: str = "classification", head: str = "linear", epochs: int = 30,
               out: str | Path | None = None, reference: dict | None = None, fuse: list[list[str]] | None = None,
               progress: bool = True) -> dict:
     """Probe a feature folder and write probe.json, probe.md and the plots into `out` (default: the folder)."""
-    manifest, sets = hold_out_val(*load_features(features))
-    out = Path(out or features)
+    features = open_features(features)
+    manifest, sets = hold_out_val(features.manifest, features.sets)
+    out = Path(out or features.path)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"],
                   n={s: v["n"] for s, v in manifest["splits"].items()})

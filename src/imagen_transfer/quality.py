@@ -25,6 +25,7 @@ from .evaluate import draw_captions, generate_images, reference_features
 from .judge import conditioning_accuracy, load_or_train_judge
 from .metrics import extract_features, kid, load_feature_net
 from .sampling import sample_stage, to_gray
+from .sources import DataSource, open_source
 
 
 @dataclass
@@ -39,11 +40,14 @@ class QualityProbe:
     feature_network: str
 
 
-def build_quality_probe(config, stage, val_data: ImageTextData, progress: bool = False) -> QualityProbe:
-    """Everything a measurement needs that does not change during the stage's training (see module doc)."""
+def build_quality_probe(config, stage, val_data: ImageTextData, source: DataSource | None = None,
+                        progress: bool = False) -> QualityProbe:
+    """Everything a measurement needs that does not change during the stage's training (see module doc); `source`:
+    the run's opened data set (default: config.data.dataset, opened here)."""
     tc, d = config.train, config.data
+    source = open_source(source or d.dataset)
     net, net_id = load_feature_net(tc.kid_feature_net)
-    real, _ = reference_features(d.dataset, d.val_split, stage.resolution, net, net_id, batch_size=100,
+    real, _ = reference_features(source, d.val_split, stage.resolution, net, net_id, batch_size=100,
                                  progress=progress)
     lowres_source = None
     if stage.kind == "sr":
@@ -54,7 +58,7 @@ def build_quality_probe(config, stage, val_data: ImageTextData, progress: bool =
     judge, classes = None, []
     if len(val_data.label_names) >= 2 and bool((labels >= 0).all()):
         try:
-            judge, info = load_or_train_judge(d.dataset, stage.resolution, split=d.split, eval_split=d.val_split,
+            judge, info = load_or_train_judge(source, stage.resolution, split=d.split, eval_split=d.val_split,
                                               progress=progress)
             classes = info["classes"]
         except ValueError:  # the training split has no labels: KID only

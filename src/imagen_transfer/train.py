@@ -41,7 +41,8 @@ from .checkpoint import (
     write_atomic,
 )
 from .config import RunConfig, config_by_key, config_yaml, load_config
-from .data import ImageTextData, load_dataset, resize, stage_inputs
+from .data import ImageTextData, resize, stage_inputs
+from .datasets import load_dataset
 from .diffusion import training_loss
 from .errors import UserError
 from .interop import open_model
@@ -50,6 +51,7 @@ from .outputs import check_writable_dir, remove_stale_partials, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
 from .sampling import sample_stage, save_grid, to_gray
 from .shard import all_finite, gathered_state, like, load_gathered_state, reshard, unsharded
+from .sources import open_source
 from .step import Captioned, StageTraining, check_frozen_dtype, prepare_stage_training, training_step
 from .text import (
     EmbeddingCache,
@@ -605,8 +607,9 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     d = config.data
     common = dict(resolution=cascade.resolution, channels=cascade.stages[0].channels, captions=d.captions,
                   skip_bad=d.skip_bad)
-    train_data = load_dataset(d.dataset, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
-    val_data = load_dataset(d.dataset, d.val_split, limit=d.val_size, **common)
+    source = open_source(d.dataset)  # resolved once for the run: training, validation and KID read this object
+    train_data = load_dataset(source, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
+    val_data = load_dataset(source, d.val_split, limit=d.val_size, **common)
     run_dir = run_dir_of(config)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -614,10 +617,10 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
         if main:
             prepare_run_dir(config, resume)
         accelerator.wait_for_everyone()
-        return _train_in(config, resume, on_validation, accelerator, cascade, train_data, val_data, run_dir)
+        return _train_in(config, resume, on_validation, accelerator, cascade, source, train_data, val_data, run_dir)
 
 
-def _train_in(config: RunConfig, resume: bool, on_validation, accelerator, cascade: Cascade, train_data, val_data,
+def _train_in(config: RunConfig, resume: bool, on_validation, accelerator, cascade: Cascade, source, train_data, val_data,
               run_dir: Path) -> Path:
     """The part of `train` that writes into the (locked) run folder."""
     main = accelerator.is_main_process
@@ -646,7 +649,7 @@ def _train_in(config: RunConfig, resume: bool, on_validation, accelerator, casca
         if name in config.train.stage_steps:  # this stage trains for its own number of steps
             stage_config = copy.deepcopy(config)
             stage_config.train.steps = int(config.train.stage_steps[name])
-        quality = build_quality_probe(config, stage, val_data) if config.train.kid_every else None
+        quality = build_quality_probe(config, stage, val_data, source) if config.train.kid_every else None
         result = train_stage(stage_config, cascade, stage, train_set, val_set, null, run_dir, encode=cache,
                              resume=resume, accelerator=accelerator, on_validation=on_validation, quality=quality)
         finish_transfer(stage.unet)

@@ -266,24 +266,25 @@ def _named_models(values: list[str]) -> dict[str, str]:
 
 
 def cmd_features(args) -> None:
-    from ..dense import is_dense
     from ..features import extract, extract_dense
+    from ..sources import open_source
 
     check_output_dir(Path(args.out), what="feature folder", overwrite=True,
                      is_ours=lambda folder: (folder / "manifest.json").is_file())
     common = dict(splits=tuple(args.splits), blocks=args.blocks, timesteps=args.timesteps, prompt=args.prompt,
                   baselines=tuple(b for b in args.baselines if b != "none"), seed=args.seed, limit=args.limit)
-    if is_dense(args.data):  # detection / segmentation: multi-block maps at the task size
+    source = open_source(args.data)
+    if source.dense:  # detection / segmentation: multi-block maps at the task size
         if "text" in common["baselines"]:
             raise UserError("--baselines text is for captioned data; a dense data set has pixels and random")
-        out = extract_dense(_named_models(args.model), args.data, args.out, stage_name=args.stage or "sr",
+        out = extract_dense(_named_models(args.model), source, args.out, stage_name=args.stage or "sr",
                             size=tuple(args.size) if args.size else None, stride=args.stride,
                             tile=tuple(args.tile) if args.tile else None, batch_size=args.batch_size or 16, **common)
     else:
         if args.size or args.tile:
             raise UserError(f"--size and --tile are for detection and segmentation data sets; {args.data} is an "
                             f"image-text one")
-        out = extract(_named_models(args.model), args.data, args.out, stage_name=args.stage or "base",
+        out = extract(_named_models(args.model), source, args.out, stage_name=args.stage or "base",
                       batch_size=args.batch_size or 64, pool=not args.spatial, **common)
     print(f"wrote {out}/manifest.json")
 
@@ -292,22 +293,23 @@ def cmd_data(args) -> None:
     """Read each split as the other commands would and say what is there: counts, classes, every fault."""
     import warnings
 
-    from ..data import load_dataset
-    from ..dense import is_dense, load_dense
+    from ..datasets import load_dataset
+    from ..dense import load_dense
+    from ..sources import open_source
 
-    dense = is_dense(args.data)
+    source = open_source(args.data)
     for split in args.splits:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if dense:
-                data = load_dense(args.data, split, size=tuple(args.size) if args.size else None)
+            if source.dense:
+                data = load_dense(source, split, size=tuple(args.size) if args.size else None)
                 h, w = data.images.shape[1:3]
                 what = (f"{sum(len(b) for b in data.boxes)} boxes" if data.task == "detection" else
                         f"{(data.masks < 0).sum().item()} ignored pixels")
                 print(f"{split}: {len(data)} images at {h}x{w}, {data.task} ({data.layout}), {what}, classes "
                       f"{data.class_names}")
             else:
-                data = load_dataset(args.data, split, resolution=args.resolution, skip_bad=args.skip_bad)
+                data = load_dataset(source, split, resolution=args.resolution, skip_bad=args.skip_bad)
                 counts = data.labels[data.labels >= 0].bincount(minlength=len(data.label_names)).tolist()
                 print(f"{split}: {len(data)} images at {args.resolution}px ({data.source}), classes "
                       + ", ".join(f"{n} {c}" for n, c in zip(data.label_names, counts)) + ("" if not data.skipped
@@ -323,8 +325,9 @@ def _labelled_count(value: str) -> str:
 
 
 def cmd_probe(args) -> None:
-    from ..features import load_features
-    from ..probe import PUBLISHED, run_probe
+    from ..features import open_features
+    from ..probe import run_probe
+    from ..sources import known_for
 
     valid_heads = {"classification": ("linear", "mlp"), "segmentation": ("mlp", "conv")}.get(args.task)
     if args.head and args.head not in (valid_heads or ()):
@@ -335,21 +338,23 @@ def cmd_probe(args) -> None:
     if args.out:  # the probe's files (probe-<task>.json / .md, plots, overlays) go here: checked before the heads train
         check_output_dir(Path(args.out), what="probe folder", overwrite=True,
                          is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file())
-    manifest, _ = load_features(args.features)
+    features = open_features(args.features)  # read once: the probes below receive it
+    manifest = features.manifest
     if not args.out:
         check_writable_dir(Path(args.features))
     if args.task in ("detection", "segmentation"):
         from ..dense_probe import run_dense
 
-        run_dense(args.features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
+        run_dense(features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
                   kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
                   labelled=tuple(None if c == "all" else int(c) for c in args.labelled),
                   fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test)
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
-    reference = PUBLISHED.get(Path(manifest["dataset"]).stem.lower())
-    run_probe(args.features, task=args.task, head=args.head or "linear", epochs=args.epochs, out=args.out, reference=reference,
+    _, known = known_for(manifest["dataset"])  # by name: the feature folder may have moved from its data
+    reference = known.published or None if known else None
+    run_probe(features, task=args.task, head=args.head or "linear", epochs=args.epochs, out=args.out, reference=reference,
               fuse=[group.split("+") for group in args.fuse or []])
     table = Path(args.out or args.features) / f"probe-{args.task}.md"
     print(f"{table}\n{table.read_text()}")

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from ..cascade import save_cascade
 from ..config import load_config
-from ..data import resolve_dataset
 from ..evaluate import evaluate
 from ..features import extract
 from ..fusion import merge_cascades
 from ..interop import open_model
-from ..probe import PUBLISHED, run_probe
+from ..probe import run_probe
+from ..sources import open_source
 from ..train import set_sampling_aug_level, train
 from .report import write_report
 
@@ -88,7 +88,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     """Run the five phases (module doc) into `out` (default: runs/demo-<time>); `settings` overrides the sizes
     (tests use tiny ones) and `feature_net` the FID network."""
     settings = {**(QUICK if quick else FULL), **(settings or {})}
-    resolve_dataset(data)  # a missing data file fails here, naming the file, before any work
+    dataset = open_source(data)  # resolved once (a missing file fails here, before any work); the phases read it
     out = Path(out) if out else default_out()
     started, timings = time.time(), {}
     config = finetune_config(out, settings, source, data, method)
@@ -106,8 +106,8 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
 
     def evaluate_all():  # through an SR stage, each cascade is also measured against its base upsampled bicubically
         bar = dict(bicubic_baseline=bool(settings["sr_steps"]))
-        results = {"source": evaluate(source, data, out=run / "eval-0-source.json", **common, **bar),
-                   "fine-tuned": evaluate(str(tuned_dir), data, out=run / "eval-1-finetuned.json", **common, **bar)}
+        results = {"source": evaluate(source, dataset, out=run / "eval-0-source.json", **common, **bar),
+                   "fine-tuned": evaluate(str(tuned_dir), dataset, out=run / "eval-1-finetuned.json", **common, **bar)}
         return results
 
     against = f"{settings['n_real']} real" if settings.get("n_real") else "all real"
@@ -118,18 +118,18 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
         interp.sampling = dict(tuned.sampling)
         set_sampling_aug_level(interp, settings["aug_level"])  # a copy of the source's stages: the tuned level
         save_cascade(interp, run / "fused-interp-0.5", overwrite=True)
-        results["interpolation 0.5"] = evaluate(str(run / "fused-interp-0.5"), data,
+        results["interpolation 0.5"] = evaluate(str(run / "fused-interp-0.5"), dataset,
                                                 out=run / "eval-2-interp-0.5.json", **common)
-        results["model guidance 1.5"] = evaluate(str(tuned_dir), data, out=run / "eval-3-guidance-1.5.json",
+        results["model guidance 1.5"] = evaluate(str(tuned_dir), dataset, out=run / "eval-3-guidance-1.5.json",
                                                  mix=[(source_cascade, -0.5)], **common)
 
     _phase("3/5 fuse (weight interpolation, guidance between models) and evaluate", timings, fuse)
 
     def probe():
-        folder = extract({"source": source, "fine-tuned": str(tuned_dir)}, data, run / "features",
+        folder = extract({"source": source, "fine-tuned": str(tuned_dir)}, dataset, run / "features",
                          limit=settings["feature_limit"], baselines=("pixels", "random"))
         return run_probe(folder, epochs=settings["probe_epochs"],
-                         reference=PUBLISHED.get(resolve_dataset(data).stem.lower()))
+                         reference=dataset.known.published or None)
 
     probe_result = _phase(f"4/5 features and probes (up to {settings['feature_limit']} images per split)", timings,
                           probe)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import read_jsonl, save_safetensors_atomic, write_atomic
 from ..config import load_config
-from ..data import load_dataset, resolve_dataset
+from ..datasets import load_dataset
 from ..errors import UserError
 from ..evaluate import draw_captions, generate_images, reference_features
 from ..interop import open_model
@@ -47,6 +47,7 @@ from ..judge import conditioning_accuracy, load_or_train_judge
 from ..metrics import extract_features, kid, load_feature_net
 from ..outputs import check_output_dir
 from ..sampling import sample_stage, to_gray
+from ..sources import open_source
 from ..text import EmbeddingCache, default_cache_dir, load_text_encoder
 from ..train import train
 from .study_report import write_results
@@ -393,7 +394,7 @@ def study_transfer(plan: StudyPlan, out: str | Path, *, jobs: int = 1, train_run
     out = Path(out)
     check_output_dir(out, what="study", overwrite=True, is_ours=lambda folder: (folder / "plan.json").is_file())
     out.mkdir(parents=True, exist_ok=True)
-    resolve_dataset(plan.data)  # a missing dataset fails here, before any work
+    open_source(plan.data)  # a missing dataset fails here, before any work
     saved = out / "plan.json"
     if saved.is_file() and json.loads(saved.read_text()) != asdict(plan):
         raise UserError(f"{out} holds a study with another plan ({saved}); choose another --out or repeat its options")
