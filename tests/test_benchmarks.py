@@ -7,6 +7,7 @@ and must exit 0 and print or write its table. Marked slow: together they take ab
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -24,6 +25,20 @@ def _run(script: str, *args, timeout: int = 300) -> str:
                           text=True, timeout=timeout, env=env, cwd=REPO)
     assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
     return done.stdout
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """The rows of the first markdown table in `text`, as {header: cell}."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def number(cell: str) -> float:
+    """The first number of a cell ('21.0 +- 3.2', '0.034 (0.002)', '12.500%'), which must be finite."""
+    value = float(cell.replace("%", "").replace(",", "").split()[0])
+    assert math.isfinite(value), cell
+    return value
 
 
 def test_every_benchmark_script_has_a_smoke_test():
@@ -67,7 +82,11 @@ def test_finetune_methods(tmp_path, tiny_cascade_dir):
     out = _run("finetune_methods.py", "--source", tiny_cascade_dir, "--data", data, "--methods", "full", "bitfit",
                "--set", "train.steps=2", "train.batch_size=4", "train.val_every=2", "train.sample_every=0",
                "train.mixed_precision=no", "data.val_size=4", "--out", tmp_path / "runs", "--table", tmp_path / "m.md")
-    assert "bitfit" in (tmp_path / "m.md").read_text() and out is not None
+    rows = {r["method"]: r for r in table_rows((tmp_path / "m.md").read_text())}
+    assert set(rows) == {"full", "bitfit"}, out
+    assert number(rows["full"]["trainable %"]) == 100 and 0 < number(rows["bitfit"]["trainable %"]) < 5
+    for r in rows.values():  # both measured: a positive step time and a finite validation loss
+        assert number(r["s / step"]) > 0 and number(r["first val loss"]) > 0
 
 
 @pytest.fixture
@@ -80,14 +99,21 @@ def test_sampler_parity(tmp_path, tiny_cascade_dir, tiny_feature_env):
     data = make_npz(tmp_path / "toy.npz")
     out = _run("sampler_parity.py", "--model", tiny_cascade_dir, "--data", data, "--settings", "ddim:2,dpmpp:2",
                "--n", "4", "--n-real", "8", "--threads", "1", "--out", tmp_path / "s.md")
-    assert (tmp_path / "s.md").is_file() and out is not None
+    rows = table_rows((tmp_path / "s.md").read_text())
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", "2"), ("dpmpp", "2")], out
+    for r in rows:
+        assert number(r["KID x1e3 (+- subset std)"]) > -1e3 and number(r["FID"]) >= 0
+    assert [r for r in rows if number(next(v for k, v in r.items() if k.startswith("KID -"))) == 0]  # the reference
 
 
 def test_sr_sweep(tmp_path, tiny_cascade_dir, tiny_feature_env):
     data = make_npz(tmp_path / "toy.npz")
     out = _run("sr_sweep.py", "--model", tiny_cascade_dir, "--data", data, "--split", "val", "--n", "4", "--n-real",
                "8", "--batch", "4", "--only", "0", "--out", tmp_path / "sr.md")
-    assert (tmp_path / "sr.md").is_file() and out is not None
+    rows = table_rows((tmp_path / "sr.md").read_text())  # the bar, then --only 0: one SR setting
+    assert len(rows) == 2 and rows[0]["SR setting"] == "base + bicubic (the bar)", out
+    for row in rows:
+        assert number(row["FID"]) >= 0 and 0 <= number(row["precision"]) <= 1 and 0 <= number(row["recall"]) <= 1
     out = _run("sr_sweep.py", "--model", tiny_cascade_dir, "--data", data, "--split", "test", "--n", "4", "--n-real",
                "8", "--batch", "4", "--only", "0", "--real-lowres", "val", "--guidance", "1.5", "--out", tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()
@@ -111,8 +137,9 @@ def test_fusion_pneumonia(tmp_path, tiny_cascade_dir, tiny_feature_env):
                tiny_cascade_dir, "--data", data, "--n", "4", "--steps", "2", "--out", tmp_path / "fusion",
                "--table", tmp_path / "f.md")  # 2 sampling steps: 25 made this smoke test take ~4 min on 2 cores
     table = (tmp_path / "f.md").read_text()
-    assert "2 steps per stage, precision no" in table and "| ensemble 0.5 F + 0.5 G (outputs) |" in table and out is not None
-    assert len(json.loads((tmp_path / "fusion" / "fusion.json").read_text())) == 7  # every fusion measured
+    assert "2 steps per stage, precision no" in table and "| ensemble 0.5 F + 0.5 G (outputs) |" in table, out
+    measured = json.loads((tmp_path / "fusion" / "fusion.json").read_text())
+    assert len(measured) == 7 and all(math.isfinite(r["kid_mean"]) for r in measured.values())  # every fusion
 
 
 def test_dense_tables(tmp_path):

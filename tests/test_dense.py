@@ -329,6 +329,9 @@ def test_dense_probe_end_to_end(dense_sets, task):
     assert len(result["plots"]) == 3 and all((folder / "probe" / p).is_file() for p in result["plots"])
     if task == "segmentation":  # the colour blobs are separable from pixels alone: the pixel MLPs must learn them
         assert result["sets"]["pixels"]["test"]["miou"] > 0.6
+    else:  # bright rectangles on a dark ground, colour by class: from pixels a CenterNet head finds most of them
+        # (0.80 measured; a broken target, decode or score path gives ~0), whatever the CPU's rounding
+        assert result["sets"]["pixels"]["test"]["map50"] > 0.5
     with pytest.raises(UserError, match="not (segmentation|detection)"):
         run_dense(folder, folder / "other", task="segmentation" if task == "detection" else "detection")
 

@@ -379,8 +379,21 @@ def test_channels_last_and_compile_train_the_same_model(pneumonia_npz, tmp_path,
 
 
 def test_bf16_autocast_trains(pneumonia_npz, tmp_path):
-    run = train(tiny_config(pneumonia_npz, tmp_path / "bf16", "train.mixed_precision=bf16", "train.steps=2",
-                               "train.val_every=2", "train.sample_every=0"))
+    """The U-Net's convolutions inside the training steps run in bf16 (autocast on; accelerate hands the model's
+    output back in fp32, so the evidence is read off the convolutions themselves), and the weights stay fp32."""
+    conv_dtypes = []
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Conv2d) and torch.is_grad_enabled():  # training steps, not validation
+            conv_dtypes.append(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run = train(tiny_config(pneumonia_npz, tmp_path / "bf16", "train.mixed_precision=bf16", "train.steps=2",
+                                "train.val_every=2", "train.sample_every=0"))
+    finally:
+        hook.remove()
+    assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}
     losses = [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert next(load_cascade(run / "cascade").stages[0].unet.parameters()).dtype == torch.float32

@@ -77,3 +77,49 @@ def test_a_scaled_if_stage_runs_a_training_step():
     assert out.shape == (1, 6, 64, 64)
     out[:, :3].square().mean().backward()
     assert unet.conv_in.weight.grad is not None
+
+
+def _variant(unet, **overrides):
+    """The same U-Net class and sizes with config overrides (fresh weights, seeded)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config({**unet.config, **overrides}).eval()
+
+
+@torch.no_grad()
+def test_a_keep_all_text_mask_equals_no_mask():
+    """diffusers' test_model_xattn_mask, first half: a mask of ones is the same as no mask at all."""
+    torch.manual_seed(0)
+    unet = build_unet("tiny", kind="base", resolution=16, text_dim=32).eval()
+    text = TinyTextEncoder()(["a cat on a mat"])
+    n = int(text.mask.sum())
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+    kept = denoise(unet, x, t, type(text)(text.states[:, :n], torch.ones(1, n, dtype=torch.long), text.pooled))
+    none = unet(x, t, encoder_hidden_states=text.states[:, :n], encoder_attention_mask=None, return_dict=False)[0]
+    assert torch.equal(kept, none)
+
+
+@torch.no_grad()
+def test_masking_the_last_token_equals_truncating_it_where_attention_alone_sees_the_text():
+    """diffusers' test_model_xattn_mask, second half, through `denoise`: the mask reaches every cross-attention.
+    It holds where attention is the only reader of the text states; IF's layout (ours) also reads them through
+    the group norm over text tokens (cross_attention_norm) and the pooled text embedding (addition_embed_type),
+    which see every position, masked or not, as in DeepFloyd IF: there a cascade's max_text_length (recorded in
+    cascade.json) is part of its conditioning, which the second assertion pins down."""
+    unet = _variant(build_unet("tiny", kind="base", resolution=16, text_dim=32), cross_attention_norm=None,
+                    addition_embed_type=None)
+    text = TinyTextEncoder()(["a cat on a mat"])
+    n = int(text.mask.sum())
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+    mask = text.mask.clone()
+    mask[0, n - 1] = 0
+    masked = denoise(unet, x, t, type(text)(text.states, mask, text.pooled))
+    truncated = denoise(unet, x, t, type(text)(text.states[:, : n - 1], text.mask[:, : n - 1], text.pooled))
+    # the masked key's softmax weight is exp(-10000) = 0 in fp32; what remains is summation order: outputs are O(1)
+    assert torch.allclose(masked, truncated, atol=1e-5)
+    assert not torch.allclose(masked, denoise(unet, x, t, text), atol=1e-3)  # and the token did matter
+    ours = build_unet("tiny", kind="base", resolution=16, text_dim=32).eval()
+    padded = denoise(ours, x, t, text)
+    assert not torch.allclose(padded, denoise(ours, x, t, type(text)(text.states[:, :n], text.mask[:, :n],
+                                                                     text.pooled)), atol=1e-3)
