@@ -16,7 +16,7 @@ training split's per-channel statistics; the heads are small and trained from sc
 The learning rate is chosen on validation (mAP@0.5 or mIoU); test scores are reported for that choice. Label
 efficiency retrains the chosen head on 5 / 10 / 20 / all training images, several seeds (the images drawn by seed;
 with all images the seed draws only the head's initial weights and batches, and that spread is the yardstick for
-comparing two rows' all-label scores: on BCCD its std over 3 seeds is 0.003-0.020 mAP@0.5).
+comparing two rows' all-label scores: benchmarks/results/dense_cpu.md gives it for BCCD and WBC).
 `flip_test` scores every head (the scratch U-Net's too) on the input and its mirror image, averaged (CenterNet's flip
 test): the heads train on mirrored inputs already, so it costs one more forward pass and no training. The same
 heads' test scores without it are kept beside (`without_flip_test`), so its gain is measured on identical fits.

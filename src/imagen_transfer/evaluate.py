@@ -343,8 +343,8 @@ def replay_generator(images_by_seed: dict[int, torch.Tensor]) -> Generator:
 
 def bicubic_generator(base_images: dict[int, torch.Tensor], resolution: int) -> Generator:
     """The cascade's base-stage samples (recorded on the way through the cascade, so the same images for the same
-    seeds), upsampled bicubically to `resolution` and clamped: the bar an SR stage must clear (findings 2026-12: the
-    shipped one lost)."""
+    seeds), upsampled bicubically to `resolution` and clamped: the bar an SR stage must clear (how the shipped
+    cascades fare against it: docs/results.md)."""
     replay = replay_generator(base_images)
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:

@@ -30,18 +30,16 @@ from ..sources import open_source
 from ..train import set_sampling_aug_level, train
 from .report import write_report
 
-# The SR stage's recipe on X-rays (docs/results.md "How the SR stage got there", issue #19): at 80 steps and the
-# method's 1e-4 its samples lost to bicubic upsampling of its own base (KID 0.162 vs 0.076); at lr 3e-4 both stages
-# reach a lower validation loss and the cascade's KID falls to about 800 SR steps (sr_finetune_curve_lr3e-4_cpu.md);
-# noise-augmentation level 0 at sampling, chosen on the val split, beats 50 / 100 / 200. bf16 U-Net calls where native
-# pay for the longer SR run (same KID: sampler_parity_cpu.md); min_delta suits the SR stage's loss scale (~0.006).
+# The SR stage's recipe on X-rays, each choice measured (docs/results.md "How the SR stage got there"): lr 3e-4 for
+# both stages and about 800 SR steps (benchmarks/results/sr_finetune_curve_lr3e-4_cpu.md, demo_v2_sr80_cpu.json for
+# the shorter run it replaced), sampling noise-augmentation level 0 chosen on the val split
+# (sr_sweep_xray_val_cpu.md), bf16 U-Net calls where native (sampler_parity_cpu.md); min_delta is set for the
+# SR stage's validation-loss scale (the curve above).
 FULL = dict(steps=250, sr_steps=800, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
             probe_epochs=30, sample_steps=None, precision="auto", lr=3e-4, aug_level=0, min_delta=0.00005)
 # --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
-# a seeded subset of 256 real test images, bf16 U-Net calls where native (same KID: benchmarks/results/
-# sampler_parity_cpu.md). Measured on v2: 2 min 18 s on 2 cores with empty caches (peak RSS 1.9 GB;
-# benchmarks/results/demo_quick_cpu.json); the full demo: 13 min 51 s (demo_cpu.json), 19 min 16 s in fp32 as a CPU
-# without native bf16 runs it (demo_fp32_cpu.json: 1.39x, fine-tuning 1.45x).
+# a seeded subset of 256 real test images, bf16 U-Net calls where native (benchmarks/results/sampler_parity_cpu.md).
+# Their times and results: benchmarks/results/demo_quick_cpu.json, demo_cpu.json and demo_fp32_cpu.json.
 QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
              sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002)
 
