@@ -28,7 +28,7 @@ import torch
 from imagen_transfer.cascade import load_cascade
 from imagen_transfer.data import resize, to_float
 from imagen_transfer.datasets import load_dataset
-from imagen_transfer.evaluate import draw_captions, reference_features
+from imagen_transfer.measure import draw_captions, reference_features
 from imagen_transfer.metrics import extract_features, fid, kid, load_feature_net, precision_recall
 from imagen_transfer.sampling import sample_stage, to_gray, to_uint8
 from imagen_transfer.sources import open_source

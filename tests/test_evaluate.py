@@ -101,6 +101,7 @@ def test_bicubic_baseline_and_base_stage_reuse_the_cascades_own_base_samples(tin
     at 16 px: both checked against samples rebuilt by hand; the base stage is sampled once for all three generators
     (recorded on the way through the cascade); both are absent (with the reason) when no SR stage is evaluated."""
     import imagen_transfer.evaluate as ev
+    import imagen_transfer.measure as measure
     import imagen_transfer.sampling as sampling
     from imagen_transfer.cascade import load_cascade
     from imagen_transfer.metrics import extract_features, load_feature_net
@@ -118,15 +119,15 @@ def test_bicubic_baseline_and_base_stage_reuse_the_cascades_own_base_samples(tin
     baseline, alone = result["bicubic_baseline"], result["base_stage"]
     assert baseline["generator"] == "stage base + bicubic upsampling to 32px"
     assert alone["generator"] == "stage base alone at 16px" and alone["resolution"] == 16
-    prompts, _ = ev.draw_captions(ev.load_dataset(str(toy_npz), "test", resolution=32), 6, seed=2)
+    prompts, _ = measure.draw_captions(ev.load_dataset(str(toy_npz), "test", resolution=32), 6, seed=2)
     base = sample_cascade(load_cascade(tiny_cascade_dir), prompts, [2_000_000 + i for i in range(6)], steps=2,
                           stages=["base"], progress=False)
     net, net_id = load_feature_net(str(small_feature_net))
     for images, size, measured in ((torch.nn.functional.interpolate(base, size=(32, 32), mode="bicubic"), 32, baseline),
                                    (base, 16, alone)):
-        real, _ = ev.reference_features(str(toy_npz), "test", size, net, net_id, progress=False)
+        real, _ = measure.reference_features(str(toy_npz), "test", size, net, net_id, progress=False)
         by_hand = extract_features(net, to_uint8(images.clamp(-1, 1)), progress=False)
-        assert measured["kid_mean"] == pytest.approx(ev.kid(real, by_hand, seed=2)[0], abs=1e-6)
+        assert measured["kid_mean"] == pytest.approx(measure.kid(real, by_hand, seed=2)[0], abs=1e-6)
         assert measured["kid_mean"] != pytest.approx(result["kid_mean"], abs=1e-9)  # a different generator
     base_only = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), split="test", n=4, judge=False, progress=False,
                             sampling=dict(steps=1, stages=["base"]), feature_net=str(small_feature_net),
@@ -213,7 +214,7 @@ def test_a_run_killed_while_sampling_resumes_at_its_last_batch(tiny_cascade_dir,
 def test_features_are_measured_in_cached_pieces(small_feature_net, toy_npz, monkeypatch):
     """A feature pass keeps each piece of images it measured (keyed by their pixels): a rerun measures only the pieces
     it lacks, with the same features as one pass; a real split, cached whole, leaves no pieces behind."""
-    import imagen_transfer.evaluate as ev
+    import imagen_transfer.measure as ev
     from imagen_transfer.metrics import load_feature_net
 
     net, net_id = load_feature_net(str(small_feature_net))

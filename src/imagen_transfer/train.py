@@ -46,10 +46,11 @@ from .datasets import load_dataset
 from .diffusion import training_loss
 from .errors import UserError
 from .interop import open_model
+from .measure import stage_generator
 from .metrics import load_feature_net
 from .outputs import check_writable_dir, remove_stale_partials, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
-from .sampling import sample_stage, save_grid, to_gray
+from .sampling import save_grid, to_gray
 from .shard import all_finite, gathered_state, like, load_gathered_state, reshard, unsharded
 from .sources import open_source
 from .step import Captioned, StageTraining, check_frozen_dtype, prepare_stage_training, training_step
@@ -134,22 +135,21 @@ def write_samples(stage: Stage, val: Captioned, null: TextEncoding, config: RunC
     shown = to_gray if gray else (lambda images: images)
 
     s = config.sample
-    opts = dict(sample_settings(s), progress=False)
     if stage.kind == "base":
         prompts = [p for p in s.prompts for _ in range(s.per_prompt)]
-        gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-        images = sample_stage(stage, encode(prompts), null, gens, **opts)
+        images = stage_generator(stage, encode, null, sample_settings(s))(prompts, list(range(len(prompts))))
         if path is not None:
-            save_grid(shown(images.cpu()), path, nrow=s.per_prompt, scale=4)
+            save_grid(shown(images), path, nrow=s.per_prompt, scale=4)
         return
     k = min(8, len(val.caption_ids))
     idx = torch.linspace(0, len(val.caption_ids) - 1, k).round().long()
     real, lowres = stage_inputs(stage, val.images[idx], None, device)
-    gens = [torch.Generator().manual_seed(i) for i in range(k)]
-    out = sample_stage(stage, val.table.index(val.caption_ids[idx]), null, gens, lowres=lowres, **opts)
+    prompts = [val.captions[i] for i in idx.tolist()]
+    generate = stage_generator(stage, encode, null, sample_settings(s), lowres_source=val.images[idx])
+    out = generate(prompts, list(range(k)))  # image i: seed i, upsampling validation image idx[i]
     upsampled = resize(lowres, stage.resolution)
     if path is not None:  # None: a sharded run's other ranks, which sample with rank 0 but write nothing
-        save_grid(torch.cat([upsampled.cpu(), shown(out.cpu()), real.cpu()]), path, nrow=k, scale=4)
+        save_grid(torch.cat([upsampled.cpu(), shown(out), real.cpu()]), path, nrow=k, scale=4)
 
 
 @dataclass

@@ -41,12 +41,9 @@ from ..checkpoint import read_jsonl, save_safetensors_atomic, write_atomic
 from ..config import load_config
 from ..datasets import load_dataset
 from ..errors import UserError
-from ..evaluate import draw_captions, generate_images, reference_features
 from ..interop import open_model
-from ..judge import conditioning_accuracy, load_or_train_judge
-from ..metrics import extract_features, kid, load_feature_net
+from ..measure import draw_captions, generate_images, reference, stage_generator
 from ..outputs import check_output_dir
-from ..sampling import sample_stage, to_gray
 from ..sources import open_source
 from ..text import EmbeddingCache, default_cache_dir, load_text_encoder
 from ..train import train
@@ -133,17 +130,11 @@ def _caption_cache(spec, root: str):
 
 def sample_for_eval(cascade, stage, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
     """uint8 (N, H, W, 3) images of one stage for `prompts`, image i with seed i, at the cascade's sampling settings
-    (evaluate.generate_images with seed 0, so a study's samples follow the evaluation protocol)."""
+    (measure.generate_images with seed 0, so a study's samples follow the evaluation protocol)."""
     settings = dict(cascade.sampling)
     gray = settings.pop("grayscale", False)
     encode = _caption_cache(cascade.text_encoder, str(default_cache_dir()))
-    null = encode([""])
-
-    def generate(chunk: list[str], seeds: list[int]) -> torch.Tensor:
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        x = sample_stage(stage, encode(chunk), null, gens, progress=False, **settings)
-        return (to_gray(x) if gray else x).cpu()
-
+    generate = stage_generator(stage, encode, encode([""]), settings, gray=gray)
     return generate_images(generate, prompts, seed=0, chunk=batch_size, progress=False)
 
 
@@ -231,24 +222,22 @@ def measure(plan: StudyPlan, out: Path, feature_net: str | None = None, progress
         return
     resolution = load_file(todo[0])["images"].shape[1]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, net_id = load_feature_net(feature_net)
-    net.to(device)
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would move the Inception features by ~1e-3
-    real, _ = reference_features(plan.data, plan.eval_split, resolution, net, net_id, batch_size=250,
-                                 progress=progress)
-    judge, judge_info = load_or_train_judge(plan.data, resolution, eval_split=plan.eval_split, progress=progress)
+    ref = reference(plan.data, plan.eval_split, resolution, feature_net=feature_net, batch_size=250, device=device,
+                    progress=progress)
+    judge, judge_info = ref.judge()
+    if judge is None:
+        raise UserError(f"a transfer study measures conditioning accuracy: {judge_info['absent']}")
     for file in tqdm(todo, desc="measure", unit="file", disable=not progress):
         saved = load_file(file)
-        fake = extract_features(net, saved["images"], batch_size=250, progress=False)
-        kid_mean, kid_std, subset = kid(real, fake, seed=0)
-        acc = conditioning_accuracy(judge, saved["images"], saved["labels"], judge_info["classes"])
+        scores = ref.score(saved["images"], saved["labels"], batch_size=250)
         run_dir = file.parent.parent
         measures = _read_measures(run_dir)
-        measures[file.name] = dict(step=int(file.stem.removeprefix(SAMPLES_PREFIX)), kid=kid_mean, kid_std=kid_std,
-                                   kid_subset_size=subset, conditioning_accuracy=acc["conditioning_accuracy"],
-                                   n=len(fake))
+        measures[file.name] = dict(step=int(file.stem.removeprefix(SAMPLES_PREFIX)), kid=scores["kid_mean"],
+                                   kid_std=scores["kid_std"], kid_subset_size=scores["kid_subset_size"],
+                                   conditioning_accuracy=scores["conditioning_accuracy"], n=len(saved["images"]))
         write_atomic(run_dir / "measures.json", json.dumps(measures, indent=1))
-    info = dict(feature_network=net_id, n_real=len(real), judge_real_accuracy=judge_info["real_accuracy"],
+    info = dict(feature_network=ref.net_id, n_real=len(ref.features), judge_real_accuracy=judge_info["real_accuracy"],
                 resolution=int(resolution))
     write_atomic(out / "measure-info.json", json.dumps(info, indent=1))
 
