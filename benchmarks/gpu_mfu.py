@@ -72,8 +72,8 @@ def our_images_per_s(stage, cascade, batch: int, steps: int, text_dim: int, devi
                      bf16: bool) -> tuple[float, float]:
     """images/s of our step after 10 warm-up steps (compilation included there) and the peak memory in MB."""
     from imagen_transfer.config import load_config
+    from imagen_transfer.memory import peak_memory_mb, reset_peak_memory
     from imagen_transfer.step import Captioned
-    from imagen_transfer.train import peak_memory_mb, reset_peak_memory
 
     images, table, ids = inputs(stage, batch, text_dim)
     config = load_config(None, ["transfer.method=full", f"train.steps={steps + 10}", f"train.batch_size={batch}",

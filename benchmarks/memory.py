@@ -7,7 +7,7 @@ Each configuration runs in a fresh process (so its peak is its own): the IF-I-XL
 scaled (`unet.if_unet_config`; width 192 is IF-I-M-sized, 372M parameters) at 64 px, randomly initialised, text
 states of T5-XXL's size (77 x 4096, as the caption cache feeds them), prepared by `transfer.prepare_transfer` and
 trained by the loop's own step (`common.our_step`: AdamW, EMA, clipping) for `--steps` steps after one warm-up.
-Peak memory is the resident set's high-water mark from the first step on (`train.peak_memory_mb`), less the process's
+Peak memory is the resident set's high-water mark from the first step on (`memory.peak_memory_mb`), less the process's
 resident set before the model was built (Python, torch and the libraries).
 
 The arithmetic (per parameter): weights 4 bytes (2 for a frozen weight held in bf16: `train.frozen_dtype`), and per
@@ -36,9 +36,9 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from imagen_transfer.cascade import Stage, training_scheduler  # noqa: E402
 from imagen_transfer.config import TransferConfig, load_config  # noqa: E402
+from imagen_transfer.memory import peak_memory_mb, reset_peak_memory  # noqa: E402
 from imagen_transfer.step import Captioned  # noqa: E402
 from imagen_transfer.text import TextEncoding  # noqa: E402
-from imagen_transfer.train import peak_memory_mb, reset_peak_memory  # noqa: E402
 from imagen_transfer.transfer import prepare_transfer  # noqa: E402
 from imagen_transfer.unet import if_unet_config, unet_parameters  # noqa: E402
 

@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import our_step, plain_diffusers_step, publish, timed_steps  # noqa: E402
 
-from imagen_transfer.train import peak_memory_mb  # noqa: E402
+from imagen_transfer.memory import peak_memory_mb  # noqa: E402
 
 TRAIN = ("ours", "ours-fp32", "ours-freeze", "ours-freeze3", "plain", "plain-cached", "plain-bf16", "imagen-pytorch",
          "imagen-pytorch-bf16")

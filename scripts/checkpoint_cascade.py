@@ -18,7 +18,7 @@ from imagen_transfer.cascade import save_cascade
 from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, stage_dir
 from imagen_transfer.config import load_config
 from imagen_transfer.errors import UserError
-from imagen_transfer.train import build_or_load_cascade
+from imagen_transfer.interop import build_or_load_cascade
 
 
 def checkpoint_cascade(run: Path, stage: str, out: Path, checkpoint: str | None = None, fp16: bool = False) -> Path:

@@ -14,7 +14,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "src" / "imagen_transfer"
 LAYERS = [
-    {"errors", "outputs", "config", "text", "unet", "checkpoint", "metrics", "masks", "sources"},  # foundations
+    {"errors", "outputs", "config", "text", "unet", "checkpoint", "metrics", "masks", "sources", "memory", "runs"},  # foundations
     {"cascade", "diffusion", "data", "transfer"},  # the model and its math, data sets
     {"interop", "sampling", "dense", "datasets", "shard", "step", "fusion", "judge"},  # built on the model
     {"measure", "evaluate", "quality", "train", "features", "probe", "dense_probe"},  # tasks: one result each

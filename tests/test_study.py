@@ -110,7 +110,7 @@ def test_random_init_keeps_the_architecture_with_fresh_weights(tiny_cascade_dir)
     from imagen_transfer.cascade import load_cascade
     from imagen_transfer.config import load_config
     from imagen_transfer.errors import UserError
-    from imagen_transfer.train import build_or_load_cascade
+    from imagen_transfer.interop import build_or_load_cascade
 
     source = load_cascade(tiny_cascade_dir)
     config = load_config(None, [f"model.init_from={tiny_cascade_dir}", "model.random_init=true", "train.seed=3"])

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, make_npz
 from safetensors.torch import load_file
 
+from imagen_transfer import memory
 from imagen_transfer import train as train_module
 from imagen_transfer.cascade import init_cascade, load_cascade
 from imagen_transfer.checkpoint import latest_checkpoint, load_checkpoint, read_jsonl, save_checkpoint
@@ -190,14 +191,14 @@ def test_checkpoints_of_the_pickled_optimizer_format_still_load(tmp_path):
 
 def test_peak_memory_is_per_window(pneumonia_npz, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
-    train_module.reset_peak_memory(cpu)
-    base = train_module.peak_memory_mb(cpu)
+    memory.reset_peak_memory(cpu)
+    base = memory.peak_memory_mb(cpu)
     block = torch.ones(300 * 2**20 // 4)  # 300 MB, written, so resident
-    assert train_module.peak_memory_mb(cpu) >= base + 250
+    assert memory.peak_memory_mb(cpu) >= base + 250
     del block
-    train_module.reset_peak_memory(cpu)  # the next window forgets the block (on Linux: the VmHWM mark)
+    memory.reset_peak_memory(cpu)  # the next window forgets the block (on Linux: the VmHWM mark)
     if Path("/proc/self/clear_refs").exists():
-        assert train_module.peak_memory_mb(cpu) < base + 250
+        assert memory.peak_memory_mb(cpu) < base + 250
     resets = []
     monkeypatch.setattr(train_module, "reset_peak_memory", lambda device: resets.append(device.type))
     train(tiny_config(pneumonia_npz, tmp_path / "run", "train.steps=1", "train.val_every=0", "train.sample_every=0"))

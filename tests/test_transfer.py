@@ -216,7 +216,7 @@ def test_early_stopping_triggers_and_restores_the_best_step(tiny_cascade_dir, tm
 def test_text_encoder_mismatch_is_a_clear_error(tiny_cascade_dir, tmp_path):
     from conftest import make_npz
 
-    from imagen_transfer.train import build_or_load_cascade
+    from imagen_transfer.interop import build_or_load_cascade
 
     config = _finetune_config(tiny_cascade_dir, make_npz(tmp_path / "x.npz"), tmp_path / "run", "full",
                               "model.text_encoder=minilm")
@@ -229,7 +229,7 @@ def test_prediction_type_is_the_sources_own_when_transferring(tiny_cascade_dir):
     (it used to be ignored silently); with random_init the fresh weights take the requested target."""
     from imagen_transfer.config import load_config
     from imagen_transfer.errors import UserError
-    from imagen_transfer.train import build_or_load_cascade
+    from imagen_transfer.interop import build_or_load_cascade
 
     base = [f"model.init_from={tiny_cascade_dir}"]
     kept = build_or_load_cascade(load_config(None, base))

@@ -330,3 +330,15 @@ def describe(cascade: Cascade) -> str:
     for k, v in cascade.info.items():
         lines.append(f"{k}: {v}")
     return "\n".join(lines)
+
+
+def set_sampling_aug_level(cascade: Cascade, level: int | None) -> None:
+    """Give every SR stage `level` as its sampling noise-augmentation level (sample.aug_level; None: unchanged)."""
+    if level is None:
+        return
+    for stage in [s for s in cascade.stages if s.kind == "sr"]:
+        steps = len(stage.scheduler.alphas_cumprod)
+        if level >= steps:
+            raise UserError(f"sample.aug_level={level} is outside stage {stage.name}'s {steps} noise levels; use 0 to "
+                            f"{steps - 1}")
+        stage.aug_level_sample = level

@@ -29,14 +29,16 @@ from .cascade import (
     Cascade,
     Stage,
     check_weights_cover,
+    init_cascade,
     load_cascade,
     quiet_diffusers,
     resolve_model,
 )
+from .config import RunConfig
 from .errors import UserError
 from .outputs import check_output_dir
 from .sampling import make_scheduler
-from .text import TextEncoderSpec, load_text_encoder, minilm_path
+from .text import TextEncoderSpec, load_text_encoder, minilm_path, text_dim
 
 IF_TEXT_LENGTH = 77
 IF_SR_NOISE_LEVEL = 250
@@ -176,3 +178,39 @@ def _model_card(cascade, written) -> str:
                      "imagen-transfer's own sampling for the same seed.")
     lines += ["", "Provenance: " + json.dumps(cascade.info), ""]
     return "\n".join(lines)
+
+
+def build_or_load_cascade(config: RunConfig, resume: bool = False) -> Cascade:
+    """A new cascade from `model.preset`, or the source cascade named by `model.init_from` (transfer: weights only).
+    A resumed run is not held to the prediction-type rule: runs saved before it recorded `epsilon` while training
+    the source's own target, and their checkpoints decide."""
+    m = config.model
+    if m.random_init and not m.init_from:
+        raise UserError("model.random_init needs model.init_from: the cascade whose architecture is trained from scratch")
+    if not m.init_from:
+        return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
+                            prediction_type=config.loss.prediction_type or "epsilon", seed=config.train.seed)
+    cascade = open_model(m.init_from)
+    wanted = config.loss.prediction_type
+    for stage in cascade.stages:
+        own = stage.scheduler.config.prediction_type
+        if wanted and wanted != own and not m.random_init and not resume:
+            raise UserError(f"loss.prediction_type={wanted}, but {m.init_from} stage {stage.name} was trained to predict "
+                            f"{own}: transferred weights keep their target; leave loss.prediction_type unset, or set "
+                            "model.random_init=true to train the architecture from scratch")
+        if wanted and m.random_init:  # fresh weights may learn either target
+            stage.scheduler = stage.scheduler.__class__.from_config(stage.scheduler.config, prediction_type=wanted)
+    if m.text_encoder is not None:
+        spec = TextEncoderSpec.parse(m.text_encoder, cascade.text_encoder.max_length)
+        expected = cascade.stages[0].unet.config.encoder_hid_dim
+        if text_dim(spec) != expected:
+            raise UserError(f"text encoder '{m.text_encoder}' gives {text_dim(spec)}-d states, but the source cascade "
+                            f"{m.init_from} was trained on {expected}-d states ({cascade.text_encoder.kind}); "
+                            "leave model.text_encoder unset to use the source's encoder")
+        cascade.text_encoder = spec
+    if m.random_init:  # the same architecture, text encoder and noise schedule, fresh weights
+        torch.manual_seed(config.train.seed)
+        for stage in cascade.stages:
+            stage.unet = UNet2DConditionModel.from_config(stage.unet.config).eval()
+        cascade.info = {"random_init_from": str(m.init_from), "seed": config.train.seed}
+    return cascade

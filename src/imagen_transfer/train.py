@@ -12,8 +12,6 @@ TensorBoard, the progress bar).
 from __future__ import annotations
 
 import copy
-import re
-import resource
 import time
 import warnings
 from collections.abc import Callable
@@ -24,15 +22,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import UNet2DConditionModel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from .cascade import Cascade, Stage, init_cascade, save_cascade
+from .cascade import Cascade, Stage, save_cascade, set_sampling_aug_level
 from .checkpoint import (
     append_jsonl,
-    clean_partial,
-    drop_torn_last_line,
     latest_checkpoint,
     load_checkpoint,
     mark_best,
@@ -40,27 +35,27 @@ from .checkpoint import (
     save_checkpoint,
     write_atomic,
 )
-from .config import RunConfig, config_by_key, config_yaml, load_config
+from .config import RunConfig, config_yaml
 from .data import ImageTextData, resize, stage_inputs
 from .datasets import load_dataset
 from .diffusion import training_loss
 from .errors import UserError
-from .interop import open_model
+from .interop import build_or_load_cascade
 from .measure import stage_generator
+from .memory import peak_memory_mb, reset_peak_memory
 from .metrics import load_feature_net
-from .outputs import check_writable_dir, remove_stale_partials, run_lock
+from .outputs import remove_stale_partials, run_lock
 from .quality import QualityProbe, build_quality_probe, measure_quality
+from .runs import check_run_dir, prepare_run_dir, run_dir_of
 from .sampling import save_grid, to_gray
 from .shard import all_finite, gathered_state, like, load_gathered_state, reshard, unsharded
 from .sources import open_source
 from .step import Captioned, StageTraining, check_frozen_dtype, prepare_stage_training, training_step
 from .text import (
     EmbeddingCache,
-    TextEncoderSpec,
     TextEncoding,
     default_cache_dir,
     load_text_encoder,
-    text_dim,
 )
 from .transfer import (
     check_transfer,
@@ -78,30 +73,6 @@ def encode_captions(data: ImageTextData, cache: EmbeddingCache) -> Captioned:
     index = {c: i for i, c in enumerate(unique)}
     ids = torch.tensor([index[c] for c in data.captions], dtype=torch.long)
     return Captioned(data.images, ids, cache(unique), data.captions)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window (per stage, so runs sharing a process each report their own peak): CUDA's
-    allocator statistics on a GPU; on Linux CPUs the process's resident-set high-water mark (clear_refs "5")."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since `reset_peak_memory`: allocated CUDA memory on a GPU, the resident set's high-water mark on
-    a CPU (VmHWM; the process's maximum resident set size where /proc is absent)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def validation_loss(stage: Stage, val: Captioned, null: TextEncoding, config: RunConfig, device,
@@ -459,115 +430,6 @@ def _resume(t: StageTraining, ckpt: Path, run_dir: Path, stopping: EarlyStopping
         for _ in range(step):
             t.lr_schedule.step()
     return step, early_stopped, best_ema
-
-
-def run_dir_of(config: RunConfig) -> Path:
-    return Path(config.out or "runs/pretrain")
-
-
-# What a resumed run may change: budgets, intervals and threads (the step budget can grow, logging can thin out).
-# Anything else (data, model, loss, optimiser, stages, transfer) would silently train a different run.
-RESUMABLE_KEYS = ("out", "train.steps", "train.stage_steps", "train.log_every", "train.val_every", "train.kid_every",
-                  "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.threads",
-                  "train.early_stopping_patience", "train.early_stopping_min_delta", "train.gradient_checkpointing",
-                  "sample.")
-
-
-def resume_differences(saved: RunConfig, given: RunConfig) -> list[str]:
-    """`key: saved -> given` for each setting a resume may not change (see RESUMABLE_KEYS)."""
-    old, new = config_by_key(saved), config_by_key(given)
-    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not any(key == k or k.endswith(".") and key.startswith(k)
-                                                       for k in RESUMABLE_KEYS)]
-
-
-def check_run_dir(config: RunConfig, resume: bool) -> Path:
-    """The run folder, if a new run may start there (empty or absent) or `resume` may continue it with a config
-    that differs only in RESUMABLE_KEYS; creates and writes nothing."""
-    run_dir = run_dir_of(config)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} is a file; choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume and not _never_started(run_dir):
-        raise UserError(f"run folder {run_dir} already exists; pass --resume to continue it, or choose another --out")
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        changed = resume_differences(load_config(run_dir / "config.yaml"), config)
-        if changed:
-            raise UserError(f"--resume: the config differs from the run's {run_dir / 'config.yaml'} in "
-                            f"{'; '.join(changed)}. Resume with the run's own settings (only "
-                            f"{', '.join(k.rstrip('.') for k in RESUMABLE_KEYS[1:])} may change), or start a new run "
-                            "in another --out")
-    else:
-        check_writable_dir(run_dir)
-    return run_dir
-
-
-def _never_started(run_dir: Path) -> bool:
-    """True for a run folder that a failed start left with nothing trained in it (only the lock and config.yaml,
-    empty folders): a corrected command may start there instead of being blocked by it."""
-    files = [p for p in run_dir.rglob("*") if not p.is_dir()]
-    return all(p.parent == run_dir and p.name in (".lock", "config.yaml") for p in files)
-
-
-def prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    """Clean up after an interrupted run (the caller holds the run's lock)."""
-    run_dir = run_dir_of(config)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    removed = clean_partial(run_dir)
-    if removed:
-        print(f"removed {removed} partial checkpoint(s) left by an interrupted save")
-    if resume and drop_torn_last_line(run_dir / "metrics.jsonl"):
-        print(f"warning: dropped the unfinished last line of {run_dir / 'metrics.jsonl'} (a write cut short)")
-    return run_dir
-
-
-def build_or_load_cascade(config: RunConfig, resume: bool = False) -> Cascade:
-    """A new cascade from `model.preset`, or the source cascade named by `model.init_from` (transfer: weights only).
-    A resumed run is not held to the prediction-type rule: runs saved before it recorded `epsilon` while training
-    the source's own target, and their checkpoints decide."""
-    m = config.model
-    if m.random_init and not m.init_from:
-        raise UserError("model.random_init needs model.init_from: the cascade whose architecture is trained from scratch")
-    if not m.init_from:
-        return init_cascade(m.preset, text_encoder=m.text_encoder, max_text_length=m.max_text_length,
-                            prediction_type=config.loss.prediction_type or "epsilon", seed=config.train.seed)
-    cascade = open_model(m.init_from)
-    wanted = config.loss.prediction_type
-    for stage in cascade.stages:
-        own = stage.scheduler.config.prediction_type
-        if wanted and wanted != own and not m.random_init and not resume:
-            raise UserError(f"loss.prediction_type={wanted}, but {m.init_from} stage {stage.name} was trained to predict "
-                            f"{own}: transferred weights keep their target; leave loss.prediction_type unset, or set "
-                            "model.random_init=true to train the architecture from scratch")
-        if wanted and m.random_init:  # fresh weights may learn either target
-            stage.scheduler = stage.scheduler.__class__.from_config(stage.scheduler.config, prediction_type=wanted)
-    if m.text_encoder is not None:
-        spec = TextEncoderSpec.parse(m.text_encoder, cascade.text_encoder.max_length)
-        expected = cascade.stages[0].unet.config.encoder_hid_dim
-        if text_dim(spec) != expected:
-            raise UserError(f"text encoder '{m.text_encoder}' gives {text_dim(spec)}-d states, but the source cascade "
-                            f"{m.init_from} was trained on {expected}-d states ({cascade.text_encoder.kind}); "
-                            "leave model.text_encoder unset to use the source's encoder")
-        cascade.text_encoder = spec
-    if m.random_init:  # the same architecture, text encoder and noise schedule, fresh weights
-        torch.manual_seed(config.train.seed)
-        for stage in cascade.stages:
-            stage.unet = UNet2DConditionModel.from_config(stage.unet.config).eval()
-        cascade.info = {"random_init_from": str(m.init_from), "seed": config.train.seed}
-    return cascade
-
-
-def set_sampling_aug_level(cascade: Cascade, level: int | None) -> None:
-    """Give every SR stage `level` as its sampling noise-augmentation level (sample.aug_level; None: unchanged)."""
-    if level is None:
-        return
-    for stage in [s for s in cascade.stages if s.kind == "sr"]:
-        steps = len(stage.scheduler.alphas_cumprod)
-        if level >= steps:
-            raise UserError(f"sample.aug_level={level} is outside stage {stage.name}'s {steps} noise levels; use 0 to "
-                            f"{steps - 1}")
-        stage.aug_level_sample = level
 
 
 def default_prompts(data: ImageTextData) -> list[str]:

@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cascade import save_cascade
+from ..cascade import save_cascade, set_sampling_aug_level
 from ..config import load_config
 from ..evaluate import evaluate
 from ..features import extract
@@ -27,7 +27,7 @@ from ..fusion import merge_cascades
 from ..interop import open_model
 from ..probe import run_probe
 from ..sources import open_source
-from ..train import set_sampling_aug_level, train
+from ..train import train
 from .report import write_report
 
 # The SR stage's recipe on X-rays, each choice measured (docs/results.md "How the SR stage got there"): lr 3e-4 for
