@@ -190,7 +190,7 @@ def _random_scene_targets(n=4, grid=(12, 16), stride=4, seed=0):
 
 
 def test_centernet_oracle_decodes_to_perfect_map_and_metric_responds():
-    from imagen_transfer.dense_probe import centernet_targets, coco_map, decode
+    from imagen_transfer.detection import centernet_targets, coco_map, decode
 
     grid, stride = (12, 16), 4
     boxes, labels = _random_scene_targets(grid=grid, stride=stride)
@@ -211,7 +211,7 @@ def test_centernet_oracle_decodes_to_perfect_map_and_metric_responds():
 
 
 def test_flip_augmentation_equals_targets_of_flipped_boxes():
-    from imagen_transfer.dense_probe import _flip, centernet_targets
+    from imagen_transfer.detection import centernet_targets, flip_targets
 
     grid, stride = (12, 16), 4
     boxes, labels = _random_scene_targets(grid=grid, stride=stride, seed=3)
@@ -220,14 +220,14 @@ def test_flip_augmentation_equals_targets_of_flipped_boxes():
     t = centernet_targets(boxes, labels, 2, grid, stride)
     want = centernet_targets(flipped, labels, 2, grid, stride)
     x = torch.randn(len(boxes), 5, *grid)
-    fx, got = _flip(x, t, torch.ones(len(boxes), dtype=torch.bool))
+    fx, got = flip_targets(x, t, torch.ones(len(boxes), dtype=torch.bool))
     assert torch.equal(fx, x.flip(-1))
     for key in ("heat", "size", "offset", "mask"):
         assert torch.allclose(got[key].float(), want[key].float(), atol=1e-5), key
 
 
 def test_pixel_sampling_equals_upsampling_and_segmentation_scores():
-    from imagen_transfer.dense_probe import sample_pixels, segmentation_scores
+    from imagen_transfer.segmentation import sample_pixels, segmentation_scores
 
     x = torch.randn(3, 4, 6, 8)
     masks = torch.randint(3, (3, 24, 32))
@@ -416,7 +416,7 @@ def test_transfer_without_labels_fine_tunes_on_tiles_then_extracts(tmp_path, tin
 
 def test_decoding_takes_channels_last_outputs():
     """A head fed a permuted (NHWC-strided) image tensor returns channels-last outputs; decoding must read them."""
-    from imagen_transfer.dense_probe import decode
+    from imagen_transfer.detection import decode
 
     heat, size, offset = (torch.randn(2, c, 6, 8).contiguous(memory_format=torch.channels_last) for c in (3, 2, 2))
     plain = decode((heat.contiguous(), size.contiguous(), offset.contiguous()), 4)
@@ -435,7 +435,7 @@ def test_flip_test_maps_the_mirror_image_back():
     """CenterNet's flip test: for a head that commutes with mirroring, the mirror's maps, mapped back, are the
     image's own, so averaging changes nothing (a forgotten flip-back would mirror the heat-map); for any head the
     flip-tested heat-map and sizes of the mirror image are the image's mirrored; offsets are the image's alone."""
-    from imagen_transfer.dense_probe import CenterNetHead, decode, detection_maps
+    from imagen_transfer.detection import CenterNetHead, decode, detection_maps
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 6, 8)
@@ -461,30 +461,33 @@ def test_flip_test_in_segmentation_and_in_the_probe(dense_sets, capsys):
     from safetensors.torch import load_file
 
     from imagen_transfer import dense_probe as dp
+    from imagen_transfer import detection as det
+    from imagen_transfer import segmentation as seg
     from imagen_transfer.features import load_features
     from imagen_transfer.jobs.cli import main
+    from imagen_transfer.probe_report import dense_markdown
 
     torch.manual_seed(0)
     x, size = torch.randn(3, 5, 6, 8), (12, 16)
-    conv = [dp.ConvSegHead(5, 3, width=8).eval()]
-    assert torch.equal(dp.segment(conv, "conv", x.flip(-1), size, flip_test=True),
-                       dp.segment(conv, "conv", x, size, flip_test=True).flip(-1))
-    mlps = [dp.PixelMLP(5, 3).eval() for _ in range(2)]
-    assert torch.equal(dp.segment(mlps, "mlp", x, size, flip_test=True), dp.segment(mlps, "mlp", x, size))
+    conv = [seg.ConvSegHead(5, 3, width=8).eval()]
+    assert torch.equal(seg.segment(conv, "conv", x.flip(-1), size, flip_test=True),
+                       seg.segment(conv, "conv", x, size, flip_test=True).flip(-1))
+    mlps = [seg.PixelMLP(5, 3).eval() for _ in range(2)]
+    assert torch.equal(seg.segment(mlps, "mlp", x, size, flip_test=True), seg.segment(mlps, "mlp", x, size))
 
     folder = dense_sets["detection"]
     result, chosen = dp.probe_dense(folder, steps=30, seeds=1, labelled=(None,), only=["pixels"], flip_test=True,
                                     progress=False)
     manifest, _ = load_features(folder)
     head, test_x = chosen["pixels"]
-    truth = dp.boxes_of(load_file(Path(folder) / manifest["targets"]), "test")
-    expected = dp.coco_map(dp._predict(head, test_x, manifest["stride"], flip_test=True), *truth,
+    truth = det.boxes_of(load_file(Path(folder) / manifest["targets"]), "test")
+    expected = det.coco_map(det.predict(head, test_x, manifest["stride"], flip_test=True), *truth,
                            manifest["label_names"], tuple(manifest["size"]))
-    plain = dp.coco_map(dp._predict(head, test_x, manifest["stride"]), *truth, manifest["label_names"],
+    plain = det.coco_map(det.predict(head, test_x, manifest["stride"]), *truth, manifest["label_names"],
                         tuple(manifest["size"]))
     assert result["flip_test"] is True and result["sets"]["pixels"]["test"] == expected != plain
     assert result["sets"]["pixels"]["without_flip_test"] == dict(test=plain, label_efficiency={"all": [plain]})
     result.update(features=str(folder), dataset=manifest["dataset"], stage=manifest["stage"])
-    assert "flip test" in dp.dense_markdown(result) and "without the flip test" in dp.dense_markdown(result)
+    assert "flip test" in dense_markdown(result) and "without the flip test" in dense_markdown(result)
     assert main(["probe", "--features", str(folder), "--task", "classification", "--flip-test"]) == 2
     assert "--flip-test applies to --task detection or segmentation" in capsys.readouterr().err

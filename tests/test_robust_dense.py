@@ -197,7 +197,7 @@ def test_voc_palette_masks_ignore_the_void_index(tmp_path):
 
 
 def test_ignored_pixels_are_neither_trained_on_nor_scored():
-    from imagen_transfer.dense_probe import masked_cross_entropy, segmentation_scores
+    from imagen_transfer.segmentation import masked_cross_entropy, segmentation_scores
 
     truth = torch.tensor([[0, 1, masks.IGNORE, 1]])
     pred = torch.tensor([[0, 1, 0, 1]])

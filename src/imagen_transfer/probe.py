@@ -25,15 +25,14 @@ from tqdm.auto import tqdm
 from .data import select_subset
 from .errors import UserError
 from .features import FeatureFolder, open_features
+from .probe_report import LABEL_FRACTIONS, efficiency_plot, heatmap, probe_markdown
+from .protocol import check_fuse, choose, standardise
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-LABEL_FRACTIONS = (0.01, 0.1, 1.0)
 
 
 def _standardised(tensors: dict[str, torch.Tensor], view: str, splits=("train", "val", "test")):
-    x = {s: tensors[f"{s}/{view}"].float().flatten(1) for s in splits}
-    mean, std = x["train"].mean(0), x["train"].std(0).clamp_min(1e-6)
-    return {s: (v - mean) / std for s, v in x.items()}
+    return standardise({s: tensors[f"{s}/{view}"].float().flatten(1) for s in splits}, (0,))
 
 
 def _head(dim: int, classes: int, kind: str) -> nn.Module:
@@ -121,15 +120,12 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
     best = {}
     for set_name in sets:
         rows = [r for r in grid if r["set"] == set_name]
-        choice = max(rows, key=lambda r: (r["val_accuracy"], r["val_auc"] or 0))
+        choice = choose(rows, lambda r: (r["val_accuracy"], r["val_auc"] or 0))
         key = f"{set_name}:{choice['view']}"
         test = classification_scores(_probs(heads[(key, choice["lr"])], by_key[key]["test"]), labels["test"], names)
         best[set_name] = dict(view=choice["view"], lr=choice["lr"], val_accuracy=choice["val_accuracy"],
                               val_auc=choice["val_auc"], test=test)
-    for group in fuse or []:
-        unknown = [g for g in group if g not in best]
-        if unknown or len(group) < 2:
-            raise UserError(f"--fuse needs two or more of {', '.join(best)} (got {'+'.join(group)})")
+    for group in check_fuse(fuse, best):
         fused_name, fused_key = "+".join(group), "+".join(group) + ":" + "+".join(best[g]["view"] for g in group)
         by_key[fused_key] = {split: torch.cat([by_key[f"{g}:{best[g]['view']}"][split] for g in group], dim=1)
                              for split in ("train", "val", "test")}
@@ -141,7 +137,7 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
             rows.append(dict(set=fused_name, view=key.split(":", 1)[1], lr=lr, val_accuracy=val["accuracy"],
                              val_auc=val["auc"]))
         grid += rows
-        choice = max(rows, key=lambda r: (r["val_accuracy"], r["val_auc"] or 0))
+        choice = choose(rows, lambda r: (r["val_accuracy"], r["val_auc"] or 0))
         test = classification_scores(_probs(fused_heads[(fused_key, choice["lr"])], by_key[fused_key]["test"]),
                                      labels["test"], names)
         best[fused_name] = dict(view=choice["view"], lr=choice["lr"], val_accuracy=choice["val_accuracy"],
@@ -202,61 +198,6 @@ def retrieval_scores(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 1
     return out
 
 
-def heatmap(grid: list[dict], set_name: str, out: Path) -> Path | None:
-    """Validation accuracy (best lr) per block x timestep for one feature set, as a PNG."""
-    import matplotlib  # here, not at the top: the Agg backend is chosen only where a figure is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after matplotlib.use
-
-    cells = {}
-    for r in grid:
-        if r["set"] == set_name and "@t" in r["view"]:
-            block, t = r["view"].split("@t")
-            cells[(block, int(t))] = max(cells.get((block, int(t)), 0), r["val_accuracy"])
-    if not cells:
-        return None
-    blocks = list(dict.fromkeys(b for b, _ in cells))
-    steps = sorted({t for _, t in cells})
-    values = torch.tensor([[cells.get((b, t), float("nan")) for t in steps] for b in blocks])
-    fig, ax = plt.subplots(figsize=(1.2 * len(steps) + 2.5, 0.45 * len(blocks) + 1.5))
-    im = ax.imshow(values.numpy(), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(steps)), [f"t={t}" for t in steps])
-    ax.set_yticks(range(len(blocks)), blocks)
-    for i in range(len(blocks)):
-        for j in range(len(steps)):
-            ax.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
-    ax.set_title(f"{set_name}: validation accuracy (linear probe)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def efficiency_plot(curve: dict, out: Path) -> Path:
-    import matplotlib  # here, not at the top: the Agg backend is chosen only where a figure is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after matplotlib.use
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, points in curve.items():
-        xs = sorted(points, key=float)
-        means = [torch.tensor([p["accuracy"] for p in points[x]]).mean().item() for x in xs]
-        stds = [torch.tensor([p["accuracy"] for p in points[x]]).std(unbiased=False).item() for x in xs]
-        ax.errorbar([float(x) * 100 for x in xs], means, yerr=stds, marker="o", capsize=3, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("% of training labels")
-    ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 VAL_FROM_TRAIN = 0.1  # the share of each class held out of train when a data set has no validation split
 
 
@@ -313,36 +254,3 @@ def run_probe(features: str | Path | FeatureFolder, *, task: str = "classificati
     (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
     (out / f"probe-{task}.md").write_text(probe_markdown(result))
     return result
-
-
-def probe_markdown(result: dict) -> str:
-    held = result.get("val_from_train")
-    lines = [f"# Probe of {result['features']} ({result['dataset']}, stage {result['stage']})", "",
-             "n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items())
-             + (f" (val: {held['share']:.0%} of train per class, seed {held['seed']}, held out)" if held else ""), ""]
-    if "best" in result:
-        lines += [f"Head: {result['head']}, {result['epochs']} epochs; chosen on validation accuracy.", "",
-                  "| features | view | lr | val acc | test acc | test AUC | per-class test acc |", "|---|---|---|---|---|---|---|"]
-        for name, b in result["best"].items():
-            t = b["test"]
-            per = ", ".join(f"{k} {v:.3f}" for k, v in t["per_class_accuracy"].items())
-            auc = f"{t['auc']:.3f}" if t["auc"] is not None else "n/a"
-            lines.append(f"| {name} | {b['view']} | {b['lr']:g} | {b['val_accuracy']:.3f} | {t['accuracy']:.3f} | "
-                         f"{auc} | {per} |")
-        for name, ref in (result.get("reference") or {}).items():
-            lines.append(f"| {name} (published) | | | | {ref['accuracy']:.3f} | {ref['auc']:.3f} | |")
-        lines += ["", "Label efficiency (test accuracy, mean +- std over seeds):", "",
-                  "| features | " + " | ".join(f"{float(f) * 100:g}% labels" for f in LABEL_FRACTIONS) + " |",
-                  "|---|" + "---|" * len(LABEL_FRACTIONS)]
-        for name, points in result["label_efficiency"].items():
-            cells = []
-            for f in LABEL_FRACTIONS:
-                accs = torch.tensor([p["accuracy"] for p in points.get(str(f), [])])
-                cells.append(f"{accs.mean():.3f} +- {accs.std(unbiased=False):.3f}" if len(accs) else "")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if "retrieval" in result:
-        lines += ["| features | view | " + " | ".join(k for k in next(iter(result["retrieval"].values()))["test"]) + " |"]
-        lines.append("|---|---|" + "---|" * len(next(iter(result["retrieval"].values()))["test"]))
-        for name, r in result["retrieval"].items():
-            lines.append(f"| {name} | {r['view']} | " + " | ".join(f"{v:.3f}" for v in r["test"].values()) + " |")
-    return "\n".join(lines) + "\n"

@@ -327,12 +327,10 @@ def _labelled_count(value: str) -> str:
 def cmd_probe(args) -> None:
     from ..features import open_features
     from ..probe import run_probe
+    from ..protocol import check_head
     from ..sources import known_for
 
-    valid_heads = {"classification": ("linear", "mlp"), "segmentation": ("mlp", "conv")}.get(args.task)
-    if args.head and args.head not in (valid_heads or ()):
-        raise UserError(f"--head {args.head} does not apply to --task {args.task} (valid: "
-                        f"{', '.join(valid_heads) if valid_heads else 'none, it has a fixed head'})")
+    head = check_head(args.task, args.head)  # the task / head table lives beside the heads (protocol.py)
     if args.flip_test and args.task not in ("detection", "segmentation"):
         raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
     if args.out:  # the probe's files (probe-<task>.json / .md, plots, overlays) go here: checked before the heads train
@@ -346,7 +344,7 @@ def cmd_probe(args) -> None:
         from ..dense_probe import run_dense
 
         run_dense(features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
-                  kind=args.head or "mlp", scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
+                  kind=head, scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
                   labelled=tuple(None if c == "all" else int(c) for c in args.labelled),
                   fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test)
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
@@ -354,7 +352,7 @@ def cmd_probe(args) -> None:
         return
     _, known = known_for(manifest["dataset"])  # by name: the feature folder may have moved from its data
     reference = known.published or None if known else None
-    run_probe(features, task=args.task, head=args.head or "linear", epochs=args.epochs, out=args.out, reference=reference,
+    run_probe(features, task=args.task, head=head or "linear", epochs=args.epochs, out=args.out, reference=reference,
               fuse=[group.split("+") for group in args.fuse or []])
     table = Path(args.out or args.features) / f"probe-{args.task}.md"
     print(f"{table}\n{table.read_text()}")
