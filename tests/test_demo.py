@@ -45,9 +45,13 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_dir, tmp_path):
+def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_dir, tmp_path, monkeypatch):
+    from imagen_transfer import sources
     from imagen_transfer.checkpoint import read_jsonl
     from imagen_transfer.jobs.demo import QUICK, run_demo
+
+    resolved, real_find = [], sources._find  # issue #36: the demo's data argument is resolved once
+    monkeypatch.setattr(sources, "_find", lambda spec: resolved.append(spec) or real_find(spec))
 
     assert QUICK["sr_steps"] == 0 and QUICK["n_real"] and QUICK["precision"] == "auto"
     torch.manual_seed(0)
@@ -58,6 +62,7 @@ def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_d
                 sample_steps=1)
     run = run_demo(tmp_path / "demo", source=str(tiny_cascade_dir), data=str(data), settings=tiny,
                    feature_net=str(tmp_path / "net.pt"))
+    assert resolved == [str(data)]  # fine-tune, evaluations and features all read the one opened DataSource
     assert {row["stage"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row} == {"base"}
     for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-interp-0.5.json", "eval-3-guidance-1.5.json"):
         result = json.loads((run / name).read_text())

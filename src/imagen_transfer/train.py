@@ -49,7 +49,7 @@ from .quality import QualityProbe, build_quality_probe, measure_quality
 from .runs import check_run_dir, prepare_run_dir, run_dir_of
 from .sampling import save_grid, to_gray
 from .shard import all_finite, gathered_state, like, load_gathered_state, reshard, unsharded
-from .sources import open_source
+from .sources import DataSource, open_source
 from .step import Captioned, StageTraining, check_frozen_dtype, prepare_stage_training, training_step
 from .text import (
     EmbeddingCache,
@@ -440,10 +440,13 @@ def default_prompts(data: ImageTextData) -> list[str]:
     return list(first.values())[:10]
 
 
-def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook | None = None) -> Path:
+def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook | None = None,
+          data: DataSource | None = None) -> Path:
     """The one entry point for pretraining, resuming and transfer: train the stages in `config.train.stages` one
     after the other (each prepared by `config.transfer`), then write `<run>/cascade`. `on_validation`: see
-    train_stage."""
+    train_stage. `data`: config.data.dataset already opened by the caller (a job that reads it again later)."""
+    if data is not None and data.spec != str(config.data.dataset):
+        raise ValueError(f"train(data=...) opened {data.spec}, but the config trains on {config.data.dataset}")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
@@ -469,7 +472,7 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     d = config.data
     common = dict(resolution=cascade.resolution, channels=cascade.stages[0].channels, captions=d.captions,
                   skip_bad=d.skip_bad)
-    source = open_source(d.dataset)  # resolved once for the run: training, validation and KID read this object
+    source = open_source(data or d.dataset)  # resolved once for the run: training, validation and KID read it
     train_data = load_dataset(source, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
     val_data = load_dataset(source, d.val_split, limit=d.val_size, **common)
     run_dir = run_dir_of(config)

@@ -91,7 +91,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     started, timings = time.time(), {}
     config = finetune_config(out, settings, source, data, method)
     run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} base / {settings['sr_steps']} SR "
-                 "steps)", timings, train, config)
+                 "steps)", timings, train, config, data=dataset)
     tuned_dir = run / "cascade"
     tuned, source_cascade = open_model(tuned_dir), open_model(source)
 
