@@ -398,3 +398,33 @@ test_yolo_fast, test_yolo_slow = budgets(fuzz(yolo_case(), check_dense))
 test_masks_fast, test_masks_slow = budgets(fuzz(masks_case(), check_dense))
 test_npz_fast, test_npz_slow = budgets(npz_test)
 test_image_text_fast, test_image_text_slow = budgets(fuzz(image_text_case(), check_image_text))
+
+
+FEATURE_CASES = 20
+
+
+@pytest.mark.slow
+@budget(FEATURE_CASES)
+@given(case=st.tuples(st.one_of(voc_case(), coco_case(), yolo_case(), masks_case()), st.booleans()))
+def test_features_on_a_fuzzed_dense_set_leave_their_output_absent_or_complete(tiny_cascade_dir, case):
+    """`features` on a fuzzed detection / segmentation set: exit 0 with a complete feature folder (its manifest),
+    or exit 2 with one error line and no output folder at all (nothing half-written to clean up)."""
+    files, zipped = case
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "set"
+        root.mkdir()
+        write(root, files)
+        spec, out = as_zip(root) if zipped else root, Path(tmp) / "features"
+        err = io.StringIO()
+        with redirect_stdout(io.StringIO()), redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code = main(["features", "--model", f"tiny={tiny_cascade_dir}", "--data", str(spec), "--size", "16", "16",
+                         "--baselines", "none", "--blocks", "mid", "--timesteps", "50", "--out", str(out)])
+        lines = [line for line in err.getvalue().splitlines() if line.strip() and not line.startswith(("features",
+                                                                                                       "  "))]
+        event(f"features exit {code}")
+        assert code in (0, 2), err.getvalue()
+        if code == 2:
+            assert len(lines) == 1 and lines[0].startswith("error: ") and not out.exists(), err.getvalue()
+        else:
+            assert (out / "manifest.json").is_file()
