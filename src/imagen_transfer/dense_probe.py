@@ -16,6 +16,7 @@ The report writers (markdown, overlays) are probe_report.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from dataclasses import dataclass
@@ -23,17 +24,29 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 from tqdm.auto import tqdm
 
+from .backbone import (
+    BACKBONE_LR_RATIO,
+    BACKBONE_T,
+    WARMUP_SHARE,
+    BackboneSegmenter,
+    make_backbone,
+    optimizer_for,
+)
+from .backbone import SETS as BACKBONE_SETS
 from .data import to_float
 from .dense import load_dense
-from .detection import boxes_of, centernet_targets, coco_map, predict, train_detector
+from .detection import CenterNetHead, boxes_of, centernet_targets, coco_map, predict, train_detector
 from .errors import UserError
 from .features import FeatureFolder, open_features
+from .interop import open_model
 from .probe_report import dense_markdown, overlays
 from .protocol import check_fuse, choose, labelled_subset, standardise
 from .scratch import ScratchUNet
-from .segmentation import kind_of, segment, segmentation_scores, train_segmenter
+from .segmentation import ConvSegHead, kind_of, segment, segmentation_scores, train_segmenter
+from .text import load_text_encoder
 
 DETECTION_LRS = (1e-3, 3e-3)
 SEGMENTATION_LRS = (1e-3, 3e-3)
@@ -70,6 +83,7 @@ class DenseTask:
     kind: str
     ensemble: int
     flip_test: bool = False
+    backbone: dict | None = None  # stage, text, blocks, t, steps: the fine-tuned backbone rows (backbone.py)
 
     @property
     def key(self) -> str:
@@ -77,6 +91,8 @@ class DenseTask:
 
     def fit(self, set_name: str, x: torch.Tensor, index: torch.Tensor, lr: float, seed: int):
         """A head on the train images `index` (the scratch U-Net when set_name is 'scratch')."""
+        if set_name in BACKBONE_SETS:
+            return self._fit_backbone(set_name, x, index, lr, seed)
         from_scratch = set_name == "scratch"
         n_steps = self.scratch_steps if from_scratch else self.steps
         if self.detection:
@@ -84,6 +100,24 @@ class DenseTask:
                                   lr=lr, steps=n_steps, seed=seed, scratch=from_scratch, stride=self.stride)
         return train_segmenter("scratch" if from_scratch else self.kind, x[index], self.truth["train"][index],
                                len(self.names), lr=lr, steps=n_steps, seed=seed, ensemble=self.ensemble)
+
+    def _fit_backbone(self, set_name: str, x: torch.Tensor, index: torch.Tensor, lr: float, seed: int):
+        """The stage's U-Net (or, for backbone-scratch, the same network freshly initialised) under the task's grid
+        head, fine-tuned end to end on the train images `index` with the backbone recipe."""
+        b, steps = self.backbone, self.backbone["steps"]
+        torch.manual_seed(seed)
+        trunk = make_backbone(b["stage"], b["text"], b["blocks"], pretrained=set_name == "backbone", seed=seed,
+                              stride=self.stride, t=b["t"], freeze=tuple(b.get("freeze", ())))
+        trunk.calibrate(x[index])
+        optimizer = optimizer_for(lr, steps)
+        if self.detection:
+            model = nn.Sequential(trunk, CenterNetHead(trunk.channels, len(self.names)))
+            return train_detector(x[index], {k: v[index] for k, v in self.train_target.items()}, len(self.names),
+                                  lr=lr, steps=steps, seed=seed, model=model, optimizer=optimizer,
+                                  batch_size=b.get("batch_size", 8))
+        model = BackboneSegmenter(trunk, ConvSegHead(trunk.channels, len(self.names)))
+        return train_segmenter("model", x[index], self.truth["train"][index], len(self.names), lr=lr, steps=steps,
+                               seed=seed, model=model, optimizer=optimizer, batch_size=b.get("batch_size", 8))
 
     def score(self, head, x: torch.Tensor, split: str, flip_test: bool | None = None) -> dict:
         """The head's scores on `split` (with the task's flip-test setting unless `flip_test` overrides it)."""
@@ -94,7 +128,7 @@ class DenseTask:
 
 
 def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: int | None, kind: str,
-               ensemble: int, flip_test: bool = False) -> DenseTask:
+               ensemble: int, flip_test: bool = False, backbone: dict | None = None) -> DenseTask:
     detection = manifest["task"] == "detection"
     names, stride = manifest["label_names"], manifest["stride"]
     steps = steps or (600 if detection else 300)
@@ -104,13 +138,13 @@ def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: 
     else:
         truth, train_target = {s: targets[f"{s}/masks"] for s in SPLITS}, None
     return DenseTask(detection, names, stride, tuple(manifest["size"]), truth, train_target, steps,
-                     scratch_steps or steps, kind, ensemble, flip_test)
+                     scratch_steps or steps, kind, ensemble, flip_test, backbone)
 
 
 def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
                 ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
                 only: list[str] | None = None, fuse: list[list[str]] | None = None, flip_test: bool = False,
-                progress: bool = True) -> tuple[dict, dict]:
+                backbone: dict | None = None, progress: bool = True) -> tuple[dict, dict]:
     """Train and score the dense head on every feature set of `folder` (and, with `scratch`, a small U-Net trained
     end to end on the images, the same protocol); see the module doc. `fuse` = groups of set names: each group is
     one more set whose maps are the group's standardised maps concatenated as channels (feature fusion, e.g. U-Net
@@ -121,14 +155,19 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
     for split in SPLITS:
         if split not in manifest["splits"]:
             raise UserError(f"{folder} has no '{split}' split (extract with --splits train val test)")
-    task = dense_task(manifest, load_targets(folder.path, manifest), steps, scratch_steps, kind, ensemble, flip_test)
+    backbone = open_backbone(backbone, manifest) if backbone else None
+    task = dense_task(manifest, load_targets(folder.path, manifest), steps, scratch_steps, kind, ensemble, flip_test,
+                      backbone)
     lrs = tuple(lrs or (DETECTION_LRS if task.detection else SEGMENTATION_LRS))
     inputs = {name: (lambda n=name: stacked_views(sets[n], manifest["sets"][n]["views"], SPLITS))
               for name in sets}  # each set read when its turn comes (or never, when --sets leaves it out)
     for group in check_fuse(fuse, inputs):
         inputs["+".join(group)] = lambda g=tuple(group), parts=dict(inputs): _fused([parts[n]() for n in g])
+    images = functools.cache(lambda: _images(manifest))  # read once for every end-to-end row
     if scratch:
-        inputs["scratch"] = lambda: _images(manifest)
+        inputs["scratch"] = images
+    for name in BACKBONE_SETS if backbone else ():
+        inputs[name] = images
     if only:
         unknown = sorted(set(only) - set(inputs))
         if unknown:
@@ -140,6 +179,9 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
                   n={s: manifest["splits"][s]["n"] for s in SPLITS}, sets={})
     if scratch:
         result["scratch"] = dict(steps=task.scratch_steps, widths=list(ScratchUNet.WIDTHS))
+    if backbone:
+        result["backbone"] = {k: v for k, v in backbone.items() if k not in ("stage", "text")}
+        result["backbone"].update(lr_ratio=BACKBONE_LR_RATIO, warmup_share=WARMUP_SHARE)
     n_train = manifest["splits"]["train"]["n"]
     counts = [c for c in labelled if c is not None and c < n_train]
     chosen = {}
@@ -150,6 +192,17 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
             result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, lrs, counts, seeds, bar)
             chosen[set_name] = (head, x["test"])
     return result, chosen
+
+
+def open_backbone(spec: dict, manifest: dict) -> dict:
+    """The backbone rows' settings with their stage and the empty prompt's encoding: `spec` names the model (a
+    cascade folder or shipped name), and optionally stage (default: the feature folder's), blocks (default: the
+    folder's), t, steps, batch_size, freeze."""
+    cascade = open_model(spec["model"])
+    stage = cascade.stage(spec.get("stage") or manifest["stage"])
+    text = load_text_encoder(cascade.text_encoder)([""])
+    return dict(spec, model=str(spec["model"]), stage=stage, text=text, blocks=list(spec.get("blocks") or manifest["blocks"]),
+                t=int(spec.get("t", BACKBONE_T)), steps=int(spec.get("steps") or 300))
 
 
 def _fused(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -167,14 +167,22 @@ def coco_map(predictions: list[dict], boxes: list[torch.Tensor], labels: list[to
 
 
 def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, steps: int, batch_size: int = 16,
-                   seed: int = 0, scratch: bool = False, stride: int = 4) -> nn.Module:
+                   seed: int = 0, scratch: bool = False, stride: int = 4, model: nn.Module | None = None,
+                   optimizer=None) -> nn.Module:
     """AdamW (weight decay 1e-4), cosine schedule, random horizontal flips of inputs and targets. `x` is a feature
-    grid for a CenterNet head, or (scratch) the images themselves for a small U-Net + the same head."""
+    grid for a CenterNet head, or (scratch) the images themselves for a small U-Net + the same head, or the images
+    for a given `model` ending in a CenterNet head (a fine-tuned backbone) with its `optimizer(model) -> (opt,
+    schedule)`."""
     torch.manual_seed(seed)
-    head = (nn.Sequential(ScratchUNet(x.shape[1], stride=stride), CenterNetHead(ScratchUNet.width_at(stride), classes))
-            if scratch else CenterNetHead(x.shape[1], classes))
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    head = model if model is not None else (
+        nn.Sequential(ScratchUNet(x.shape[1], stride=stride), CenterNetHead(ScratchUNet.width_at(stride), classes))
+        if scratch else CenterNetHead(x.shape[1], classes))
+    if optimizer is not None:
+        opt, sched = optimizer(head)
+    else:
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    head.train()
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)

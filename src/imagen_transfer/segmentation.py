@@ -77,15 +77,22 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 
 def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: int, *, lr: float, steps: int,
-                    seed: int = 0, ensemble: int = 3, pixels: int = 4096, batch_size: int = 8) -> list[nn.Module]:
+                    seed: int = 0, ensemble: int = 3, pixels: int = 4096, batch_size: int = 8,
+                    model: nn.Module | None = None, optimizer=None) -> list[nn.Module]:
     """`ensemble` pixel MLPs (different seeds), one conv head, or (kind "scratch", `x` the images) a small U-Net
-    trained end to end; AdamW + cosine schedule, cross-entropy; the conv and scratch paths flip left-right."""
+    trained end to end, or (kind "model", `x` the images) a given grid `model` with the (x, size) signature and its
+    `optimizer(model) -> (opt, schedule)` (a fine-tuned backbone); AdamW + cosine schedule by default,
+    cross-entropy; every path but the pixel MLPs flips left-right."""
     heads = []
     for member in range(ensemble if kind == "mlp" else 1):
         torch.manual_seed(seed * 100 + member)
-        head = {"mlp": PixelMLP, "conv": ConvSegHead, "scratch": ScratchSegmenter}[kind](x.shape[1], classes)
-        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        head = model if kind == "model" else {"mlp": PixelMLP, "conv": ConvSegHead, "scratch": ScratchSegmenter}[kind](
+            x.shape[1], classes)
+        if optimizer is not None:
+            opt, sched = optimizer(head)
+        else:
+            opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(seed * 100 + member)
         head.train()
         for _ in range(steps):

@@ -333,6 +333,9 @@ def cmd_probe(args) -> None:
     head = check_head(args.task, args.head)  # the task / head table lives beside the heads (protocol.py)
     if args.flip_test and args.task not in ("detection", "segmentation"):
         raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
+    if args.backbone and args.task not in ("detection", "segmentation"):
+        raise UserError(f"--backbone applies to --task detection or segmentation (classification: not yet), not "
+                        f"{args.task}")
     if args.out:  # the probe's files (probe-<task>.json / .md, plots, overlays) go here: checked before the heads train
         check_output_dir(Path(args.out), what="probe folder", overwrite=True,
                          is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file())
@@ -346,7 +349,9 @@ def cmd_probe(args) -> None:
         run_dense(features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
                   kind=head, scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
                   labelled=tuple(None if c == "all" else int(c) for c in args.labelled),
-                  fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test)
+                  fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test,
+                  backbone=None if not args.backbone else {k: v for k, v in dict(
+                      model=args.backbone, steps=args.backbone_steps, t=args.backbone_t).items() if v is not None})
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -581,6 +586,12 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-test", action="store_true",
                    help="detection / segmentation: score each head on the input and its mirror image, averaged "
                         "(CenterNet's flip test; conv and scratch heads: pixel MLPs are unchanged by it)")
+    p.add_argument("--backbone", default=None, metavar="MODEL",
+                   help="detection / segmentation: also fine-tune MODEL's U-Net (the folder's stage and blocks) end "
+                        "to end under the task's grid head ('backbone'), and the same network from fresh weights "
+                        "('backbone-scratch')")
+    p.add_argument("--backbone-steps", type=int_in(1), default=None, help="their optimiser steps (default 300)")
+    p.add_argument("--backbone-t", type=int_in(0, 999), default=None, help="the timestep images enter at (default 50)")
     p.add_argument("--labelled", nargs="+", default=["5", "10", "20", "all"], type=_labelled_count,
                    help="detection / segmentation: labelled training images per label-efficiency point (or all)")
     p.add_argument("--epochs", type=int_in(1), default=30)

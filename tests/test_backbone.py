@@ -1,0 +1,135 @@
+"""Issue #37: the source U-Net as a task backbone fine-tuned end to end (backbone.py, dense_probe's backbone rows)."""
+
+import pytest
+import torch
+from test_dense import dense_sets  # noqa: F401 - the module fixture the end-to-end test reads
+
+from imagen_transfer.backbone import (
+    BACKBONE_LR_RATIO,
+    UNetBackbone,
+    make_backbone,
+    optimizer_for,
+    param_groups,
+)
+from imagen_transfer.text import TinyTextEncoder
+
+
+@pytest.fixture(scope="module")
+def sr_stage(tiny_cascade):
+    return tiny_cascade.stage("sr")
+
+
+def _text():
+    return TinyTextEncoder(dim=32)([""])
+
+
+def test_the_backbone_starts_from_the_cascades_weights_and_the_scratch_twin_only_differs_in_them(sr_stage):
+    stage = sr_stage
+    pretrained = make_backbone(stage, _text(), ["mid", "up0"], pretrained=True, seed=0)
+    scratch = make_backbone(stage, _text(), ["mid", "up0"], pretrained=False, seed=0)
+    theirs = stage.unet.state_dict()
+    mine = pretrained.unet.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].float()) for k in theirs)
+    other = scratch.unet.state_dict()
+    assert other.keys() == mine.keys() and all(other[k].shape == mine[k].shape for k in mine)
+    assert scratch.unet.config == pretrained.unet.config and scratch.channels == pretrained.channels
+    assert sum(not torch.equal(other[k], mine[k]) for k in mine) > len(mine) // 2  # fresh weights
+    for a, b in zip(pretrained.parameters(), stage.unet.parameters()):  # a copy: training it leaves the cascade
+        assert a is not b
+
+
+def test_maps_are_standardised_by_the_training_images_and_the_recipe_splits_learning_rates(sr_stage):
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    trunk = make_backbone(sr_stage, _text(), ["mid", "up0"], pretrained=True, seed=0, stride=4)
+    trunk.calibrate(x)
+    with torch.no_grad():
+        maps = trunk(x)
+    assert maps.shape == (6, trunk.channels, 4, 4)
+    assert torch.allclose(maps.mean(dim=(0, 2, 3)), torch.zeros(trunk.channels), atol=1e-4)
+    assert torch.allclose(maps.std(dim=(0, 2, 3)), torch.ones(trunk.channels), atol=1e-3)
+    head = torch.nn.Conv2d(trunk.channels, 2, 1)
+    model = torch.nn.Sequential(trunk, head)
+    groups = param_groups(model, 1e-3)
+    assert groups[0]["lr"] == pytest.approx(1e-3 * BACKBONE_LR_RATIO) and groups[1]["lr"] == 1e-3
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in head.parameters()}
+    opt, sched = optimizer_for(1e-3, 20)(model)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[1]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] <= 1e-3 and lrs[-1] < 1e-4  # warm-up, then the cosine decay
+
+
+def test_frozen_blocks_get_no_gradient(sr_stage):
+    trunk = UNetBackbone(sr_stage, _text(), ["mid"], freeze=("stem", "down0"))
+    trunk(torch.rand(2, 3, 16, 16)).sum().backward()
+    assert trunk.unet.conv_in.weight.grad is None and all(p.grad is None for p in trunk.unet.down_blocks[0].parameters())
+    assert trunk.unet.mid_block.resnets[0].conv1.weight.grad is not None
+
+
+def _halves(n=12, size=16):
+    """Images whose left or right half is bright (the class), masks labelling the bright half 1, the rest 0."""
+    gen = torch.Generator().manual_seed(0)
+    images, masks = [], []
+    for i in range(n):
+        img = torch.full((3, size, size), -0.5) + 0.05 * torch.randn(3, size, size, generator=gen)
+        mask = torch.zeros(size, size, dtype=torch.long)
+        side = slice(0, size // 2) if i % 2 else slice(size // 2, size)
+        img[:, :, side] = 0.8
+        mask[:, side] = 1
+        images.append(img)
+        masks.append(mask)
+    return torch.stack(images), torch.stack(masks)
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_backbone_fits_what_its_frozen_self_cannot(sr_stage):
+    """Constructed so the answer is known: the U-Net's input convolution is zeroed, so its frozen maps do not depend
+    on the image at all and no head on them can tell the bright half from the dark one (mIoU at chance); fine-tuning
+    the backbone end to end gives the input convolution gradients and the task is learnt."""
+    from imagen_transfer.backbone import BackboneSegmenter
+    from imagen_transfer.segmentation import ConvSegHead, segment, segmentation_scores, train_segmenter
+
+    x, masks = _halves(n=8)
+    scores = {}
+    for name in ("frozen", "fine-tuned"):
+        torch.manual_seed(0)
+        trunk = UNetBackbone(sr_stage, _text(), ["up1"], stride=4)
+        with torch.no_grad():
+            trunk.unet.conv_in.weight.zero_()
+        trunk.calibrate(x)
+        if name == "frozen":
+            for p in trunk.unet.parameters():
+                p.requires_grad_(False)
+        model = BackboneSegmenter(trunk, ConvSegHead(trunk.channels, 2, width=16))
+        heads = train_segmenter("model", x, masks, 2, lr=3e-3, steps=25, seed=0, model=model,
+                                optimizer=optimizer_for(3e-3, 25), batch_size=4)
+        scores[name] = segmentation_scores(segment(heads, "conv", x, (16, 16)), masks, ["dark", "bright"])["miou"]
+    assert scores["frozen"] < 0.5 < scores["fine-tuned"], scores
+
+
+@pytest.mark.slow
+def test_backbone_rows_in_the_dense_probe_and_its_command(dense_sets, tiny_cascade_dir, tmp_path, capsys):  # noqa: F811
+    """The protocol runs the backbone rows like any other (lr on validation, label efficiency over seeds) and
+    records their recipe; the command line passes them through."""
+    import json
+
+    from imagen_transfer.dense_probe import run_dense
+    from imagen_transfer.jobs.cli import main
+
+    folder = dense_sets["segmentation"]
+    result = run_dense(folder, tmp_path / "p", task="segmentation", steps=3, seeds=2, labelled=(4, None),
+                       only=["backbone", "backbone-scratch"], backbone=dict(model=str(tiny_cascade_dir), steps=3),
+                       progress=False)
+    assert set(result["sets"]) == {"backbone", "backbone-scratch"}
+    for r in result["sets"].values():
+        assert 0 <= r["test"]["miou"] <= 1 and len(r["label_efficiency"]["4"]) == 2 and r["parameters"] > 1e5
+    assert result["backbone"]["steps"] == 3 and result["backbone"]["lr_ratio"] == BACKBONE_LR_RATIO
+    assert result["backbone"]["blocks"] == json.loads((folder / "manifest.json").read_text())["blocks"]
+    assert main(["probe", "--features", str(folder), "--task", "segmentation", "--steps", "2", "--seeds", "1",
+                 "--labelled", "all", "--sets", "backbone", "--backbone", str(tiny_cascade_dir), "--backbone-steps",
+                 "2", "--out", str(tmp_path / "cli")]) == 0
+    assert "| backbone |" in capsys.readouterr().out
+    assert main(["probe", "--features", str(folder), "--task", "classification", "--backbone", "x"]) == 2
