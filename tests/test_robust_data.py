@@ -128,3 +128,24 @@ def test_bad_data_fails_before_a_run_folder_exists(tmp_path):
     with pytest.raises(UserError, match="6 labels for 8 images"):
         train(tiny_config(path, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_zip_of_a_wrapping_folder_reads_its_classes_and_metadata_not_the_folder_name(tmp_path):
+    """Zipping a folder puts every member under its name (`myset/cat/0.png`), macOS adds `__MACOSX/`: the classes
+    are still cat and dog (they were one class 'myset' before), and a wrapped metadata.jsonl is read."""
+    src = make_image_folder(tmp_path / "src", n=12, metadata=False)
+    archive = tmp_path / "wrapped.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(src.rglob("*.png")):
+            z.write(f, "myset/" + f.relative_to(src).as_posix())
+            z.writestr("__MACOSX/myset/" + f.relative_to(src).parent.as_posix() + "/._" + f.name, b"junk")
+    data = load_dataset(str(archive), "all", resolution=8)
+    assert data.label_names == sorted({p.parent.name for p in src.rglob("*.png")}) and len(data) == 12
+    assert "seeded split" in load_dataset(str(archive), "train", resolution=8).source
+    meta = make_image_folder(tmp_path / "meta", n=6, metadata=True)
+    archive = tmp_path / "wrapped-meta.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(p for p in meta.rglob("*") if p.is_file()):
+            z.write(f, "top/" + f.relative_to(meta).as_posix())
+    wrapped, plain = load_dataset(str(archive), "all", resolution=8), load_dataset(str(meta), "all", resolution=8)
+    assert wrapped.captions == plain.captions and torch.equal(wrapped.images, plain.images)

@@ -33,7 +33,16 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .outputs import cache_root
-from .sources import IMAGE_SUFFIXES, SPLIT_SEED, Archive, DataSource, safe_member, seeded_split, split_levels
+from .sources import (
+    IMAGE_SUFFIXES,
+    SPLIT_SEED,
+    Archive,
+    DataSource,
+    hidden,
+    safe_member,
+    seeded_split,
+    split_levels,
+)
 
 MAX_NPZ_CLASSES = 100_000  # an npz label beyond this is a mistake, not a class index
 
@@ -103,23 +112,24 @@ def _to_array(data: bytes, name: str, resolution: int, channels: int) -> np.ndar
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _split_prefix(archive: Archive, split: str) -> str:
-    """'train/' when the archive has a split level (optionally under one top folder), '' for one without. A split
-    the archive does not have is refused (never the whole archive with its split folders read as classes)."""
+def _split_prefix(archive: Archive, split: str) -> tuple[str, bool]:
+    """('train/', False) when the archive has a split level (optionally under one wrapping top folder); (the wrapping
+    folder or '', True) for one without: its splits are then seeded. A split the archive does not have is refused
+    (never the whole archive with its split folders read as classes)."""
     parent, splits = split_levels(archive)
     if not splits:
         if split not in ("train", "val", "test", "all"):
             raise UserError(f"{archive.path} has no split folders, so its splits are a seeded split (train / val / "
                             f"test, {SPLIT_SEED}) or all; got split '{split}'")
-        return ""
+        return parent, True
     if split not in splits:
         raise UserError(f"{archive.path}: no split '{split}' (its split folders: {', '.join(splits)})")
-    return f"{parent}{split}/"
+    return f"{parent}{split}/", False
 
 
-def _entries(archive: Archive, split: str) -> tuple[list[tuple[str, str | None, str | None]], str]:
-    """(member name, text or None, label or None) for each example of a split, and the prefix used."""
-    prefix = _split_prefix(archive, split)
+def _entries(archive: Archive, split: str) -> tuple[list[tuple[str, str | None, str | None]], bool]:
+    """(member name, text or None, label or None) for each example of a split, and whether the split is seeded."""
+    prefix, seeded = _split_prefix(archive, split)
     meta_name = prefix + "metadata.jsonl"
     if meta_name in archive.name_set:
         entries = []
@@ -148,21 +158,21 @@ def _entries(archive: Archive, split: str) -> tuple[list[tuple[str, str | None, 
             if member not in archive.name_set:
                 raise UserError(f"{where}: file '{row['file_name']}' does not exist in the dataset")
             entries.append((member, caption, None if label is None else str(label)))
-        return (entries if prefix else seeded_split(entries, split)), prefix
+        return (seeded_split(entries, split) if seeded else entries), seeded
     entries = []
     for name in archive.names:
         if not name.startswith(prefix) or name == prefix + "metadata.jsonl":
             continue
         rel = PurePosixPath(name[len(prefix):]).parts
-        if any(part.startswith(".") for part in rel):
-            continue  # hidden files (.DS_Store, ._foo)
+        if hidden(name):
+            continue  # hidden files (.DS_Store, ._foo, __MACOSX/)
         if len(rel) < 2 or rel[0] in ("/", ""):  # beside the class folders, not in one
             if PurePosixPath(name).suffix.lower() in IMAGE_SUFFIXES:
                 raise UserError(f"{archive.where(name)}: an image outside the class folders (<class>/<image>); move it "
                                 "into its class folder or remove it")
             continue  # a README, LICENSE or list file beside the class folders
         entries.append((name, None, rel[0]))
-    return (entries if prefix else seeded_split(entries, split)), prefix
+    return (seeded_split(entries, split) if seeded else entries), seeded
 
 
 def class_names(labels) -> list[str]:
@@ -187,7 +197,7 @@ def archive_class_names(source: DataSource) -> tuple[str, ...]:
 
 def _decode_archive(source: DataSource, split: str, resolution: int, channels: int, skip_bad: bool):
     archive, path = source.archive, source.path
-    entries, prefix = _entries(archive, split)
+    entries, seeded = _entries(archive, split)
     images, texts, labels, skipped = [], [], [], 0
 
     for name, text, label in tqdm(entries, desc=f"decoding {path.name}:{split}", leave=False,
@@ -205,7 +215,7 @@ def _decode_archive(source: DataSource, split: str, resolution: int, channels: i
         images.append(arr)
         texts.append(text)
         labels.append(label)
-    return images, texts, labels, skipped, prefix == ""  # no split folders: a seeded split
+    return images, texts, labels, skipped, seeded
 
 
 def _npz_pixels(raw: np.ndarray, where: str) -> torch.Tensor:
@@ -326,7 +336,7 @@ def npz_class_names(source: DataSource) -> tuple[str, ...]:
 def _cache_file(source: DataSource, split: str, resolution: int, channels: int, skip_bad: bool) -> Path | None:
     if source.path.is_dir():
         return None
-    key = f"{source.fingerprint}|{split}|{resolution}|{channels}|{skip_bad}|v3"  # v3: seeded splits, flagged
+    key = f"{source.fingerprint}|{split}|{resolution}|{channels}|{skip_bad}|v4"  # v4: wrapping top folders
     return cache_root() / "data" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".npz")
 
 

@@ -126,19 +126,28 @@ SPLIT_SEED = 0  # the seeded split of a dataset without split folders (recorded 
 SPLIT_SHARES = {"val": 0.1, "test": 0.1}  # and the rest train
 
 
+def hidden(name: str) -> bool:
+    """A member no data set means: dot files and folders (.DS_Store, ._foo) and macOS zips' __MACOSX/ copies."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
+
+
 def split_levels(archive: Archive) -> tuple[str, list[str]]:
-    """(parent prefix, split folder names) when the archive has a split level (`train/`, `test/`, ..., optionally
-    under one top folder), else ("", [])."""
-    tops = {n.split("/")[0] for n in archive.names if "/" in n}
+    """(parent prefix, split folder names): the split level (`train/`, `test/`, ...) and the one top folder that
+    wraps everything, when there is one (a zip of a folder: `myset/cat/1.png`, `myset/metadata.jsonl`); ("", [])
+    for a bare layout without splits. A single folder holding only files (`cat/1.png`) is a class, not a wrapper."""
+    names = [n for n in archive.names if not hidden(n)]
+    tops = {n.split("/")[0] for n in names if "/" in n}
     found = sorted(tops & set(KNOWN_SPLITS))
     if found:
         return "", found
-    if len(tops) == 1 and all("/" in n for n in archive.names):
+    if len(tops) == 1 and names and all("/" in n for n in names):
         (top,) = tops
-        below = {n.split("/")[1] for n in archive.names if n.count("/") >= 2}
+        below = {n.split("/")[1] for n in names if n.count("/") >= 2}
         found = sorted(below & set(KNOWN_SPLITS))
         if found:
             return top + "/", found
+        if any(n.count("/") >= 2 for n in names) or f"{top}/metadata.jsonl" in archive.name_set:
+            return top + "/", []
     return "", []
 
 
