@@ -121,15 +121,40 @@ def test_backbone_rows_in_the_dense_probe_and_its_command(dense_sets, tiny_casca
 
     folder = dense_sets["segmentation"]
     result = run_dense(folder, tmp_path / "p", task="segmentation", steps=3, seeds=2, labelled=(4, None),
-                       only=["backbone", "backbone-scratch"], backbone=dict(model=str(tiny_cascade_dir), steps=3),
+                       only=["backbone", "backbone-scratch"],
+                       backbone=dict(model=str(tiny_cascade_dir), steps=3, crop=(16, 16)),
                        progress=False)
     assert set(result["sets"]) == {"backbone", "backbone-scratch"}
     for r in result["sets"].values():
         assert 0 <= r["test"]["miou"] <= 1 and len(r["label_efficiency"]["4"]) == 2 and r["parameters"] > 1e5
     assert result["backbone"]["steps"] == 3 and result["backbone"]["lr_ratio"] == BACKBONE_LR_RATIO
+    assert result["backbone"]["crop"] == [16, 16]  # trained on windows, scored on whole images
     assert result["backbone"]["blocks"] == json.loads((folder / "manifest.json").read_text())["blocks"]
     assert main(["probe", "--features", str(folder), "--task", "segmentation", "--steps", "2", "--seeds", "1",
                  "--labelled", "all", "--sets", "backbone", "--backbone", str(tiny_cascade_dir), "--backbone-steps",
                  "2", "--out", str(tmp_path / "cli")]) == 0
     assert "| backbone |" in capsys.readouterr().out
     assert main(["probe", "--features", str(folder), "--task", "classification", "--backbone", "x"]) == 2
+
+
+def test_a_training_window_cuts_images_and_centernet_targets_alike():
+    """Known answer: the window's targets equal the targets of the boxes shifted into the window (those whose
+    centre falls inside it), and its pixels are the images' pixels there."""
+    from imagen_transfer.detection import centernet_targets, crop_window
+
+    boxes = [torch.tensor([[4.0, 4.0, 12.0, 12.0], [36.0, 20.0, 44.0, 28.0]])]
+    labels = [torch.tensor([0, 1])]
+    full = centernet_targets(boxes, labels, 2, (8, 12), 4)  # a 32 x 48 image, stride 4
+    x = torch.arange(32 * 48, dtype=torch.float).view(1, 1, 32, 48)
+    gen = torch.Generator().manual_seed(3)
+    xb, window = crop_window(x, full, (16, 24), 4, gen)
+    gy, gx = int(xb[0, 0, 0, 0]) // 48 // 4, int(xb[0, 0, 0, 0]) % 48 // 4  # where the window starts (grid cells)
+    assert torch.equal(xb, x[..., 4 * gy:4 * gy + 16, 4 * gx:4 * gx + 24])
+    shift = torch.tensor([4.0 * gx, 4.0 * gy] * 2)
+    inside = [i for i, b in enumerate(boxes[0]) if 4 * gx <= (b[0] + b[2]) / 2 < 4 * gx + 24
+              and 4 * gy <= (b[1] + b[3]) / 2 < 4 * gy + 16]
+    expected = centernet_targets([boxes[0][inside] - shift], [labels[0][inside]], 2, (4, 6), 4)
+    assert torch.equal(window["mask"], expected["mask"]) and torch.allclose(window["size"], expected["size"])
+    assert torch.allclose(window["offset"], expected["offset"])
+    peaks = window["heat"].amax(dim=(0, 2, 3))  # every class whose centre is inside keeps its peak of 1
+    assert all(peaks[int(labels[0][i])] == 1 for i in inside)

@@ -40,7 +40,7 @@ from .data import to_float
 from .dense import load_dense
 from .detection import CenterNetHead, boxes_of, centernet_targets, coco_map, predict, train_detector
 from .errors import UserError
-from .features import FeatureFolder, open_features
+from .features import FeatureFolder, downsampling_factor, open_features
 from .interop import open_model
 from .probe_report import dense_markdown, overlays
 from .protocol import check_fuse, choose, labelled_subset, standardise
@@ -114,10 +114,11 @@ class DenseTask:
             model = nn.Sequential(trunk, CenterNetHead(trunk.channels, len(self.names)))
             return train_detector(x[index], {k: v[index] for k, v in self.train_target.items()}, len(self.names),
                                   lr=lr, steps=steps, seed=seed, model=model, optimizer=optimizer,
-                                  batch_size=b.get("batch_size", 8))
+                                  batch_size=b.get("batch_size", 8), crop=b.get("crop"), stride=self.stride)
         model = BackboneSegmenter(trunk, ConvSegHead(trunk.channels, len(self.names)))
         return train_segmenter("model", x[index], self.truth["train"][index], len(self.names), lr=lr, steps=steps,
-                               seed=seed, model=model, optimizer=optimizer, batch_size=b.get("batch_size", 8))
+                               seed=seed, model=model, optimizer=optimizer, batch_size=b.get("batch_size", 8),
+                               crop=b.get("crop"))
 
     def score(self, head, x: torch.Tensor, split: str, flip_test: bool | None = None) -> dict:
         """The head's scores on `split` (with the task's flip-test setting unless `flip_test` overrides it)."""
@@ -201,8 +202,12 @@ def open_backbone(spec: dict, manifest: dict) -> dict:
     cascade = open_model(spec["model"])
     stage = cascade.stage(spec.get("stage") or manifest["stage"])
     text = load_text_encoder(cascade.text_encoder)([""])
+    crop = [int(c) for c in spec["crop"]] if spec.get("crop") else None
+    size, step = tuple(manifest["size"]), max(manifest["stride"], downsampling_factor(stage.unet))
+    if crop is not None and (len(crop) != 2 or any(c % step or c > s for c, s in zip(crop, size))):
+        raise UserError(f"--backbone-crop {crop} must be two multiples of {step} no larger than the task size {size}")
     return dict(spec, model=str(spec["model"]), stage=stage, text=text, blocks=list(spec.get("blocks") or manifest["blocks"]),
-                t=int(spec.get("t", BACKBONE_T)), steps=int(spec.get("steps") or 300))
+                t=int(spec.get("t", BACKBONE_T)), steps=int(spec.get("steps") or 300), crop=crop)
 
 
 def _fused(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -168,11 +168,12 @@ def coco_map(predictions: list[dict], boxes: list[torch.Tensor], labels: list[to
 
 def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, steps: int, batch_size: int = 16,
                    seed: int = 0, scratch: bool = False, stride: int = 4, model: nn.Module | None = None,
-                   optimizer=None) -> nn.Module:
+                   optimizer=None, crop: tuple[int, int] | None = None) -> nn.Module:
     """AdamW (weight decay 1e-4), cosine schedule, random horizontal flips of inputs and targets. `x` is a feature
     grid for a CenterNet head, or (scratch) the images themselves for a small U-Net + the same head, or the images
     for a given `model` ending in a CenterNet head (a fine-tuned backbone) with its `optimizer(model) -> (opt,
-    schedule)`."""
+    schedule)`. `crop` (h, w), multiples of `stride`: each batch trains on one random grid-aligned window of its
+    images and target maps (objects whose centre falls outside it are left out), a fraction of the pixels' cost."""
     torch.manual_seed(seed)
     head = model if model is not None else (
         nn.Sequential(ScratchUNet(x.shape[1], stride=stride), CenterNetHead(ScratchUNet.width_at(stride), classes))
@@ -187,6 +188,8 @@ def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, st
     for _ in range(steps):
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
         xb, tb = x[idx], {k: v[idx] for k, v in target.items()}
+        if crop is not None:
+            xb, tb = crop_window(xb, tb, crop, stride, gen)
         flip = torch.rand(len(idx), generator=gen) < 0.5
         if flip.any():
             xb, tb = flip_targets(xb, tb, flip)
@@ -196,6 +199,16 @@ def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, st
         opt.step()
         sched.step()
     return head.eval()
+
+
+def crop_window(x: torch.Tensor, t: dict, crop: tuple[int, int], stride: int, gen: torch.Generator):
+    """One random window of size `crop` (pixels, multiples of `stride`) at a grid-aligned position, cut from the
+    images `x` (N, C, H, W) and from the target maps on the stride grid alike."""
+    (h, w), (ch, cw) = x.shape[-2:], crop
+    gy = int(torch.randint((h - ch) // stride + 1, (1,), generator=gen))
+    gx = int(torch.randint((w - cw) // stride + 1, (1,), generator=gen))
+    window = {k: v[..., gy:gy + ch // stride, gx:gx + cw // stride] for k, v in t.items()}
+    return x[..., gy * stride:gy * stride + ch, gx * stride:gx * stride + cw], window
 
 
 def flip_targets(x: torch.Tensor, t: dict, flip: torch.Tensor):

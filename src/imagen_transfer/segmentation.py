@@ -78,11 +78,13 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: int, *, lr: float, steps: int,
                     seed: int = 0, ensemble: int = 3, pixels: int = 4096, batch_size: int = 8,
-                    model: nn.Module | None = None, optimizer=None) -> list[nn.Module]:
+                    model: nn.Module | None = None, optimizer=None,
+                    crop: tuple[int, int] | None = None) -> list[nn.Module]:
     """`ensemble` pixel MLPs (different seeds), one conv head, or (kind "scratch", `x` the images) a small U-Net
     trained end to end, or (kind "model", `x` the images) a given grid `model` with the (x, size) signature and its
     `optimizer(model) -> (opt, schedule)` (a fine-tuned backbone); AdamW + cosine schedule by default,
-    cross-entropy; every path but the pixel MLPs flips left-right."""
+    cross-entropy; every path but the pixel MLPs flips left-right. `crop` (h, w): grid paths train each batch on one
+    random window of the images and masks (at a multiple of 4 pixels), a fraction of the pixels' cost."""
     heads = []
     for member in range(ensemble if kind == "mlp" else 1):
         torch.manual_seed(seed * 100 + member)
@@ -104,7 +106,12 @@ def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: in
                 flip = (torch.rand(len(idx), generator=gen) < 0.5).view(-1, 1, 1, 1)
                 xb, mb = torch.where(flip, x[idx].flip(-1), x[idx]), masks[idx].long()
                 mb = torch.where(flip[:, 0], mb.flip(-1), mb)
-                loss = masked_cross_entropy(head(xb, masks.shape[1:]), mb)
+                if crop is not None:
+                    (h, w), (ch, cw) = mb.shape[-2:], crop
+                    y0 = 4 * int(torch.randint((h - ch) // 4 + 1, (1,), generator=gen))
+                    x0 = 4 * int(torch.randint((w - cw) // 4 + 1, (1,), generator=gen))
+                    xb, mb = xb[..., y0:y0 + ch, x0:x0 + cw], mb[:, y0:y0 + ch, x0:x0 + cw]
+                loss = masked_cross_entropy(head(xb, mb.shape[1:]), mb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -351,7 +351,8 @@ def cmd_probe(args) -> None:
                   labelled=tuple(None if c == "all" else int(c) for c in args.labelled),
                   fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test,
                   backbone=None if not args.backbone else {k: v for k, v in dict(
-                      model=args.backbone, steps=args.backbone_steps, t=args.backbone_t).items() if v is not None})
+                      model=args.backbone, steps=args.backbone_steps, t=args.backbone_t,
+                      crop=args.backbone_crop).items() if v is not None})
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -592,6 +593,8 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                         "('backbone-scratch')")
     p.add_argument("--backbone-steps", type=int_in(1), default=None, help="their optimiser steps (default 300)")
     p.add_argument("--backbone-t", type=int_in(0, 999), default=None, help="the timestep images enter at (default 50)")
+    p.add_argument("--backbone-crop", nargs=2, type=int_in(8), default=None, metavar=("H", "W"),
+                   help="train the backbone rows on random windows of this size (scored on whole images): cheaper")
     p.add_argument("--labelled", nargs="+", default=["5", "10", "20", "all"], type=_labelled_count,
                    help="detection / segmentation: labelled training images per label-efficiency point (or all)")
     p.add_argument("--epochs", type=int_in(1), default=30)
