@@ -428,3 +428,15 @@ def test_an_error_naming_a_control_character_stays_one_line(tmp_path, capsys):
     (coco / "annotations.json").write_text(json.dumps(meta))
     line = run(["data", coco], capsys)
     assert "image \\x1e: file_name '../x.png' escapes the dataset root" in line
+
+
+def test_the_mask_census_is_read_once_per_data_set(tmp_path, monkeypatch):
+    """Every split needs the whole data set's class table; its evidence (every mask) is read once, not per split."""
+    from imagen_transfer import dense
+
+    root = _mask_set(tmp_path / "wbc", _wbc_like(n=20))
+    reads, real = [], masks.read_mask
+    monkeypatch.setattr(masks, "read_mask", lambda data, where: reads.append(where) or real(data, where))
+    parts = [load_dense(str(root), split) for split in ("train", "val", "test")]
+    assert sum(len(p) for p in parts) == 20 and len(reads) == 20 + 20  # the census, then each split its own
+    assert dense._mask_census.cache_info().hits >= 2

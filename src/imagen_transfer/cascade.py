@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
-from .outputs import check_output_dir, disk_full_as_oserror, fresh_sibling, replace_dir, require_space
+from .outputs import check_output_dir, disk_full_as_oserror, fresh_sibling, nbytes, replace_dir, require_space
 from .text import TextEncoderSpec, text_dim
 from .unet import build_unet, count_parameters
 
@@ -217,7 +217,7 @@ def save_cascade(cascade: Cascade, out: str | Path, dtype: torch.dtype | None = 
     else; the new folder is written beside it and renamed into place."""
     out = Path(out)
     check_cascade_out(out, overwrite)
-    needed = sum(p.numel() * p.element_size() for s in cascade.stages for p in s.unet.state_dict().values())
+    needed = sum(nbytes(s.unet.state_dict()) for s in cascade.stages)
     require_space(out.parent, needed, f"cascade {out}")  # the weights are written in their own dtype first
     tmp = fresh_sibling(out)
     try:
@@ -304,13 +304,11 @@ def load_cascade(name_or_path: str | Path, dtype: torch.dtype = torch.float32, d
             with quiet_diffusers():  # shard progress bars and "newly initialized": check_weights_cover says it
                 unet = UNet2DConditionModel.from_pretrained(unet_dir, use_safetensors=True, torch_dtype=dtype)
             scheduler = DDPMScheduler.from_pretrained(folder / entry["name"] / "scheduler")
-            check_weights_cover(unet, unet_dir)
-        except UserError:
-            raise
         except Exception as err:  # noqa: BLE001 - a truncated or corrupt file: one line naming it, not a traceback
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise UserError(f"{folder / entry['name']}: cannot load the stage ({type(err).__name__}: {first[:200]}); a "
                             "weight or config file is truncated or corrupt: re-save or copy the cascade again") from None
+        check_weights_cover(unet, unet_dir)
         stages.append(Stage(entry["name"], entry["kind"], entry["resolution"], unet.to(device).eval(), scheduler,
                             lowres=entry.get("lowres"), aug_level_sample=entry.get("aug_level_sample", 100)))
     return Cascade(spec, stages, sampling={**DEFAULT_SAMPLING, **meta.get("sampling", {})}, info=meta.get("info", {}))

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .outputs import disk_full_as_oserror, require_space
+from .outputs import disk_full_as_oserror, nbytes, require_space
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -42,7 +42,7 @@ def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metada
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        with disk_full_as_oserror(path, _nbytes(tensors)):
+        with disk_full_as_oserror(path, nbytes(tensors)):
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -139,7 +139,7 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, *, model: dict[str, to
     if tmp.exists():
         shutil.rmtree(tmp)
     tensors, metadata = optimizer_to_safetensors(optimizer)
-    needed = sum(_nbytes(d) for d in (model, ema, tensors))
+    needed = sum(nbytes(d) for d in (model, ema, tensors))
     require_space(root, needed, f"checkpoint {final}")  # a full disk stops here, the last checkpoint intact
     tmp.mkdir()
     try:
@@ -160,10 +160,6 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, *, model: dict[str, to
     write_atomic(root / "latest", final.name)
     _prune(root, keep, protect={final.name, _read_pointer(root / "best")})
     return final
-
-
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def mark_best(run_dir: Path, stage: str, checkpoint: Path) -> None:

@@ -445,6 +445,15 @@ def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(h, w), mode=mode)
 
 
+def random_window(size: tuple[int, int], crop: tuple[int, int], align: int, gen: torch.Generator) -> tuple[int, int]:
+    """The top-left corner (y, x) of a random `crop` window inside `size`, at multiples of `align` pixels (a
+    feature grid's stride), drawn from `gen` (y first)."""
+    (h, w), (ch, cw) = size, crop
+    y = int(torch.randint((h - ch) // align + 1, (1,), generator=gen))
+    x = int(torch.randint((w - cw) // align + 1, (1,), generator=gen))
+    return y * align, x * align
+
+
 def to_float(images_uint8: torch.Tensor, resolution: int | tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1], resized to `resolution` if given."""
     x = images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1

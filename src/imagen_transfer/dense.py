@@ -26,6 +26,7 @@ is one error line that names it.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import warnings
@@ -433,41 +434,54 @@ def load_dense(spec: str | DataSource, split: str = "train", *, size: tuple[int,
                              boxes, labels), faults)
 
 
-def _load_masks(source: DataSource, split: str, size, faults: _Faults) -> DenseData:
-    """A split of an image + mask set; its class table from every mask of the data set (masks.py), so all splits
-    number classes alike and stray values are counted over the whole set."""
-    archive = source.archive
-    pairs, class_map = _masks(source)
+def _usable_pairs(pairs: list, faults: _Faults | None = None) -> list[tuple[str, str]]:
+    """The (image, mask) pairs that have both; the others counted as faults."""
     usable = []
     for image, mask in pairs:
         if image is None:
-            faults.add("masks without an image skipped", mask)
+            if faults is not None:
+                faults.add("masks without an image skipped", mask)
         elif mask is None:
-            faults.add("images without a mask skipped", image)
+            if faults is not None:
+                faults.add("images without a mask skipped", image)
         else:
             usable.append((image, mask))
-    chosen = [(i, m) for i, m, *_ in seeded_split([(i, m, None) for i, m in usable], split)]
-    kept = {m for _, m in chosen}
-    counts, voc, read = Counter(), [], {}
-    for _, mask in usable:  # every mask of the data set: the class table's evidence
-        values, is_voc = mask_values.read_mask(archive.read(mask), archive.where(mask))
+    return usable
+
+
+@functools.lru_cache(maxsize=16)
+def _mask_census(source: DataSource) -> tuple[Counter, bool]:
+    """The pixel count of every mask value over every usable mask of every split, and whether all of them are
+    VOC-palette masks: the class table's evidence (masks.py), read once per source rather than once per split."""
+    counts, voc = Counter(), []
+    for _, mask in _usable_pairs(_masks(source)[0]):
+        values, is_voc = mask_values.read_mask(source.archive.read(mask), source.archive.where(mask))
         found, n = np.unique(values, return_counts=True)
         counts.update(dict(zip(found.tolist(), n.tolist())))
         voc.append(is_voc)
-        if mask in kept:
-            read[mask] = values
+    return counts, bool(voc) and all(voc)
+
+
+def _load_masks(source: DataSource, split: str, size, faults: _Faults) -> DenseData:
+    """A split of an image + mask set; its class table from the whole data set (_mask_census), so all splits
+    number classes alike and stray values are counted over the whole set."""
+    archive = source.archive
+    pairs, class_map = _masks(source)
+    usable = _usable_pairs(pairs, faults)
+    chosen = [(i, m) for i, m, *_ in seeded_split([(i, m, None) for i, m in usable], split)]
+    counts, voc_void = _mask_census(source)
     decoded = []
     for image, mask in chosen:
         arr = _decode_rgb(archive.read(image), archive.where(image))
-        if read[mask].shape != arr.shape[:2]:
-            faults.add("masks whose size differs from their image skipped",
-                       f"{mask} {read[mask].shape} vs {arr.shape[:2]}")
+        values, _ = mask_values.read_mask(archive.read(mask), archive.where(mask))
+        if values.shape != arr.shape[:2]:
+            faults.add("masks whose size differs from their image skipped", f"{mask} {values.shape} vs {arr.shape[:2]}")
             continue
-        decoded.append((image, arr, read[mask]))
+        decoded.append((image, arr, values))
     if not decoded:
         reasons = "; ".join(faults.lines()) or "no image has a mask with the same stem"
         raise UserError(f"{archive.path}: split '{split}' has no usable image + mask pairs ({reasons})")
-    table = mask_values.class_table(counts, class_map, voc_void=bool(voc) and all(voc), where=str(archive.path))
+    table = mask_values.class_table(counts, class_map, voc_void=voc_void, where=str(archive.path))
     for note in table.notes:
         faults.note(note)
     images, masks, names = [], [], []

@@ -90,35 +90,32 @@ class DenseTask:
         return "map50" if self.detection else "miou"
 
     def fit(self, set_name: str, x: torch.Tensor, index: torch.Tensor, lr: float, seed: int):
-        """A head on the train images `index` (the scratch U-Net when set_name is 'scratch')."""
-        if set_name in BACKBONE_SETS:
-            return self._fit_backbone(set_name, x, index, lr, seed)
-        from_scratch = set_name == "scratch"
-        n_steps = self.scratch_steps if from_scratch else self.steps
+        """A head on the train images `index`: on a feature set's maps, or trained end to end on the images (the
+        scratch U-Net, the fine-tuned backbone rows)."""
+        kind, steps, extra = self.kind, self.steps, {}
+        if set_name == "scratch":
+            kind, steps = "scratch", self.scratch_steps
+        elif set_name in BACKBONE_SETS:
+            kind, steps, extra = "model", self.backbone["steps"], self._backbone(set_name, x[index], lr, seed)
         if self.detection:
             return train_detector(x[index], {k: v[index] for k, v in self.train_target.items()}, len(self.names),
-                                  lr=lr, steps=n_steps, seed=seed, scratch=from_scratch, stride=self.stride)
-        return train_segmenter("scratch" if from_scratch else self.kind, x[index], self.truth["train"][index],
-                               len(self.names), lr=lr, steps=n_steps, seed=seed, ensemble=self.ensemble)
+                                  lr=lr, steps=steps, seed=seed, scratch=kind == "scratch", stride=self.stride,
+                                  **extra)
+        return train_segmenter(kind, x[index], self.truth["train"][index], len(self.names), lr=lr, steps=steps,
+                               seed=seed, ensemble=self.ensemble, **extra)
 
-    def _fit_backbone(self, set_name: str, x: torch.Tensor, index: torch.Tensor, lr: float, seed: int):
-        """The stage's U-Net (or, for backbone-scratch, the same network freshly initialised) under the task's grid
-        head, fine-tuned end to end on the train images `index` with the backbone recipe."""
-        b, steps = self.backbone, self.backbone["steps"]
+    def _backbone(self, set_name: str, x: torch.Tensor, lr: float, seed: int) -> dict:
+        """The trainer arguments of a backbone row: the stage's U-Net (or, for backbone-scratch, the same network
+        freshly initialised) calibrated on the train images `x` under the task's grid head, and its recipe."""
+        b = self.backbone
         torch.manual_seed(seed)
         trunk = make_backbone(b["stage"], b["text"], b["blocks"], pretrained=set_name == "backbone", seed=seed,
                               stride=self.stride, t=b["t"], freeze=tuple(b.get("freeze", ())))
-        trunk.calibrate(x[index])
-        optimizer = optimizer_for(lr, steps)
-        if self.detection:
-            model = nn.Sequential(trunk, CenterNetHead(trunk.channels, len(self.names)))
-            return train_detector(x[index], {k: v[index] for k, v in self.train_target.items()}, len(self.names),
-                                  lr=lr, steps=steps, seed=seed, model=model, optimizer=optimizer,
-                                  batch_size=b.get("batch_size", 8), crop=b.get("crop"), stride=self.stride)
-        model = BackboneSegmenter(trunk, ConvSegHead(trunk.channels, len(self.names)))
-        return train_segmenter("model", x[index], self.truth["train"][index], len(self.names), lr=lr, steps=steps,
-                               seed=seed, model=model, optimizer=optimizer, batch_size=b.get("batch_size", 8),
-                               crop=b.get("crop"))
+        trunk.calibrate(x)
+        model = (nn.Sequential(trunk, CenterNetHead(trunk.channels, len(self.names))) if self.detection
+                 else BackboneSegmenter(trunk, ConvSegHead(trunk.channels, len(self.names))))
+        return dict(model=model, optimizer=optimizer_for(lr, b["steps"]), batch_size=b.get("batch_size", 8),
+                    crop=b.get("crop"))
 
     def score(self, head, x: torch.Tensor, split: str, flip_test: bool | None = None) -> dict:
         """The head's scores on `split` (with the task's flip-test setting unless `flip_test` overrides it)."""

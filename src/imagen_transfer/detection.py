@@ -19,6 +19,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.nn import functional as F
 
+from .data import random_window
 from .scratch import ScratchUNet
 
 HEADS = ("centernet",)  # the head --task detection trains (always)
@@ -204,11 +205,10 @@ def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, st
 def crop_window(x: torch.Tensor, t: dict, crop: tuple[int, int], stride: int, gen: torch.Generator):
     """One random window of size `crop` (pixels, multiples of `stride`) at a grid-aligned position, cut from the
     images `x` (N, C, H, W) and from the target maps on the stride grid alike."""
-    (h, w), (ch, cw) = x.shape[-2:], crop
-    gy = int(torch.randint((h - ch) // stride + 1, (1,), generator=gen))
-    gx = int(torch.randint((w - cw) // stride + 1, (1,), generator=gen))
+    (y, x0), (ch, cw) = random_window(tuple(x.shape[-2:]), crop, stride, gen), crop
+    gy, gx = y // stride, x0 // stride
     window = {k: v[..., gy:gy + ch // stride, gx:gx + cw // stride] for k, v in t.items()}
-    return x[..., gy * stride:gy * stride + ch, gx * stride:gx * stride + cw], window
+    return x[..., y:y + ch, x0:x0 + cw], window
 
 
 def flip_targets(x: torch.Tensor, t: dict, flip: torch.Tensor):

@@ -20,6 +20,7 @@ The class table comes from every mask of the data set (all splits), so every spl
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -37,6 +38,7 @@ MAX_CLASSES = 32  # more distinct values than this means a lossy (JPEG) or non-c
 VOC_VOID = 255  # Pascal VOC's "void" index of palette masks
 
 
+@functools.cache
 def voc_colormap(n: int = 256) -> np.ndarray:
     """Pascal VOC's palette (its devkit's bit-interleaved colour map), (n, 3) uint8."""
     cmap = np.zeros((n, 3), np.uint8)
@@ -48,6 +50,7 @@ def voc_colormap(n: int = 256) -> np.ndarray:
             b |= ((c >> 2) & 1) << (7 - j)
             c >>= 3
         cmap[i] = (r, g, b)
+    cmap.flags.writeable = False  # cached: shared by every caller
     return cmap
 
 
@@ -66,7 +69,7 @@ def read_mask(data: bytes, where: str) -> tuple[np.ndarray, bool]:
                 values = np.asarray(img).astype(np.int64)
                 palette = np.asarray(img.getpalette() or [], np.uint8).reshape(-1, 3)
                 used = np.unique(values)
-                voc = voc_colormap()
+                voc = voc_colormap()  # computed once per process
                 is_voc = bool(len(palette) > used.max()) and all(
                     (palette[v] == voc[v]).all() for v in used.tolist())
                 return values, is_voc
@@ -75,8 +78,6 @@ def read_mask(data: bytes, where: str) -> tuple[np.ndarray, bool]:
             if mode in ("1", "L", "I", "I;16", "I;16B", "I;16L"):
                 return np.asarray(img).astype(np.int64), False
             rgb = np.asarray(img.convert("RGB")).astype(np.int64)
-    except UserError:
-        raise
     except Exception as err:  # noqa: BLE001 - any decoding failure is reported with the file's name
         raise UserError(f"{where}: cannot read mask ({err}); fix or remove the file") from None
     gray = (rgb[..., 0] == rgb[..., 1]) & (rgb[..., 1] == rgb[..., 2])

@@ -41,7 +41,6 @@ def draw_captions(data: ImageTextData, n: int, seed: int) -> tuple[list[str], to
     return [data.captions[i] for i in idx.tolist()], data.labels[idx]
 
 
-
 def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: int = 64, progress: bool = True,
                     done: torch.Tensor | None = None, on_chunk: Callable[[torch.Tensor], None] | None = None
                     ) -> torch.Tensor:
@@ -60,7 +59,6 @@ def generate_images(generate: Generator, prompts: list[str], seed: int, chunk: i
             if on_chunk is not None:
                 on_chunk(torch.cat(out))
     return torch.cat(out)
-
 
 
 FEATURE_CHUNK = 250  # images per cached piece: about a minute of TF-Inception on one CPU thread

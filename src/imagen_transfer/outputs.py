@@ -83,6 +83,11 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
+def nbytes(tensors: dict) -> int:
+    """The bytes a dict of tensors takes (what writing it needs, before file overhead)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 

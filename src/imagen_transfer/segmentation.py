@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
+from .data import random_window
 from .masks import IGNORE
 from .scratch import ScratchSegmenter
 
@@ -107,9 +108,7 @@ def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: in
                 xb, mb = torch.where(flip, x[idx].flip(-1), x[idx]), masks[idx].long()
                 mb = torch.where(flip[:, 0], mb.flip(-1), mb)
                 if crop is not None:
-                    (h, w), (ch, cw) = mb.shape[-2:], crop
-                    y0 = 4 * int(torch.randint((h - ch) // 4 + 1, (1,), generator=gen))
-                    x0 = 4 * int(torch.randint((w - cw) // 4 + 1, (1,), generator=gen))
+                    (y0, x0), (ch, cw) = random_window(tuple(mb.shape[-2:]), crop, 4, gen), crop
                     xb, mb = xb[..., y0:y0 + ch, x0:x0 + cw], mb[:, y0:y0 + ch, x0:x0 + cw]
                 loss = masked_cross_entropy(head(xb, mb.shape[1:]), mb)
             opt.zero_grad(set_to_none=True)

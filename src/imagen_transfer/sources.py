@@ -270,7 +270,7 @@ def _find(spec: str) -> Path:
 
 @functools.lru_cache(maxsize=64)
 def _open(spec: str, path: Path, _size: int, _mtime_ns: int) -> DataSource:
-    name, known = known_for(spec) if spec in KNOWN else known_for(path)
+    name, known = known_for(path)  # a short name's path is its registry file
     known = known or Known("")
     if path.suffix == ".npz":
         return DataSource(spec, path, "npz", "npz", name=name, known=known)
