@@ -33,6 +33,19 @@ BACKBONE_LR_RATIO = 0.1  # backbone learning rate / head learning rate
 WARMUP_SHARE = 0.1  # share of the steps with a linear warm-up
 WEIGHT_DECAY = 1e-4
 SETS = ("backbone", "backbone-scratch")  # the probe rows: pretrained weights, and the same network from scratch
+ORDER = ("down", "mid", "up")  # the order a U-Net runs its blocks in
+
+
+class _Enough(Exception):
+    """Raised by the hook of the last block a backbone reads: the rest of the U-Net is not run (nor back-propagated)."""
+
+
+def last_block(blocks: list[str]) -> str:
+    """The block of `blocks` the U-Net runs last (down<i> in i, then mid, then up<i> in i)."""
+    def rank(name: str):
+        kind = next(k for k in ORDER if name.startswith(k))
+        return ORDER.index(kind), int(name[len(kind):] or 0)
+    return max(blocks, key=rank)
 
 
 def block_channels(unet, name: str) -> int:
@@ -45,18 +58,36 @@ def block_channels(unet, name: str) -> int:
     return list(reversed(widths))[int(name[2:])]
 
 
+def unused_after(unet, last: str) -> list[nn.Module]:
+    """The modules a U-Net runs after block `last` (the later blocks and the output layers)."""
+    downs, ups = list(unet.down_blocks), list(unet.up_blocks)
+    if last.startswith("down"):
+        later = downs[int(last[4:]) + 1:] + [unet.mid_block] + ups
+    elif last == "mid":
+        later = ups
+    else:
+        later = ups[int(last[2:]) + 1:]
+    return later + [m for m in (unet.conv_norm_out, unet.conv_out) if m is not None]
+
+
 class UNetBackbone(nn.Module):
     """See the module doc. `forward(x)`: float images (N, C, H, W) in [-1, 1] -> standardised maps (N, channels,
-    H / stride, W / stride)."""
+    H / stride, W / stride), or with `pool` each block's map averaged over the grid (N, channels, 1, 1): the
+    classification trunk. The U-Net stops after the last block read (`last_block`): a trunk of the down path and
+    the middle costs about half of a full forward and backward pass."""
 
     def __init__(self, stage, text: TextEncoding, blocks: list[str], *, t: int = BACKBONE_T, stride: int = 4,
-                 freeze: tuple[str, ...] = ()):
+                 freeze: tuple[str, ...] = (), pool: bool = False):
         super().__init__()
         self.unet = copy.deepcopy(stage.unet).float().train()
         self.sr, self.factor = stage.kind == "sr", (stage.lowres / stage.resolution if stage.kind == "sr" else 1.0)
-        self.blocks, self.t, self.stride = list(blocks), int(t), stride
+        self.blocks, self.t, self.stride, self.pool = list(blocks), int(t), stride, pool
         for name in blocks:
             _block(self.unet, name)  # an unknown block name is one error line, before any training
+        self.last = last_block(self.blocks)
+        for module in unused_after(self.unet, self.last):  # never run: not trained, not counted
+            for p in module.parameters():
+                p.requires_grad_(False)
         alphas = stage.scheduler.alphas_cumprod.float()
         self.register_buffer("alphas", alphas.clone())
         self.register_buffer("states", text.states[:1].float().clone())
@@ -73,9 +104,14 @@ class UNetBackbone(nn.Module):
         """The blocks' maps on the task grid, before standardisation."""
         n, (h, w) = len(x), x.shape[-2:]
         captured = {}
-        handles = [_block(self.unet, b).register_forward_hook(
-            lambda _m, _i, out, b=b: captured.__setitem__(b, out[0] if isinstance(out, tuple) else out))
-            for b in self.blocks]
+
+        def keep(name, out):
+            captured[name] = out[0] if isinstance(out, tuple) else out
+            if name == self.last:
+                raise _Enough
+
+        handles = [_block(self.unet, b).register_forward_hook(lambda _m, _i, out, b=b: keep(b, out))
+                   for b in self.blocks]
         try:
             tt = torch.full((n,), self.t, dtype=torch.long, device=x.device)
             x_t = self.alphas[self.t].sqrt() * x
@@ -86,9 +122,13 @@ class UNetBackbone(nn.Module):
                 lowres = condition_lowres(small, (h, w), level, torch.zeros_like(x), self.alphas)
             text = TextEncoding(self.states.expand(n, -1, -1), self.mask.expand(n, -1), self.states.mean(1).expand(n, -1))
             denoise(self.unet, x_t, tt, text, lowres, level)
+        except _Enough:
+            pass
         finally:
             for handle in handles:
                 handle.remove()
+        if self.pool:
+            return torch.cat([captured[b].float().mean((2, 3), keepdim=True) for b in self.blocks], 1)
         grid = (h // self.stride, w // self.stride)
         return torch.cat([resize(captured[b].float(), grid) for b in self.blocks], 1)
 
@@ -128,10 +168,10 @@ def optimizer_for(lr: float, steps: int):
 
 
 def make_backbone(stage, text: TextEncoding, blocks: list[str], *, pretrained: bool, seed: int, stride: int = 4,
-                  t: int = BACKBONE_T, freeze: tuple[str, ...] = ()) -> UNetBackbone:
+                  t: int = BACKBONE_T, freeze: tuple[str, ...] = (), pool: bool = False) -> UNetBackbone:
     """The `backbone` (the stage's weights) or `backbone-scratch` (the same architecture, weights drawn by `seed`)."""
     return UNetBackbone(stage if pretrained else random_like(stage, seed), text, blocks, t=t, stride=stride,
-                        freeze=freeze)
+                        freeze=freeze, pool=pool)
 
 
 def param_groups(model: nn.Module, lr: float) -> list[dict]:

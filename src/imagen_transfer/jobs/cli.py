@@ -319,9 +319,28 @@ def cmd_data(args) -> None:
 
 
 def _labelled_count(value: str) -> str:
-    if value != "all" and not (value.isdigit() and int(value) > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of images or 'all', got '{value}'")
-    return value
+    if value == "all" or (value.isdigit() and int(value) > 0):
+        return value
+    if value.endswith("%"):
+        try:
+            if 0 < float(value[:-1]) <= 100:
+                return value
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"expected a positive number of images, a percentage (10%) or 'all', got '{value}'")
+
+
+def _labelled(values: list[str], task: str) -> tuple:
+    """--labelled as the task counts labels: image counts (detection, segmentation) or fractions (classification)."""
+    if task == "classification":
+        if any(v != "all" and not v.endswith("%") for v in values):
+            raise UserError(f"--labelled for classification takes percentages of the training labels and 'all' "
+                            f"(e.g. 1% 10% all), got {' '.join(values)}")
+        return tuple(1.0 if v == "all" else float(v[:-1]) / 100 for v in values)
+    if any(v.endswith("%") for v in values):
+        raise UserError(f"--labelled for {task} takes numbers of labelled images and 'all' (e.g. 5 10 20 all), got "
+                        f"{' '.join(values)}")
+    return tuple(None if v == "all" else int(v) for v in values)
 
 
 def cmd_probe(args) -> None:
@@ -333,12 +352,14 @@ def cmd_probe(args) -> None:
     head = check_head(args.task, args.head)  # the task / head table lives beside the heads (protocol.py)
     if args.flip_test and args.task not in ("detection", "segmentation"):
         raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
-    if args.backbone and args.task not in ("detection", "segmentation"):
-        raise UserError(f"--backbone applies to --task detection or segmentation (classification: not yet), not "
-                        f"{args.task}")
+    backbone = args.model if args.backbone is True else args.backbone
+    if args.data or not args.features:
+        return _probe_data(args, head, backbone)
+    if backbone and args.task not in ("detection", "segmentation"):
+        raise UserError(f"--backbone on a feature folder applies to --task detection or segmentation; for "
+                        f"classification read the data set: probe --model M --data SPEC --backbone --out DIR")
     if args.out:  # the probe's files (probe-<task>.json / .md, plots, overlays) go here: checked before the heads train
-        check_output_dir(Path(args.out), what="probe folder", overwrite=True,
-                         is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file())
+        _check_probe_out(args.out)
     features = open_features(args.features)  # read once: the probes below receive it
     manifest = features.manifest
     if not args.out:
@@ -348,10 +369,10 @@ def cmd_probe(args) -> None:
 
         run_dense(features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
                   kind=head, scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
-                  labelled=tuple(None if c == "all" else int(c) for c in args.labelled),
+                  labelled=_labelled(args.labelled or ["5", "10", "20", "all"], args.task),
                   fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test,
-                  backbone=None if not args.backbone else {k: v for k, v in dict(
-                      model=args.backbone, steps=args.backbone_steps, t=args.backbone_t,
+                  backbone=None if not backbone else {k: v for k, v in dict(
+                      model=backbone, steps=args.backbone_steps, t=args.backbone_t,
                       crop=args.backbone_crop).items() if v is not None})
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
@@ -361,6 +382,40 @@ def cmd_probe(args) -> None:
     run_probe(features, task=args.task, head=head or "linear", epochs=args.epochs, out=args.out, reference=reference,
               fuse=[group.split("+") for group in args.fuse or []])
     table = Path(args.out or args.features) / f"probe-{args.task}.md"
+    print(f"{table}\n{table.read_text()}")
+
+
+def _check_probe_out(out: str) -> None:
+    check_output_dir(Path(out), what="probe folder", overwrite=True,
+                     is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file())
+
+
+def _probe_data(args, head: str | None, backbone: str | None) -> None:
+    """probe --model M --data SPEC --backbone: the backbone rows read from the data set (no feature folder)."""
+    from ..backbone_probe import run_backbone
+    from ..sources import open_source
+
+    if not args.data:
+        raise UserError("probe needs --features DIR (heads on extracted features) or --model M --data SPEC "
+                        "--backbone (the U-Net fine-tuned end to end)")
+    if not backbone:
+        raise UserError("probe --data reads images for the fine-tuned backbone rows: add --backbone and --model M")
+    if args.task != "classification":
+        raise UserError(f"probe --data ... --backbone runs --task classification; for {args.task}, extract features "
+                        f"and pass --features DIR --backbone {backbone} (the dense rows sit beside the frozen ones)")
+    if not args.out:
+        raise UserError("probe --data needs --out DIR (where probe-classification.json / .md go)")
+    for name, value in (("--fuse", args.fuse), ("--scratch", args.scratch), ("--backbone-crop", args.backbone_crop)):
+        if value:
+            raise UserError(f"{name} does not apply to a classification backbone probe")
+    source = open_source(args.data)  # a wrong data set is one line before the model is opened
+    _check_probe_out(args.out)
+    reference = source.known.published or None if source.known else None
+    kwargs = {k: v for k, v in dict(stage=args.stage, steps=args.backbone_steps or args.steps, t=args.backbone_t,
+                                    sets=args.sets, seeds=args.seeds).items() if v is not None}
+    run_backbone(backbone, source, args.out, reference=reference, head=head or "linear",
+                 fractions=_labelled(args.labelled or ["1%", "10%", "all"], "classification"), **kwargs)
+    table = Path(args.out) / "probe-classification.md"
     print(f"{table}\n{table.read_text()}")
 
 
@@ -569,7 +624,12 @@ def _features_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _probe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", required=True)
+    p.add_argument("--features", default=None, help="a feature folder (imagen-transfer features)")
+    p.add_argument("--model", default=None,
+                   help="with --data and --backbone: the cascade whose U-Net is fine-tuned (a folder or shipped name)")
+    p.add_argument("--data", default=None,
+                   help="with --model and --backbone: the labelled data set to fine-tune on (no feature folder)")
+    p.add_argument("--stage", default=None, help="with --data: the cascade stage used as the backbone (default base)")
     p.add_argument("--task", choices=["classification", "retrieval", "detection", "segmentation"],
                    default="classification")
     p.add_argument("--head", choices=["linear", "mlp", "conv"], default=None,
@@ -587,16 +647,17 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-test", action="store_true",
                    help="detection / segmentation: score each head on the input and its mirror image, averaged "
                         "(CenterNet's flip test; conv and scratch heads: pixel MLPs are unchanged by it)")
-    p.add_argument("--backbone", default=None, metavar="MODEL",
-                   help="detection / segmentation: also fine-tune MODEL's U-Net (the folder's stage and blocks) end "
-                        "to end under the task's grid head ('backbone'), and the same network from fresh weights "
-                        "('backbone-scratch')")
+    p.add_argument("--backbone", nargs="?", const=True, default=None, metavar="MODEL",
+                   help="fine-tune MODEL's U-Net (default: --model) end to end under the task's head ('backbone'), "
+                        "and the same network from fresh weights ('backbone-scratch'); detection / segmentation: "
+                        "beside the feature folder's rows (its stage and blocks); classification: with --data")
     p.add_argument("--backbone-steps", type=int_in(1), default=None, help="their optimiser steps (default 300)")
     p.add_argument("--backbone-t", type=int_in(0, 999), default=None, help="the timestep images enter at (default 50)")
     p.add_argument("--backbone-crop", nargs=2, type=int_in(8), default=None, metavar=("H", "W"),
                    help="train the backbone rows on random windows of this size (scored on whole images): cheaper")
-    p.add_argument("--labelled", nargs="+", default=["5", "10", "20", "all"], type=_labelled_count,
-                   help="detection / segmentation: labelled training images per label-efficiency point (or all)")
+    p.add_argument("--labelled", nargs="+", default=None, type=_labelled_count,
+                   help="label-efficiency points: detection / segmentation labelled images (default 5 10 20 all); "
+                        "classification backbone: percentages of the training labels (default 1%% 10%% all)")
     p.add_argument("--epochs", type=int_in(1), default=30)
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
                    help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text "
