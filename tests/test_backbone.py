@@ -158,3 +158,87 @@ def test_a_training_window_cuts_images_and_centernet_targets_alike():
     assert torch.allclose(window["offset"], expected["offset"])
     peaks = window["heat"].amax(dim=(0, 2, 3))  # every class whose centre is inside keeps its peak of 1
     assert all(peaks[int(labels[0][i])] == 1 for i in inside)
+
+
+def test_the_trunk_stops_after_its_last_block_without_changing_what_it_reads(sr_stage):
+    """Known answer: a trunk reading mid + up0 gives the same maps as one that also reads up1 (which runs the
+    U-Net further); the blocks after its last one are neither run nor trained."""
+    from imagen_transfer.backbone import last_block
+
+    assert last_block(["up0", "mid", "down2"]) == "up0" and last_block(["down1", "down0"]) == "down1"
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    short = UNetBackbone(sr_stage, _text(), ["mid", "up0"], pool=True)
+    longer = UNetBackbone(sr_stage, _text(), ["mid", "up0", "up1"], pool=True)
+    with torch.no_grad():
+        a, b = short.raw(x), longer.raw(x)
+    assert a.shape == (3, short.channels, 1, 1) and torch.equal(a, b[:, : short.channels])
+    short(x).sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in short.unet.up_blocks[1].parameters())
+    assert all(p.grad is None and not p.requires_grad for p in short.unet.conv_out.parameters())
+    assert short.unet.up_blocks[0].resnets[0].conv1.weight.grad is not None
+
+
+def _bright_centre(n=24, size=16, seed=0):
+    """Images whose class is a bright (1) or dark (0) centre square, and their labels."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=gen) * 0.4 - 0.8
+    y = torch.arange(n) % 2
+    x[y == 1, :, size // 4: 3 * size // 4, size // 4: 3 * size // 4] += 1.2
+    return x, y
+
+
+def test_a_fine_tuned_classifier_learns_what_its_frozen_input_cannot_see(sr_stage):
+    """Constructed so the answer is known: with the input convolution zeroed, the frozen trunk's pooled vector is
+    the same for every image (test accuracy at chance); fine-tuned end to end, it learns the bright centre."""
+    from imagen_transfer.backbone_probe import BackboneClassifier, class_probs, train_classifier
+
+    x, y = _bright_centre()
+    accuracy = {}
+    for name in ("frozen", "fine-tuned"):
+        torch.manual_seed(0)
+        trunk = UNetBackbone(sr_stage, _text(), ["mid"], pool=True)
+        with torch.no_grad():
+            trunk.unet.conv_in.weight.zero_()
+        trunk.calibrate(x)
+        if name == "frozen":
+            for p in trunk.unet.parameters():
+                p.requires_grad_(False)
+        net = train_classifier(BackboneClassifier(trunk, 2), x, y, lr=1e-2, steps=40, batch_size=8, seed=0)
+        accuracy[name] = float((class_probs(net, x).argmax(1) == y).float().mean())
+    assert accuracy["frozen"] == 0.5 and accuracy["fine-tuned"] >= 0.9, accuracy
+
+
+def test_the_classification_backbone_probe_and_its_command(tmp_path, tiny_cascade_dir, capsys):
+    """`probe --model M --data SPEC --backbone` reads a labelled data set (no feature folder), runs both rows by the
+    probe protocol (lr on validation, 1% / 10% / all labels over seeds) and writes the JSON and table; misuse is one
+    error line before any model is opened."""
+    import json
+
+    from conftest import make_npz
+
+    from imagen_transfer.jobs.cli import main
+
+    data = make_npz(tmp_path / "toy.npz", n_train=40, n_val=12)
+    out = tmp_path / "probe"
+    assert main(["probe", "--model", str(tiny_cascade_dir), "--data", str(data), "--backbone", "--backbone-steps", "2",
+                 "--seeds", "2", "--labelled", "10%", "all", "--out", str(out)]) == 0
+    assert "| backbone-scratch |" in capsys.readouterr().out
+    result = json.loads((out / "probe-classification.json").read_text())
+    assert set(result["sets"]) == {"backbone", "backbone-scratch"} and result["n"] == dict(train=40, val=12, test=12)
+    for r in result["sets"].values():
+        assert r["lr"] in result["lrs"] and len(r["grid"]) == len(result["lrs"])
+        assert [p["n_labels"] for p in r["label_efficiency"]["0.1"]] == [4, 4]  # 10% of each class, 2 seeds
+        assert [p["n_labels"] for p in r["label_efficiency"]["1.0"]] == [40, 40]
+        assert 0 < r["parameters"] and 0 <= r["test"]["accuracy"] <= 1
+    assert result["stage"] == "base" and result["blocks"] == ["mid", "up0"]
+    for argv in (["--data", str(data), "--out", str(out)],  # no --backbone
+                 ["--data", str(data), "--backbone", "--out", str(out)],  # no model
+                 ["--model", str(tiny_cascade_dir), "--data", str(data), "--backbone", "--labelled", "5",
+                  "--out", str(out)],  # counts are for dense tasks
+                 ["--model", str(tiny_cascade_dir), "--data", str(data), "--backbone", "--task", "segmentation",
+                  "--out", str(out)],
+                 ["--model", str(tiny_cascade_dir), "--data", str(tmp_path / "missing"), "--backbone",
+                  "--out", str(out)]):
+        assert main(["probe", *argv]) == 2
+        assert capsys.readouterr().err.count("error:") == 1
