@@ -186,3 +186,59 @@ def test_without_a_val_split_the_probe_holds_out_part_of_train(tiny_cascade_dir,
     result = run_probe(folder, epochs=5, progress=False)
     assert result["val_from_train"]["n"] == held["splits"]["val"]["n"] and result["best"]["pixels"]["test"]
     assert "held out" in (folder / "probe-classification.md").read_text()
+
+
+def test_noise_draws_average_the_views_over_each_images_successive_noises(tiny_cascade, toy):
+    """Known answer, by hand: with draws=2 a view is the mean of the view at the image's first noise (the
+    single-draw features) and at its second (the next draw of the same per-image generator); batch-independent."""
+    from imagen_transfer.data import to_float
+    from imagen_transfer.datasets import load_dataset
+    from imagen_transfer.diffusion import add_noise, denoise
+    from imagen_transfer.features import unet_features
+    from imagen_transfer.sampling import randn
+    from imagen_transfer.text import load_text_encoder
+
+    stage = tiny_cascade.stage("base")
+    images = load_dataset(str(toy), "val", resolution=16).images[:4]
+    text = load_text_encoder(tiny_cascade.text_encoder)([""])
+    kw = dict(blocks=["mid"], timesteps=[200], text=text, progress=False)
+    two = unet_features(stage, images, draws=2, batch_size=4, **kw)["mid@t200"]
+    assert torch.allclose(two, unet_features(stage, images, draws=2, batch_size=3, **kw)["mid@t200"], atol=1e-5)
+    x0, t = to_float(images), torch.full((4,), 200)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    by_hand = []
+    for _ in range(2):
+        noise = randn(tuple(x0.shape), gens)
+        seen = {}
+        handle = stage.unet.mid_block.register_forward_hook(lambda m, i, o: seen.update(mid=o))
+        with torch.no_grad():
+            denoise(stage.unet, add_noise(x0, t, noise, stage.scheduler.alphas_cumprod), t, text.repeat(4))
+        handle.remove()
+        by_hand.append(seen["mid"].mean(dim=(2, 3)))
+    one = unet_features(stage, images, batch_size=4, **kw)["mid@t200"]
+    assert torch.allclose(one, by_hand[0], atol=1e-5) and not torch.allclose(by_hand[0], by_hand[1], atol=1e-3)
+    assert torch.allclose(two, (by_hand[0] + by_hand[1]) / 2, atol=1e-5)
+
+
+def test_concatenated_views_see_what_no_single_view_can():
+    """Constructed so the answer is known: four classes, view `a` holds the class's high bit, view `b` its low bit,
+    view `c` noise; no single view can beat 1/2, the best two concatenated read the class."""
+    from imagen_transfer.probe import classify, top_views
+
+    gen = torch.Generator().manual_seed(0)
+    labels, tensors = {}, {}
+    for split, n in (("train", 400), ("val", 200), ("test", 200)):
+        y = torch.arange(n) % 4
+        labels[split] = y.tolist()
+        noise = lambda: 0.1 * torch.randn(n, 4, generator=gen)  # noqa: E731
+        tensors[f"{split}/a@t10"] = (y // 2).float()[:, None].repeat(1, 4) + noise()
+        tensors[f"{split}/b@t10"] = (y % 2).float()[:, None].repeat(1, 4) + noise()
+        tensors[f"{split}/c@t10"] = noise()
+    manifest = dict(label_names=list("wxyz"), sets=dict(s=dict(views=["a@t10", "b@t10", "c@t10"])),
+                    splits={s: dict(n=len(v), labels=v) for s, v in labels.items()})
+    plain = classify(manifest, dict(s=tensors), epochs=20, efficiency_seeds=1, fractions=(1.0,), progress=False)
+    assert plain["best"]["s"]["test"]["accuracy"] <= 0.6
+    both = classify(manifest, dict(s=tensors), epochs=20, efficiency_seeds=1, fractions=(1.0,), concat=2,
+                    progress=False)
+    assert top_views(both["grid"], "s", 2) in (["a@t10", "b@t10"], ["b@t10", "a@t10"])
+    assert both["best"]["s"]["view"].count("+") == 1 and both["best"]["s"]["test"]["accuracy"] >= 0.95

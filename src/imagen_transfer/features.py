@@ -69,7 +69,7 @@ def _block(unet, name: str):
 def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: list[int], text,
                   first_index: int = 0, seed: int = 0, batch_size: int = 64, pool: bool = True,
                   size: int | tuple[int, int] | None = None, grid: tuple[int, int] | None = None,
-                  progress: bool = True, desc: str = "features") -> dict[str, torch.Tensor]:
+                  draws: int = 1, progress: bool = True, desc: str = "features") -> dict[str, torch.Tensor]:
     """{'<block>@t<t>': (N, C) pooled, or (N, C, h, w)} for uint8 images (N, H, W, C).
 
     The U-Net runs at `size` (default: the stage's resolution; it is convolutional, so a dense task may choose a
@@ -77,7 +77,9 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
     to that (h, w) grid (area averaging to shrink, bilinear to enlarge) and kept in fp16, so several blocks and
     timesteps stack into one multi-block map. `text` is a one-row TextEncoding (the conditioning prompt);
     `first_index` is image 0's index in its split (its noise seed). SR stages see the image's own downsampled copy
-    (by the stage's factor) as their clean low-res input.
+    (by the stage's factor) as their clean low-res input. With `draws` > 1 every view is the mean over that many
+    noise draws (DIFT's ensemble, Tang et al. 2023: 8 draws), draw d being the d-th noise of the image's generator
+    (draw 0 is the single-draw noise); the cost grows with `draws`, the files do not.
     """
 
     unet = stage.unet.eval()
@@ -106,17 +108,24 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
             x0 = to_float(images[start : start + batch_size], hw).to(device)
             n = len(x0)
             gens = [torch.Generator().manual_seed(seed * 1_000_000 + first_index + start + i) for i in range(n)]
-            noise = randn(tuple(x0.shape), gens, device)
             lowres = level = None
             if stage.kind == "sr":
                 level = torch.zeros(n, dtype=torch.long, device=device)
                 small = to_float(images[start : start + batch_size], lowres_hw).to(device)
                 lowres = condition_lowres(small, hw, level, torch.zeros_like(x0), alphas)
-            for t in timesteps:
-                tt = torch.full((n,), int(t), dtype=torch.long, device=device)
-                denoise(unet, add_noise(x0, tt, noise, alphas), tt, text.repeat(n).to(device), lowres, level)
-                for b in blocks:
-                    out[f"{b}@t{t}"].append(captured[b].cpu())
+            sums: dict[str, torch.Tensor] = {}
+            for _ in range(draws):
+                noise = randn(tuple(x0.shape), gens, device)  # one noise per image and draw, shared by the timesteps
+                for t in timesteps:
+                    tt = torch.full((n,), int(t), dtype=torch.long, device=device)
+                    denoise(unet, add_noise(x0, tt, noise, alphas), tt, text.repeat(n).to(device), lowres, level)
+                    for b in blocks:
+                        view, value = f"{b}@t{t}", captured[b].cpu()
+                        sums[view] = value.float() if view not in sums else sums[view] + value.float()
+            for b in blocks:
+                for t in timesteps:
+                    view = f"{b}@t{t}"
+                    out[view].append((sums[view] / draws).to(captured[b].dtype))
     finally:
         for h in handles:
             h.remove()
@@ -204,8 +213,10 @@ def _shard(n: int, state):
 def extract(models: dict[str, str], dataset: str | DataSource, out: str | Path, *, splits: tuple[str, ...] = ("train", "val", "test"),
             stage_name: str = "base", blocks: list[str] | None = None, timesteps: list[int] | None = None,
             prompt: str = "", baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0,
-            batch_size: int = 64, pool: bool = True, limit: int | None = None, progress: bool = True) -> Path:
-    """Write a feature folder for each model in `models` (name -> cascade) plus the baselines; see module doc."""
+            batch_size: int = 64, pool: bool = True, limit: int | None = None, draws: int = 1,
+            progress: bool = True) -> Path:
+    """Write a feature folder for each model in `models` (name -> cascade) plus the baselines; see module doc.
+    `draws` > 1: each U-Net view averaged over that many noise draws (unet_features)."""
     dataset = open_source(dataset)
     state, cascades, blocks, timesteps = _open_models(models, stage_name, blocks, timesteps, DEFAULT_TIMESTEPS)
     first = next(iter(cascades.values()))
@@ -215,7 +226,7 @@ def extract(models: dict[str, str], dataset: str | DataSource, out: str | Path, 
                                                       limit=limit) for s in splits}
     sets, pieces = _unet_sets(cascades, stage_name, {s: d.images for s, d in data.items()}, state, blocks=blocks,
                               timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed,
-                              batch_size=batch_size, progress=progress, pool=pool)
+                              batch_size=batch_size, progress=progress, pool=pool, **_draws(draws))
     encoder = load_text_encoder(first.text_encoder)
     if "pixels" in baselines:
         sets["pixels"] = {f"{s}/pixels": pixel_features(d.images, stage0.resolution) for s, d in data.items()}
@@ -226,12 +237,19 @@ def extract(models: dict[str, str], dataset: str | DataSource, out: str | Path, 
         _write(out, sets, dict(models={k: str(resolve_model(v)) for k, v in models.items()},
                                dataset=str(dataset.path), stage=stage_name, resolution=stage0.resolution,
                                blocks=blocks, timesteps=timesteps, prompt=prompt, seed=seed, pool=pool,
-                               label_names=first_data.label_names,
+                               draws=draws, label_names=first_data.label_names,
                                splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist())
                                        for s, d in data.items()}))
     state.wait_for_everyone()
     drop_pieces(pieces)
     return out
+
+
+def _draws(draws: int) -> dict:
+    """unet_features' `draws` setting, left out at 1 so single-draw features keep their cache keys."""
+    if draws < 1:
+        raise UserError(f"--noise-draws must be at least 1 (got {draws})")
+    return {} if draws == 1 else dict(draws=draws)
 
 
 def _open_models(models: dict[str, str], stage_name: str, blocks, timesteps, default_timesteps):
@@ -294,7 +312,8 @@ def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | 
                   blocks: list[str] | None = None, timesteps: list[int] | None = None,
                   size: tuple[int, int] | None = None, stride: int = DENSE_STRIDE, prompt: str = "",
                   baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0, batch_size: int = 16,
-                  limit: int | None = None, tile: tuple[int, int] | None = None, progress: bool = True) -> Path:
+                  limit: int | None = None, tile: tuple[int, int] | None = None, draws: int = 1,
+                  progress: bool = True) -> Path:
     """A feature folder of multi-block maps for a detection or segmentation data set (dense.py).
 
     The U-Net runs on each image at the task size (h, w), or on its non-overlapping `tile`s, their maps stitched back
@@ -328,7 +347,7 @@ def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | 
     tiles = {s: to_tiles(d.images, th, tw) for s, d in data.items()}
     sets, pieces = _unet_sets(cascades, stage_name, tiles, state, blocks=blocks, timesteps=timesteps, prompt=prompt,
                               baselines=baselines, seed=seed, batch_size=batch_size, progress=progress, pool=False,
-                              size=(th, tw), grid=(th // stride, tw // stride))
+                              size=(th, tw), grid=(th // stride, tw // stride), **_draws(draws))
     sets = {name: {k: from_tiles(v, rows, cols) for k, v in tensors.items()} for name, tensors in sets.items()}
     if "pixels" in baselines:
         sets["pixels"] = {f"{s}/pixels": torch.nn.functional.pixel_unshuffle(to_float(d.images), stride).half()
@@ -340,7 +359,8 @@ def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | 
         _write(Path(out), sets, dict(
             models={k: str(resolve_model(v)) for k, v in models.items()}, dataset=str(dataset.path),
             stage=stage_name, size=[h, w], tile=[th, tw], stride=stride, grid=list(grid), blocks=blocks,
-            timesteps=timesteps, prompt=prompt, seed=seed, pool=False, task=first_data.task, layout=first_data.layout,
+            timesteps=timesteps, prompt=prompt, seed=seed, pool=False, draws=draws, task=first_data.task,
+            layout=first_data.layout,
             label_names=first_data.class_names, targets="targets.safetensors",
             splits={s: dict(n=len(d), source=d.source, names=d.names, faults=d.faults) for s, d in data.items()}))
     state.wait_for_everyone()

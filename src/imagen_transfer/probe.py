@@ -94,11 +94,14 @@ def _probs(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 30, seed: int = 0,
              fractions=LABEL_FRACTIONS, efficiency_seeds: int = 3, fuse: list[list[str]] | None = None,
-             progress: bool = True) -> dict:
+             concat: int = 1, progress: bool = True) -> dict:
     """The head grid, the chosen head per feature set with its test scores, and the label-efficiency curve.
 
     `fuse` = groups of feature-set names: each group becomes one more feature set whose single view concatenates the
     standardised view each member chose on validation (feature fusion: several models, or U-Net and text encoder).
+    `concat` = k > 1: each set's k views with the best validation accuracy, concatenated, are one more view of that
+    set, in the same grid and chosen on validation like any other (several blocks x timesteps read together, as
+    ddpm-segmentation and Diffusion Hyperfeatures do; Baranchuk et al. 2022, Luo et al. 2023).
     """
     labels = {s: torch.tensor(v["labels"]) for s, v in manifest["splits"].items()}
     for split in ("train", "val", "test"):
@@ -117,6 +120,20 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
         val = classification_scores(_probs(h, by_key[key]["val"]), labels["val"], names)
         grid.append(dict(set=key.split(":", 1)[0], view=key.split(":", 1)[1], lr=lr, val_accuracy=val["accuracy"],
                          val_auc=val["auc"]))
+    for set_name in sets if concat > 1 else ():
+        views = top_views(grid, set_name, concat)
+        if len(views) < 2:
+            continue
+        key = f"{set_name}:{'+'.join(views)}"
+        by_key[key] = {split: torch.cat([by_key[f"{set_name}:{v}"][split] for v in views], dim=1)
+                       for split in ("train", "val", "test")}
+        more = train_heads({key: by_key[key]["train"]}, labels["train"], len(names), head=head, epochs=epochs,
+                           seed=seed, progress=False)
+        heads.update(more)
+        for (_, lr), h in more.items():
+            val = classification_scores(_probs(h, by_key[key]["val"]), labels["val"], names)
+            grid.append(dict(set=set_name, view="+".join(views), lr=lr, val_accuracy=val["accuracy"],
+                             val_auc=val["auc"]))
     best = {}
     for set_name in sets:
         rows = [r for r in grid if r["set"] == set_name]
@@ -145,6 +162,15 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
     curve = label_efficiency(best, by_key, labels, names, head=head, epochs=epochs, fractions=fractions,
                              seeds=efficiency_seeds, progress=progress)
     return dict(head=head, epochs=epochs, grid=grid, best=best, label_efficiency=curve)
+
+
+def top_views(grid: list[dict], set_name: str, k: int) -> list[str]:
+    """The k single views of a set with the best validation accuracy (each at its best learning rate)."""
+    score = {}
+    for r in grid:
+        if r["set"] == set_name and "+" not in r["view"]:
+            score[r["view"]] = max(score.get(r["view"], -1.0), r["val_accuracy"])
+    return sorted(score, key=lambda v: -score[v])[:k]
 
 
 def label_efficiency(best: dict, by_key: dict, labels: dict, names: list[str], *, head: str, epochs: int,
@@ -228,7 +254,7 @@ def hold_out_val(manifest: dict, sets: dict, share: float = VAL_FROM_TRAIN, seed
 
 def run_probe(features: str | Path | FeatureFolder, *, task: str = "classification", head: str = "linear", epochs: int = 30,
               out: str | Path | None = None, reference: dict | None = None, fuse: list[list[str]] | None = None,
-              progress: bool = True) -> dict:
+              concat: int = 1, progress: bool = True) -> dict:
     """Probe a feature folder and write probe.json, probe.md and the plots into `out` (default: the folder)."""
     features = open_features(features)
     manifest, sets = hold_out_val(features.manifest, features.sets)
@@ -239,7 +265,7 @@ def run_probe(features: str | Path | FeatureFolder, *, task: str = "classificati
     if manifest.get("val_from_train"):
         result["val_from_train"] = manifest["val_from_train"]
     if task == "classification":
-        result.update(classify(manifest, sets, head=head, epochs=epochs, fuse=fuse, progress=progress))
+        result.update(classify(manifest, sets, head=head, epochs=epochs, fuse=fuse, concat=concat, progress=progress))
         for name in sets:
             if heatmap(result["grid"], name, out / f"heatmap-{name}.png"):
                 result.setdefault("plots", []).append(f"heatmap-{name}.png")

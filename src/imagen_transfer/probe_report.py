@@ -109,7 +109,7 @@ def heatmap(grid: list[dict], set_name: str, out: Path) -> Path | None:
 
     cells = {}
     for r in grid:
-        if r["set"] == set_name and "@t" in r["view"]:
+        if r["set"] == set_name and "@t" in r["view"] and "+" not in r["view"]:  # single views, not concatenations
             block, t = r["view"].split("@t")
             cells[(block, int(t))] = max(cells.get((block, int(t)), 0), r["val_accuracy"])
     if not cells:

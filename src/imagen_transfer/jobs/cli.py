@@ -272,7 +272,8 @@ def cmd_features(args) -> None:
     check_output_dir(Path(args.out), what="feature folder", overwrite=True,
                      is_ours=lambda folder: (folder / "manifest.json").is_file())
     common = dict(splits=tuple(args.splits), blocks=args.blocks, timesteps=args.timesteps, prompt=args.prompt,
-                  baselines=tuple(b for b in args.baselines if b != "none"), seed=args.seed, limit=args.limit)
+                  baselines=tuple(b for b in args.baselines if b != "none"), seed=args.seed, limit=args.limit,
+                  draws=args.noise_draws)
     source = open_source(args.data)
     if source.dense:  # detection / segmentation: multi-block maps at the task size
         if "text" in common["baselines"]:
@@ -352,6 +353,8 @@ def cmd_probe(args) -> None:
     head = check_head(args.task, args.head)  # the task / head table lives beside the heads (protocol.py)
     if args.flip_test and args.task not in ("detection", "segmentation"):
         raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
+    if args.concat > 1 and (args.task != "classification" or args.data):
+        raise UserError("--concat applies to --task classification on a feature folder")
     backbone = args.model if args.backbone is True else args.backbone
     if args.data or not args.features:
         return _probe_data(args, head, backbone)
@@ -380,7 +383,7 @@ def cmd_probe(args) -> None:
     _, known = known_for(manifest["dataset"])  # by name: the feature folder may have moved from its data
     reference = known.published or None if known else None
     run_probe(features, task=args.task, head=head or "linear", epochs=args.epochs, out=args.out, reference=reference,
-              fuse=[group.split("+") for group in args.fuse or []])
+              fuse=[group.split("+") for group in args.fuse or []], concat=args.concat)
     table = Path(args.out or args.features) / f"probe-{args.task}.md"
     print(f"{table}\n{table.read_text()}")
 
@@ -620,6 +623,8 @@ def _features_arguments(p: argparse.ArgumentParser) -> None:
                         "the maps (attention costs grow with the square of the size; default: the whole image)")
     p.add_argument("--batch-size", type=int_in(1), default=None, help="default 64 (16 for dense maps)")
     p.add_argument("--limit", type=int_in(1), default=None, help="at most this many images per split (spread over classes)")
+    p.add_argument("--noise-draws", type=int_in(1), default=1,
+                   help="average every U-Net view over this many noise draws (DIFT uses 8; costs that many passes)")
     p.add_argument("--out", default="features")
 
 
@@ -659,6 +664,8 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="label-efficiency points: detection / segmentation labelled images (default 5 10 20 all); "
                         "classification backbone: percentages of the training labels (default 1%% 10%% all)")
     p.add_argument("--epochs", type=int_in(1), default=30)
+    p.add_argument("--concat", type=int_in(1), default=1, metavar="K",
+                   help="classification: also try each set's K best views (on validation) concatenated as one view")
     p.add_argument("--fuse", nargs="+", default=None, metavar="SET+SET",
                    help="feature fusion: concatenate the chosen views of these sets, e.g. source+tuned tuned+text "
                         "(detection / segmentation: their maps, e.g. source+pixels)")
