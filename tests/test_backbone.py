@@ -242,3 +242,28 @@ def test_the_classification_backbone_probe_and_its_command(tmp_path, tiny_cascad
                   "--out", str(out)]):
         assert main(["probe", *argv]) == 2
         assert capsys.readouterr().err.count("error:") == 1
+
+
+def test_a_learned_conditioning_starts_at_the_empty_prompt_and_trains_at_the_heads_rate(sr_stage):
+    """`learned`: the text states are a parameter, equal to the empty prompt's at step 0 (same maps as `empty`), in
+    the head's learning-rate group, and moved by training; `empty`: a fixed buffer."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    fixed = UNetBackbone(sr_stage, _text(), ["mid"], pool=True)
+    learned = UNetBackbone(sr_stage, _text(), ["mid"], pool=True, conditioning="learned")
+    assert "states" not in dict(fixed.named_parameters()) and isinstance(learned.states, torch.nn.Parameter)
+    with torch.no_grad():
+        assert torch.equal(fixed.raw(x), learned.raw(x))
+    model = torch.nn.Sequential(learned, torch.nn.Flatten(), torch.nn.Linear(learned.channels, 2))
+    groups = param_groups(model, 1e-2)
+    assert any(p is learned.states for p in groups[1]["params"])
+    assert not any(p is learned.states for p in groups[0]["params"])
+    before = learned.states.detach().clone()
+    opt, _ = optimizer_for(1e-2, 5)(model)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1])).backward()
+        opt.step()
+    assert not torch.equal(before, learned.states)
+    with pytest.raises(Exception, match="conditioning"):
+        UNetBackbone(sr_stage, _text(), ["mid"], conditioning="prompt")

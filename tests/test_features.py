@@ -209,12 +209,12 @@ def test_noise_draws_average_the_views_over_each_images_successive_noises(tiny_c
     by_hand = []
     for _ in range(2):
         noise = randn(tuple(x0.shape), gens)
-        seen = {}
-        handle = stage.unet.mid_block.register_forward_hook(lambda m, i, o: seen.update(mid=o))
+        seen = []
+        handle = stage.unet.mid_block.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
         with torch.no_grad():
             denoise(stage.unet, add_noise(x0, t, noise, stage.scheduler.alphas_cumprod), t, text.repeat(4))
         handle.remove()
-        by_hand.append(seen["mid"].mean(dim=(2, 3)))
+        by_hand.append(seen[0].mean(dim=(2, 3)))
     one = unet_features(stage, images, batch_size=4, **kw)["mid@t200"]
     assert torch.allclose(one, by_hand[0], atol=1e-5) and not torch.allclose(by_hand[0], by_hand[1], atol=1e-3)
     assert torch.allclose(two, (by_hand[0] + by_hand[1]) / 2, atol=1e-5)
@@ -230,10 +230,9 @@ def test_concatenated_views_see_what_no_single_view_can():
     for split, n in (("train", 400), ("val", 200), ("test", 200)):
         y = torch.arange(n) % 4
         labels[split] = y.tolist()
-        noise = lambda: 0.1 * torch.randn(n, 4, generator=gen)  # noqa: E731
-        tensors[f"{split}/a@t10"] = (y // 2).float()[:, None].repeat(1, 4) + noise()
-        tensors[f"{split}/b@t10"] = (y % 2).float()[:, None].repeat(1, 4) + noise()
-        tensors[f"{split}/c@t10"] = noise()
+        tensors[f"{split}/a@t10"] = (y // 2).float()[:, None].repeat(1, 4) + 0.1 * torch.randn(n, 4, generator=gen)
+        tensors[f"{split}/b@t10"] = (y % 2).float()[:, None].repeat(1, 4) + 0.1 * torch.randn(n, 4, generator=gen)
+        tensors[f"{split}/c@t10"] = 0.1 * torch.randn(n, 4, generator=gen)
     manifest = dict(label_names=list("wxyz"), sets=dict(s=dict(views=["a@t10", "b@t10", "c@t10"])),
                     splits={s: dict(n=len(v), labels=v) for s, v in labels.items()})
     plain = classify(manifest, dict(s=tensors), epochs=20, efficiency_seeds=1, fractions=(1.0,), progress=False)

@@ -25,6 +25,7 @@ from torch import nn
 
 from .data import resize
 from .diffusion import condition_lowres, denoise
+from .errors import UserError
 from .features import _block, random_like
 from .text import TextEncoding
 
@@ -33,7 +34,8 @@ BACKBONE_LR_RATIO = 0.1  # backbone learning rate / head learning rate
 WARMUP_SHARE = 0.1  # share of the steps with a linear warm-up
 WEIGHT_DECAY = 1e-4
 SETS = ("backbone", "backbone-scratch")  # the probe rows: pretrained weights, and the same network from scratch
-ORDER = ("down", "mid", "up")  # the order a U-Net runs its blocks in
+ORDER = ("down", "mid", "up")
+CONDITIONING = ("empty", "learned")  # the text the trunk is conditioned on: the empty prompt's, or learnt from it  # the order a U-Net runs its blocks in
 
 
 class _Enough(Exception):
@@ -77,7 +79,7 @@ class UNetBackbone(nn.Module):
     the middle costs about half of a full forward and backward pass."""
 
     def __init__(self, stage, text: TextEncoding, blocks: list[str], *, t: int = BACKBONE_T, stride: int = 4,
-                 freeze: tuple[str, ...] = (), pool: bool = False):
+                 freeze: tuple[str, ...] = (), pool: bool = False, conditioning: str = "empty"):
         super().__init__()
         self.unet = copy.deepcopy(stage.unet).float().train()
         self.sr, self.factor = stage.kind == "sr", (stage.lowres / stage.resolution if stage.kind == "sr" else 1.0)
@@ -90,7 +92,13 @@ class UNetBackbone(nn.Module):
                 p.requires_grad_(False)
         alphas = stage.scheduler.alphas_cumprod.float()
         self.register_buffer("alphas", alphas.clone())
-        self.register_buffer("states", text.states[:1].float().clone())
+        if conditioning not in CONDITIONING:
+            raise UserError(f"unknown backbone conditioning '{conditioning}' ({' | '.join(CONDITIONING)})")
+        states = text.states[:1].float().clone()
+        if conditioning == "learned":  # a task embedding in the text's place, starting from the empty prompt's
+            self.states = nn.Parameter(states)
+        else:
+            self.register_buffer("states", states)
         self.register_buffer("mask", text.mask[:1].clone())
         self.channels = sum(block_channels(self.unet, b) for b in blocks)
         self.register_buffer("mean", torch.zeros(1, self.channels, 1, 1))
@@ -168,15 +176,17 @@ def optimizer_for(lr: float, steps: int):
 
 
 def make_backbone(stage, text: TextEncoding, blocks: list[str], *, pretrained: bool, seed: int, stride: int = 4,
-                  t: int = BACKBONE_T, freeze: tuple[str, ...] = (), pool: bool = False) -> UNetBackbone:
+                  t: int = BACKBONE_T, freeze: tuple[str, ...] = (), pool: bool = False,
+                  conditioning: str = "empty") -> UNetBackbone:
     """The `backbone` (the stage's weights) or `backbone-scratch` (the same architecture, weights drawn by `seed`)."""
     return UNetBackbone(stage if pretrained else random_like(stage, seed), text, blocks, t=t, stride=stride,
-                        freeze=freeze, pool=pool)
+                        freeze=freeze, pool=pool, conditioning=conditioning)
 
 
 def param_groups(model: nn.Module, lr: float) -> list[dict]:
-    """AdamW groups: the backbone's trainable weights at BACKBONE_LR_RATIO x lr, everything else (the head) at lr."""
-    backbone = {id(p) for m in model.modules() if isinstance(m, UNetBackbone) for p in m.parameters()}
+    """AdamW groups: the pretrained U-Net's trainable weights at BACKBONE_LR_RATIO x lr, the new parameters (the head,
+    a learned conditioning) at lr."""
+    backbone = {id(p) for m in model.modules() if isinstance(m, UNetBackbone) for p in m.unet.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     return [dict(params=[p for p in trainable if id(p) in backbone], lr=lr * BACKBONE_LR_RATIO),
             dict(params=[p for p in trainable if id(p) not in backbone], lr=lr)]

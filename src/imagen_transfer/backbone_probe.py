@@ -22,7 +22,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backbone import BACKBONE_LR_RATIO, BACKBONE_T, SETS, WARMUP_SHARE, WEIGHT_DECAY, make_backbone, optimizer_for
+from .backbone import (
+    BACKBONE_LR_RATIO,
+    BACKBONE_T,
+    SETS,
+    WARMUP_SHARE,
+    WEIGHT_DECAY,
+    make_backbone,
+    optimizer_for,
+)
 from .data import select_subset, to_float
 from .datasets import load_dataset
 from .errors import UserError
@@ -108,7 +116,8 @@ def load_splits(source: DataSource, resolution: int) -> tuple[dict, list[str], d
 
 def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", blocks=CLASSIFICATION_BLOCKS, t: int = BACKBONE_T,
                    steps: int = STEPS, batch_size: int = BATCH_SIZE, lrs=CLASSIFICATION_LRS, head: str = "linear",
-                   fractions=LABEL_FRACTIONS, seeds: int = 3, sets=SETS, progress: bool = True) -> dict:
+                   fractions=LABEL_FRACTIONS, seeds: int = 3, sets=SETS, conditioning: str = "empty",
+                   progress: bool = True) -> dict:
     """The two backbone rows on a labelled data set, by the protocol in the module doc (JSON-ready result)."""
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
@@ -123,7 +132,7 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
     def fit(set_name: str, index: torch.Tensor, lr: float, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         trunk = make_backbone(chosen_stage, text, list(blocks), pretrained=set_name == "backbone", seed=seed, t=t,
-                              pool=True)
+                              pool=True, conditioning=conditioning)
         trunk.calibrate(x[index])
         net = BackboneClassifier(trunk, classes, head)
         return train_classifier(net, x[index], y[index], lr=lr, steps=steps, batch_size=batch_size, seed=seed)
@@ -133,6 +142,7 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
 
     partial = [f for f in fractions if f < 1]
     result = dict(task="classification", model=str(model), dataset=source.name, stage=stage, blocks=list(blocks), t=t,
+                  conditioning=conditioning,
                   head=head, steps=steps, batch_size=batch_size, lrs=list(lrs), lr_ratio=BACKBONE_LR_RATIO,
                   warmup_share=WARMUP_SHARE, weight_decay=WEIGHT_DECAY, resolution=chosen_stage.resolution,
                   classes=names, n={s: len(v[1]) for s, v in splits.items()}, sets={})
@@ -170,7 +180,9 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
 def backbone_markdown(result: dict, reference: dict | None = None) -> str:
     held = result.get("val_from_train")
     lines = [f"# Classification backbone probe: {result['model']} ({result['stage']} stage) on {result['dataset']}", "",
-             f"Blocks {' + '.join(result['blocks'])} pooled at t = {result['t']}, {result['head']} head; "
+             f"Blocks {' + '.join(result['blocks'])} pooled at t = {result['t']}, conditioned on "
+             f"{'a learned embedding' if result.get('conditioning') == 'learned' else 'the empty prompt'}, "
+             f"{result['head']} head; "
              f"{result['steps']} steps of {result['batch_size']} images at {result['resolution']} px, backbone lr "
              f"{result['lr_ratio']:g} x the head's, lr chosen on validation accuracy from "
              f"{', '.join(f'{lr:g}' for lr in result['lrs'])}; n: " + ", ".join(f"{k} {v}" for k, v in result["n"].items())

@@ -358,9 +358,14 @@ def cmd_probe(args) -> None:
     backbone = args.model if args.backbone is True else args.backbone
     if args.data or not args.features:
         return _probe_data(args, head, backbone)
+    for name, value in (("--backbone-blocks", args.backbone_blocks),
+                        ("--backbone-conditioning", args.backbone_conditioning)):
+        if value:
+            raise UserError(f"{name} applies to the classification backbone (probe --model M --data SPEC --backbone); "
+                            "the dense backbone rows read the feature folder's blocks")
     if backbone and args.task not in ("detection", "segmentation"):
-        raise UserError(f"--backbone on a feature folder applies to --task detection or segmentation; for "
-                        f"classification read the data set: probe --model M --data SPEC --backbone --out DIR")
+        raise UserError("--backbone on a feature folder applies to --task detection or segmentation; for "
+                        "classification read the data set: probe --model M --data SPEC --backbone --out DIR")
     if args.out:  # the probe's files (probe-<task>.json / .md, plots, overlays) go here: checked before the heads train
         _check_probe_out(args.out)
     features = open_features(args.features)  # read once: the probes below receive it
@@ -415,7 +420,8 @@ def _probe_data(args, head: str | None, backbone: str | None) -> None:
     _check_probe_out(args.out)
     reference = source.known.published or None if source.known else None
     kwargs = {k: v for k, v in dict(stage=args.stage, steps=args.backbone_steps or args.steps, t=args.backbone_t,
-                                    sets=args.sets, seeds=args.seeds).items() if v is not None}
+                                    sets=args.sets, seeds=args.seeds, blocks=args.backbone_blocks,
+                                    conditioning=args.backbone_conditioning).items() if v is not None}
     run_backbone(backbone, source, args.out, reference=reference, head=head or "linear",
                  fractions=_labelled(args.labelled or ["1%", "10%", "all"], "classification"), **kwargs)
     table = Path(args.out) / "probe-classification.md"
@@ -658,6 +664,11 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                         "beside the feature folder's rows (its stage and blocks); classification: with --data")
     p.add_argument("--backbone-steps", type=int_in(1), default=None, help="their optimiser steps (default 300)")
     p.add_argument("--backbone-t", type=int_in(0, 999), default=None, help="the timestep images enter at (default 50)")
+    p.add_argument("--backbone-blocks", nargs="+", default=None, metavar="BLOCK",
+                   help="classification backbone: the blocks pooled under the head (default mid up0)")
+    p.add_argument("--backbone-conditioning", choices=["empty", "learned"], default=None,
+                   help="classification backbone: the empty prompt's encoding (default) or a learned embedding "
+                        "starting from it")
     p.add_argument("--backbone-crop", nargs=2, type=int_in(8), default=None, metavar=("H", "W"),
                    help="train the backbone rows on random windows of this size (scored on whole images): cheaper")
     p.add_argument("--labelled", nargs="+", default=None, type=_labelled_count,
