@@ -122,10 +122,11 @@ def test_backbone_rows_in_the_dense_probe_and_its_command(dense_sets, tiny_casca
     folder = dense_sets["segmentation"]
     result = run_dense(folder, tmp_path / "p", task="segmentation", steps=3, seeds=2, labelled=(4, None),
                        only=["backbone", "backbone-scratch"],
-                       backbone=dict(model=str(tiny_cascade_dir), steps=3, crop=(16, 16)),
+                       backbone=dict(model=str(tiny_cascade_dir), steps=3, crop=(16, 16), lrs=(2e-3,)),
                        progress=False)
     assert set(result["sets"]) == {"backbone", "backbone-scratch"}
     for r in result["sets"].values():
+        assert [g["lr"] for g in r["grid"]] == [2e-3]  # the backbone rows' own learning-rate grid
         assert 0 <= r["test"]["miou"] <= 1 and len(r["label_efficiency"]["4"]) == 2 and r["parameters"] > 1e5
     assert result["backbone"]["steps"] == 3 and result["backbone"]["lr_ratio"] == BACKBONE_LR_RATIO
     assert result["backbone"]["crop"] == [16, 16]  # trained on windows, scored on whole images

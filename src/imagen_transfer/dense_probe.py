@@ -183,11 +183,13 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
     n_train = manifest["splits"]["train"]["n"]
     counts = [c for c in labelled if c is not None and c < n_train]
     chosen = {}
-    with tqdm(total=len(inputs) * (len(lrs) + seeds * len(counts) + seeds - 1), desc=f"{manifest['task']} heads",
+    grids = sum(len(backbone.get("lrs") or lrs) if name in BACKBONE_SETS else len(lrs) for name in inputs)
+    with tqdm(total=grids + len(inputs) * (seeds * len(counts) + seeds - 1), desc=f"{manifest['task']} heads",
               disable=not progress, unit="head") as bar:
         for set_name, load in inputs.items():
             x = load()
-            result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, lrs, counts, seeds, bar)
+            set_lrs = tuple(backbone.get("lrs") or lrs) if set_name in BACKBONE_SETS else lrs
+            result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, set_lrs, counts, seeds, bar)
             chosen[set_name] = (head, x["test"])
     return result, chosen
 
@@ -195,7 +197,7 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
 def open_backbone(spec: dict, manifest: dict) -> dict:
     """The backbone rows' settings with their stage and the empty prompt's encoding: `spec` names the model (a
     cascade folder or shipped name), and optionally stage (default: the feature folder's), blocks (default: the
-    folder's), t, steps, batch_size, freeze."""
+    folder's), t, steps, batch_size, freeze, lrs (their learning-rate grid; default: the heads')."""
     cascade = open_model(spec["model"])
     stage = cascade.stage(spec.get("stage") or manifest["stage"])
     text = load_text_encoder(cascade.text_encoder)([""])

@@ -32,6 +32,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {text})")
+    return value
+
+
 def int_in(low: int, high: int | None = None):
     """An argparse type: an integer in [low, high]."""
 
@@ -381,7 +388,7 @@ def cmd_probe(args) -> None:
                   fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test,
                   backbone=None if not backbone else {k: v for k, v in dict(
                       model=backbone, steps=args.backbone_steps, t=args.backbone_t,
-                      crop=args.backbone_crop).items() if v is not None})
+                      crop=args.backbone_crop, lrs=args.backbone_lrs).items() if v is not None})
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -421,7 +428,8 @@ def _probe_data(args, head: str | None, backbone: str | None) -> None:
     reference = source.known.published or None if source.known else None
     kwargs = {k: v for k, v in dict(stage=args.stage, steps=args.backbone_steps or args.steps, t=args.backbone_t,
                                     sets=args.sets, seeds=args.seeds, blocks=args.backbone_blocks,
-                                    conditioning=args.backbone_conditioning).items() if v is not None}
+                                    conditioning=args.backbone_conditioning,
+                                    lrs=args.backbone_lrs).items() if v is not None}
     run_backbone(backbone, source, args.out, reference=reference, head=head or "linear",
                  fractions=_labelled(args.labelled or ["1%", "10%", "all"], "classification"), **kwargs)
     table = Path(args.out) / "probe-classification.md"
@@ -664,6 +672,9 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                         "beside the feature folder's rows (its stage and blocks); classification: with --data")
     p.add_argument("--backbone-steps", type=int_in(1), default=None, help="their optimiser steps (default 300)")
     p.add_argument("--backbone-t", type=int_in(0, 999), default=None, help="the timestep images enter at (default 50)")
+    p.add_argument("--backbone-lrs", nargs="+", type=positive_float, default=None, metavar="LR",
+                   help="the backbone rows' head learning-rate grid, chosen on validation (the backbone trains at "
+                        "0.1x; default: 1e-3 3e-3)")
     p.add_argument("--backbone-blocks", nargs="+", default=None, metavar="BLOCK",
                    help="classification backbone: the blocks pooled under the head (default mid up0)")
     p.add_argument("--backbone-conditioning", choices=["empty", "learned"], default=None,
