@@ -37,6 +37,7 @@ from .errors import UserError
 from .interop import open_model
 from .probe import VAL_FROM_TRAIN, _head, classification_scores
 from .probe_report import LABEL_FRACTIONS, efficiency_table
+from .protocol import choose
 from .sources import DataSource, open_source
 from .text import load_text_encoder
 
@@ -142,8 +143,7 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
 
     partial = [f for f in fractions if f < 1]
     result = dict(task="classification", model=str(model), dataset=source.name, stage=stage, blocks=list(blocks), t=t,
-                  conditioning=conditioning,
-                  head=head, steps=steps, batch_size=batch_size, lrs=list(lrs), lr_ratio=BACKBONE_LR_RATIO,
+                  conditioning=conditioning, head=head, steps=steps, batch_size=batch_size, lrs=list(lrs), lr_ratio=BACKBONE_LR_RATIO,
                   warmup_share=WARMUP_SHARE, weight_decay=WEIGHT_DECAY, resolution=chosen_stage.resolution,
                   classes=names, n={s: len(v[1]) for s, v in splits.items()}, sets={})
     if held:
@@ -156,7 +156,7 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
                 net = fit(set_name, torch.arange(len(y)), lr, 0)
                 grid.append(dict(lr=lr, val=scores(net, "val"), net=net))
                 bar.update()
-            best = max(grid, key=lambda g: (g["val"]["accuracy"], g["val"]["auc"] or 0))
+            best = choose(grid, lambda g: (g["val"]["accuracy"], g["val"]["auc"] or 0))
             curve = {}
             for fraction in fractions:
                 for seed in range(seeds):
