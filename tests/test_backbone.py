@@ -268,3 +268,34 @@ def test_a_learned_conditioning_starts_at_the_empty_prompt_and_trains_at_the_hea
     assert not torch.equal(before, learned.states)
     with pytest.raises(Exception, match="conditioning"):
         UNetBackbone(sr_stage, _text(), ["mid"], conditioning="prompt")
+
+
+@pytest.mark.slow
+def test_a_dense_backbone_probe_reads_the_data_set_and_extracts_the_frozen_row_itself(tmp_path, tiny_cascade_dir,
+                                                                                       capsys):
+    """`probe --model M --data SPEC --task segmentation --backbone`: no feature folder given; M's frozen maps are
+    extracted into OUT/features (reused by a second run) and probed beside the backbone rows; a data set of the
+    other task is one error line before any work."""
+    import json
+
+    from test_dense import make_masks, make_voc
+
+    from imagen_transfer.jobs.cli import main
+
+    seg = make_masks(tmp_path / "seg", n=16, size=32)
+    out = tmp_path / "probe"
+    argv = ["probe", "--model", str(tiny_cascade_dir), "--data", str(seg), "--task", "segmentation", "--head", "conv",
+            "--backbone", "--backbone-steps", "2", "--steps", "2", "--seeds", "1", "--labelled", "all",
+            "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "probe-segmentation.json").read_text())
+    assert set(result["sets"]) == {"source", "backbone", "backbone-scratch"}
+    assert (out / "features" / "manifest.json").is_file() and result["features"] == str(out / "features")
+    stamp = (out / "features" / "manifest.json").stat().st_mtime_ns
+    assert main(argv) == 0 and (out / "features" / "manifest.json").stat().st_mtime_ns == stamp  # reused
+    capsys.readouterr()
+    voc = make_voc(tmp_path / "voc", n=8, width=64, height=48, faults=False)
+    assert main(["probe", "--model", str(tiny_cascade_dir), "--data", str(voc), "--task", "segmentation",
+                 "--backbone", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "detection" in err and not (tmp_path / "other").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import sys
 from pathlib import Path
@@ -382,13 +383,7 @@ def cmd_probe(args) -> None:
     if args.task in ("detection", "segmentation"):
         from ..dense_probe import run_dense
 
-        run_dense(features, args.out, task=args.task, steps=args.steps, seeds=args.seeds,
-                  kind=head, scratch=args.scratch, scratch_steps=args.scratch_steps, only=args.sets,
-                  labelled=_labelled(args.labelled or ["5", "10", "20", "all"], args.task),
-                  fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test,
-                  backbone=None if not backbone else {k: v for k, v in dict(
-                      model=backbone, steps=args.backbone_steps, t=args.backbone_t,
-                      crop=args.backbone_crop, lrs=args.backbone_lrs).items() if v is not None})
+        run_dense(features, args.out, **_dense_options(args, head, backbone))
         table = Path(args.out or args.features) / f"probe-{args.task}.md"
         print(f"{table}\n{table.read_text()}")
         return
@@ -400,9 +395,50 @@ def cmd_probe(args) -> None:
     print(f"{table}\n{table.read_text()}")
 
 
+def _dense_options(args, head: str | None, backbone: str | None) -> dict:
+    """run_dense's arguments from the probe command line."""
+    return dict(task=args.task, steps=args.steps, seeds=args.seeds, kind=head, scratch=args.scratch,
+                scratch_steps=args.scratch_steps, only=args.sets,
+                labelled=_labelled(args.labelled or ["5", "10", "20", "all"], args.task),
+                fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test,
+                backbone=None if not backbone else {k: v for k, v in dict(
+                    model=backbone, steps=args.backbone_steps, t=args.backbone_t, crop=args.backbone_crop,
+                    lrs=args.backbone_lrs).items() if v is not None})
+
+
 def _check_probe_out(out: str) -> None:
     check_output_dir(Path(out), what="probe folder", overwrite=True,
                      is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file())
+
+
+def _probe_dense_data(args, head: str | None, backbone: str | None) -> None:
+    """probe --model M --data SPEC --task detection|segmentation --backbone: the model's frozen maps are extracted
+    into OUT/features (reused when they are the same model's and data set's), then the dense protocol runs the
+    frozen `source` row beside the backbone rows (and `scratch` with --scratch)."""
+    from ..cascade import resolve_model
+    from ..dense_probe import run_dense
+    from ..features import extract_dense
+    from ..sources import open_source
+
+    for name, value in (("--backbone-blocks", args.backbone_blocks), ("--concat", args.concat > 1),
+                        ("--backbone-conditioning", args.backbone_conditioning)):
+        if value:
+            raise UserError(f"{name} does not apply to --task {args.task}")
+    source = open_source(args.data)
+    if source.kind != args.task:
+        raise UserError(f"{args.data} is a {source.kind} data set, not a {args.task} one (--task {source.kind})")
+    _check_probe_out(args.out)
+    model = args.model or backbone
+    features = Path(args.out) / "features"
+    manifest = features / "manifest.json"
+    same = manifest.is_file() and json.loads(manifest.read_text()).get("models") == {
+        "source": str(resolve_model(model))} and json.loads(manifest.read_text()).get("dataset") == str(source.path)
+    if not same:
+        check_output_dir(features, what="feature folder", overwrite=True, is_ours=lambda f: (f / "manifest.json").is_file())
+        extract_dense({"source": model}, source, features, stage_name=args.stage or "sr", baselines=())
+    run_dense(features, args.out, **_dense_options(args, head, backbone))
+    table = Path(args.out) / f"probe-{args.task}.md"
+    print(f"{table}\n{table.read_text()}")
 
 
 def _probe_data(args, head: str | None, backbone: str | None) -> None:
@@ -415,11 +451,13 @@ def _probe_data(args, head: str | None, backbone: str | None) -> None:
                         "--backbone (the U-Net fine-tuned end to end)")
     if not backbone:
         raise UserError("probe --data reads images for the fine-tuned backbone rows: add --backbone and --model M")
-    if args.task != "classification":
-        raise UserError(f"probe --data ... --backbone runs --task classification; for {args.task}, extract features "
-                        f"and pass --features DIR --backbone {backbone} (the dense rows sit beside the frozen ones)")
     if not args.out:
-        raise UserError("probe --data needs --out DIR (where probe-classification.json / .md go)")
+        raise UserError(f"probe --data needs --out DIR (where probe-{args.task}.json / .md go)")
+    if args.task in ("detection", "segmentation"):
+        return _probe_dense_data(args, head, backbone)
+    if args.task != "classification":
+        raise UserError(f"probe --data ... --backbone runs --task classification, detection or segmentation, not "
+                        f"{args.task}")
     for name, value in (("--fuse", args.fuse), ("--scratch", args.scratch), ("--backbone-crop", args.backbone_crop)):
         if value:
             raise UserError(f"{name} does not apply to a classification backbone probe")
@@ -668,8 +706,9 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                         "(CenterNet's flip test; conv and scratch heads: pixel MLPs are unchanged by it)")
     p.add_argument("--backbone", nargs="?", const=True, default=None, metavar="MODEL",
                    help="fine-tune MODEL's U-Net (default: --model) end to end under the task's head ('backbone'), "
-                        "and the same network from fresh weights ('backbone-scratch'); detection / segmentation: "
-                        "beside the feature folder's rows (its stage and blocks); classification: with --data")
+                        "and the same network from fresh weights ('backbone-scratch'); with --features: beside the "
+                        "folder's rows (its stage and blocks); with --model M --data SPEC: classification, or "
+                        "detection / segmentation beside M's frozen maps (extracted into OUT/features)")
     p.add_argument("--backbone-steps", type=int_in(1), default=None, help="their optimiser steps (default 300)")
     p.add_argument("--backbone-t", type=int_in(0, 999), default=None, help="the timestep images enter at (default 50)")
     p.add_argument("--backbone-lrs", nargs="+", type=positive_float, default=None, metavar="LR",
