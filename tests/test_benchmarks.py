@@ -197,3 +197,18 @@ def test_memory(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| 64 | lora"))
     assert float(row.split(" | ")[5].replace(",", "")) > 0  # a measured peak
     assert "| lora |" in text.split("IF-I-XL at 64 px")[1] and out  # the fits-on table from IF-I-XL's counts
+
+
+def test_frozen_recipes_table(tmp_path, tiny_cascade_dir):
+    from imagen_transfer.features import extract
+
+    data = make_npz(tmp_path / "toy.npz", n_train=24, n_val=8)
+    extract({"source": str(tiny_cascade_dir)}, str(data), tmp_path / "r" / "base-k1", blocks=["mid", "up0"],
+            timesteps=[10, 100], baselines=(), progress=False)
+    (tmp_path / "r" / "timings.jsonl").write_text(json.dumps(dict(name="base-k1", args="--stage base", features_s=1,
+                                                                  probe_s=1, bytes=1000)) + "\n")
+    out = _run("frozen_recipes_table.py", tmp_path / "r", "--out", tmp_path / "t.md")
+    rows = table_rows(out)
+    assert [r["head"] for r in rows] == ["linear", "linear, 3 best views", "mlp", "mlp, 3 best views"]
+    assert rows[1]["view chosen"].count("@t") in (1, 3) and all(0 <= number(r["test acc"]) <= 1 for r in rows)
+    assert json.loads((tmp_path / "t.json").read_text())[0]["features"] == "base-k1"
