@@ -69,6 +69,19 @@ def test_frozen_blocks_get_no_gradient(sr_stage):
     assert trunk.unet.mid_block.resnets[0].conv1.weight.grad is not None
 
 
+def _blind_trunk(stage, x, blocks, *, frozen: bool, **kw) -> UNetBackbone:
+    """A trunk whose input convolution is zeroed (its maps do not depend on the image), calibrated on `x`, with its
+    U-Net frozen or trainable."""
+    torch.manual_seed(0)
+    trunk = UNetBackbone(stage, _text(), blocks, **kw)
+    with torch.no_grad():
+        trunk.unet.conv_in.weight.zero_()
+    trunk.calibrate(x)
+    for p in trunk.unet.parameters():
+        p.requires_grad_(not frozen and p.requires_grad)
+    return trunk
+
+
 def _halves(n=12, size=16):
     """Images whose left or right half is bright (the class), masks labelling the bright half 1, the rest 0."""
     gen = torch.Generator().manual_seed(0)
@@ -95,14 +108,7 @@ def test_a_fine_tuned_backbone_fits_what_its_frozen_self_cannot(sr_stage):
     x, masks = _halves(n=8)
     scores = {}
     for name in ("frozen", "fine-tuned"):
-        torch.manual_seed(0)
-        trunk = UNetBackbone(sr_stage, _text(), ["up1"], stride=4)
-        with torch.no_grad():
-            trunk.unet.conv_in.weight.zero_()
-        trunk.calibrate(x)
-        if name == "frozen":
-            for p in trunk.unet.parameters():
-                p.requires_grad_(False)
+        trunk = _blind_trunk(sr_stage, x, ["up1"], frozen=name == "frozen", stride=4)
         model = BackboneSegmenter(trunk, ConvSegHead(trunk.channels, 2, width=16))
         heads = train_segmenter("model", x, masks, 2, lr=3e-3, steps=25, seed=0, model=model,
                                 optimizer=optimizer_for(3e-3, 25), batch_size=4)
@@ -197,14 +203,7 @@ def test_a_fine_tuned_classifier_learns_what_its_frozen_input_cannot_see(sr_stag
     x, y = _bright_centre()
     accuracy = {}
     for name in ("frozen", "fine-tuned"):
-        torch.manual_seed(0)
-        trunk = UNetBackbone(sr_stage, _text(), ["mid"], pool=True)
-        with torch.no_grad():
-            trunk.unet.conv_in.weight.zero_()
-        trunk.calibrate(x)
-        if name == "frozen":
-            for p in trunk.unet.parameters():
-                p.requires_grad_(False)
+        trunk = _blind_trunk(sr_stage, x, ["mid"], frozen=name == "frozen", pool=True)
         net = train_classifier(BackboneClassifier(trunk, 2), x, y, lr=1e-2, steps=40, batch_size=8, seed=0)
         accuracy[name] = float((class_probs(net, x).argmax(1) == y).float().mean())
     assert accuracy["frozen"] == 0.5 and accuracy["fine-tuned"] >= 0.9, accuracy
