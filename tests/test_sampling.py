@@ -142,3 +142,76 @@ def test_bf16_sampling_stays_close_to_fp32(tiny_cascade):
     assert (bf16 - fp32).abs().mean() < 0.05  # ...and the sampler's own arithmetic did not
     with pytest.raises(UserError, match="precision"):
         sample_cascade(tiny_cascade, ["a cat"], [0], precision="fp8", **opts)
+
+
+class _Unconditional(torch.nn.Module):
+    """The model's unconditional branch as a 'guide': the same U-Net, always given the empty prompt's encoding."""
+
+    def __init__(self, unet, null):
+        super().__init__()
+        self.unet, self.null = unet, null
+
+    def forward(self, x, t, encoder_hidden_states, encoder_attention_mask=None, **kwargs):
+        n = x.shape[0]
+        return self.unet(x, t, encoder_hidden_states=self.null.states.expand(n, -1, -1).to(encoder_hidden_states.dtype),
+                         encoder_attention_mask=self.null.mask.expand(n, -1), **kwargs)
+
+
+def _twin(stage, unet):
+    import copy
+
+    other = copy.copy(stage)
+    other.unet = unet
+    return other
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, 2.5])
+def test_autoguidance_by_the_model_itself_is_its_conditional_sampling_at_any_weight(tiny_cascade, weight):
+    """Known answer: D_guide + w (D_model - D_guide) with guide == model is D_model for every w, i.e. CFG at 1."""
+    from imagen_transfer.sampling import sample_stage
+    from imagen_transfer.text import load_text_encoder
+
+    stage = tiny_cascade.stage("base")
+    enc = load_text_encoder(tiny_cascade.text_encoder)(["a cat", "a dog", ""])
+    text, null = enc.index(slice(0, 2)), enc.index(slice(2, 3))
+
+    def run(**kw):
+        gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        return sample_stage(stage, text, null, gens, steps=6, progress=False, **kw)
+
+    conditional = run(guidance=1.0)
+    assert torch.allclose(run(guidance=weight, guide=stage), conditional, atol=1e-5)
+
+
+def test_autoguidance_by_the_models_unconditional_branch_is_cfg(tiny_cascade):
+    """Known answer: a guide that is the model's own unconditional branch turns autoguidance into CFG, same w."""
+    from imagen_transfer.sampling import sample_stage
+    from imagen_transfer.text import load_text_encoder
+
+    stage = tiny_cascade.stage("base")
+    enc = load_text_encoder(tiny_cascade.text_encoder)(["a cat", "a dog", ""])
+    text, null = enc.index(slice(0, 2)), enc.index(slice(2, 3))
+    guide = _twin(stage, _Unconditional(stage.unet, null))
+
+    def run(**kw):
+        gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+        return sample_stage(stage, text, null, gens, steps=6, progress=False, guidance=3.0, **kw)
+
+    cfg, auto = run(), run(guide=guide)
+    assert torch.allclose(auto, cfg, atol=1e-5)
+    assert not torch.allclose(cfg, run(guide=stage), atol=1e-3)  # and a different guide gives something else
+
+
+def test_autoguidance_from_the_command_line_and_its_errors(tiny_cascade_dir, tmp_path, capsys):
+    """`sample --guide-model DIR` samples; a guide that does not exist is one line before any sampling."""
+    from imagen_transfer.jobs.cli import main
+
+    argv = ["sample", "--model", str(tiny_cascade_dir), "--prompt", "a cat", "--steps", "2", "--stages", "base"]
+    assert main([*argv, "--guide-model", str(tiny_cascade_dir), "--guidance", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--guide-model", str(tmp_path / "run" / "step-5"), "--out", str(tmp_path / "h.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "step-5" in err and not (tmp_path / "h.png").exists()
+    assert main([*argv, "--guide-model", str(tiny_cascade_dir), "--mix", f"{tiny_cascade_dir}=0.5",
+                 "--out", str(tmp_path / "i.png")]) == 2

@@ -102,7 +102,9 @@ def cmd_sample(args) -> None:
     cascade = open_model(args.model)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
-    images = sample_cascade(cascade, prompts, seeds, stages=args.stages, mix=_mixture(args.mix), **sampling)
+    guide = open_model(args.guide_model) if args.guide_model else None
+    images = sample_cascade(cascade, prompts, seeds, stages=args.stages, mix=_mixture(args.mix), guide=guide,
+                            **sampling)
     save_grid(images, args.out, nrow=args.n, scale=args.scale)
     print(f"wrote {args.out}: {len(prompts)} images at {images.shape[-1]}px (seeds {seeds[0]}..{seeds[-1]})")
 
@@ -243,6 +245,7 @@ def cmd_evaluate(args) -> None:
     result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
                       batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
                       logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix),
+                      guide=args.guide_model,
                       bicubic_baseline=args.bicubic_baseline, base_stage=args.base_stage)
     shown = ["fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"]
     print(", ".join(f"{k}={result[k]:.4g}" for k in shown if result.get(k) is not None))
@@ -483,6 +486,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["no", "bf16", "auto"], default=None,
                    help="autocast of the U-Net calls (default no: fp32, results independent of the batch); auto: bf16 "
                         "where the hardware runs it natively (same KID, faster: docs/performance.md)")
+    p.add_argument("--guide-model", default=None, metavar="DIR",
+                   help="autoguidance: guide with this weaker cascade of the same data (an earlier or shorter run's "
+                        "cascade) instead of the unconditional branch, at the --guidance weight (Karras et al. 2024)")
     p.add_argument("--mix", nargs="+", default=None, metavar="DIR=WEIGHT",
                    help="mix other models' predictions in (the main model gets 1 - their sum): guidance between models "
                         "is --mix SOURCE=-0.5 (1.5 x tuned - 0.5 x source), an ensemble --mix OTHER=0.5")
