@@ -306,3 +306,33 @@ def test_half_precision_frozen_weights_without_autocast_are_refused_before_the_r
         train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", "bitfit", "train.mixed_precision=no",
                                "train.frozen_dtype=bf16"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_runs_kept_step_opens_as_the_run_was_then(tiny_cascade_dir, tmp_path, method):
+    """`train.keep_steps` keeps early checkpoints past pruning; `RUN/step-N` opens the run's cascade at that step.
+    Known answer: the last step opens as the run's final cascade (same EMA weights, adapters merged alike), an
+    earlier one differs from it and from the source; a step not kept is one line naming those kept."""
+    from conftest import make_npz
+
+    from imagen_transfer.interop import open_model
+    from imagen_transfer.train import train
+
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    run = train(_finetune_config(tiny_cascade_dir, data, tmp_path / "run", method, "train.keep_checkpoints=1",
+                                 "train.keep_steps=[2]", "transfer.lora_rank=2" if method == "lora" else "train.seed=0"))
+    kept = sorted(p.name for p in (run / "checkpoints" / "base").glob("step-*"))
+    assert kept == ["step-0000002", "step-0000004"]  # step 2 survives keep_checkpoints=1
+    final, last = load_cascade(run / "cascade"), open_model(run / "step-4")
+    early, source = open_model(run / "step-2"), load_cascade(tiny_cascade_dir)
+
+    def weights(cascade):
+        return cascade.stage("base").unet.state_dict()
+
+    for name, tensor in weights(final).items():
+        torch.testing.assert_close(weights(last)[name], tensor, rtol=1e-6, atol=1e-6)
+    assert any(not torch.equal(weights(early)[k], weights(final)[k]) for k in weights(final))
+    assert any(not torch.equal(weights(early)[k], weights(source)[k]) for k in weights(source))
+    assert early.info["step"] == 2 and early.sampling == final.sampling
+    with pytest.raises(UserError, match="no checkpoint step-3 of stage base .kept: step-0000002, step-0000004"):
+        open_model(run / "step-3")

@@ -125,17 +125,23 @@ def drop_torn_last_line(path: Path) -> bool:
     return True
 
 
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
 def stage_dir(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "checkpoints" / stage
 
 
 def save_checkpoint(run_dir: Path, stage: str, step: int, *, model: dict[str, torch.Tensor],
-                    ema: dict[str, torch.Tensor], optimizer: dict, state: dict, keep: int = 2) -> Path:
-    """Write one checkpoint atomically and point `latest` at it; keep the newest `keep` (and `best`)."""
+                    ema: dict[str, torch.Tensor], optimizer: dict, state: dict, keep: int = 2,
+                    keep_steps=()) -> Path:
+    """Write one checkpoint atomically and point `latest` at it; keep the newest `keep`, `best` and the steps in
+    `keep_steps`."""
     root = stage_dir(run_dir, stage)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = root / f"step-{step:07d}.tmp"
+    final = root / step_name(step)
+    tmp = root / f"{step_name(step)}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tensors, metadata = optimizer_to_safetensors(optimizer)
@@ -158,7 +164,7 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, *, model: dict[str, to
         shutil.rmtree(final)
     os.replace(tmp, final)
     write_atomic(root / "latest", final.name)
-    _prune(root, keep, protect={final.name, _read_pointer(root / "best")})
+    _prune(root, keep, protect={final.name, _read_pointer(root / "best")} | {step_name(s) for s in keep_steps})
     return final
 
 

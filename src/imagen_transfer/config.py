@@ -118,6 +118,9 @@ class TrainConfig:
     sample_every: int = rule(1000, low=0, note="(0: off)")
     checkpoint_every: int = rule(500, low=1)
     keep_checkpoints: int = rule(2, low=1)
+    # steps whose checkpoints are written (off the checkpoint_every grid too) and never pruned: early versions of the
+    # run kept as autoguidance guides (`--guide-model RUN/step-N`, sampling.autoguided_denoiser)
+    keep_steps: list[int] = rule(low=1, factory=list)
     seed: int = rule(0, low=0)
     threads: int | None = rule(None, low=1)
     kid_every: int = rule(0, low=0, note="(0: off)")  # sample quality while training (quality.py): KID, conditioning accuracy every N steps; 0: off
@@ -257,6 +260,8 @@ def _rule_text(meta: dict) -> str:
 def _obeys(value: Any, meta: dict) -> bool:
     if isinstance(value, dict):
         return all(_obeys(v, meta) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_obeys(v, meta) for v in value)
     if value is None:
         return True
     if meta["choices"]:

@@ -18,10 +18,12 @@ run, but IFPipeline always encodes 77 tokens without a mask, so their images dif
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
 from .cascade import (
@@ -33,6 +35,7 @@ from .cascade import (
     load_cascade,
     quiet_diffusers,
     resolve_model,
+    set_sampling_aug_level,
 )
 from .config import RunConfig
 from .errors import UserError
@@ -40,6 +43,7 @@ from .outputs import check_output_dir
 from .sampling import make_scheduler
 from .text import TextEncoderSpec, load_text_encoder, minilm_path, text_dim
 
+STEP_REF = re.compile(r"step-0*(\d+)")  # RUN/step-N: a run's checkpoint of step N
 IF_TEXT_LENGTH = 77
 IF_SR_NOISE_LEVEL = 250
 
@@ -49,15 +53,60 @@ def is_pipeline_folder(folder: Path) -> bool:
 
 
 def open_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Any model a command accepts, as a Cascade: a cascade folder or shipped name (`cascade.load_cascade`), or a
-    DeepFloyd IF stage-I diffusers folder (`import_if`, stage I only; `import-if` adds stage II). The one place
-    that dispatches on what a folder holds."""
+    """Any model a command accepts, as a Cascade: a cascade folder or shipped name (`cascade.load_cascade`), a
+    training run's checkpoint `RUN/step-N` (`cascade_at`), or a DeepFloyd IF stage-I diffusers folder
+    (`import_if`, stage I only; `import-if` adds stage II). The one place that dispatches on what a folder holds."""
+    path = Path(name_or_path)
+    step = STEP_REF.fullmatch(path.name)
+    if step and not path.exists() and (path.parent / "config.yaml").is_file():
+        cascade = cascade_at(path.parent, int(step.group(1)))
+        for stage in cascade.stages:
+            stage.unet.to(device=device, dtype=dtype)
+        return cascade
     folder = resolve_model(name_or_path)
     if not is_pipeline_folder(folder):
         return load_cascade(folder, dtype=dtype, device=device)
     cascade = import_if(folder)
     for stage in cascade.stages:
         stage.unet.to(device=device, dtype=dtype)
+    return cascade
+
+
+def cascade_at(run_dir: Path, step: int) -> Cascade:
+    """A training run's cascade as it was at `step`: its starting cascade (config.yaml's source or preset) with each
+    trained stage's weights from its checkpoint of that step, EMA weights where EMA kept them (an adapter merged, as
+    the run's final cascade holds it); stages the run did not train stay as they started. A step the run kept no
+    checkpoint of is one error line listing those it kept (keep more with train.keep_steps)."""
+    from .checkpoint import stage_dir, step_name
+    from .config import load_config
+    from .transfer import finish_transfer, prepare_transfer
+
+    config = load_config(run_dir / "config.yaml")
+    missing = {name: sorted(p.name for p in stage_dir(run_dir, name).glob("step-*") if (p / "state.json").is_file())
+               for name in config.train.stages
+               if not (stage_dir(run_dir, name) / step_name(step) / "state.json").is_file()}
+    if missing:
+        name, kept = next(iter(missing.items()))
+        raise UserError(f"{run_dir} has no checkpoint step-{step} of stage {name} (kept: {', '.join(kept) or 'none'}); "
+                        "keep one with train.keep_steps=[N] when training")
+    cascade = build_or_load_cascade(config, resume=True)
+    set_sampling_aug_level(cascade, config.sample.aug_level)
+    final = run_dir / "cascade" / "cascade.json"
+    if final.is_file():  # the run's own sampling settings (grayscale, augmentation level)
+        cascade.sampling = {**cascade.sampling, **json.loads(final.read_text()).get("sampling", {})}
+    for name in config.train.stages:
+        stage, folder = cascade.stage(name), stage_dir(run_dir, name) / step_name(step)
+        prepare_transfer(stage.unet, config.transfer)  # the run's parameter names (adapters included)
+        params = dict(stage.unet.named_parameters())
+        with torch.no_grad():
+            for file in ("model.safetensors", "ema.safetensors"):  # the EMA of the trained weights last
+                for key, tensor in load_file(folder / file).items():
+                    if key not in params:
+                        raise UserError(f"{folder / file}: weight {key} does not fit the run's model ({config.transfer.method})")
+                    params[key].copy_(tensor)
+        finish_transfer(stage.unet)
+        stage.unet.float().eval()
+    cascade.info = {**cascade.info, "run": str(run_dir), "step": step}
     return cascade
 
 

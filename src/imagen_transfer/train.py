@@ -300,7 +300,8 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
             improved, done = _judge(run, record, step)
         if record is not None:
             log.record(record)
-        if step % tc.checkpoint_every == 0 or step == tc.steps or done or improved and run.keep_best:
+        if (step % tc.checkpoint_every == 0 or step == tc.steps or done or improved and run.keep_best
+                or step in tc.keep_steps):
             path = _save(run, step, done=done or step == tc.steps)
             if accelerator.is_main_process and improved:
                 mark_best(run_dir, stage.name, path)
@@ -333,7 +334,8 @@ def _save(run: StageRun, step: int, done: bool) -> Path | None:
         state = dict(stage=run.stage.name, ema_step=t.ema.optimization_step, best=run.stopping.state(), done=done,
                      early_stopped=run.early_stopped)
         path = save_checkpoint(run.run_dir, run.stage.name, step, model=model, ema=ema, optimizer=optimizer,
-                               state=state, keep=run.config.train.keep_checkpoints)
+                               state=state, keep=run.config.train.keep_checkpoints,
+                               keep_steps=run.config.train.keep_steps)
     run.accelerator.wait_for_everyone()  # nobody runs ahead while the main process writes
     return path
 
