@@ -212,3 +212,15 @@ def test_frozen_recipes_table(tmp_path, tiny_cascade_dir):
     assert [r["head"] for r in rows] == ["linear", "linear, 3 best views", "mlp", "mlp, 3 best views"]
     assert rows[1]["view chosen"].count("@t") in (1, 3) and all(0 <= number(r["test acc"]) <= 1 for r in rows)
     assert json.loads((tmp_path / "t.json").read_text())[0]["features"] == "base-k1"
+
+
+def test_autoguidance(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    out = _run("autoguidance.py", "--model", tiny_cascade_dir, "--guides", tiny_cascade_dir, "--weights", "1", "2",
+               "--data", data, "--n", "4", "--n-real", "8", "--steps", "2", "--precision", "no", "--no-judge",
+               "--out", tmp_path / "ag", "--table", tmp_path / "a.md")
+    rows = table_rows((tmp_path / "a.md").read_text())
+    assert [r["row"] for r in rows] == ["single", f"autoguidance w=1, guide {tiny_cascade_dir.name}",
+                                        f"autoguidance w=2, guide {tiny_cascade_dir.name}"], out
+    measured = json.loads((tmp_path / "a.json").read_text())
+    assert measured[0]["name"] == "single" and all(math.isfinite(r["kid"]) and r["n"] == 4 for r in measured)
