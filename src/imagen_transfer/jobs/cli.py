@@ -103,8 +103,9 @@ def cmd_sample(args) -> None:
     prompts = [p for p in args.prompt for _ in range(args.n)]
     seeds = [args.seed + i for i in range(len(prompts))]
     guide = open_model(args.guide_model) if args.guide_model else None
+    switch = _switch(args.switch)
     images = sample_cascade(cascade, prompts, seeds, stages=args.stages, mix=_mixture(args.mix), guide=guide,
-                            **sampling)
+                            switch=(open_model(switch[0]), switch[1]) if switch else None, **sampling)
     save_grid(images, args.out, nrow=args.n, scale=args.scale)
     print(f"wrote {args.out}: {len(prompts)} images at {images.shape[-1]}px (seeds {seeds[0]}..{seeds[-1]})")
 
@@ -173,6 +174,16 @@ def _mixture(values: list[str] | None) -> list:
             raise UserError(f"--mix expects DIR=WEIGHT with a finite number as the weight (got '{value}')") from None
         mix.append((open_model(path), weight))
     return mix
+
+
+def _switch(value: str | None) -> tuple[str, int] | None:
+    """`--switch DIR@T` -> (DIR, T): DIR samples the steps at timesteps >= T."""
+    if value is None:
+        return None
+    path, _, boundary = value.rpartition("@")
+    if not path or not boundary.isdigit():
+        raise UserError(f"--switch expects DIR@T with T a timestep (0-999), e.g. cifar10@600 (got '{value}')")
+    return path, int(boundary)
 
 
 def cmd_import_if(args) -> None:
@@ -245,7 +256,7 @@ def cmd_evaluate(args) -> None:
     result = evaluate(args.model, args.data, split=args.split, n=args.n, n_real=args.n_real, seed=args.seed,
                       batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
                       logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix),
-                      guide=args.guide_model,
+                      guide=args.guide_model, switch=_switch(args.switch),
                       bicubic_baseline=args.bicubic_baseline, base_stage=args.base_stage)
     shown = ["fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"]
     print(", ".join(f"{k}={result[k]:.4g}" for k in shown if result.get(k) is not None))
@@ -489,6 +500,8 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guide-model", default=None, metavar="DIR",
                    help="autoguidance: guide with this weaker cascade of the same data (an earlier or shorter run's "
                         "cascade) instead of the unconditional branch, at the --guidance weight (Karras et al. 2024)")
+    p.add_argument("--switch", default=None, metavar="DIR@T",
+                   help="per-noise-level fusion: DIR samples the noisy steps (timestep >= T), the model the rest")
     p.add_argument("--mix", nargs="+", default=None, metavar="DIR=WEIGHT",
                    help="mix other models' predictions in (the main model gets 1 - their sum): guidance between models "
                         "is --mix SOURCE=-0.5 (1.5 x tuned - 0.5 x source), an ensemble --mix OTHER=0.5")
