@@ -144,3 +144,29 @@ def test_fingerprint_follows_content_not_file_time(tmp_path):
     assert open_source(first).fingerprint == open_source(copy).fingerprint
     copy.write_bytes(first.read_bytes()[:-1] + b"x")  # changed content: a new fingerprint
     assert open_source(first).fingerprint != open_source(copy).fingerprint
+
+
+def test_shards_are_disjoint_class_balanced_and_cover_the_training_images(tmp_path):
+    """K shards partition the (fraction of the) split: pairwise disjoint, together everything, each class split
+    within one image; the same on every call; a training config names its shard and a shard out of range is one line."""
+    from conftest import make_npz
+
+    from imagen_transfer.config import load_config
+    from imagen_transfer.data import shard_indices
+    from imagen_transfer.datasets import load_dataset
+    from imagen_transfer.errors import UserError
+
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    parts = [shard_indices(labels, 3, k, seed=4) for k in range(3)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(20))
+    for part in parts:
+        counts = torch.bincount(labels[part], minlength=3)
+        assert all(abs(int(c) - n / 3) < 1 for c, n in zip(counts, (10, 7, 3)))
+    assert torch.equal(shard_indices(labels, 3, 1, seed=4), parts[1])
+    data = make_npz(tmp_path / "toy.npz", n_train=24)
+    halves = [load_dataset(str(data), "train", resolution=8, shards=2, shard=k, seed=1) for k in (0, 1)]
+    assert len(halves[0]) + len(halves[1]) == 24
+    assert not set(map(bytes, halves[0].images.flatten(1).numpy())) & set(map(bytes, halves[1].images.flatten(1).numpy()))
+    assert load_config(None, ["data.shards=2", "data.shard=1"]).data.shard == 1
+    with pytest.raises(UserError, match="data.shard must be < data.shards"):
+        load_config(None, ["data.shards=2", "data.shard=2"])

@@ -63,6 +63,10 @@ class DataConfig:
     captions: list[str] | None = None  # templates; None: the data set's default (sources.KNOWN, else "a photo of a {label}")
     fraction: float = rule(1.0, low=0, high=1, low_open=True)
     per_class: int | None = rule(None, low=1)
+    # train on part `shard` of `shards` disjoint, class-balanced parts of the training images (after fraction /
+    # per_class; seeded by data.seed): K fine-tunes on K shards, averaged, are a soup of shard fine-tunes
+    shards: int = rule(1, low=1)
+    shard: int = rule(0, low=0)
     skip_bad: bool = False
     hflip: bool = True
     seed: int = rule(0, low=0)
@@ -287,6 +291,7 @@ def check_fields(config: RunConfig, where: str) -> None:
          ">= 1 when train.early_stopping_metric is kid"),
         ("train.val_every", t.early_stopping_metric != "val_loss" or not t.early_stopping_patience or t.val_every >= 1,
          ">= 1 when early stopping on val_loss"),
+        ("data.shard", config.data.shard < config.data.shards, f"< data.shards ({config.data.shards})"),
     ]
     for key, ok, text in joint:
         if not ok:

@@ -424,12 +424,28 @@ def load_image_text(source: DataSource, split: str, *, resolution: int = 32, cha
     return ImageTextData(images, final_captions, labels, names, where, skipped)
 
 
+def shard_indices(labels: torch.Tensor, shards: int, shard: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of part `shard` of `shards` disjoint parts that together cover every image: each class's
+    images in a seeded order dealt out in turn, so every part holds each class's share (within one image)."""
+    if not 0 <= shard < shards:
+        raise UserError(f"data.shard must be in [0, {shards - 1}] for data.shards={shards} (got {shard})")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for value in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == value).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=gen)][shard::shards])
+    return torch.cat(chosen).sort().values
+
+
 def take(data: ImageTextData, *, fraction: float = 1.0, per_class: int | None = None, seed: int = 0,
-         limit: int | None = None) -> ImageTextData:
-    """A deterministic part of a split: a fraction or `per_class` of each class (select_subset), then at most
-    `limit` images spread evenly over the rest (so over the classes)."""
+         limit: int | None = None, shards: int = 1, shard: int = 0) -> ImageTextData:
+    """A deterministic part of a split: a fraction or `per_class` of each class (select_subset), then part `shard`
+    of `shards` disjoint ones (shard_indices: a soup's fine-tunes each see one), then at most `limit` images spread
+    evenly over the rest (so over the classes)."""
     if fraction < 1 or per_class is not None:
         data = data.subset(select_subset(data.labels, fraction=fraction, per_class=per_class, seed=seed))
+    if shards > 1:
+        data = data.subset(shard_indices(data.labels, shards, shard, seed))
     if limit is not None and limit < len(data):
         data = data.subset(torch.linspace(0, len(data) - 1, limit).round().long())
     return data

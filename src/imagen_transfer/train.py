@@ -475,7 +475,8 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     common = dict(resolution=cascade.resolution, channels=cascade.stages[0].channels, captions=d.captions,
                   skip_bad=d.skip_bad)
     source = open_source(data or d.dataset)  # resolved once for the run: training, validation and KID read it
-    train_data = load_dataset(source, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed, **common)
+    train_data = load_dataset(source, d.split, fraction=d.fraction, per_class=d.per_class, seed=d.seed,
+                              shards=d.shards, shard=d.shard, **common)
     val_data = load_dataset(source, d.val_split, limit=d.val_size, **common)
     run_dir = run_dir_of(config)
     if main:
