@@ -112,3 +112,49 @@ def test_if_folder_as_source_and_layout_errors(if_folders, tmp_path):
 
     with pytest.raises(UserError, match="tiny hash text encoder"):
         export_diffusers(init_cascade("tiny"), tmp_path / "e")
+
+
+def test_a_lora_run_exports_as_a_diffusers_lora_file_that_plain_diffusers_loads(if_folders, tmp_path, capsys):
+    """`export --lora RUN`: the adapters in the layout IFPipeline.load_lora_weights reads; loaded with plain
+    diffusers into the source's exported pipeline, the U-Net predicts what the run's merged cascade predicts
+    (alpha / rank != 1, so the scale must be folded in). Misuse is one line."""
+    from diffusers import IFPipeline
+
+    from imagen_transfer.cascade import load_cascade, save_cascade
+    from imagen_transfer.config import load_config
+    from imagen_transfer.interop import LORA_FILE, export_diffusers, import_if
+    from imagen_transfer.jobs.cli import main
+    from imagen_transfer.train import train
+
+    source = import_if(if_folders / "IF-I")
+    save_cascade(source, tmp_path / "imported")
+    data = make_npz(tmp_path / "pneumoniamnist.npz", n_train=16, n_val=8)
+    config = load_config(None, [f"model.init_from={tmp_path / 'imported'}", f"data.dataset={data}", "data.val_size=4",
+                                "transfer.method=lora", "transfer.lora_rank=2", "transfer.lora_alpha=8",
+                                "train.stages=[base]", "train.steps=3", "train.batch_size=4", "train.lr=0.01",
+                                "train.val_every=0", "train.sample_every=0", "train.checkpoint_every=3",
+                                "train.log_every=1", "train.ema_decay=0.5"])
+    config.out = str(tmp_path / "run")
+    run = train(config)
+    tuned = load_cascade(run / "cascade")
+    export_diffusers(load_cascade(tmp_path / "imported"), tmp_path / "export")
+    assert main(["export", "--lora", str(run), "--out", str(tmp_path / "lora")]) == 0
+    assert (tmp_path / "lora" / "stage_I" / LORA_FILE).is_file()
+
+    pipe = IFPipeline.from_pretrained(tmp_path / "export" / "stage_I")  # plain diffusers from here
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 600])
+    text = torch.randn(2, 77, 16, generator=torch.Generator().manual_seed(1))
+
+    def predict(unet):
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=text).sample
+
+    before = predict(pipe.unet)
+    pipe.load_lora_weights(tmp_path / "lora" / "stage_I")
+    after, ours = predict(pipe.unet), predict(tuned.stage("base").unet)
+    assert not torch.allclose(before, ours, atol=1e-4)  # the adapters changed the model
+    torch.testing.assert_close(after, ours, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert main(["export", "--lora", str(tmp_path / "imported"), "--out", str(tmp_path / "x")]) == 2  # not a run
+    assert main(["export", "--out", str(tmp_path / "y")]) == 2
+    assert capsys.readouterr().err.count("error:") == 2

@@ -34,6 +34,7 @@ from .cascade import (
     init_cascade,
     load_cascade,
     quiet_diffusers,
+    read_cascade_json,
     resolve_model,
     set_sampling_aug_level,
 )
@@ -193,6 +194,58 @@ def export_diffusers(cascade, out: str | Path) -> Path:
         pipe.save_pretrained(folder, safe_serialization=True)
         written.append((stage, folder))
     (out / "README.md").write_text(_model_card(cascade, written))
+    return out
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+
+
+def export_lora(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    """A LoRA run's adapters as diffusers LoRA files: `<out>/stage_I/pytorch_lora_weights.safetensors` (and
+    stage_II for an SR stage), in the layout `IFPipeline.load_lora_weights` reads (peft keys under `unet.`), the
+    weights the run's cascade merged (its EMA; the best checkpoint's when early stopping restored it, else the
+    latest; or `step`'s). Diffusers scales an adapter by alpha / rank with alpha = rank unless told otherwise, so
+    the run's alpha / rank is folded into lora_B: loaded into the source's pipeline, it gives the run's model."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import latest_checkpoint, read_jsonl, stage_dir, step_name
+    from .config import load_config
+
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a training run folder (no config.yaml); export --lora takes a LoRA run")
+    config = load_config(run_dir / "config.yaml")
+    t = config.transfer
+    if t.method != "lora":
+        raise UserError(f"{run_dir} trained with transfer.method={t.method}, not lora: export its cascade with "
+                        f"`export --model {run_dir}/cascade` instead")
+    restored = {r.get("stage") for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "restore_best"} \
+        if (run_dir / "metrics.jsonl").is_file() else set()
+    files = {}
+    for name in config.train.stages:
+        if step is not None:
+            folder = stage_dir(run_dir, name) / step_name(step)
+        else:
+            folder = latest_checkpoint(run_dir, name, "best" if name in restored else "latest")
+        if folder is None or not (folder / "ema.safetensors").is_file():
+            raise UserError(f"{run_dir}: no checkpoint of stage {name}{f' at step {step}' if step else ''} to export")
+        ema = load_file(folder / "ema.safetensors")
+        other = sorted(k for k in ema if ".lora_" not in k)
+        if other:
+            raise UserError(f"{run_dir} also trained {other[0]} (transfer.train_patterns): a LoRA file holds adapters "
+                            f"only; export the merged cascade with `export --model {run_dir}/cascade`")
+        scale = t.lora_alpha / t.lora_rank
+        files[name] = {"unet." + k.replace(".default", ""): (v * scale if ".lora_B." in k else v).contiguous()
+                       for k, v in ema.items()}
+    final = run_dir / "cascade"
+    kinds = ({s["name"]: s["kind"] for s in read_cascade_json(final)["stages"]} if (final / "cascade.json").is_file()
+             else {s.name: s.kind for s in open_model(config.model.init_from).stages})
+    check_output_dir(out, what="LoRA export")
+    for name, tensors in files.items():
+        folder = out / ("stage_I" if kinds[name] == "base" else "stage_II")
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / LORA_FILE, metadata={"format": "pt", "source": str(config.model.init_from),
+                                                        "rank": str(t.lora_rank), "run": str(run_dir)})
     return out
 
 

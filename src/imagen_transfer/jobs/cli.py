@@ -197,8 +197,16 @@ def cmd_import_if(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from ..interop import export_diffusers, open_model
+    from ..interop import LORA_FILE, export_diffusers, export_lora, open_model
 
+    if (args.model is None) == (args.lora is None):
+        raise UserError("export needs --model DIR (a cascade as diffusers pipelines) or --lora RUN (a LoRA run's "
+                        "adapters as diffusers LoRA files)")
+    if args.lora:
+        out = export_lora(args.lora, args.out, step=args.step)
+        print(f"wrote {out}: {', '.join(str(p.relative_to(out)) for p in sorted(out.glob('*/' + LORA_FILE)))} "
+              "(pipe.load_lora_weights(folder) on the source's exported pipeline)")
+        return
     out = export_diffusers(open_model(args.model), args.out)
     print(f"wrote {out} (stage_I: IFPipeline, stage_II: IFSuperResolutionPipeline; see {out}/README.md)")
 
@@ -604,7 +612,11 @@ def _import_if_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="a cascade: written as diffusers IF pipelines")
+    p.add_argument("--lora", default=None, metavar="RUN",
+                   help="a LoRA run folder: its adapters written as diffusers LoRA files (pytorch_lora_weights"
+                        ".safetensors per stage), for load_lora_weights on the source's exported pipeline")
+    p.add_argument("--step", type=int_in(1), default=None, help="with --lora: that checkpoint's adapters")
     p.add_argument("--format", choices=["diffusers"], default="diffusers")
     p.add_argument("--out", required=True)
 
