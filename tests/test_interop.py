@@ -154,6 +154,15 @@ def test_a_lora_run_exports_as_a_diffusers_lora_file_that_plain_diffusers_loads(
     after, ours = predict(pipe.unet), predict(tuned.stage("base").unet)
     assert not torch.allclose(before, ours, atol=1e-4)  # the adapters changed the model
     torch.testing.assert_close(after, ours, rtol=1e-4, atol=1e-4)
+    # and back: MODEL+LORA_DIR opens as the run's model, so merge / --mix take downloaded adapters
+    from imagen_transfer.interop import open_model
+
+    applied = open_model(f"{tmp_path / 'imported'}+{tmp_path / 'lora'}")
+    torch.testing.assert_close(predict(applied.stage("base").unet), ours, rtol=1e-4, atol=1e-4)
+    assert main(["merge", "--models", f"{tmp_path / 'imported'}+{tmp_path / 'lora'}", str(tmp_path / "imported"),
+                 "--out", str(tmp_path / "half")]) == 0  # half the adapter: the average of the two
+    half = predict(load_cascade(tmp_path / "half").stage("base").unet)
+    assert not torch.allclose(half, ours, atol=1e-4) and not torch.allclose(half, before, atol=1e-4)
     capsys.readouterr()
     assert main(["export", "--lora", str(tmp_path / "imported"), "--out", str(tmp_path / "x")]) == 2  # not a run
     assert main(["export", "--out", str(tmp_path / "y")]) == 2

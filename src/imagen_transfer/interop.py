@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
@@ -55,9 +56,13 @@ def is_pipeline_folder(folder: Path) -> bool:
 
 def open_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Any model a command accepts, as a Cascade: a cascade folder or shipped name (`cascade.load_cascade`), a
-    training run's checkpoint `RUN/step-N` (`cascade_at`), or a DeepFloyd IF stage-I diffusers folder
-    (`import_if`, stage I only; `import-if` adds stage II). The one place that dispatches on what a folder holds."""
+    training run's checkpoint `RUN/step-N` (`cascade_at`), `MODEL+LORA_DIR` (a diffusers LoRA export applied to
+    MODEL, `apply_lora`), or a DeepFloyd IF stage-I diffusers folder (`import_if`, stage I only; `import-if` adds
+    stage II). The one place that dispatches on what a folder holds."""
     path = Path(name_or_path)
+    base, plus, adapters = str(name_or_path).rpartition("+")
+    if plus and not path.exists() and list(Path(adapters).glob(f"*/{LORA_FILE}")):
+        return apply_lora(open_model(base, dtype, device), adapters)
     step = STEP_REF.fullmatch(path.name)
     if step and not path.exists() and (path.parent / "config.yaml").is_file():
         cascade = cascade_at(path.parent, int(step.group(1)))
@@ -247,6 +252,41 @@ def export_lora(run_dir: str | Path, out: str | Path, step: int | None = None) -
         save_file(tensors, folder / LORA_FILE, metadata={"format": "pt", "source": str(config.model.init_from),
                                                         "rank": str(t.lora_rank), "run": str(run_dir)})
     return out
+
+
+def apply_lora(cascade, folder: str | Path):
+    """`cascade` with the diffusers LoRA files of `folder` (`stage_I/` for the base stage, `stage_II/` for the SR
+    stage; peft keys `unet.<module>.lora_A.weight` / `lora_B.weight`, as `export --lora` and diffusers'
+    save_lora_weights write them) merged into its U-Net weights: W += scale * B A, for linear and convolution
+    layers alike, scale = lora_alpha / r from the file's `lora_adapter_metadata` when it has one, else 1."""
+    folder = Path(folder)
+    for stage in cascade.stages:
+        file = folder / ("stage_I" if stage.kind == "base" else "stage_II") / LORA_FILE
+        if not file.is_file():
+            continue
+        with safe_open(file, framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        scale = 1.0
+        if "lora_adapter_metadata" in metadata:
+            meta = json.loads(metadata["lora_adapter_metadata"])
+            meta = meta.get("unet", meta)
+            scale = float(meta.get("lora_alpha", meta.get("r", 1))) / float(meta.get("r", 1))
+        modules = dict(stage.unet.named_modules())
+        for key in (k for k in tensors if k.endswith(".lora_A.weight")):
+            name = key[len("unet."):-len(".lora_A.weight")] if key.startswith("unet.") else None
+            up = tensors.get(key.replace(".lora_A.", ".lora_B."))
+            if name not in modules or up is None:
+                raise UserError(f"{file}: {key} names no layer of stage {stage.name} (or has no lora_B); a LoRA "
+                                "file for this model is needed (diffusers / peft keys under unet.)")
+            weight, down = modules[name].weight, tensors[key].float()
+            delta = (up.float().flatten(1) @ down.flatten(1)).reshape(weight.shape)
+            with torch.no_grad():
+                weight += (scale * delta).to(weight.dtype)
+        unknown = [k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        if unknown:
+            raise UserError(f"{file}: {unknown[0]} is not a LoRA weight this loader reads (lora_A / lora_B only)")
+    cascade.info = {**cascade.info, "lora": str(folder)}
+    return cascade
 
 
 def _model_card(cascade, written) -> str:
