@@ -224,3 +224,19 @@ def test_autoguidance(tmp_path, tiny_cascade_dir, tiny_feature_env):
                                         f"autoguidance w=2, guide {tiny_cascade_dir.name}"], out
     measured = json.loads((tmp_path / "a.json").read_text())
     assert measured[0]["name"] == "single" and all(math.isfinite(r["kid"]) and r["n"] == 4 for r in measured)
+
+
+def test_shard_soup(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    out = _run("shard_soup.py", "--source", tiny_cascade_dir, "--data", data, "--shards", "2", "--steps", "2",
+               "--n", "4", "--n-real", "8", "--precision", "no", "--out", tmp_path / "soup", "--table",
+               tmp_path / "s.md", "--set", "data.val_split=val", "data.val_size=8", "train.stages=[base]",
+               "train.batch_size=4", "train.warmup_steps=1", "train.val_every=0", "sample.steps=2",
+               "train.mixed_precision=no")
+    rows = table_rows((tmp_path / "s.md").read_text())
+    assert [r["model"] for r in rows] == ["single (all data)", "soup of 2 shard fine-tunes", "shard 0 alone",
+                                          "shard 1 alone"], out
+    measured = json.loads((tmp_path / "s.json").read_text())
+    assert all(math.isfinite(r["kid"]) for r in measured)
+    trained = [json.loads(line) for line in (tmp_path / "soup" / "shard-1" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in trained) == 1  # half the budget per shard
