@@ -87,6 +87,8 @@ def test_every_declared_rule_refuses_a_bad_value_at_load_naming_the_valid_ones()
                 bad = meta["high"] + 1
             if f.type in ("dict[str, int]",):
                 bad = "{x: -1}"
+            if f.type in ("list[int]",):
+                bad = f"[{bad}]"
             key = f"{section.name}.{f.name}"
             with pytest.raises(UserError) as caught:
                 load_config(None, [f"{key}={bad}"])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoTokenizer, T5EncoderModel
 
 from .cascade import (
@@ -39,11 +39,13 @@ from .cascade import (
     resolve_model,
     set_sampling_aug_level,
 )
-from .config import RunConfig
+from .checkpoint import latest_checkpoint, read_jsonl, stage_dir, step_name
+from .config import RunConfig, load_config
 from .errors import UserError
 from .outputs import check_output_dir
 from .sampling import make_scheduler
 from .text import TextEncoderSpec, load_text_encoder, minilm_path, text_dim
+from .transfer import finish_transfer, prepare_transfer
 
 STEP_REF = re.compile(r"step-0*(\d+)")  # RUN/step-N: a run's checkpoint of step N
 IF_TEXT_LENGTH = 77
@@ -83,10 +85,6 @@ def cascade_at(run_dir: Path, step: int) -> Cascade:
     trained stage's weights from its checkpoint of that step, EMA weights where EMA kept them (an adapter merged, as
     the run's final cascade holds it); stages the run did not train stay as they started. A step the run kept no
     checkpoint of is one error line listing those it kept (keep more with train.keep_steps)."""
-    from .checkpoint import stage_dir, step_name
-    from .config import load_config
-    from .transfer import finish_transfer, prepare_transfer
-
     config = load_config(run_dir / "config.yaml")
     missing = {name: sorted(p.name for p in stage_dir(run_dir, name).glob("step-*") if (p / "state.json").is_file())
                for name in config.train.stages
@@ -211,11 +209,6 @@ def export_lora(run_dir: str | Path, out: str | Path, step: int | None = None) -
     weights the run's cascade merged (its EMA; the best checkpoint's when early stopping restored it, else the
     latest; or `step`'s). Diffusers scales an adapter by alpha / rank with alpha = rank unless told otherwise, so
     the run's alpha / rank is folded into lora_B: loaded into the source's pipeline, it gives the run's model."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import latest_checkpoint, read_jsonl, stage_dir, step_name
-    from .config import load_config
-
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a training run folder (no config.yaml); export --lora takes a LoRA run")
