@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from common import publish_fusion
+
 from imagen_transfer.evaluate import evaluate
 
 FIELDS = ("fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy")
@@ -80,15 +82,8 @@ def main() -> None:
         args.cfg = json.loads((Path(args.out) / "eval-0.json").read_text())["sampling"]["guidance"]
         for r in rows:
             r["weight"] = args.cfg if r["guide"] is None else r["weight"]
-    text = table(rows, args)
-    print(text)
     (Path(args.out) / "autoguidance.json").write_text(json.dumps(rows, indent=1))
-    if args.table:
-        Path(args.table).write_text(f"# Autoguidance against CFG\n\n```\npython {' '.join(sys.argv)}\n```\n\n{text}")
-        Path(args.table).with_suffix(".json").write_text(json.dumps(
-            [dict(name=r["name"], n=r["n"], kid=r["kid_mean"], kid_std=r["kid_std"], fid=r["fid"],
-                  precision=r["precision"], recall=r["recall"], guide=r["guide"], weight=r["weight"]) for r in rows],
-            indent=1))
+    publish_fusion("Autoguidance against CFG", sys.argv, table(rows, args), rows, args.table)
 
 
 if __name__ == "__main__":

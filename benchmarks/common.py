@@ -6,7 +6,8 @@ they compare it with, and a timer.
   the loop's logging, validation or checkpoints: benchmarks time the step, not a run folder.
 - `phase_profile`: torch.profiler over alternating steps of several contenders, split by the phases the steps
   label (step/forward, backward, update, ema), each phase credited to the step whose range holds it.
-- `publish`: print a results table and write it where asked.
+- `publish`: print a results table and write it where asked; `publish_fusion`: a fusion table with its command
+  and the JSON beside it (each row's name, n, kid, kid_std, fid, precision, recall).
 - `plain_diffusers_step`: the loop of diffusers' train_text_to_image example on the same U-Net (add_noise, forward,
   MSE on eps, backward, `torch.optim.AdamW`, fp32): with `encode`, the frozen text encoder runs on each batch's
   captions as in the example; otherwise it is fed the cached caption states. `bf16` adds bf16 autocast, fused AdamW
@@ -16,6 +17,7 @@ they compare it with, and a timer.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from contextlib import nullcontext
@@ -81,6 +83,17 @@ def publish(text: str, out: str | Path | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
+
+
+def publish_fusion(title: str, argv: list[str], text: str, rows: list[dict], table: str | Path | None) -> None:
+    """Print a fusion table; with `table`, write it under `title` with the command that made it, and a JSON beside
+    it holding each row's name, n, kid, kid_std, fid, precision, recall (and any of guide / weight)."""
+    print(text)
+    if table:
+        Path(table).write_text(f"# {title}\n\n```\npython {' '.join(argv)}\n```\n\n{text}")
+        keep = ("name", "n", "fid", "precision", "recall", "guide", "weight")
+        Path(table).with_suffix(".json").write_text(json.dumps(
+            [dict({k: r[k] for k in keep if k in r}, kid=r["kid_mean"], kid_std=r["kid_std"]) for r in rows], indent=1))
 
 
 def median_images_per_s(times: list[float], batch: int) -> float:

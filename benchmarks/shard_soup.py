@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from common import publish_fusion
+
 from imagen_transfer.cascade import load_cascade, save_cascade
 from imagen_transfer.config import load_config
 from imagen_transfer.evaluate import evaluate
@@ -71,14 +73,8 @@ def main() -> None:
              "| model | FID | KID (x1e3) | precision | recall |", "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['fid']:.1f} | {1e3 * r['kid_mean']:.1f} +- {1e3 * r['kid_std']:.1f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
     (Path(args.out) / "soup.json").write_text(json.dumps(rows, indent=1))
-    if args.table:
-        Path(args.table).write_text(f"# A soup of shard fine-tunes\n\n```\npython {' '.join(sys.argv)}\n```\n\n{text}")
-        Path(args.table).with_suffix(".json").write_text(json.dumps(
-            [dict(name=r["name"], n=r["n"], kid=r["kid_mean"], kid_std=r["kid_std"], fid=r["fid"],
-                  precision=r["precision"], recall=r["recall"]) for r in rows], indent=1))
+    publish_fusion("A soup of shard fine-tunes", sys.argv, "\n".join(lines) + "\n", rows, args.table)
 
 
 if __name__ == "__main__":
