@@ -298,3 +298,23 @@ def test_a_dense_backbone_probe_reads_the_data_set_and_extracts_the_frozen_row_i
                  "--backbone", "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 1 and "detection" in err and not (tmp_path / "other").exists()
+
+
+def test_a_classification_backbone_holds_out_val_only_when_there_is_none(tmp_path):
+    """No val split: a seeded 10% of each training class becomes val (recorded); a val split that exists but is
+    broken is the user's error, never silently replaced."""
+    import numpy as np
+
+    from imagen_transfer.backbone_probe import load_splits
+    from imagen_transfer.errors import UserError
+    from imagen_transfer.sources import open_source
+
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_images": rng.integers(0, 255, (20, 8, 8)).astype(np.uint8) for s in ("train", "test")}
+    arrays |= {f"{s}_labels": (np.arange(20) % 2)[:, None].astype(np.uint8) for s in ("train", "test")}
+    np.savez(tmp_path / "noval.npz", **arrays)
+    splits, names, held = load_splits(open_source(str(tmp_path / "noval.npz")), 8)
+    assert held["n"] == 2 and len(splits["train"][1]) == 18 and len(splits["val"][1]) == 2
+    np.savez(tmp_path / "badval.npz", **arrays, val_images=arrays["test_images"])  # val without its labels
+    with pytest.raises(UserError, match="val_labels"):
+        load_splits(open_source(str(tmp_path / "badval.npz")), 8)

@@ -33,7 +33,7 @@ from .backbone import (
 )
 from .data import select_subset, to_float
 from .datasets import load_dataset
-from .errors import UserError
+from .errors import MissingSplit, UserError
 from .interop import open_model
 from .probe import VAL_FROM_TRAIN, _head, classification_scores
 from .probe_report import LABEL_FRACTIONS, efficiency_table
@@ -95,8 +95,8 @@ def load_splits(source: DataSource, resolution: int) -> tuple[dict, list[str], d
     for split in ("train", "val", "test"):
         try:
             d = load_dataset(source, split, resolution=resolution, channels=3)
-        except UserError:
-            if split == "val":  # held out of train below
+        except MissingSplit:
+            if split == "val":  # held out of train below; any other fault of a val split is the user's to fix
                 continue
             raise
         if (d.labels < 0).any() or not d.label_names:

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .errors import UserError
+from .errors import MissingSplit, UserError
 from .outputs import cache_root
 from .sources import (
     IMAGE_SUFFIXES,
@@ -123,7 +123,7 @@ def _split_prefix(archive: Archive, split: str) -> tuple[str, bool]:
                             f"test, {SPLIT_SEED}) or all; got split '{split}'")
         return parent, True
     if split not in splits:
-        raise UserError(f"{archive.path}: no split '{split}' (its split folders: {', '.join(splits)})")
+        raise MissingSplit(f"{archive.path}: no split '{split}' (its split folders: {', '.join(splits)})")
     return f"{parent}{split}/", False
 
 
@@ -288,7 +288,7 @@ def _decode_npz(source: DataSource, split: str, resolution: int, channels: int):
     with _open_npz(path) as npz:
         if f"{split}_images" not in npz.files:
             splits = sorted(k[: -len("_images")] for k in npz.files if k.endswith("_images"))
-            raise UserError(f"{path}: no split '{split}' (splits: {', '.join(splits) or 'none: no <split>_images'})")
+            raise MissingSplit(f"{path}: no split '{split}' (splits: {', '.join(splits) or 'none: no <split>_images'})")
         if f"{split}_labels" not in npz.files:
             raise UserError(f"{path}: '{split}_images' has no '{split}_labels' beside it; add one integer label per "
                             "image")

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input (a missing file, an unknown preset, an out-of-range option) with a message that says the fix."""
+
+
+class MissingSplit(UserError):
+    """A data set has no split of the asked name: a caller that can do without it (a validation split held out of
+    train instead) catches this, and only this."""
