@@ -59,14 +59,18 @@ def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_d
     torch.jit.save(torch.jit.script(net.eval()), str(tmp_path / "net.pt"))
     data = make_npz(tmp_path / "toy.npz", n_train=40, n_val=16)
     tiny = dict(QUICK, steps=2, n_eval=6, n_real=10, feature_limit=16, val_every=2, batch=8, probe_epochs=1,
-                sample_steps=1)
+                sample_steps=1, guide_step=1)  # and autoguidance by the run's own step-1 checkpoint
     run = run_demo(tmp_path / "demo", source=str(tiny_cascade_dir), data=str(data), settings=tiny,
                    feature_net=str(tmp_path / "net.pt"))
     assert resolved == [str(data)]  # fine-tune, evaluations and features all read the one opened DataSource
     assert {row["stage"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row} == {"base"}
-    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-interp-0.5.json", "eval-3-guidance-1.5.json"):
+    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-interp-0.5.json", "eval-3-guidance-1.5.json",
+                 "eval-4-autoguidance.json"):
         result = json.loads((run / name).read_text())
         assert result["resolution"] == 16 and result["n_real"] == 10 and result["sampling"]["stages"] == ["base"]
+    guided = json.loads((run / "eval-4-autoguidance.json").read_text())["sampling"]
+    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 2.0
+    assert (run / "checkpoints" / "base" / "step-0000001").is_dir()  # kept for it
 
 
 def test_demo_without_data_names_the_missing_file(tmp_path, monkeypatch, capsys):

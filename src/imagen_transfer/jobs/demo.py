@@ -7,7 +7,9 @@ From the shipped CIFAR-10 source cascade to PneumoniaMNIST chest X-rays with rep
 2. evaluate the source and the fine-tuned cascade on the test split (FID, KID, precision / recall, conditioning
    accuracy), each beside its own base stage's samples upsampled bicubically (the bar its SR stage must clear);
 3. fuse: weight interpolation between source and fine-tune (mixing weight 0.5), and guidance between the two models
-   at sampling time (1.5 x fine-tuned - 0.5 x source), each evaluated the same way;
+   at sampling time (1.5 x fine-tuned - 0.5 x source), each evaluated the same way; with `guide_step` (demo
+   --guide-step N) also autoguidance of the fine-tune by its own run's step-N checkpoint (kept for it) at
+   `guide_weight`;
 4. probe: U-Net features of the source and fine-tuned base stages against raw pixels and random weights;
 5. write report.html / report.md.
 Every phase prints its progress and wall time; `demo.json` records them with the settings.
@@ -90,6 +92,8 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     out = Path(out) if out else default_out()
     started, timings = time.time(), {}
     config = finetune_config(out, settings, source, data, method)
+    if settings.get("guide_step"):  # the autoguidance guide of phase 3: an early checkpoint of this run, kept
+        config.train.keep_steps = [int(settings["guide_step"])]
     run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} base / {settings['sr_steps']} SR "
                  "steps)", timings, train, config, data=dataset)
     tuned_dir = run / "cascade"
@@ -120,6 +124,11 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
                                                 out=run / "eval-2-interp-0.5.json", **common)
         results["model guidance 1.5"] = evaluate(str(tuned_dir), dataset, out=run / "eval-3-guidance-1.5.json",
                                                  mix=[(source_cascade, -0.5)], **common)
+        if settings.get("guide_step"):
+            step, weight = int(settings["guide_step"]), float(settings.get("guide_weight", 2.0))
+            results[f"autoguidance {weight:g} (step {step})"] = evaluate(
+                str(tuned_dir), dataset, out=run / "eval-4-autoguidance.json", guide=str(run / f"step-{step}"),
+                **dict(common, sampling=dict(sampling, guidance=weight)))
 
     _phase("3/5 fuse (weight interpolation, guidance between models) and evaluate", timings, fuse)
 
