@@ -722,7 +722,8 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --data and --backbone: the cascade whose U-Net is fine-tuned (a folder or shipped name)")
     p.add_argument("--data", default=None,
                    help="with --model and --backbone: the labelled data set to fine-tune on (no feature folder)")
-    p.add_argument("--stage", default=None, help="with --data: the cascade stage used as the backbone (default base)")
+    p.add_argument("--stage", default=None, help="with --data: the cascade stage used as the backbone (default: base for "
+                        "classification, sr for detection / segmentation)")
     p.add_argument("--task", choices=["classification", "retrieval", "detection", "segmentation"],
                    default="classification")
     p.add_argument("--head", choices=["linear", "mlp", "conv"], default=None,
@@ -730,7 +731,8 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                         "conv; detection always uses a CenterNet head")
     p.add_argument("--steps", type=int_in(1), default=None,
                    help="detection / segmentation: optimiser steps per head (default 600 / 300)")
-    p.add_argument("--seeds", type=int_in(1), default=3, help="detection / segmentation: seeds per label count")
+    p.add_argument("--seeds", type=int_in(1), default=3,
+                   help="detection / segmentation / the classification backbone: seeds per label-efficiency point")
     p.add_argument("--scratch", action="store_true",
                    help="detection / segmentation: also train a small U-Net end to end from the pixels (the honest "
                         "competitor), same labels and protocol")
