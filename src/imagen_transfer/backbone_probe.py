@@ -148,7 +148,7 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
                   classes=names, n={s: len(v[1]) for s, v in splits.items()}, sets={})
     if held:
         result["val_from_train"] = held
-    total = len(sets) * (len(lrs) + seeds * len(partial) + seeds - 1)
+    total = len(sets) * (len(lrs) + seeds * len(partial) + (seeds - 1 if len(partial) < len(fractions) else 0))
     with tqdm(total=total, desc="backbone fits", disable=not progress, unit="fit") as bar:
         for set_name in sets:
             start, grid = time.perf_counter(), []
