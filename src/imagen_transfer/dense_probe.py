@@ -183,13 +183,14 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
     n_train = manifest["splits"]["train"]["n"]
     counts = [c for c in labelled if c is not None and c < n_train]
     chosen = {}
-    grids = sum(len(backbone.get("lrs") or lrs) if name in BACKBONE_SETS else len(lrs) for name in inputs)
+    lrs_of = {name: tuple(backbone.get("lrs") or lrs) if name in BACKBONE_SETS else lrs for name in inputs}
+    grids = sum(len(v) for v in lrs_of.values())
     with tqdm(total=grids + len(inputs) * (seeds * len(counts) + seeds - 1), desc=f"{manifest['task']} heads",
               disable=not progress, unit="head") as bar:
         for set_name, load in inputs.items():
             x = load()
-            set_lrs = tuple(backbone.get("lrs") or lrs) if set_name in BACKBONE_SETS else lrs
-            result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, set_lrs, counts, seeds, bar)
+            result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, lrs_of[set_name], counts, seeds,
+                                                        bar)
             chosen[set_name] = (head, x["test"])
     return result, chosen
 

@@ -115,11 +115,7 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
             by_key[key] = _standardised(tensors, view)
             inputs[key] = by_key[key]["train"]
     heads = train_heads(inputs, labels["train"], len(names), head=head, epochs=epochs, seed=seed, progress=progress)
-    grid = []
-    for (key, lr), h in heads.items():
-        val = classification_scores(_probs(h, by_key[key]["val"]), labels["val"], names)
-        grid.append(dict(set=key.split(":", 1)[0], view=key.split(":", 1)[1], lr=lr, val_accuracy=val["accuracy"],
-                         val_auc=val["auc"]))
+    grid = _grid_rows(heads, by_key, labels["val"], names)
     for set_name in sets if concat > 1 else ():
         views = top_views(grid, set_name, concat)
         if len(views) < 2:
@@ -130,10 +126,7 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
         more = train_heads({key: by_key[key]["train"]}, labels["train"], len(names), head=head, epochs=epochs,
                            seed=seed, progress=False)
         heads.update(more)
-        for (_, lr), h in more.items():
-            val = classification_scores(_probs(h, by_key[key]["val"]), labels["val"], names)
-            grid.append(dict(set=set_name, view="+".join(views), lr=lr, val_accuracy=val["accuracy"],
-                             val_auc=val["auc"]))
+        grid += _grid_rows(more, by_key, labels["val"], names)
     best = {}
     for set_name in sets:
         rows = [r for r in grid if r["set"] == set_name]
@@ -148,11 +141,7 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
                              for split in ("train", "val", "test")}
         fused_heads = train_heads({fused_key: by_key[fused_key]["train"]}, labels["train"], len(names), head=head,
                                   epochs=epochs, seed=seed, progress=False)
-        rows = []
-        for (key, lr), h in fused_heads.items():
-            val = classification_scores(_probs(h, by_key[key]["val"]), labels["val"], names)
-            rows.append(dict(set=fused_name, view=key.split(":", 1)[1], lr=lr, val_accuracy=val["accuracy"],
-                             val_auc=val["auc"]))
+        rows = _grid_rows(fused_heads, by_key, labels["val"], names)
         grid += rows
         choice = choose(rows, lambda r: (r["val_accuracy"], r["val_auc"] or 0))
         test = classification_scores(_probs(fused_heads[(fused_key, choice["lr"])], by_key[fused_key]["test"]),
@@ -162,6 +151,16 @@ def classify(manifest: dict, sets: dict, *, head: str = "linear", epochs: int = 
     curve = label_efficiency(best, by_key, labels, names, head=head, epochs=epochs, fractions=fractions,
                              seeds=efficiency_seeds, progress=progress)
     return dict(head=head, epochs=epochs, grid=grid, best=best, label_efficiency=curve)
+
+
+def _grid_rows(heads: dict, by_key: dict, val_labels: torch.Tensor, names: list[str]) -> list[dict]:
+    """One grid row per head keyed ('<set>:<view>', lr): its validation accuracy and AUC."""
+    rows = []
+    for (key, lr), h in heads.items():
+        val = classification_scores(_probs(h, by_key[key]["val"]), val_labels, names)
+        set_name, view = key.split(":", 1)
+        rows.append(dict(set=set_name, view=view, lr=lr, val_accuracy=val["accuracy"], val_auc=val["auc"]))
+    return rows
 
 
 def top_views(grid: list[dict], set_name: str, k: int) -> list[str]:

@@ -92,11 +92,7 @@ def autoguided_denoiser(model: Denoiser, guide: Denoiser, weight: float) -> Deno
     if weight < 0:
         raise UserError(f"autoguidance weight must be >= 0 (got {weight})")
 
-    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        g = guide(x, t)
-        return g + weight * (model(x, t) - g)
-
-    return predict
+    return mixed_denoiser([model, guide], [weight, 1 - weight])  # w D_model + (1 - w) D_guide, the same sum
 
 
 def switched_denoiser(main: Denoiser, other: Denoiser, boundary: int) -> Denoiser:
@@ -173,7 +169,7 @@ def sample_stage(stage, text: TextEncoding, null_text: TextEncoding, generators:
         level = torch.full((n,), stage.aug_level_sample, device=device, dtype=torch.long)
         aug_noise = randn(shape, generators, device)
         lowres = condition_lowres(lowres.to(device), stage.resolution, level, aug_noise, stage.scheduler.alphas_cumprod)
-    for other in [o for o, _ in mix or []] + [o for o in (guide, switch and switch[0]) if o is not None]:
+    for other in _partners(mix, guide, switch):
         if other.scheduler.config.prediction_type != stage.scheduler.config.prediction_type:
             raise UserError(f"stage {stage.name}: cannot combine a {other.scheduler.config.prediction_type} model "
                             f"with a {stage.scheduler.config.prediction_type} one")
@@ -222,7 +218,7 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
     grayscale = settings.pop("grayscale", False)
     use = _stages_to_run(cascade, stages)
     encoder = load_text_encoder(cascade.text_encoder)
-    for other in [o for o, _ in mix or []] + [o for o in (guide, switch and switch[0]) if o is not None]:
+    for other in _partners(mix, guide, switch):
         if other.text_encoder != cascade.text_encoder:
             raise UserError("models combined at sampling time (--mix, --guide-model, --switch) must share a text "
                             "encoder")
@@ -249,6 +245,11 @@ def sample_cascade(cascade, prompts: list[str], seeds: list[int], *, stages: lis
             x = to_gray(x)
         outputs.append(x.cpu())
     return torch.cat(outputs)
+
+
+def _partners(mix, guide, switch) -> list:
+    """Every other model a sampling call combines with the main one (--mix, --guide-model, --switch)."""
+    return [o for o, _ in mix or []] + [o for o in (guide, switch and switch[0]) if o is not None]
 
 
 def _same_stage(cascade, name: str):

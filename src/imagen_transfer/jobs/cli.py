@@ -454,10 +454,8 @@ def _probe_dense_data(args, head: str | None, backbone: str | None) -> None:
     _check_probe_out(args.out)
     model = args.model or backbone
     features = Path(args.out) / "features"
-    manifest = features / "manifest.json"
-    same = manifest.is_file() and json.loads(manifest.read_text()).get("models") == {
-        "source": str(resolve_model(model))} and json.loads(manifest.read_text()).get("dataset") == str(source.path)
-    if not same:
+    manifest = json.loads((features / "manifest.json").read_text()) if (features / "manifest.json").is_file() else {}
+    if manifest.get("models") != {"source": str(resolve_model(model))} or manifest.get("dataset") != str(source.path):
         check_output_dir(features, what="feature folder", overwrite=True, is_ours=lambda f: (f / "manifest.json").is_file())
         extract_dense({"source": model}, source, features, stage_name=args.stage or "sr", baselines=())
     run_dense(features, args.out, **_dense_options(args, head, backbone))
