@@ -7,6 +7,9 @@ the compute is equal; every model is evaluated with the same captions, seeds and
 
     python benchmarks/shard_soup.py --source cifar10 --data pneumoniamnist --config configs/finetune-pneumonia.yaml \
         --shards 2 --steps 400 --n 512 --out runs/soup --table benchmarks/results/shard_soup_pneumonia_cpu.md
+
+`--single CASCADE` reuses a fine-tune on all the data made with the same config (e.g. the demo's, whose resolved
+`config.yaml` is then `--config`), `--parts` also scores each shard's fine-tune alone.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ from imagen_transfer.train import train
 FIELDS = ("fid", "kid_mean", "kid_std", "precision", "recall")
 
 
-def finetune(args, name: str, steps: int, *overrides: str) -> Path:
+def finetune(args, name: str, parts: int, *overrides: str) -> Path:
+    """Fine-tune the source for 1 / `parts` of the config's steps (each stage's, `train.stage_steps` included)."""
     run = Path(args.out) / name
     if (run / "cascade" / "cascade.json").is_file():
         return run / "cascade"  # a rerun reuses what finished
+    steps = args.steps // parts
     config = load_config(args.config, [f"model.init_from={args.source}", f"data.dataset={args.data}",
-                                       f"train.steps={steps}", "train.early_stopping_patience=0",
+                                       f"train.steps={steps}", "train.early_stopping_patience=0", "train.keep_steps=[]",
                                        f"train.checkpoint_every={steps}", f"train.sample_every={steps}", *overrides,
                                        *args.set])
+    config.train.stage_steps = {k: v // parts for k, v in config.train.stage_steps.items()}
     config.out = str(run)
     return train(config) / "cascade"
 
@@ -50,26 +56,28 @@ def main() -> None:
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--n-real", type=int, default=None)
     p.add_argument("--precision", choices=["no", "bf16", "auto"], default="auto")
+    p.add_argument("--single", default=None, help="a fine-tune on all the data with the same config (skips training it)")
+    p.add_argument("--parts", action="store_true", help="also evaluate each shard's fine-tune alone")
     p.add_argument("--out", default="runs/soup")
     p.add_argument("--table", default=None)
     args = p.parse_args()
-    whole = finetune(args, "all", args.steps)
-    parts = [finetune(args, f"shard-{k}", args.steps // args.shards, f"data.shards={args.shards}",
+    whole = Path(args.single) if args.single else finetune(args, "all", 1)
+    parts = [finetune(args, f"shard-{k}", args.shards, f"data.shards={args.shards}",
                       f"data.shard={k}") for k in range(args.shards)]
     cascades = [load_cascade(part) for part in parts]
     soup = merge_cascades(cascades, [f"shard-{k}" for k in range(args.shards)])
     soup.sampling = dict(cascades[0].sampling)
     save_cascade(soup, Path(args.out) / "soup", overwrite=True)
-    models = {"single (all data)": whole, f"soup of {args.shards} shard fine-tunes": Path(args.out) / "soup",
-              **{f"shard {k} alone": part for k, part in enumerate(parts)}}
+    models = {"single": whole, f"soup of {args.shards} shard fine-tunes": Path(args.out) / "soup",
+              **({f"shard {k} alone": part for k, part in enumerate(parts)} if args.parts else {})}
     rows = []
     for i, (name, folder) in enumerate(models.items()):
         r = evaluate(str(folder), args.data, n=args.n, n_real=args.n_real, sampling=dict(precision=args.precision),
                      out=Path(args.out) / f"eval-{i}.json", progress=False)
         rows.append(dict(name=name, n=r["n_generated"], n_real=r["n_real"], **{k: r[k] for k in FIELDS}))
     lines = [f"{args.data} test, N = {rows[0]['n']} generated per row against {rows[0]['n_real']} real images; "
-             f"{args.steps} fine-tuning steps in all for each of the first two rows (a shard: {args.steps // args.shards}"
-             "). Lower FID / KID is better.", "",
+             f"the same fine-tuning steps in all for each of the first two rows (a shard: 1 / {args.shards} of each "
+             "stage's). Lower FID / KID is better.", "",
              "| model | FID | KID (x1e3) | precision | recall |", "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['fid']:.1f} | {1e3 * r['kid_mean']:.1f} +- {1e3 * r['kid_std']:.1f} | "
               f"{r['precision']:.3f} | {r['recall']:.3f} |" for r in rows]
