@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import importlib
 
+from . import openmp as _openmp
+
 __version__ = "0.1.0"
+_openmp.configure()  # before torch loads libgomp: how its threads wait beside other programs (openmp.py)
 
 # public name -> module that defines it
 _API = {

@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from . import openmp
 from .cascade import Cascade, Stage, save_cascade, set_sampling_aug_level
 from .checkpoint import (
     append_jsonl,
@@ -274,7 +275,7 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
                    early_stopped=early_stopped, best_ema=best_ema)
     log.event(event="start", step=step, processes=accelerator.num_processes, precision=accelerator.mixed_precision,
               precision_reason=precision_choice(tc.mixed_precision, cuda)[1], device=str(device),
-              peak_memory_window="stage", **t.held)
+              openmp=openmp.record(), peak_memory_window="stage", **t.held)
     window = LossWindow(device)
     reset_peak_memory(device)
     while step < tc.steps and not done:
@@ -461,6 +462,8 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     main = accelerator.is_main_process
     if main:
         check_run_dir(config, resume)
+        if not cuda:
+            print(openmp.describe())
     torch.manual_seed(config.train.seed)
     cascade = build_or_load_cascade(config, resume)
     set_sampling_aug_level(cascade, config.sample.aug_level)
