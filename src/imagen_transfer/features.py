@@ -45,6 +45,7 @@ from .interop import open_model
 from .outputs import cache_root
 from .sampling import randn
 from .sources import DataSource, open_source
+from .task_size import DEFAULT_BUDGET_S, expected_seconds, gflop_rate, object_side, plan_size
 from .text import load_text_encoder
 
 DEFAULT_TIMESTEPS = (10, 100, 300)
@@ -313,7 +314,7 @@ def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | 
                   size: tuple[int, int] | None = None, stride: int = DENSE_STRIDE, prompt: str = "",
                   baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0, batch_size: int = 16,
                   limit: int | None = None, tile: tuple[int, int] | None = None, draws: int = 1,
-                  progress: bool = True) -> Path:
+                  budget_s: float = DEFAULT_BUDGET_S, progress: bool = True) -> Path:
     """A feature folder of multi-block maps for a detection or segmentation data set (dense.py).
 
     The U-Net runs on each image at the task size (h, w), or on its non-overlapping `tile`s, their maps stitched back
@@ -322,19 +323,31 @@ def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | 
     timestep map is brought to the common grid (h / stride, w / stride) and stored in fp16, one view each. The pixel
     baseline is the image itself at that grid, space-to-depth (each stride x stride patch's 3 * stride^2 values as
     channels, nothing lost). Targets (boxes, box labels, masks) go to `targets.safetensors`; the manifest records the
-    task, classes, sizes, tile, faults and cost.
+    task, classes, sizes, tile, faults and cost. A data set with no size of ours (and no `size` / `tile`) is read at
+    the size and tiles task_size.plan_size picks from its objects' scale and `budget_s`; the choice and the
+    expected time are printed before any pass.
     """
     dataset = open_source(dataset)
     state, cascades, blocks, timesteps = _open_models(models, stage_name, list(blocks or DENSE_BLOCKS), timesteps,
                                                       DENSE_TIMESTEPS)
     stage0 = next(iter(cascades.values())).stage(stage_name)
+    factor = downsampling_factor(stage0.unet)
+    text = load_text_encoder(next(iter(cascades.values())).text_encoder)([prompt])
+    passes = (len(cascades) + ("random" in baselines)) * len(timesteps) * draws
+    rate = gflop_rate(stage0, text)
     first = load_dense(dataset, splits[0], size=size)
+    if size is None and tile is None and not dataset.known.task_size:  # a set we have no size for: plan one
+        n = min(limit or len(first), len(first)) * len(splits)
+        plan = plan_size(stage0, tuple(first.images.shape[1:3]), object_side(first), n, passes,
+                         max(factor, stride), text, budget_s, rate)
+        print(f"features: {dataset.path.name} has no task size of ours: {plan.note}", flush=True)
+        size, tile = plan.size, plan.tile
+        first = load_dense(dataset, splits[0], size=size)
     size = tuple(first.images.shape[1:3])  # without --size the first split's, so every split shares one grid
     data = {s: first if s == splits[0] else load_dense(dataset, s, size=size) for s in splits}
     if limit is not None:
         data = {s: d.subset(range(min(limit, len(d)))) for s, d in data.items()}
     h, w = next(iter(data.values())).images.shape[1:3]
-    factor = downsampling_factor(stage0.unet)
     if h % max(factor, stride) or w % max(factor, stride):
         raise UserError(f"task size {h}x{w} must be a multiple of {max(factor, stride)} (the U-Net halves its input "
                         f"{factor.bit_length() - 1} times; the grid stride is {stride}); pass --size H W")
@@ -344,6 +357,9 @@ def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | 
         raise UserError(f"tile {th}x{tw} must divide the task size {h}x{w} and be a multiple of {max(factor, stride)}; "
                         f"pass --tile H W accordingly")
     rows, cols = h // th, w // tw
+    seconds = expected_seconds(stage0, (h, w), (th, tw), passes * sum(len(d) for d in data.values()), text, rate)
+    print(f"features: {h}x{w}, tile {th}x{tw}, {sum(len(d) for d in data.values())} images x {passes} U-Net passes: "
+          f"expected ~{seconds:.0f} s at {rate:.0f} GFLOP/s", flush=True)
     tiles = {s: to_tiles(d.images, th, tw) for s, d in data.items()}
     sets, pieces = _unet_sets(cascades, stage_name, tiles, state, blocks=blocks, timesteps=timesteps, prompt=prompt,
                               baselines=baselines, seed=seed, batch_size=batch_size, progress=progress, pool=False,

@@ -312,7 +312,8 @@ def cmd_features(args) -> None:
             raise UserError("--baselines text is for captioned data; a dense data set has pixels and random")
         out = extract_dense(_named_models(args.model), source, args.out, stage_name=args.stage or "sr",
                             size=tuple(args.size) if args.size else None, stride=args.stride,
-                            tile=tuple(args.tile) if args.tile else None, batch_size=args.batch_size or 16, **common)
+                            tile=tuple(args.tile) if args.tile else None, batch_size=args.batch_size or 16,
+                            budget_s=args.budget, **common)
     else:
         if args.size or args.tile:
             raise UserError(f"--size and --tile are for detection and segmentation data sets; {args.data} is an "
@@ -707,6 +708,9 @@ def _features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", nargs=2, type=int_in(8), default=None, metavar=("H", "W"),
                    help="detection / segmentation: run the U-Net on non-overlapping tiles of this size and stitch "
                         "the maps (attention costs grow with the square of the size; default: the whole image)")
+    p.add_argument("--budget", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="detection / segmentation set with no size of ours and no --size / --tile: the size and tiles "
+                        "are chosen from the objects' scale to fit about this many seconds (printed before starting)")
     p.add_argument("--batch-size", type=int_in(1), default=None, help="default 64 (16 for dense maps)")
     p.add_argument("--limit", type=int_in(1), default=None, help="at most this many images per split (spread over classes)")
     p.add_argument("--noise-draws", type=int_in(1), default=1,
