@@ -27,7 +27,7 @@ from imagen_transfer.evaluate import evaluate
 from imagen_transfer.fusion import merge_cascades
 from imagen_transfer.train import train
 
-FIELDS = ("fid", "kid_mean", "kid_std", "precision", "recall")
+FIELDS = ("fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy")
 
 
 def finetune(args, name: str, parts: int, *overrides: str) -> Path:
