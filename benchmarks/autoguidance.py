@@ -32,6 +32,7 @@ def rows_of(args) -> list[dict]:
     common = dict(n=args.n, n_real=args.n_real, feature_net=args.feature_net, judge=not args.no_judge,
                   progress=False)
     plans = [dict(name="single", guide=None, weight=args.cfg)]
+    plans += [dict(name=f"single, CFG {w:g}", guide=None, weight=w) for w in args.cfg_sweep]
     plans += [dict(name=f"autoguidance w={w:g}, guide {Path(g).name}", guide=g, weight=w)
               for g in args.guides for w in args.weights]
     rows = []
@@ -66,6 +67,7 @@ def main() -> None:
     p.add_argument("--guides", nargs="+", required=True, help="weaker versions of it: cascades or RUN/step-N")
     p.add_argument("--weights", nargs="+", type=float, default=[1.5, 2.0, 2.5, 3.0])
     p.add_argument("--cfg", type=float, default=None, help="the single model's CFG weight (default: its own)")
+    p.add_argument("--cfg-sweep", nargs="*", type=float, default=[], help="more rows: the single model at these CFG weights")
     p.add_argument("--data", default="pneumoniamnist")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--n-real", type=int, default=None)

@@ -46,7 +46,8 @@ def source_rows(args) -> list[dict]:
             r = json.loads(path.read_text())
         else:
             print(f"== {name} ==", flush=True)
-            r = evaluate(str(plan.pop("model")), args.data, n=args.n, sampling=dict(precision=args.precision),
+            r = evaluate(str(plan.pop("model")), args.data, n=args.n,
+                         sampling=dict(guidance=args.guidance, precision=args.precision),
                          out=path, progress=False, **plan)
         rows.append(dict(name=name, n=r["n_generated"], n_real=r["n_real"], **{k: r.get(k) for k in FIELDS}))
     return rows
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--data", default="pneumoniamnist")
     p.add_argument("--autoguidance", required=True, help="autoguidance.py's autoguidance.json (single row first)")
     p.add_argument("--soup", default=None, help="shard_soup.py's soup.json")
+    p.add_argument("--guidance", type=float, default=1.5, help="the CFG weight of the rows evaluated here (as the "
+                   "single row's: autoguidance.py --cfg, shard_soup.py --guidance)")
     p.add_argument("--away", type=float, default=0.5, help="guidance between models: (1 + a) F - a source")
     p.add_argument("--switch-at", type=int, default=900)
     p.add_argument("--n", type=int, default=512)

@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--n-real", type=int, default=None)
     p.add_argument("--precision", choices=["no", "bf16", "auto"], default="auto")
+    p.add_argument("--guidance", type=float, default=None, help="CFG weight of every row (default: each model's own)")
     p.add_argument("--single", default=None, help="a fine-tune on all the data with the same config (skips training it)")
     p.add_argument("--parts", action="store_true", help="also evaluate each shard's fine-tune alone")
     p.add_argument("--out", default="runs/soup")
@@ -72,7 +73,7 @@ def main() -> None:
               **({f"shard {k} alone": part for k, part in enumerate(parts)} if args.parts else {})}
     rows = []
     for i, (name, folder) in enumerate(models.items()):
-        r = evaluate(str(folder), args.data, n=args.n, n_real=args.n_real, sampling=dict(precision=args.precision),
+        r = evaluate(str(folder), args.data, n=args.n, n_real=args.n_real, sampling=dict(guidance=args.guidance, precision=args.precision),
                      out=Path(args.out) / f"eval-{i}.json", progress=False)
         rows.append(dict(name=name, n=r["n_generated"], n_real=r["n_real"], **{k: r[k] for k in FIELDS}))
     lines = [f"{args.data} test, N = {rows[0]['n']} generated per row against {rows[0]['n_real']} real images; "
