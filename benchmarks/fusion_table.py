@@ -87,7 +87,9 @@ def main() -> None:
     p.add_argument("--single", required=True, help="the fine-tuned cascade F (autoguidance.py's --model)")
     p.add_argument("--source", default="cifar10")
     p.add_argument("--data", default="pneumoniamnist")
-    p.add_argument("--autoguidance", required=True, help="autoguidance.py's autoguidance.json (single row first)")
+    p.add_argument("--autoguidance", nargs="+", required=True,
+                   help="autoguidance.py's autoguidance.json files (one sweep split over processes: the first holds "
+                        "the single row; a row name seen before is skipped)")
     p.add_argument("--soup", default=None, help="shard_soup.py's soup.json")
     p.add_argument("--guidance", type=float, default=1.5, help="the CFG weight of the rows evaluated here (as the "
                    "single row's: autoguidance.py --cfg, shard_soup.py --guidance)")
@@ -98,8 +100,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/fusion-table")
     p.add_argument("--table", default=None)
     args = p.parse_args()
-    rows = read_rows(args.autoguidance)
-    rows += [r for r in read_rows(args.soup) if r["name"] != "single"]  # the same model as autoguidance's single
+    rows = []
+    for path in [*args.autoguidance, args.soup]:  # the soup's single is autoguidance's, the same model and protocol
+        rows += [r for r in read_rows(path) if r["name"] not in {seen["name"] for seen in rows}]
     rows += source_rows(args)
     if {r["n"] for r in rows} != {args.n}:
         raise SystemExit(f"rows with different N: {sorted({r['n'] for r in rows})}; rerun them at --n {args.n}")
