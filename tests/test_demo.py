@@ -18,16 +18,16 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     torch.jit.save(torch.jit.script(net.eval()), str(tmp_path / "net.pt"))
     data = make_npz(tmp_path / "toy.npz", n_train=40, n_val=16)
-    tiny = dict(steps=4, sr_steps=2, n_eval=8, feature_limit=16, val_every=2, batch=8, probe_epochs=2, sample_steps=2)
+    tiny = dict(steps=4, sr_steps=2, n_eval=8, feature_limit=16, val_every=2, batch=8, probe_epochs=2, sample_steps=2,
+                guide_step=1)
     run = run_demo(tmp_path / "demo", source=str(tiny_cascade_dir), data=str(data), settings=tiny,
                    feature_net=str(tmp_path / "net.pt"))
     summary = json.loads((run / "demo.json").read_text())
-    assert set(summary["kid"]) == {"source", "fine-tuned", "interpolation 0.5", "model guidance 1.5"}
+    assert set(summary["kid"]) == {"source", "fine-tuned", "autoguidance 1.5 (step 1)"}  # the table's winner only
     assert set(summary["probe_test_accuracy"]) == {"source", "fine-tuned", "random", "pixels"}
     assert summary["timings_s"]["total"] > 0 and len(summary["timings_s"]) == 6
-    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-interp-0.5.json",
-                 "eval-3-guidance-1.5.json", "report.html", "cascade/cascade.json", "fused-interp-0.5/cascade.json",
-                 "features/probe-classification.json"):
+    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-autoguidance.json", "report.html",
+                 "cascade/cascade.json", "features/probe-classification.json"):
         assert (run / name).is_file(), name
     from imagen_transfer.checkpoint import read_jsonl
 
@@ -38,10 +38,11 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     assert steps == {"base": 4, "sr": 2}  # both stages fine-tuned, the SR stage for its own step count
     assert set(summary["bicubic_baseline"]) == {"source", "fine-tuned"}  # both cascades against their own bar
     assert json.loads((run / "eval-1-finetuned.json").read_text())["bicubic_baseline"]["resolution"] == 32
-    guided = json.loads((run / "eval-3-guidance-1.5.json").read_text())
-    assert guided["sampling"]["mix"][0]["weight"] == -0.5
+    guided = json.loads((run / "eval-2-autoguidance.json").read_text())["sampling"]
+    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 1.5
+    assert {d.name for d in (run / "checkpoints").glob("*/step-0000001")} == {"step-0000001"}  # kept for it
     md = (run / "report.md").read_text()
-    assert "## Probes" in md and "eval-2-interp-0.5.json" in md
+    assert "## Probes" in md and "eval-2-autoguidance.json" in md
 
 
 @pytest.mark.slow
@@ -64,12 +65,11 @@ def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_d
                    feature_net=str(tmp_path / "net.pt"))
     assert resolved == [str(data)]  # fine-tune, evaluations and features all read the one opened DataSource
     assert {row["stage"] for row in read_jsonl(run / "metrics.jsonl") if "loss" in row} == {"base"}
-    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-interp-0.5.json", "eval-3-guidance-1.5.json",
-                 "eval-4-autoguidance.json"):
+    for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-autoguidance.json"):
         result = json.loads((run / name).read_text())
         assert result["resolution"] == 16 and result["n_real"] == 10 and result["sampling"]["stages"] == ["base"]
-    guided = json.loads((run / "eval-4-autoguidance.json").read_text())["sampling"]
-    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 2.0
+    guided = json.loads((run / "eval-2-autoguidance.json").read_text())["sampling"]
+    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 1.5
     assert (run / "checkpoints" / "base" / "step-0000001").is_dir()  # kept for it
 
 
@@ -84,10 +84,11 @@ def test_demo_without_data_names_the_missing_file(tmp_path, monkeypatch, capsys)
     assert "pneumoniamnist.npz" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
-def test_demo_precision_reaches_training_and_sampling(tmp_path):
-    """`demo --precision no` trains in fp32 too, not only samples (a CPU without native bf16 runs it so); the
-    default stays auto for both."""
-    from imagen_transfer.jobs.demo import FULL, QUICK, finetune_config
+def test_a_guide_step_the_run_never_reaches_is_one_line_before_any_work(tmp_path):
+    from imagen_transfer.errors import UserError
+    from imagen_transfer.jobs.demo import run_demo
 
-    assert finetune_config(tmp_path, FULL).train.mixed_precision == "auto" and QUICK["precision"] == "auto"
-    assert finetune_config(tmp_path, dict(QUICK, precision="no")).train.mixed_precision == "no"
+    data = make_npz(tmp_path / "toy.npz", n_train=8, n_val=4)
+    with pytest.raises(UserError, match=r"--guide-step 60 must be below every stage's steps \(60\)"):
+        run_demo(tmp_path / "d", quick=True, data=str(data), settings=dict(guide_step=60))
+    assert not (tmp_path / "d").exists()

@@ -6,10 +6,10 @@ From the shipped CIFAR-10 source cascade to PneumoniaMNIST chest X-rays with rep
    (`--quick`: the base stage only, see QUICK);
 2. evaluate the source and the fine-tuned cascade on the test split (FID, KID, precision / recall, conditioning
    accuracy), each beside its own base stage's samples upsampled bicubically (the bar its SR stage must clear);
-3. fuse: weight interpolation between source and fine-tune (mixing weight 0.5), and guidance between the two models
-   at sampling time (1.5 x fine-tuned - 0.5 x source), each evaluated the same way; with `guide_step` (demo
-   --guide-step N) also autoguidance of the fine-tune by its own run's step-N checkpoint (kept for it) at
-   `guide_weight`;
+3. fuse: autoguidance of the fine-tune by its own run's early checkpoint (step `guide_step`, kept for it;
+   Karras et al. 2024), at `guide_weight`, evaluated the same way: the one fusion that beat the single model in
+   benchmarks/results/fusion_xray_cpu.md (weight interpolation, guidance between models, the shard soup and
+   switching to the source lost there, and left the demo);
 4. probe: U-Net features of the source and fine-tuned base stages against raw pixels and random weights;
 5. write report.html / report.md.
 Every phase prints its progress and wall time; `demo.json` records them with the settings.
@@ -21,12 +21,10 @@ import json
 import time
 from pathlib import Path
 
-from ..cascade import save_cascade, set_sampling_aug_level
 from ..config import load_config
+from ..errors import UserError
 from ..evaluate import evaluate
 from ..features import extract
-from ..fusion import merge_cascades
-from ..interop import open_model
 from ..probe import run_probe
 from ..sources import open_source
 from ..train import train
@@ -37,13 +35,17 @@ from .report import write_report
 # the shorter run it replaced), sampling noise-augmentation level 0 chosen on the val split
 # (sr_sweep_xray_val_cpu.md), bf16 U-Net calls where native (sampler_parity_cpu.md); min_delta is set for the
 # SR stage's validation-loss scale (the curve above).
+# The fusion phase's guide: the run's step-50 checkpoint (1/5 of the base stage's steps, 1/16 of the SR stage's) at
+# weight 1.5, the best row of benchmarks/results/fusion_xray_cpu.md.
 FULL = dict(steps=250, sr_steps=800, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
-            probe_epochs=30, sample_steps=None, precision="auto", lr=3e-4, aug_level=0, min_delta=0.00005)
+            probe_epochs=30, sample_steps=None, precision="auto", lr=3e-4, aug_level=0, min_delta=0.00005,
+            guide_step=50, guide_weight=1.5)
 # --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
 # a seeded subset of 256 real test images, bf16 U-Net calls where native (benchmarks/results/sampler_parity_cpu.md).
 # Their times and results: benchmarks/results/demo_quick_cpu.json, demo_cpu.json and demo_fp32_cpu.json.
 QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
-             sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002)
+             sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002, guide_step=12,
+             guide_weight=1.5)
 
 
 def _phase(name: str, timings: dict, fn, *args, **kwargs):
@@ -92,12 +94,15 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     out = Path(out) if out else default_out()
     started, timings = time.time(), {}
     config = finetune_config(out, settings, source, data, method)
-    if settings.get("guide_step"):  # the autoguidance guide of phase 3: an early checkpoint of this run, kept
-        config.train.keep_steps = [int(settings["guide_step"])]
+    guide_step, guide_weight = int(settings["guide_step"]), float(settings["guide_weight"])
+    trained = [settings["steps"]] + ([settings["sr_steps"]] if settings["sr_steps"] else [])
+    if guide_step >= min(trained):
+        raise UserError(f"--guide-step {guide_step} must be below every stage's steps ({', '.join(map(str, trained))}): "
+                        "the guide is an earlier checkpoint of the same run")
+    config.train.keep_steps = [guide_step]  # the autoguidance guide of phase 3: an early checkpoint of this run, kept
     run = _phase(f"1/5 fine-tune {source} -> {data} ({method}, {settings['steps']} base / {settings['sr_steps']} SR "
                  "steps)", timings, train, config, data=dataset)
     tuned_dir = run / "cascade"
-    tuned, source_cascade = open_model(tuned_dir), open_model(source)
 
     n = settings["n_eval"]
     sampling = dict(guidance=1.5, steps=settings["sample_steps"], precision=settings.get("precision"))
@@ -116,21 +121,12 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     results = _phase(f"2/5 evaluate source and fine-tune (N={n} each, {against} test images)", timings, evaluate_all)
 
     def fuse():
-        interp = merge_cascades([source_cascade, tuned], [source, "fine-tuned"], weights=[0.5, 0.5])
-        interp.sampling = dict(tuned.sampling)
-        set_sampling_aug_level(interp, settings["aug_level"])  # a copy of the source's stages: the tuned level
-        save_cascade(interp, run / "fused-interp-0.5", overwrite=True)
-        results["interpolation 0.5"] = evaluate(str(run / "fused-interp-0.5"), dataset,
-                                                out=run / "eval-2-interp-0.5.json", **common)
-        results["model guidance 1.5"] = evaluate(str(tuned_dir), dataset, out=run / "eval-3-guidance-1.5.json",
-                                                 mix=[(source_cascade, -0.5)], **common)
-        if settings.get("guide_step"):
-            step, weight = int(settings["guide_step"]), float(settings.get("guide_weight", 2.0))
-            results[f"autoguidance {weight:g} (step {step})"] = evaluate(
-                str(tuned_dir), dataset, out=run / "eval-4-autoguidance.json", guide=str(run / f"step-{step}"),
-                **dict(common, sampling=dict(sampling, guidance=weight)))
+        results[f"autoguidance {guide_weight:g} (step {guide_step})"] = evaluate(
+            str(tuned_dir), dataset, out=run / "eval-2-autoguidance.json", guide=str(run / f"step-{guide_step}"),
+            **dict(common, sampling=dict(sampling, guidance=guide_weight)))
 
-    _phase("3/5 fuse (weight interpolation, guidance between models) and evaluate", timings, fuse)
+    _phase(f"3/5 fuse: autoguidance by the run's step-{guide_step} checkpoint (weight {guide_weight:g}), and evaluate",
+           timings, fuse)
 
     def probe():
         folder = extract({"source": source, "fine-tuned": str(tuned_dir)}, dataset, run / "features",
