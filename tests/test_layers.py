@@ -14,10 +14,11 @@ from conftest import REPO
 
 PACKAGE = REPO / "src" / "imagen_transfer"
 LAYERS = [
-    {"errors", "outputs", "config", "text", "unet", "checkpoint", "metrics", "masks", "sources", "memory", "runs"},  # foundations
+    {"errors", "outputs", "config", "text", "unet", "checkpoint", "metrics", "masks", "sources", "memory", "runs",
+     "openmp"},  # foundations
     {"cascade", "diffusion", "data", "transfer"},  # the model and its math, data sets
     {"interop", "sampling", "dense", "datasets", "shard", "step", "fusion", "judge", "scratch", "detection",
-     "segmentation", "protocol"},  # built on the model
+     "segmentation", "protocol", "task_size"},  # built on the model
     {"measure", "evaluate", "quality", "train", "features", "backbone", "probe", "dense_probe", "backbone_probe", "probe_report"},  # tasks: one result each
     {"jobs.demo", "jobs.study", "jobs.study_report", "jobs.report", "jobs.cli"},  # whole experiments, the command line
 ]

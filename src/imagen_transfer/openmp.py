@@ -41,7 +41,7 @@ def configure(environ=os.environ) -> dict:
 
 def record() -> dict:
     """The process's threads and OpenMP wait settings, for a run's start record."""
-    import torch
+    import torch  # here, not at the top: configure() must run before torch loads libgomp
 
     return dict(threads=torch.get_num_threads(), **_chosen)
 

@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .diffusion import denoise
 
 MAX_OBJECT = 48  # px: about the 32 px U-Net's view of an object (CIFAR-10's fill 16-32 px of the frame)
 MIN_OBJECT = 12  # px: smaller than this and a 4-px feature grid cannot place the object
@@ -58,10 +61,6 @@ def object_side(data) -> float | None:
 def unet_gflops(stage, hw: tuple[int, int], text, meta=None) -> tuple[float, float]:
     """(total, attention) GFLOPs of one U-Net forward on one image at `hw`, counted on a meta-device copy (`meta`,
     made here if not given: no memory, no time, so the count at 300 x 300 is as cheap as at 32)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .diffusion import denoise
-
     unet = meta if meta is not None else copy.deepcopy(stage.unet).to("meta")
     x = torch.zeros(1, unet.config.out_channels, *hw, device="meta")
     lowres = torch.zeros_like(x) if stage.kind == "sr" else None
@@ -76,8 +75,6 @@ def unet_gflops(stage, hw: tuple[int, int], text, meta=None) -> tuple[float, flo
 @torch.inference_mode()
 def gflop_rate(stage, text, batch: int = 8) -> float:
     """GFLOP/s of this machine on the stage's U-Net at its own resolution (timed passes after a warm-up)."""
-    from .diffusion import denoise
-
     unet, r = stage.unet.eval(), stage.resolution
     device = next(unet.parameters()).device
     x = torch.zeros(batch, unet.config.out_channels, r, r, device=device)
