@@ -23,7 +23,7 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     run = run_demo(tmp_path / "demo", source=str(tiny_cascade_dir), data=str(data), settings=tiny,
                    feature_net=str(tmp_path / "net.pt"))
     summary = json.loads((run / "demo.json").read_text())
-    assert set(summary["kid"]) == {"source", "fine-tuned", "autoguidance 2 (step 1)"}  # the table's winner only
+    assert set(summary["kid"]) == {"source", "fine-tuned", "autoguidance 2.5 (step 1)"}  # the table's winner only
     assert set(summary["probe_test_accuracy"]) == {"source", "fine-tuned", "random", "pixels"}
     assert summary["timings_s"]["total"] > 0 and len(summary["timings_s"]) == 6
     for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-autoguidance.json", "report.html",
@@ -39,7 +39,7 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     assert set(summary["bicubic_baseline"]) == {"source", "fine-tuned"}  # both cascades against their own bar
     assert json.loads((run / "eval-1-finetuned.json").read_text())["bicubic_baseline"]["resolution"] == 32
     guided = json.loads((run / "eval-2-autoguidance.json").read_text())["sampling"]
-    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 2.0
+    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 2.5
     assert {d.name for d in (run / "checkpoints").glob("*/step-0000001")} == {"step-0000001"}  # kept for it
     md = (run / "report.md").read_text()
     assert "## Probes" in md and "eval-2-autoguidance.json" in md
@@ -69,7 +69,7 @@ def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_d
         result = json.loads((run / name).read_text())
         assert result["resolution"] == 16 and result["n_real"] == 10 and result["sampling"]["stages"] == ["base"]
     guided = json.loads((run / "eval-2-autoguidance.json").read_text())["sampling"]
-    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 2.0
+    assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 2.5
     assert (run / "checkpoints" / "base" / "step-0000001").is_dir()  # kept for it
 
 

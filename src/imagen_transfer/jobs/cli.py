@@ -626,8 +626,8 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="smaller settings (about 5 minutes)")
     p.add_argument("--guide-step", type=int_in(1), default=None, metavar="N",
                    help="the fusion phase autoguides the fine-tune by its own step-N checkpoint, kept for it "
-                        "(default 50; --quick 12)")
-    p.add_argument("--guide-weight", type=positive_float, default=None, help="its weight (default 2)")
+                        "(default 100; --quick 24)")
+    p.add_argument("--guide-weight", type=positive_float, default=None, help="its weight (default 2.5)")
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<date>-<time>)")
     p.add_argument("--precision", choices=["auto", "no", "bf16"], default=None,
                    help="autocast of training and sampling (default auto: bf16 where the hardware runs it natively; "

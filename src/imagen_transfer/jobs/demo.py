@@ -35,18 +35,18 @@ from .report import write_report
 # the shorter run it replaced), sampling noise-augmentation level 0 chosen on the val split
 # (sr_sweep_xray_val_cpu.md), bf16 U-Net calls where native (sampler_parity_cpu.md); min_delta is set for the
 # SR stage's validation-loss scale (the curve above).
-# The fusion phase's guide: the run's step-50 checkpoint (1/5 of the base stage's steps, 1/16 of the SR stage's) at
-# weight 2, the best row of benchmarks/results/fusion_xray_cpu.md (weights 1.5 / 2.5 / 3 and the step-100 guide
-# behind it).
+# The fusion phase's guide: the run's step-100 checkpoint (2/5 of the base stage's steps, 1/8 of the SR stage's) at
+# weight 2.5, the best row of benchmarks/results/fusion_xray_cpu.md (the step-50 guide and weights 1.5 / 2 / 3 behind
+# it); --quick keeps the base stage's proportion (step 24 of 60).
 FULL = dict(steps=250, sr_steps=800, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
             probe_epochs=30, sample_steps=None, precision="auto", lr=3e-4, aug_level=0, min_delta=0.00005,
-            guide_step=50, guide_weight=2.0)
+            guide_step=100, guide_weight=2.5)
 # --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
 # a seeded subset of 256 real test images, bf16 U-Net calls where native (benchmarks/results/sampler_parity_cpu.md).
 # Their times and results: benchmarks/results/demo_quick_cpu.json, demo_cpu.json and demo_fp32_cpu.json.
 QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
-             sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002, guide_step=12,
-             guide_weight=2.0)
+             sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002, guide_step=24,
+             guide_weight=2.5)
 
 
 def _phase(name: str, timings: dict, fn, *args, **kwargs):
