@@ -46,8 +46,8 @@ def source_rows(args) -> list[dict]:
             r = json.loads(path.read_text())
         else:
             print(f"== {name} ==", flush=True)
-            r = evaluate(str(plan.pop("model")), args.data, n=args.n,
-                         sampling=dict(guidance=args.guidance, precision=args.precision),
+            r = evaluate(str(plan.pop("model")), args.data, n=args.n, n_real=args.n_real, judge=not args.no_judge,
+                         sampling=dict(guidance=args.guidance, steps=args.steps, precision=args.precision),
                          out=path, progress=False, **plan)
         rows.append(dict(name=name, n=r["n_generated"], n_real=r["n_real"], **{k: r.get(k) for k in FIELDS}))
     return rows
@@ -96,6 +96,9 @@ def main() -> None:
     p.add_argument("--away", type=float, default=0.5, help="guidance between models: (1 + a) F - a source")
     p.add_argument("--switch-at", type=int, default=900)
     p.add_argument("--n", type=int, default=512)
+    p.add_argument("--n-real", type=int, default=None, help="as the other rows' (default: the whole split)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps per stage (default: the model's)")
+    p.add_argument("--no-judge", action="store_true")
     p.add_argument("--precision", choices=["no", "bf16", "auto"], default="auto")
     p.add_argument("--out", default="runs/fusion-table")
     p.add_argument("--table", default=None)

@@ -63,16 +63,17 @@ def best_seconds(fn, repeats: int = 5) -> float:
 
 
 @torch.inference_mode()
-def peaks() -> list[dict]:
-    rows = []
+def peaks(n: int = 2048) -> list[dict]:
+    """GEMM n^3 and a 3x3 convolution of n / 8 channels at 32 x 32 (batch 32), per thread count and dtype."""
+    rows, c = [], n // 8
     for threads in (1, 2):
         torch.set_num_threads(threads)
         for dtype in (torch.float32, torch.bfloat16):
-            a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-            gemm = 2 * 2048 ** 3 / best_seconds(lambda a=a, b=b: a @ b) / 1e9
-            conv = torch.nn.Conv2d(256, 256, 3, padding=1).to(dtype)
-            x = torch.randn(32, 256, 32, 32, dtype=dtype)
-            flops = 2 * 32 * 256 * 32 * 32 * 256 * 9
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            gemm = 2 * n ** 3 / best_seconds(lambda a=a, b=b: a @ b) / 1e9
+            conv = torch.nn.Conv2d(c, c, 3, padding=1).to(dtype)
+            x = torch.randn(32, c, 32, 32, dtype=dtype)
+            flops = 2 * 32 * c * 32 * 32 * c * 9
             rows.append(dict(threads=threads, dtype=str(dtype).split(".")[1], gemm_gflops=round(gemm, 1),
                              conv_gflops=round(flops / best_seconds(lambda conv=conv, x=x: conv(x), 3) / 1e9, 1)))
             print(rows[-1], flush=True)
@@ -142,19 +143,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--model", default="cifar10", help="the cascade whose stages are measured")
+    p.add_argument("--feature-net", default=None, help="the FID network (default TF-Inception)")
+    p.add_argument("--peak-size", type=int, default=2048, help="the peak GEMM's n (the convolution has n / 8 channels)")
     p.add_argument("--out", default=None)
     p.add_argument("--table", default=None)
     args = p.parse_args()
     started = time.time()
     machine = cpu()
-    peak = peaks()
+    peak = peaks(args.peak_size)
     torch.set_num_threads(args.threads)
     precision = precision_choice("auto", False)[0]
     dtype = "bfloat16" if precision == "bf16" else "float32"
 
     def peak_of(kind: str, of: str) -> float:
         return next(r[kind] for r in peak if r["threads"] == args.threads and r["dtype"] == of)
-    cascade = load_cascade("cifar10")
+    cascade = load_cascade(args.model)
     encoder = load_text_encoder(cascade.text_encoder)
     text, null = encoder(["chest x-ray, normal", "chest x-ray, pneumonia"]), encoder([""])
     work = {}
@@ -165,7 +169,7 @@ def main() -> None:
     from imagen_transfer.judge import build_judge
     from imagen_transfer.metrics import load_feature_net
 
-    inception, _ = load_feature_net(None)
+    inception, _ = load_feature_net(args.feature_net)
     work["FID network (TF-Inception, 299 px)"] = network_pass(inception.eval(), 32, 50)
     judge = build_judge(2).eval()
     work["conditioning judge (32 px)"] = network_pass(lambda x: judge(x.float() / 127.5 - 1), 32, 256)
@@ -190,7 +194,8 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=1))
     lines = [f"# Roofline on {machine['name']} ({machine['cores']} cores; flags {', '.join(machine['flags'])})", "",
              "```", f"python {' '.join(sys.argv)}", "```", "",
-             "Peaks (best of several calls; GFLOP/s):", "", "| threads | dtype | GEMM 2048^3 | conv 3x3, 256 ch, 32 px |",
+             "Peaks (best of several calls; GFLOP/s):", "",
+             f"| threads | dtype | GEMM {args.peak_size}^3 | conv 3x3, {args.peak_size // 8} ch, 32 px |",
              "|---|---|---|---|"]
     lines += [f"| {r['threads']} | {r['dtype']} | {r['gemm_gflops']} | {r['conv_gflops']} |" for r in peak]
     lines += ["", f"Jobs at {args.threads} threads, precision {precision} (U-Net calls; Inception and the judge in "

@@ -1,6 +1,6 @@
 """Training speed alone and beside a competing CPU-bound process, per thread count and OpenMP wait policy (#39).
 
-Each setting runs the same training steps (the shipped `cifar10` base stage, batch 32, the run's default precision)
+Each setting runs the same training steps (the shipped `cifar10` base stage, or --model's, batch 32, the run's default precision)
 in a fresh process, so the OpenMP runtime reads its environment at start: once alone, once beside a fixed competing
 load (a 2-thread torch matmul loop with torch's default OpenMP settings, the kind of process a user's machine runs
 beside ours). Settings alternate (alone / loaded, setting by setting, `--repeats` rounds) so drift hits all alike.
@@ -33,7 +33,7 @@ LOAD = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
         "while True:\n    for _ in range(100):\n        a = torch.tanh(a @ a)\n")
 
 
-def worker(steps: int, warmup: int, batch: int) -> None:
+def worker(steps: int, warmup: int, batch: int, model: str) -> None:
     """Time `steps` training steps after `warmup`; print one JSON line."""
     import torch
 
@@ -46,7 +46,7 @@ def worker(steps: int, warmup: int, batch: int) -> None:
     from imagen_transfer.text import load_text_encoder
 
     torch.manual_seed(0)
-    cascade = load_cascade("cifar10")
+    cascade = load_cascade(model)
     stage = cascade.stages[0]
     encoder = load_text_encoder(cascade.text_encoder)
     text, null = encoder(["chest x-ray, normal", "chest x-ray, pneumonia"]), encoder([""])
@@ -64,7 +64,7 @@ def worker(steps: int, warmup: int, batch: int) -> None:
 
 def run_worker(env: dict, args) -> float:
     out = subprocess.run([sys.executable, __file__, "--worker", "--steps", str(args.steps), "--warmup",
-                          str(args.warmup), "--batch", str(args.batch)], env={**os.environ, **env},
+                          str(args.warmup), "--batch", str(args.batch), "--model", args.model], env={**os.environ, **env},
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
 
@@ -95,12 +95,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--model", default="cifar10", help="the cascade whose base stage trains")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--settings", nargs="*", default=None, help="names of SETTINGS to run (default: all)")
     p.add_argument("--out", default=None, help="a JSON file for the results")
     args = p.parse_args()
     if args.worker:
-        return worker(args.steps, args.warmup, args.batch)
+        return worker(args.steps, args.warmup, args.batch, args.model)
     names = args.settings or list(SETTINGS)
     runs = {name: {"alone": [], "loaded": []} for name in names}
     for r in range(args.repeats):

@@ -226,15 +226,52 @@ def test_autoguidance(tmp_path, tiny_cascade_dir, tiny_feature_env):
     assert measured[0]["name"] == "single" and all(math.isfinite(r["kid"]) and r["n"] == 4 for r in measured)
 
 
+def test_fusion_table_reads_the_sweep_and_adds_the_source_routes(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    common = ("--data", data, "--n", "4", "--n-real", "8", "--steps", "2", "--precision", "no", "--no-judge")
+    _run("autoguidance.py", "--model", tiny_cascade_dir, "--guides", tiny_cascade_dir, "--weights", "2", "--cfg",
+         "1.5", *common, "--out", tmp_path / "ag")
+    out = _run("fusion_table.py", "--single", tiny_cascade_dir, "--source", tiny_cascade_dir, "--autoguidance",
+               tmp_path / "ag" / "autoguidance.json", *common, "--out", tmp_path / "ft", "--table", tmp_path / "f.md")
+    rows = table_rows((tmp_path / "f.md").read_text())
+    assert [r["row"].split(" ")[0] for r in rows] == ["single", "autoguidance", "interpolation", "guidance", "switch:"], out
+    assert rows[0]["vs single"] == "" and rows[1]["vs single"].endswith("std)")  # each row against the single one
+    measured = json.loads((tmp_path / "f.json").read_text())
+    assert all(math.isfinite(r["kid"]) and r["n"] == 4 for r in measured)
+
+
+def test_guidance_cost(tmp_path, tiny_cascade_dir):
+    out = _run("guidance_cost.py", "--model", tiny_cascade_dir, "--guide", tiny_cascade_dir, "--n", "2",
+               "--repeats", "1", "--precision", "no", "--out", tmp_path / "g.json")
+    result = json.loads((tmp_path / "g.json").read_text())
+    assert result["autoguidance_over_cfg"] > 0 and set(result["seconds_per_image"]) == {"cfg", "autoguidance"}, out
+
+
+def test_under_load(tmp_path, tiny_cascade_dir):
+    out = _run("under_load.py", "--model", tiny_cascade_dir, "--steps", "1", "--warmup", "1", "--batch", "2",
+               "--repeats", "1", "--settings", "1 thread", "--out", tmp_path / "u.json")
+    rows = json.loads((tmp_path / "u.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["1 thread"] and rows[0]["slowdown"] > 0, out
+
+
+def test_roofline(tmp_path, tiny_cascade_dir, tiny_feature_env):
+    out = _run("roofline.py", "--model", tiny_cascade_dir, "--peak-size", "128", "--batch", "2", "--steps", "1",
+               "--out", tmp_path / "r.json", "--table", tmp_path / "r.md")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert len(result["peaks"]) == 4 and all(r["conv_gflops"] > 0 for r in result["peaks"])
+    assert {r["job"].split(",")[0] for r in result["jobs"]} >= {"training", "sampling step"}, out
+    assert all(0 < r["of_conv_peak"] for r in result["jobs"]) and result["training_step_profile"]
+
+
 def test_shard_soup(tmp_path, tiny_cascade_dir, tiny_feature_env):
     data = make_npz(tmp_path / "pneumoniamnist.npz")
     out = _run("shard_soup.py", "--source", tiny_cascade_dir, "--data", data, "--shards", "2", "--steps", "2",
                "--n", "4", "--n-real", "8", "--precision", "no", "--out", tmp_path / "soup", "--table",
                tmp_path / "s.md", "--set", "data.val_split=val", "data.val_size=8", "train.stages=[base]",
                "train.batch_size=4", "train.warmup_steps=1", "train.val_every=0", "sample.steps=2",
-               "train.mixed_precision=no")
+               "train.mixed_precision=no", "--parts")
     rows = table_rows((tmp_path / "s.md").read_text())
-    assert [r["model"] for r in rows] == ["single (all data)", "soup of 2 shard fine-tunes", "shard 0 alone",
+    assert [r["model"] for r in rows] == ["single", "soup of 2 shard fine-tunes", "shard 0 alone",
                                           "shard 1 alone"], out
     measured = json.loads((tmp_path / "s.json").read_text())
     assert all(math.isfinite(r["kid"]) for r in measured)
