@@ -357,8 +357,9 @@ def extract_dense(models: dict[str, str], dataset: str | DataSource, out: str | 
         raise UserError(f"tile {th}x{tw} must divide the task size {h}x{w} and be a multiple of {max(factor, stride)}; "
                         f"pass --tile H W accordingly")
     rows, cols = h // th, w // tw
-    seconds = expected_seconds(stage0, (h, w), (th, tw), passes * sum(len(d) for d in data.values()), text, rate)
-    print(f"features: {h}x{w}, tile {th}x{tw}, {sum(len(d) for d in data.values())} images x {passes} U-Net passes: "
+    images = sum(len(d) for d in data.values())
+    seconds = expected_seconds(stage0, (h, w), (th, tw), passes * images, text, rate)
+    print(f"features: {h}x{w}, tile {th}x{tw}, {images} images x {passes} U-Net passes: "
           f"expected ~{seconds:.0f} s at {rate:.0f} GFLOP/s", flush=True)
     tiles = {s: to_tiles(d.images, th, tw) for s, d in data.items()}
     sets, pieces = _unet_sets(cascades, stage_name, tiles, state, blocks=blocks, timesteps=timesteps, prompt=prompt,
