@@ -8,6 +8,11 @@ Reported: images/s over all timed steps (a mean, not a median: time lost to wait
 alone slowdown; a fair share of 2 cores beside a 2-thread process is 2x.
 
     python benchmarks/under_load.py --steps 30 --repeats 2 --out benchmarks/results/under_load_cpu.json
+
+--command times a whole command the same way (once alone, once loaded, each with empty caches), e.g. the demo:
+
+    python benchmarks/under_load.py --command 'imagen-transfer demo --quick --out {out}' --command-dir runs/ul \
+        --out benchmarks/results/demo_quick_loaded_cpu.json
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ SETTINGS = {
     "2 threads, OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "2 threads, GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
+    "auto (threads from the load, the command line's default)": {"IMAGEN_TRANSFER_THREADS": "auto"},
 }
 LOAD = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
         "while True:\n    for _ in range(100):\n        a = torch.tanh(a @ a)\n")
@@ -53,10 +59,17 @@ def worker(steps: int, warmup: int, batch: int, model: str) -> None:
     images = torch.randint(0, 256, (256, stage.resolution, stage.resolution, 3), dtype=torch.uint8)
     config = load_config(None, [f"train.steps={steps + warmup + 1}", f"train.batch_size={batch}"])
     step, _ = our_step(config, cascade, stage, Captioned(images, torch.arange(len(images)) % 2, text, []), null)
+    from imagen_transfer import openmp
+
+    auto = os.environ.get(openmp.THREADS_VARIABLE) == "auto"
+    if auto:  # as the command line runs: the count follows the load, looked at every few seconds between steps
+        openmp.auto_threads()
     for i in range(warmup):
+        openmp.adapt()
         step(i)
     start = time.perf_counter()
     for i in range(steps):
+        openmp.adapt()
         step(warmup + i)
     seconds = time.perf_counter() - start
     print(json.dumps(dict(images_per_s=steps * batch / seconds, seconds=seconds, threads=torch.get_num_threads())))
@@ -69,17 +82,49 @@ def run_worker(env: dict, args) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
 
 
-def measure(env: dict, loaded: bool, args) -> float:
+def measure(env: dict, loaded: bool, args, run=run_worker):
     if not loaded:
-        return run_worker(env, args)
+        return run(env, args)
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     load = subprocess.Popen([sys.executable, "-c", LOAD], env=clean)
     try:
         time.sleep(2)  # the load is running before the timed process starts
-        return run_worker(env, args)
+        return run(env, args)
     finally:
         load.kill()
         load.wait()
+
+
+def time_command(args) -> None:
+    """--command: the whole command alone, then beside the load, each with its own empty cache folder and run
+    folder (`{out}` in the command); the phases' times come from `{out}/demo.json` where the command writes one."""
+    root = Path(args.command_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for loaded in (False, True):
+        name = "loaded" if loaded else "alone"
+        out = root / name
+        if out.exists():
+            raise SystemExit(f"{out} exists: pass an empty --command-dir")
+        command = args.command.replace("{out}", str(out))
+
+        def run(env, _args, command=command, out=out):
+            start = time.perf_counter()
+            subprocess.run(command, shell=True, check=True, env={**os.environ, **env,
+                                                                  "IMAGEN_TRANSFER_CACHE": str(out) + "-cache"})
+            return time.perf_counter() - start
+
+        seconds = measure({}, loaded, args, run)
+        demo = out / "demo.json"
+        results[name] = dict(seconds=round(seconds, 3),
+                             phases=json.loads(demo.read_text())["timings_s"] if demo.is_file() else None)
+        print(f"{name}: {seconds:.1f} s", flush=True)
+    slowdown = results["loaded"]["seconds"] / results["alone"]["seconds"]
+    print(f"\n| command | alone (s) | beside a 2-thread load (s) | slowdown |\n|---|---|---|---|\n"
+          f"| `{args.command}` | {results['alone']['seconds']} | {results['loaded']['seconds']} | {slowdown:.2f}x |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(cpu=cpu_name(), cores=os.cpu_count(), command=args.command,
+                                                  load=LOAD, slowdown=round(slowdown, 2), **results), indent=1))
 
 
 def cpu_name() -> str:
@@ -99,9 +144,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--settings", nargs="*", default=None, help="names of SETTINGS to run (default: all)")
     p.add_argument("--out", default=None, help="a JSON file for the results")
+    p.add_argument("--command", default=None, help="time this whole shell command alone and beside the load instead "
+                   "(`{out}` becomes a fresh run folder; e.g. 'imagen-transfer demo --quick --out {out}')")
+    p.add_argument("--command-dir", default="runs/under-load", help="with --command: where its run folders go")
     args = p.parse_args()
     if args.worker:
         return worker(args.steps, args.warmup, args.batch, args.model)
+    if args.command:
+        return time_command(args)
     names = args.settings or list(SETTINGS)
     runs = {name: {"alone": [], "loaded": []} for name in names}
     for r in range(args.repeats):

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # so each takes its share instead of oversubscribing them (OpenMP threads spinning against each other).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
+# The command line chooses threads from the load (openmp.auto_threads); tests keep this fixed count, so a result
+# never depends on what else the machine ran (test_openmp.py turns the choosing on where it is the subject).
+os.environ["IMAGEN_TRANSFER_THREADS"] = str(torch.get_num_threads())
 
 
 @pytest.fixture(autouse=True)

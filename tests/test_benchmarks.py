@@ -254,6 +254,28 @@ def test_under_load(tmp_path, tiny_cascade_dir):
     assert [r["setting"] for r in rows] == ["1 thread"] and rows[0]["slowdown"] > 0, out
 
 
+def test_under_load_auto_and_a_whole_command(tmp_path, tiny_cascade_dir):
+    out = _run("under_load.py", "--model", tiny_cascade_dir, "--steps", "1", "--warmup", "1", "--batch", "2",
+               "--repeats", "1", "--settings", "auto (threads from the load, the command line's default)", "--out",
+               tmp_path / "u.json")
+    rows = json.loads((tmp_path / "u.json").read_text())["rows"]
+    assert rows[0]["env"] == {"IMAGEN_TRANSFER_THREADS": "auto"} and rows[0]["slowdown"] > 0, out
+    command = f"{sys.executable} -c \"import pathlib; pathlib.Path('{{out}}').mkdir()\""
+    out = _run("under_load.py", "--command", command, "--command-dir", tmp_path / "c", "--out", tmp_path / "c.json")
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert (tmp_path / "c" / "alone").is_dir() and (tmp_path / "c" / "loaded").is_dir(), out
+    assert result["alone"]["seconds"] > 0 and result["loaded"]["phases"] is None and result["slowdown"] > 0
+
+
+def test_inception_bf16(tmp_path, tiny_feature_env):
+    data = make_npz(tmp_path / "toy.npz")
+    out = _run("inception_bf16.py", "--data", data, "--n", "8", "--repeats", "1", "--out", tmp_path / "i.json")
+    result = json.loads((tmp_path / "i.json").read_text())
+    assert len(result["rows"]) == 2 and result["rows"][0]["set"].endswith("val (real)"), out
+    assert result["speedup"] > 0 and 0 <= result["feature_change"]["median"] < 0.1
+    assert all(math.isfinite(r["kid_shift_in_std"]) and r["fp32"]["fid"] >= 0 for r in result["rows"])
+
+
 def test_roofline(tmp_path, tiny_cascade_dir, tiny_feature_env):
     out = _run("roofline.py", "--model", tiny_cascade_dir, "--peak-size", "128", "--batch", "2", "--steps", "1",
                "--out", tmp_path / "r.json", "--table", tmp_path / "r.md")

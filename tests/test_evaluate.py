@@ -236,3 +236,61 @@ def test_features_are_measured_in_cached_pieces(small_feature_net, toy_npz, monk
     before = set(pieces.iterdir())
     ev.reference_features(str(toy_npz), "test", 32, net, net_id, progress=False)
     assert set(pieces.iterdir()) == before
+
+
+def test_a_preview_scores_the_protocols_first_images_once_and_changes_nothing(tiny_cascade_dir, toy_npz,
+                                                                              small_feature_net, monkeypatch,
+                                                                              capsys):
+    """--preview: the first images' KID against the preview's real features, printed before the rest is sampled;
+    every image is sampled once, and the full result is the one without a preview."""
+    import imagen_transfer.evaluate as ev
+    import imagen_transfer.sampling as sampling
+    from imagen_transfer.measure import feature_network, preview_reference
+    from imagen_transfer.metrics import extract_features, kid
+    from imagen_transfer.sources import open_source
+
+    calls = []
+    real_sample_stage = sampling.sample_stage
+    monkeypatch.setattr(sampling, "sample_stage",
+                        lambda stage, *a, **k: calls.append(len(a[0].mask)) or real_sample_stage(stage, *a, **k))
+    kw = dict(split="test", n=12, batch_size=4, sampling=dict(steps=1), feature_net=str(small_feature_net),
+              judge=False)
+    with_look = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), preview=4, **kw)
+    assert "first look after" in capsys.readouterr().out
+    assert sum(calls) == 2 * 12  # base and SR, each image once
+    plain = ev.evaluate(str(tiny_cascade_dir), str(toy_npz), preview=0, progress=False, **kw)
+    assert "preview" not in plain and (with_look["kid_mean"], with_look["fid"]) == (plain["kid_mean"], plain["fid"])
+    look = with_look["preview"]
+    assert look["n"] == 4 and look["n_real"] == 24 and look["kid_subset_size"] == 4 and look["seconds"] > 0
+    dataset = open_source(str(toy_npz))
+    from imagen_transfer.datasets import load_dataset
+
+    data = load_dataset(dataset, "test", resolution=32, channels=3)
+    real, _ = preview_reference(dataset, "test", 32, data, feature_net=str(small_feature_net),
+                                feature_precision=ev.PREVIEW_PRECISION)
+    first = ev.sample_cascade(ev.open_model(str(tiny_cascade_dir)), ev.draw_captions(data, 12, 0)[0][:4],
+                              list(range(4)), steps=1, progress=False)
+    fake = extract_features(feature_network(str(small_feature_net), ev.PREVIEW_PRECISION)[0],
+                            sampling.to_uint8(first).expand(-1, -1, -1, 3), progress=False)
+    assert look["kid_mean"] == pytest.approx(kid(real, fake)[0], rel=1e-6, abs=1e-9)
+
+
+def test_bf16_features_are_close_to_fp32_and_cached_apart(toy_npz, small_feature_net):
+    """The bf16 feature network: its own id (a cache never mixes the two), features within bf16's rounding of
+    fp32's (8 significant bits: a relative change of a few 1e-3 per layer, here 2 layers)."""
+    from imagen_transfer.datasets import load_dataset
+    from imagen_transfer.measure import feature_network, reference
+    from imagen_transfer.metrics import extract_features
+
+    images = load_dataset(str(toy_npz), "test", resolution=32, channels=3).images
+    (fp32, id32), (bf16, id16) = feature_network(str(small_feature_net)), feature_network(str(small_feature_net),
+                                                                                            "bf16")
+    assert id16 == f"{id32}-bf16" and next(bf16.net.parameters()).dtype == torch.bfloat16
+    assert next(fp32.net.parameters()).dtype == torch.float32  # the fp32 network is left as it was
+    a, b = extract_features(fp32, images, progress=False), extract_features(bf16, images, progress=False)
+    assert b.dtype == torch.float32 and 0 < ((a - b).norm(dim=1) / a.norm(dim=1)).max() < 0.03
+    r32 = reference(str(toy_npz), "test", 32, feature_net=str(small_feature_net), progress=False)
+    r16 = reference(str(toy_npz), "test", 32, feature_net=str(small_feature_net), feature_precision="bf16",
+                    progress=False)
+    assert r32.info["reference_cache"] != r16.info["reference_cache"]
+    assert torch.allclose(r16.features, b) and torch.allclose(r32.features, a)

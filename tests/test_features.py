@@ -241,3 +241,19 @@ def test_concatenated_views_see_what_no_single_view_can():
                     progress=False)
     assert top_views(both["grid"], "s", 2) in (["a@t10", "b@t10"], ["b@t10", "a@t10"])
     assert both["best"]["s"]["view"].count("+") == 1 and both["best"]["s"]["test"]["accuracy"] >= 0.95
+
+
+def test_bf16_features_are_fp32_maps_near_fp32s_under_their_own_key(tiny_cascade_dir, toy, tmp_path):
+    """precision=bf16: the U-Net under bf16 autocast, the maps stored as fp32, close to the fp32 ones (bf16 keeps 8
+    significant bits: relative changes of about 1e-2 through a few layers), cached apart and recorded."""
+    from imagen_transfer.features import extract, load_features
+
+    kw = dict(splits=("val",), timesteps=[200], batch_size=16, baselines=(), progress=False)
+    manifest_a, a = load_features(extract({"tiny": str(tiny_cascade_dir)}, str(toy), tmp_path / "a", **kw))
+    manifest_b, b = load_features(extract({"tiny": str(tiny_cascade_dir)}, str(toy), tmp_path / "b",
+                                          precision="bf16", **kw))
+    assert (manifest_a["precision"], manifest_b["precision"]) == ("no", "bf16")
+    for view, fp32 in a["tiny"].items():
+        bf16 = b["tiny"][view]
+        assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32), view
+        assert ((bf16 - fp32).norm(dim=1) / fp32.norm(dim=1)).max() < 0.1, view

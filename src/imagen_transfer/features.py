@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +43,13 @@ from .dense import load_dense
 from .diffusion import add_noise, condition_lowres, denoise
 from .errors import UserError
 from .interop import open_model
+from .openmp import adapt as adapt_threads
 from .outputs import cache_root
 from .sampling import randn
 from .sources import DataSource, open_source
 from .task_size import DEFAULT_BUDGET_S, expected_seconds, gflop_rate, object_side, plan_size
 from .text import load_text_encoder
+from .unet import resolve_precision
 
 DEFAULT_TIMESTEPS = (10, 100, 300)
 
@@ -70,7 +73,8 @@ def _block(unet, name: str):
 def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: list[int], text,
                   first_index: int = 0, seed: int = 0, batch_size: int = 64, pool: bool = True,
                   size: int | tuple[int, int] | None = None, grid: tuple[int, int] | None = None,
-                  draws: int = 1, progress: bool = True, desc: str = "features") -> dict[str, torch.Tensor]:
+                  draws: int = 1, precision: str = "no", progress: bool = True,
+                  desc: str = "features") -> dict[str, torch.Tensor]:
     """{'<block>@t<t>': (N, C) pooled, or (N, C, h, w)} for uint8 images (N, H, W, C).
 
     The U-Net runs at `size` (default: the stage's resolution; it is convolutional, so a dense task may choose a
@@ -80,12 +84,14 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
     `first_index` is image 0's index in its split (its noise seed). SR stages see the image's own downsampled copy
     (by the stage's factor) as their clean low-res input. With `draws` > 1 every view is the mean over that many
     noise draws (DIFT's ensemble, Tang et al. 2023: 8 draws), draw d being the d-th noise of the image's generator
-    (draw 0 is the single-draw noise); the cost grows with `draws`, the files do not.
+    (draw 0 is the single-draw noise); the cost grows with `draws`, the files do not. `precision` "bf16": the U-Net
+    runs under bf16 autocast (as sampling does where the hardware computes bf16 natively), the maps kept in fp32.
     """
 
     unet = stage.unet.eval()
     device = next(unet.parameters()).device
     captured: dict[str, torch.Tensor] = {}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
     size = size or stage.resolution
     hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -106,6 +112,7 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
     out: dict[str, list[torch.Tensor]] = {f"{b}@t{t}": [] for b in blocks for t in timesteps}
     try:
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
+            adapt_threads()
             x0 = to_float(images[start : start + batch_size], hw).to(device)
             n = len(x0)
             gens = [torch.Generator().manual_seed(seed * 1_000_000 + first_index + start + i) for i in range(n)]
@@ -119,7 +126,8 @@ def unet_features(stage, images: torch.Tensor, *, blocks: list[str], timesteps: 
                 noise = randn(tuple(x0.shape), gens, device)  # one noise per image and draw, shared by the timesteps
                 for t in timesteps:
                     tt = torch.full((n,), int(t), dtype=torch.long, device=device)
-                    denoise(unet, add_noise(x0, tt, noise, alphas), tt, text.repeat(n).to(device), lowres, level)
+                    with autocast:
+                        denoise(unet, add_noise(x0, tt, noise, alphas), tt, text.repeat(n).to(device), lowres, level)
                     for b in blocks:
                         view, value = f"{b}@t{t}", captured[b].cpu()
                         sums[view] = value.float() if view not in sums else sums[view] + value.float()
@@ -215,10 +223,12 @@ def extract(models: dict[str, str], dataset: str | DataSource, out: str | Path, 
             stage_name: str = "base", blocks: list[str] | None = None, timesteps: list[int] | None = None,
             prompt: str = "", baselines: tuple[str, ...] = ("pixels", "random"), seed: int = 0,
             batch_size: int = 64, pool: bool = True, limit: int | None = None, draws: int = 1,
-            progress: bool = True) -> Path:
+            precision: str = "no", progress: bool = True) -> Path:
     """Write a feature folder for each model in `models` (name -> cascade) plus the baselines; see module doc.
-    `draws` > 1: each U-Net view averaged over that many noise draws (unet_features)."""
+    `draws` > 1: each U-Net view averaged over that many noise draws (unet_features); `precision`: the U-Net's
+    autocast, "no" (fp32), "bf16" or "auto" (bf16 where native: unet.resolve_precision)."""
     dataset = open_source(dataset)
+    precision = resolve_precision(precision, torch.cuda.is_available())
     state, cascades, blocks, timesteps = _open_models(models, stage_name, blocks, timesteps, DEFAULT_TIMESTEPS)
     first = next(iter(cascades.values()))
     stage0 = first.stage(stage_name)
@@ -227,7 +237,8 @@ def extract(models: dict[str, str], dataset: str | DataSource, out: str | Path, 
                                                       limit=limit) for s in splits}
     sets, pieces = _unet_sets(cascades, stage_name, {s: d.images for s, d in data.items()}, state, blocks=blocks,
                               timesteps=timesteps, prompt=prompt, baselines=baselines, seed=seed,
-                              batch_size=batch_size, progress=progress, pool=pool, **_draws(draws))
+                              batch_size=batch_size, progress=progress, pool=pool, **_draws(draws),
+                              **_precision(precision))
     encoder = load_text_encoder(first.text_encoder)
     if "pixels" in baselines:
         sets["pixels"] = {f"{s}/pixels": pixel_features(d.images, stage0.resolution) for s, d in data.items()}
@@ -238,7 +249,7 @@ def extract(models: dict[str, str], dataset: str | DataSource, out: str | Path, 
         _write(out, sets, dict(models={k: str(resolve_model(v)) for k, v in models.items()},
                                dataset=str(dataset.path), stage=stage_name, resolution=stage0.resolution,
                                blocks=blocks, timesteps=timesteps, prompt=prompt, seed=seed, pool=pool,
-                               draws=draws, label_names=first_data.label_names,
+                               draws=draws, precision=precision, label_names=first_data.label_names,
                                splits={s: dict(n=len(d), source=d.source, labels=d.labels.tolist())
                                        for s, d in data.items()}))
     state.wait_for_everyone()
@@ -251,6 +262,13 @@ def _draws(draws: int) -> dict:
     if draws < 1:
         raise UserError(f"--noise-draws must be at least 1 (got {draws})")
     return {} if draws == 1 else dict(draws=draws)
+
+
+def _precision(precision: str) -> dict:
+    """unet_features' `precision` setting, left out when fp32 so fp32 features keep their cache keys."""
+    if precision not in ("no", "bf16"):
+        raise UserError(f"feature precision {precision!r}: use no, bf16 or auto")
+    return {} if precision == "no" else dict(precision=precision)
 
 
 def _open_models(models: dict[str, str], stage_name: str, blocks, timesteps, default_timesteps):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import ImageTextData, cache_root, to_float
 from .datasets import load_dataset
+from .openmp import adapt as adapt_threads
 from .sources import DataSource, open_source
 
 JUDGE_VERSION = 1
@@ -65,6 +66,7 @@ def train_judge(data: ImageTextData, epochs: int = 8, batch_size: int = 128, lr:
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=gen)
         for b in range(steps_per_epoch):
+            adapt_threads()
             idx = order[b * batch_size : (b + 1) * batch_size]
             x = _inputs(images[idx])
             flip = torch.rand(len(idx), generator=gen) < 0.5

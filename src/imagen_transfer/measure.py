@@ -27,10 +27,11 @@ from .checkpoint import cached_pieces, save_safetensors_atomic
 from .data import ImageTextData, stage_inputs
 from .datasets import load_dataset
 from .judge import conditioning_accuracy, load_or_train_judge
-from .metrics import extract_features, fid, kid, load_feature_net, precision_recall
+from .metrics import InceptionFeatures, extract_features, fid, kid, load_feature_net, precision_recall
 from .outputs import cache_root
 from .sampling import sample_stage, to_gray, to_uint8
 from .sources import DataSource, open_source
+from .unet import resolve_precision
 
 Generator = Callable[[list[str], list[int]], torch.Tensor]  # prompts, seeds -> images in [-1, 1] (N, C, H, W)
 
@@ -83,14 +84,19 @@ def cached_features(net, net_id: str, images: torch.Tensor, *, batch_size: int =
     return (torch.cat(out) if out else extract_features(net, images, progress=False)), files
 
 
+def _reference_file(dataset: DataSource, split: str, resolution: int, net_id: str, n_real: int | None,
+                    seed: int) -> Path:
+    key = f"{dataset.fingerprint}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
+    return cache_root() / "features" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".safetensors")
+
+
 def reference_features(dataset: str | DataSource, split: str, resolution: int, net, net_id: str, *, n_real: int | None = None,
                        seed: int = 0, batch_size: int = 50, data: ImageTextData | None = None,
                        progress: bool = True) -> tuple[torch.Tensor, dict]:
     """Features of the real images of a split (all of them, or a seeded subset of n_real), cached on disk.
     `data`: the split already loaded at `resolution` (read here only on a cache miss otherwise)."""
     dataset = open_source(dataset)
-    key = f"{dataset.fingerprint}|{split}|{resolution}|{net_id}|{n_real}|{seed}|v1"
-    file = cache_root() / "features" / (hashlib.sha1(key.encode()).hexdigest()[:24] + ".safetensors")
+    file = _reference_file(dataset, split, resolution, net_id, n_real, seed)
     if file.is_file():
         features = load_file(file)["features"]
         return features, dict(n_real=len(features), reference_cache=str(file), reference_cached=True)
@@ -172,14 +178,37 @@ class Reference:
 PR_K = 3  # precision / recall neighbourhood size (Kynkaanniemi et al. 2019)
 
 
+def feature_network(feature_net: str | None = None, feature_precision: str = "no") -> tuple[InceptionFeatures, str]:
+    """The feature network (default TF-Inception) computing in `feature_precision` (see `reference`), and its id."""
+    return load_feature_net(feature_net, bf16=resolve_precision(feature_precision, torch.cuda.is_available()) == "bf16")
+
+
+def preview_reference(dataset: DataSource, split: str, resolution: int, data: ImageTextData, *,
+                      feature_net: str | None = None, feature_precision: str = "no", n_real: int = FEATURE_CHUNK,
+                      seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Real features for a first look (evaluate's `preview`): the whole split's when they are cached already, else
+    those of a seeded random subset of `n_real` images (one cached piece: a rerun reads it). Returns them and
+    how many real images they stand for."""
+    net, net_id = feature_network(feature_net, feature_precision)
+    file = _reference_file(dataset, split, resolution, net_id, None, seed)
+    if file.is_file():
+        features = load_file(file)["features"]
+        return features, len(features)
+    pick = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(seed))[:n_real].sort().values
+    features, _ = cached_features(net, net_id, data.images[pick], progress=False)  # in the split's order
+    return features, len(features)
+
+
 def reference(dataset: str | DataSource, split: str, resolution: int, *, feature_net: str | None = None,
               n_real: int | None = None, seed: int = 0, batch_size: int = 50, data: ImageTextData | None = None,
               judge_split: str = "train", device: str | torch.device | None = None,
-              progress: bool = True) -> Reference:
+              feature_precision: str = "no", progress: bool = True) -> Reference:
     """The Reference of a split at `resolution` under a feature network (default TF-Inception); `data`: the split
-    already loaded at that resolution; `n_real`: a seeded subset of the real images."""
+    already loaded at that resolution; `n_real`: a seeded subset of the real images. `feature_precision`: the
+    network's compute, "no" (fp32, as published FID / KID), "bf16", or "auto" (bf16 where the CPU computes it
+    natively; the shift it makes: benchmarks/results/inception_bf16_cpu.json)."""
     dataset = open_source(dataset)
-    net, net_id = load_feature_net(feature_net)
+    net, net_id = feature_network(feature_net, feature_precision)
     if device is not None:
         net.to(device)
     features, info = reference_features(dataset, split, resolution, net, net_id, n_real=n_real, seed=seed,

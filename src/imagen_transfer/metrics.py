@@ -9,6 +9,7 @@ pass-through feature module, so features can be cached and reused across metrics
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -23,6 +24,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .openmp import adapt as adapt_threads
 
 FEATURE_NET_ENV = "IMAGEN_TRANSFER_FEATURE_NET"
 # torchmetrics warns that KID / IS keep every feature in memory: that is what we hand them, on purpose
@@ -53,7 +55,8 @@ def nv_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class InceptionFeatures(nn.Module):
-    """uint8 images (N, C, H, W), C = 1 or 3, any size -> features (N, D): resize to 299, scale to x / 128 - 1."""
+    """uint8 images (N, C, H, W), C = 1 or 3, any size -> features (N, D): resize to 299, scale to x / 128 - 1.
+    The resize runs in fp32; the network in its own dtype (fp32, or bf16 from load_feature_net(bf16=True))."""
 
     def __init__(self, net: nn.Module, num_features: int = 2048, size: int = INCEPTION_SIZE):
         super().__init__()
@@ -61,21 +64,30 @@ class InceptionFeatures(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(next(self.net.parameters()).device).float()
+        weight = next(self.net.parameters())
+        x = images.to(weight.device).float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = nv_bilinear(x, self.size)
         # NHWC: oneDNN's convolutions run faster on a CPU (docs/performance.md); features agree with NCHW to 1e-6 relative
-        x = (x / 128 - 1).contiguous(memory_format=torch.channels_last)
+        x = (x / 128 - 1).to(weight.dtype).contiguous(memory_format=torch.channels_last)
         return self.net(x).float().flatten(1)
 
 
 _NETS: dict[str, tuple[InceptionFeatures, str]] = {}
 
 
-def load_feature_net(path: str | Path | None = None) -> tuple[InceptionFeatures, str]:
-    """The feature network and a short content id (sha256 prefix), used to key cached reference features."""
+def load_feature_net(path: str | Path | None = None, bf16: bool = False) -> tuple[InceptionFeatures, str]:
+    """The feature network and a short content id (sha256 prefix), used to key cached reference features.
+    bf16: the network's weights and activations in bf16 (`-bf16` in the id, so fp32 and bf16 features never mix in
+    a cache); its FID / KID shift against fp32 on fixed image sets: benchmarks/results/inception_bf16_cpu.json."""
+    if bf16:
+        net, digest = load_feature_net(path)
+        key = f"{digest}-bf16"
+        if key not in _NETS:
+            _NETS[key] = (InceptionFeatures(copy.deepcopy(net.net).to(torch.bfloat16), net.num_features, net.size), key)
+        return _NETS[key]
     path = Path(path) if path else default_feature_net_path()
     key = str(path.resolve())
     if key not in _NETS:
@@ -98,6 +110,7 @@ def extract_features(net: nn.Module, images: torch.Tensor, batch_size: int = 50,
     """Features (N, D) float32 of uint8 images (N, H, W, C), in batches with a progress bar."""
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, unit="batch"):
+        adapt_threads()
         out.append(net(images[start : start + batch_size].permute(0, 3, 1, 2)).cpu())
     return torch.cat(out) if out else torch.zeros(0, getattr(net, "num_features", 0))
 

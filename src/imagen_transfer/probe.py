@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .data import select_subset
 from .errors import UserError
 from .features import FeatureFolder, open_features
+from .openmp import adapt as adapt_threads
 from .probe_report import LABEL_FRACTIONS, efficiency_plot, heatmap, probe_markdown
 from .protocol import check_fuse, choose, standardise
 
@@ -60,6 +61,7 @@ def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: 
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, batch_size):
+                adapt_threads()
                 idx = order[start : start + batch_size]
                 loss = sum(nn.functional.cross_entropy(h(inputs[name][idx]), labels[idx])
                            for (name, _), h in heads.items())

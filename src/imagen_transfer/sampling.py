@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import SAMPLERS, THRESHOLDING
 from .diffusion import condition_lowres, denoise
 from .errors import UserError
+from .openmp import adapt as adapt_threads
 from .text import TextEncoding, cat_encodings, load_text_encoder
 from .unet import resolve_precision
 
@@ -140,6 +141,7 @@ def run_sampler(predict: Denoiser, scheduler, shape: tuple[int, ...], generators
     scheduler.set_timesteps(steps, device=device)
     x = randn(shape, generators, device) * scheduler.init_noise_sigma
     for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
+        adapt_threads()
         prediction = predict(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(prediction, t, x, generator=generators).prev_sample
     return x.clamp(-1, 1)

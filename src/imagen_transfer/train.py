@@ -279,6 +279,8 @@ def train_stage(config: RunConfig, cascade: Cascade, stage: Stage, train: Captio
     window = LossWindow(device)
     reset_peak_memory(device)
     while step < tc.steps and not done:
+        if (threads := openmp.adapt()) is not None and accelerator.is_main_process:
+            log.event(event="threads", step=step, threads=threads)
         loss, bad = training_step(t, step)
         window.add(loss, tc.batch_size)
         run.nonfinite |= bad
@@ -451,7 +453,7 @@ def train(config: RunConfig, resume: bool = False, on_validation: ValidationHook
     if data is not None and data.spec != str(config.data.dataset):
         raise ValueError(f"train(data=...) opened {data.spec}, but the config trains on {config.data.dataset}")
     if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+        openmp.fix_threads(config.train.threads)
     AcceleratorState._reset_state()  # a process may run several trainings (studies) with different precisions
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(mixed_precision=resolve_precision(config.train.mixed_precision, cuda), cpu=not cuda)

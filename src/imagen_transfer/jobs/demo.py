@@ -38,15 +38,20 @@ from .report import write_report
 # The fusion phase's guide: the run's step-100 checkpoint (2/5 of the base stage's steps, 1/8 of the SR stage's) at
 # weight 2.5, the best row of benchmarks/results/fusion_xray_cpu.md (the step-50 guide and weights 1.5 / 2 / 3 behind
 # it); --quick keeps the base stage's proportion (step 24 of 60).
+# feature_precision auto: TF-Inception and the probes' U-Net features in bf16 where the CPU computes it natively
+# (TF-Inception 1.87x faster, KID within 0.22 of its std on fixed sets: benchmarks/results/inception_bf16_cpu.json;
+# probe accuracies within 0.01 of fp32's). The levers measured and not taken (600 SR steps, 15 sampling steps, SR
+# training on crops) and what each cost: benchmarks/results/demo_levers_cpu.json, docs/performance.md "The demo".
 FULL = dict(steps=250, sr_steps=800, n_eval=128, n_real=None, feature_limit=800, val_every=50, batch=32,
             probe_epochs=30, sample_steps=None, precision="auto", lr=3e-4, aug_level=0, min_delta=0.00005,
-            guide_step=100, guide_weight=2.5)
+            guide_step=100, guide_weight=2.5, feature_precision="auto")
 # --quick: the base stage only (16 px: the SR stage is neither fine-tuned nor sampled), 64 samples per model against
 # a seeded subset of 256 real test images, bf16 U-Net calls where native (benchmarks/results/sampler_parity_cpu.md).
-# Their times and results: benchmarks/results/demo_quick_cpu.json, demo_cpu.json and demo_fp32_cpu.json.
+# Their times and results: benchmarks/results/demo_quick_cpu.json and demo_cpu.json (this CPU kind: AMD EPYC),
+# demo_xeon_cpu.json, demo_fp32_cpu.json and demo_quick_xeon_cpu.json (an Intel Xeon with AMX, before #39).
 QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
              sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002, guide_step=24,
-             guide_weight=2.5)
+             guide_weight=2.5, feature_precision="auto")
 
 
 def _phase(name: str, timings: dict, fn, *args, **kwargs):
@@ -110,7 +115,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     if not settings["sr_steps"]:  # the SR stage was not fine-tuned: evaluate the base stage's images
         sampling["stages"] = ["base"]
     common = dict(split="test", n=n, n_real=settings.get("n_real"), seed=0, sampling=sampling,
-                  feature_net=feature_net)
+                  feature_net=feature_net, feature_precision=settings.get("feature_precision") or "no")
 
     def evaluate_all():  # through an SR stage, each cascade is also measured against its base upsampled bicubically
         bar = dict(bicubic_baseline=bool(settings["sr_steps"]))
@@ -131,7 +136,8 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
 
     def probe():
         folder = extract({"source": source, "fine-tuned": str(tuned_dir)}, dataset, run / "features",
-                         limit=settings["feature_limit"], baselines=("pixels", "random"))
+                         limit=settings["feature_limit"], baselines=("pixels", "random"),
+                         precision=settings.get("feature_precision") or "no")
         return run_probe(folder, epochs=settings["probe_epochs"],
                          reference=dataset.known.published or None)
 
