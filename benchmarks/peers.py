@@ -34,6 +34,7 @@ step (activations, gradients, optimizer state). Sampling: 25 steps, guidance 3, 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import platform
@@ -303,6 +304,11 @@ def main() -> None:
         unknown = [n for n in names if n not in known]
         if unknown:  # checked before any run, not a KeyError after all the training
             parser.error(f"{flag}: unknown contender(s) {', '.join(unknown)}; known: {', '.join(known)} (or none)")
+    if any(n.startswith("imagen-pytorch") for n in train_names + sample_names) and (
+            importlib.util.find_spec("imagen_pytorch") is None):  # before any run, not after minutes of measuring
+        parser.error("imagen-pytorch is not installed: pip install --no-deps imagen-pytorch==2.1.0 && pip install "
+                     "beartype einops ema-pytorch kornia pytorch-warmup, or leave its contenders out of --train / "
+                     "--sample")
     options = {k: v for k, v in vars(args).items() if k not in ("train", "sample", "out")}
     results = {"train": {n: [] for n in train_names}, "sample": {n: [] for n in sample_names}}
     started = time.time()

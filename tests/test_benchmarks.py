@@ -254,6 +254,16 @@ def test_under_load(tmp_path, tiny_cascade_dir):
     assert [r["setting"] for r in rows] == ["1 thread"] and rows[0]["slowdown"] > 0, out
 
 
+def test_peers_refuses_a_contender_whose_package_is_missing_before_any_run():
+    import importlib.util
+
+    if importlib.util.find_spec("imagen_pytorch") is not None:
+        pytest.skip("imagen-pytorch is installed here: nothing is missing")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "peers.py"), "--train", "ours,imagen-pytorch", "--sample",
+                           "none"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "imagen-pytorch is not installed" in done.stderr and not done.stdout
+
+
 def test_under_load_auto_and_a_whole_command(tmp_path, tiny_cascade_dir):
     out = _run("under_load.py", "--model", tiny_cascade_dir, "--steps", "1", "--warmup", "1", "--batch", "2",
                "--repeats", "1", "--settings", "auto (threads from the load, the command line's default)", "--out",
