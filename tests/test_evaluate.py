@@ -266,11 +266,11 @@ def test_a_preview_scores_the_protocols_first_images_once_and_changes_nothing(ti
     from imagen_transfer.datasets import load_dataset
 
     data = load_dataset(dataset, "test", resolution=32, channels=3)
-    real, _ = preview_reference(dataset, "test", 32, data, feature_net=str(small_feature_net),
-                                feature_precision=ev.PREVIEW_PRECISION)
+    net, net_id = feature_network(str(small_feature_net), ev.PREVIEW_PRECISION)
+    real, _ = preview_reference(dataset, "test", 32, data, net, net_id)
     first = ev.sample_cascade(ev.open_model(str(tiny_cascade_dir)), ev.draw_captions(data, 12, 0)[0][:4],
                               list(range(4)), steps=1, progress=False)
-    fake = extract_features(feature_network(str(small_feature_net), ev.PREVIEW_PRECISION)[0],
+    fake = extract_features(net,
                             sampling.to_uint8(first).expand(-1, -1, -1, 3), progress=False)
     assert look["kid_mean"] == pytest.approx(kid(real, fake)[0], rel=1e-6, abs=1e-9)
 

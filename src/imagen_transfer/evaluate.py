@@ -194,9 +194,8 @@ def _first_look(images: torch.Tensor, dataset: DataSource, split: str, resolutio
     features in bf16 where the CPU computes it natively whatever the full protocol's precision (a provisional number
     first: 74 s against 97 s to it on cifar10, benchmarks/results/evaluate_first_look_cpu.json)."""
     t0 = time.time()
-    real, n_real = preview_reference(dataset, split, resolution, data, feature_net=feature_net,
-                                     feature_precision=PREVIEW_PRECISION, seed=seed)
     net, net_id = feature_network(feature_net, PREVIEW_PRECISION)
+    real, n_real = preview_reference(dataset, split, resolution, data, net, net_id, seed=seed)
     fake, _ = cached_features(net, net_id, images, progress=False)
     kid_mean, kid_std, subset = kid(real, fake, seed=seed)
     look = dict(n=len(images), n_real=n_real, kid_mean=kid_mean, kid_std=kid_std, kid_subset_size=subset,

@@ -183,13 +183,11 @@ def feature_network(feature_net: str | None = None, feature_precision: str = "no
     return load_feature_net(feature_net, bf16=resolve_precision(feature_precision, torch.cuda.is_available()) == "bf16")
 
 
-def preview_reference(dataset: DataSource, split: str, resolution: int, data: ImageTextData, *,
-                      feature_net: str | None = None, feature_precision: str = "no", n_real: int = FEATURE_CHUNK,
-                      seed: int = 0) -> tuple[torch.Tensor, int]:
-    """Real features for a first look (evaluate's `preview`): the whole split's when they are cached already, else
-    those of a seeded random subset of `n_real` images (one cached piece: a rerun reads it). Returns them and
-    how many real images they stand for."""
-    net, net_id = feature_network(feature_net, feature_precision)
+def preview_reference(dataset: DataSource, split: str, resolution: int, data: ImageTextData, net, net_id: str, *,
+                      n_real: int = FEATURE_CHUNK, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Real features under (net, net_id) for a first look (evaluate's `preview`), as reference_features reads them:
+    the whole split's when they are cached already, else those of a seeded random subset of `n_real` images (one
+    cached piece: a rerun reads it). Returns them and how many real images they stand for."""
     file = _reference_file(dataset, split, resolution, net_id, None, seed)
     if file.is_file():
         features = load_file(file)["features"]
