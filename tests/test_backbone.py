@@ -11,6 +11,7 @@ from imagen_transfer.backbone import (
     optimizer_for,
     param_groups,
 )
+from imagen_transfer.errors import UserError
 from imagen_transfer.text import TinyTextEncoder
 
 
@@ -142,6 +143,54 @@ def test_backbone_rows_in_the_dense_probe_and_its_command(dense_sets, tiny_casca
                  "2", "--out", str(tmp_path / "cli")]) == 0
     assert "| backbone |" in capsys.readouterr().out
     assert main(["probe", "--features", str(folder), "--task", "classification", "--backbone", "x"]) == 2
+
+
+def test_an_interrupted_dense_probe_resumes_to_the_uninterrupted_result(dense_sets, tiny_cascade_dir,  # noqa: F811
+                                                                       tmp_path, monkeypatch):
+    """Kill a probe after 3 fits: a fresh start there is refused (the journal would be lost); --resume fits only
+    the missing ones and writes the uninterrupted run's result (every fit is seeded), the chosen backbone head
+    restored from its saved weights; a resume with other settings is refused and names the difference."""
+    import json
+
+    from imagen_transfer.dense_probe import DenseTask, probe_dense, run_dense
+    from imagen_transfer.jobs.cli import main
+
+    folder = dense_sets["detection"]
+    kw = dict(task="detection", steps=3, seeds=2, labelled=(4, None), only=["pixels", "backbone"], progress=False,
+              backbone=dict(model=str(tiny_cascade_dir), steps=2, lrs=(1e-3, 2e-3)))
+    whole = run_dense(folder, tmp_path / "whole", **kw)
+    _, reference = probe_dense(folder, **{k: v for k, v in kw.items() if k != "task"})
+    fit, calls, limit = DenseTask.fit, [], [3]
+
+    def dying(self, *args, **kwargs):
+        if kwargs.get("train", True):
+            calls.append(args[0])
+            if len(calls) > limit[0]:
+                raise KeyboardInterrupt  # as a kill would stop it: no clean-up code of ours runs after
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(DenseTask, "fit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_dense(folder, tmp_path / "cut", **kw)
+    journal = (tmp_path / "cut" / "fits.jsonl").read_text().splitlines()
+    assert len(journal) == 1 + 3 and not (tmp_path / "cut" / "probe-detection.json").exists()
+    with pytest.raises(UserError, match="3 finished fits of an interrupted probe: add --resume"):
+        run_dense(folder, tmp_path / "cut", **kw)
+    with pytest.raises(UserError, match="other settings.*steps: 3 -> 4"):
+        run_dense(folder, tmp_path / "cut", **dict(kw, steps=4), resume=True)
+    calls.clear()
+    limit[0] = 100
+    resumed = run_dense(folder, tmp_path / "cut", **kw, resume=True)
+    per_set = 2 + 2 + 1  # the lr grid, 4 labels x 2 seeds, all labels' second seed
+    assert len(calls) == 2 * per_set - 3 and resumed["fits_read_back"] == 3
+    assert resumed["sets"] == whole["sets"]
+    assert json.loads((tmp_path / "cut" / "fits.jsonl").read_text().splitlines()[-1]) == {"complete": True}
+    _, restored = probe_dense(folder, out=tmp_path / "cut", resume=True, **{k: v for k, v in kw.items() if k != "task"})
+    head, again = reference["backbone"][0].state_dict(), restored["backbone"][0].state_dict()
+    assert head.keys() == again.keys() and all(torch.equal(head[k], again[k]) for k in head)
+    run_dense(folder, tmp_path / "cut", **dict(kw, only=["pixels"]))  # finished: a fresh probe may replace it
+    assert len((tmp_path / "cut" / "fits.jsonl").read_text().splitlines()) == 1 + per_set + 1
+    assert main(["probe", "--features", str(folder), "--task", "classification", "--resume"]) == 2
 
 
 def test_a_training_window_cuts_images_and_centernet_targets_alike():

@@ -18,7 +18,7 @@ LAYERS = [
      "openmp"},  # foundations
     {"cascade", "diffusion", "data", "transfer"},  # the model and its math, data sets
     {"interop", "sampling", "dense", "datasets", "shard", "step", "fusion", "judge", "scratch", "detection",
-     "segmentation", "protocol", "task_size"},  # built on the model
+     "segmentation", "protocol", "task_size", "fits"},  # built on the model
     {"measure", "evaluate", "quality", "train", "features", "backbone", "probe", "dense_probe", "backbone_probe", "probe_report"},  # tasks: one result each
     {"jobs.demo", "jobs.study", "jobs.study_report", "jobs.report", "jobs.cli"},  # whole experiments, the command line
 ]

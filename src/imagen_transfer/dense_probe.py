@@ -17,6 +17,7 @@ The report writers (markdown, overlays) are probe_report.py.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from .dense import load_dense
 from .detection import CenterNetHead, boxes_of, centernet_targets, coco_map, predict, train_detector
 from .errors import UserError
 from .features import FeatureFolder, downsampling_factor, open_features
+from .fits import FitJournal, finish_journal, open_journal
 from .interop import open_model
 from .probe_report import dense_markdown, overlays
 from .protocol import check_fuse, choose, labelled_subset, standardise
@@ -89,14 +91,16 @@ class DenseTask:
     def key(self) -> str:
         return "map50" if self.detection else "miou"
 
-    def fit(self, set_name: str, x: torch.Tensor, index: torch.Tensor, lr: float, seed: int):
+    def fit(self, set_name: str, x: torch.Tensor, index: torch.Tensor, lr: float, seed: int, *, train: bool = True):
         """A head on the train images `index`: on a feature set's maps, or trained end to end on the images (the
-        scratch U-Net, the fine-tuned backbone rows)."""
+        scratch U-Net, the fine-tuned backbone rows). `train` False: built as the fit builds it (a backbone
+        calibrated on the images), not trained: the frame a saved fit's weights are loaded into."""
         kind, steps, extra = self.kind, self.steps, {}
         if set_name == "scratch":
             kind, steps = "scratch", self.scratch_steps
         elif set_name in BACKBONE_SETS:
             kind, steps, extra = "model", self.backbone["steps"], self._backbone(set_name, x[index], lr, seed)
+        steps = steps if train else 0
         if self.detection:
             return train_detector(x[index], {k: v[index] for k, v in self.train_target.items()}, len(self.names),
                                   lr=lr, steps=steps, seed=seed, scratch=kind == "scratch", stride=self.stride,
@@ -124,6 +128,11 @@ class DenseTask:
             return coco_map(predict(head, x, self.stride, flip), *self.truth[split], self.names, self.size)
         return segmentation_scores(segment(head, kind_of(head), x, self.size, flip), self.truth[split], self.names)
 
+    def test_scores(self, head, x: torch.Tensor) -> dict:
+        """{"test": the test scores, "plain": the same without the flip test (None when the task has none)}."""
+        return dict(test=self.score(head, x, "test"),
+                    plain=self.score(head, x, "test", flip_test=False) if self.flip_test else None)
+
 
 def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: int | None, kind: str,
                ensemble: int, flip_test: bool = False, backbone: dict | None = None) -> DenseTask:
@@ -142,7 +151,8 @@ def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: 
 def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
                 ensemble: int = 3, labelled=LABELLED_IMAGES, scratch: bool = False, scratch_steps: int | None = None,
                 only: list[str] | None = None, fuse: list[list[str]] | None = None, flip_test: bool = False,
-                backbone: dict | None = None, progress: bool = True) -> tuple[dict, dict]:
+                backbone: dict | None = None, progress: bool = True, out: str | Path | None = None,
+                resume: bool = False) -> tuple[dict, dict]:
     """Train and score the dense head on every feature set of `folder` (and, with `scratch`, a small U-Net trained
     end to end on the images, the same protocol); see the module doc. `fuse` = groups of set names: each group is
     one more set whose maps are the group's standardised maps concatenated as channels (feature fusion, e.g. U-Net
@@ -180,6 +190,9 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
     if backbone:
         result["backbone"] = {k: v for k, v in backbone.items() if k not in ("stage", "text")}
         result["backbone"].update(lr_ratio=BACKBONE_LR_RATIO, warmup_share=WARMUP_SHARE)
+    journal = open_journal(out, dict(features=_digest(manifest), steps=task.steps, scratch_steps=task.scratch_steps,
+                                     kind=kind, ensemble=ensemble, flip_test=flip_test, lrs=list(lrs),
+                                     backbone=result.get("backbone")), resume)
     n_train = manifest["splits"]["train"]["n"]
     counts = [c for c in labelled if c is not None and c < n_train]
     chosen = {}
@@ -190,8 +203,10 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
         for set_name, load in inputs.items():
             x = load()
             result["sets"][set_name], head = _probe_set(task, set_name, x, n_train, lrs_of[set_name], counts, seeds,
-                                                        bar)
+                                                        bar, journal)
             chosen[set_name] = (head, x["test"])
+    if journal.read_back:
+        result["fits_read_back"] = journal.read_back  # finished by an earlier, interrupted run (fits.jsonl)
     return result, chosen
 
 
@@ -210,41 +225,73 @@ def open_backbone(spec: dict, manifest: dict) -> dict:
                 t=int(spec.get("t", BACKBONE_T)), steps=int(spec.get("steps") or 300), crop=crop)
 
 
+def _digest(manifest: dict) -> str:
+    """The feature folder's identity in a journal's settings: a hash of its manifest (the data, model, views)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _fused(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """{split: maps}: the parts' (already standardised) maps concatenated as channels, split by split."""
     return {split: torch.cat([part[split] for part in parts], 1) for split in parts[0]}
 
 
-def _probe_set(task: DenseTask, set_name: str, x: dict, n_train: int, lrs, counts, seeds: int, bar):
-    """One feature set: the learning rate chosen on val with every label, then test scores per label count x seed.
-    Returns (its result entry, the chosen head)."""
+def _probe_set(task: DenseTask, set_name: str, x: dict, n_train: int, lrs, counts, seeds: int, bar,
+               journal: FitJournal):
+    """One feature set: the learning rate chosen on val with every label, then test scores per label count x seed
+    (each fit read from `journal` when an earlier run finished it). Returns (its result entry, the chosen head)."""
     grid = []
     for lr in lrs:
-        head = task.fit(set_name, x["train"], torch.arange(n_train), lr, 0)
-        grid.append(dict(lr=lr, val=task.score(head, x["val"], "val"), head=head))
+        grid.append(_grid_fit(task, set_name, x, n_train, lr, journal))
         bar.update()
     best = choose(grid, lambda g: g["val"][task.key])
     efficiency, plain = {}, {}  # plain: the same heads' test scores without the flip test (its gain, same fits)
 
-    def score_test(head, count: str):
-        efficiency.setdefault(count, []).append(task.score(head, x["test"], "test"))
+    def score_test(scores: dict, count: str):
+        efficiency.setdefault(count, []).append(scores["test"])
         if task.flip_test:
-            plain.setdefault(count, []).append(task.score(head, x["test"], "test", flip_test=False))
+            plain.setdefault(count, []).append(scores["plain"])
+
+    def fitted(count: str, index: torch.Tensor, seed: int) -> dict:
+        key = f"{set_name}/n={count}/seed={seed}/lr={best['lr']:g}"
+        scores = journal.get(key) or journal.put(key, task.test_scores(
+            task.fit(set_name, x["train"], index, best["lr"], seed), x["test"]))
+        bar.update()
+        return scores
 
     for count in counts:
         for seed in range(seeds):
-            score_test(task.fit(set_name, x["train"], labelled_subset(n_train, count, seed), best["lr"], seed), str(count))
-            bar.update()
-    score_test(best["head"], "all")
+            score_test(fitted(str(count), labelled_subset(n_train, count, seed), seed), str(count))
+    score_test(best, "all")
     for seed in range(1, seeds):  # every label, other seeds: the spread of the all-label score
-        score_test(task.fit(set_name, x["train"], torch.arange(n_train), best["lr"], seed), "all")
-        bar.update()
+        score_test(fitted("all", torch.arange(n_train), seed), "all")
     entry = dict(lr=best["lr"], val=best["val"], test=efficiency["all"][0],
                  grid=[dict(lr=g["lr"], val=g["val"][task.key]) for g in grid], label_efficiency=efficiency,
-                 parameters=_parameters(best["head"]))
+                 parameters=best["parameters"])
     if task.flip_test:
         entry["without_flip_test"] = dict(test=plain["all"][0], label_efficiency=plain)
-    return entry, best["head"]
+    head = best.get("head")
+    if head is None:  # the chosen fit ran in an earlier process: its saved weights, for the overlays
+        head = task.fit(set_name, x["train"], torch.arange(n_train), best["lr"], 0, train=False)
+        journal.restore(best["key"], _module(head))
+    return entry, head
+
+
+def _grid_fit(task: DenseTask, set_name: str, x: dict, n_train: int, lr: float, journal: FitJournal) -> dict:
+    """A candidate of the learning-rate grid, every label, seed 0: its val and test scores (the test ones are the
+    all-label row's first seed if it is chosen), parameter count, and the head when it was fitted here."""
+    key = f"{set_name}/grid/lr={lr:g}"
+    scores = journal.get(key)
+    if scores is not None:
+        return dict(scores, lr=lr, key=key)
+    head = task.fit(set_name, x["train"], torch.arange(n_train), lr, 0)
+    scores = journal.put(key, dict(val=task.score(head, x["val"], "val"), parameters=_parameters(head),
+                                   **task.test_scores(head, x["test"])), weights=_module(head))
+    return dict(scores, lr=lr, key=key, head=head)
+
+
+def _module(head) -> nn.Module:
+    """A fitted head as one module (an ensemble of pixel MLPs as a ModuleList), for its weights."""
+    return nn.ModuleList(head) if isinstance(head, list) else head
 
 
 def _parameters(head) -> int:
@@ -282,11 +329,11 @@ def run_dense(features: str | Path | FeatureFolder, out: str | Path | None = Non
         raise UserError(f"{features} holds {manifest.get('task') or 'pooled classification'} features, not {task}; "
                         f"extract a {task} data set with `imagen-transfer features --data ...`")
     out = Path(out or features.path)
-    result, chosen = probe_dense(features, **kwargs)
-    out.mkdir(parents=True, exist_ok=True)
+    result, chosen = probe_dense(features, out=out, **kwargs)
     result.update(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"])
     test = _extracted(manifest, "test")  # None when the data set changed since extraction: no wrong pairs drawn
     result["plots"] = [] if test is None else overlays(manifest, chosen, test, out, flip_test=result["flip_test"])
     (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
     (out / f"probe-{task}.md").write_text(dense_markdown(result))
+    finish_journal(out)
     return result

@@ -388,6 +388,9 @@ def cmd_probe(args) -> None:
     head = check_head(args.task, args.head)  # the task / head table lives beside the heads (protocol.py)
     if args.flip_test and args.task not in ("detection", "segmentation"):
         raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
+    if args.resume and args.task not in ("detection", "segmentation"):
+        raise UserError(f"--resume applies to --task detection or segmentation (their fits are journalled), not "
+                        f"{args.task}")
     if args.concat > 1 and (args.task != "classification" or args.data):
         raise UserError("--concat applies to --task classification on a feature folder")
     backbone = args.model if args.backbone is True else args.backbone
@@ -425,7 +428,7 @@ def cmd_probe(args) -> None:
 def _dense_options(args, head: str | None, backbone: str | None) -> dict:
     """run_dense's arguments from the probe command line."""
     return dict(task=args.task, steps=args.steps, seeds=args.seeds, kind=head, scratch=args.scratch,
-                scratch_steps=args.scratch_steps, only=args.sets,
+                scratch_steps=args.scratch_steps, only=args.sets, resume=args.resume,
                 labelled=_labelled(args.labelled or ["5", "10", "20", "all"], args.task),
                 fuse=[group.split("+") for group in args.fuse or []], flip_test=args.flip_test,
                 backbone=None if not backbone else {k: v for k, v in dict(
@@ -754,6 +757,9 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-test", action="store_true",
                    help="detection / segmentation: score each head on the input and its mirror image, averaged "
                         "(CenterNet's flip test; conv and scratch heads: pixel MLPs are unchanged by it)")
+    p.add_argument("--resume", action="store_true",
+                   help="detection / segmentation: continue the probe interrupted in --out (its fits.jsonl): the "
+                        "finished fits are read back, the missing ones run")
     p.add_argument("--backbone", nargs="?", const=True, default=None, metavar="MODEL",
                    help="fine-tune MODEL's U-Net (default: --model) end to end under the task's head ('backbone'), "
                         "and the same network from fresh weights ('backbone-scratch'); with --features: beside the "
