@@ -3,6 +3,8 @@
 # (lr on validation with all labels, then 5 / 10 / 20 / all labelled images x 3 seeds, flip test).
 # usage: benchmarks/backbone_dense.sh OUT DATA TASK HEAD [probe options...]
 #   e.g. benchmarks/backbone_dense.sh runs/m37/wbc wbc-seg segmentation conv --backbone-crop 48 48
+# The probe journals every finished fit (OUT/probe/fits.jsonl): run the same line again with --resume after an
+# interruption and only the missing fits run.
 set -euo pipefail
 out=${1:?usage: backbone_dense.sh OUT DATA TASK HEAD [probe options]}; data=$2; task=$3; head=$4; shift 4
 [ -f "$out/features/manifest.json" ] || \

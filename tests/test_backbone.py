@@ -281,6 +281,11 @@ def test_the_classification_backbone_probe_and_its_command(tmp_path, tiny_cascad
         assert [p["n_labels"] for p in r["label_efficiency"]["1.0"]] == [40, 40]
         assert 0 < r["parameters"] and 0 <= r["test"]["accuracy"] <= 1
     assert result["stage"] == "base" and result["blocks"] == ["mid", "up0"]
+    assert main(["probe", "--model", str(tiny_cascade_dir), "--data", str(data), "--backbone", "--backbone-steps", "2",
+                 "--seeds", "2", "--labelled", "10%", "all", "--out", str(out), "--resume"]) == 0  # all read back
+    resumed = json.loads((out / "probe-classification.json").read_text())
+    assert resumed["fits_read_back"] == 2 * (2 + 2 + 1)  # per set: the lr grid, 10% x 2 seeds, all labels' seed 1
+    assert all(resumed["sets"][k]["label_efficiency"] == r["label_efficiency"] for k, r in result["sets"].items())
     for argv in (["--data", str(data), "--out", str(out)],  # no --backbone
                  ["--data", str(data), "--backbone", "--out", str(out)],  # no model
                  ["--model", str(tiny_cascade_dir), "--data", str(data), "--backbone", "--labelled", "5",

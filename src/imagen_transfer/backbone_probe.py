@@ -34,6 +34,7 @@ from .backbone import (
 from .data import select_subset, to_float
 from .datasets import load_dataset
 from .errors import MissingSplit, UserError
+from .fits import finish_journal, open_journal
 from .interop import open_model
 from .probe import VAL_FROM_TRAIN, _head, classification_scores
 from .probe_report import LABEL_FRACTIONS, efficiency_table
@@ -118,8 +119,9 @@ def load_splits(source: DataSource, resolution: int) -> tuple[dict, list[str], d
 def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", blocks=CLASSIFICATION_BLOCKS, t: int = BACKBONE_T,
                    steps: int = STEPS, batch_size: int = BATCH_SIZE, lrs=CLASSIFICATION_LRS, head: str = "linear",
                    fractions=LABEL_FRACTIONS, seeds: int = 3, sets=SETS, conditioning: str = "empty",
-                   progress: bool = True) -> dict:
-    """The two backbone rows on a labelled data set, by the protocol in the module doc (JSON-ready result)."""
+                   progress: bool = True, out: str | Path | None = None, resume: bool = False) -> dict:
+    """The two backbone rows on a labelled data set, by the protocol in the module doc (JSON-ready result). `out`:
+    where the journal of finished fits goes (fits.py), `resume`: continue the one there."""
     unknown = sorted(set(sets) - set(SETS))
     if unknown:
         raise UserError(f"no set {', '.join(unknown)} for a classification backbone probe (sets: {', '.join(SETS)})")
@@ -141,39 +143,52 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
     def scores(net: nn.Module, split: str) -> dict:
         return classification_scores(class_probs(net, splits[split][0]), splits[split][1], names)
 
-    partial = [f for f in fractions if f < 1]
     result = dict(task="classification", model=str(model), dataset=source.name, stage=stage, blocks=list(blocks), t=t,
                   conditioning=conditioning, head=head, steps=steps, batch_size=batch_size, lrs=list(lrs), lr_ratio=BACKBONE_LR_RATIO,
                   warmup_share=WARMUP_SHARE, weight_decay=WEIGHT_DECAY, resolution=chosen_stage.resolution,
                   classes=names, n={s: len(v[1]) for s, v in splits.items()}, sets={})
     if held:
         result["val_from_train"] = held
+    journal = open_journal(out, dict({k: v for k, v in result.items() if k != "sets"}, data=source.fingerprint),
+                           resume)
+
+    def fitted(key: str, set_name: str, index: torch.Tensor, lr: float, seed: int, grid: bool = False) -> dict:
+        """The fit's scores (test; val and parameter count for a grid candidate), from the journal or fitted."""
+        done = journal.get(key)
+        if done is None:
+            net = fit(set_name, index, lr, seed)
+            done = journal.put(key, dict(test=scores(net, "test"), **(dict(
+                val=scores(net, "val"), parameters=sum(p.numel() for p in net.parameters() if p.requires_grad))
+                if grid else {})))
+        bar.update()
+        return done
+
+    partial = [f for f in fractions if f < 1]
     total = len(sets) * (len(lrs) + seeds * len(partial) + (seeds - 1 if len(partial) < len(fractions) else 0))
     with tqdm(total=total, desc="backbone fits", disable=not progress, unit="fit") as bar:
         for set_name in sets:
-            start, grid = time.perf_counter(), []
-            for lr in lrs:
-                net = fit(set_name, torch.arange(len(y)), lr, 0)
-                grid.append(dict(lr=lr, val=scores(net, "val"), net=net))
-                bar.update()
+            start = time.perf_counter()
+            grid = [dict(fitted(f"{set_name}/grid/lr={lr:g}", set_name, torch.arange(len(y)), lr, 0, grid=True),
+                         lr=lr) for lr in lrs]
             best = choose(grid, lambda g: (g["val"]["accuracy"], g["val"]["auc"] or 0))
             curve = {}
             for fraction in fractions:
                 for seed in range(seeds):
                     if fraction >= 1 and seed == 0:
-                        net, idx = best["net"], torch.arange(len(y))
+                        s, n_labels = best["test"], len(y)
                     else:
                         idx = select_subset(y, fraction=fraction, seed=seed)
-                        net = fit(set_name, idx, best["lr"], seed)
-                        bar.update()
-                    s = scores(net, "test")
-                    curve.setdefault(str(fraction), []).append(dict(seed=seed, n_labels=len(idx),
+                        s, n_labels = fitted(f"{set_name}/f={fraction:g}/seed={seed}/lr={best['lr']:g}", set_name,
+                                             idx, best["lr"], seed)["test"], len(idx)
+                    curve.setdefault(str(fraction), []).append(dict(seed=seed, n_labels=n_labels,
                                                                     accuracy=s["accuracy"], auc=s["auc"]))
             result["sets"][set_name] = dict(
-                lr=best["lr"], val=best["val"], test=scores(best["net"], "test"),
+                lr=best["lr"], val=best["val"], test=best["test"],
                 grid=[dict(lr=g["lr"], val_accuracy=g["val"]["accuracy"], val_auc=g["val"]["auc"]) for g in grid],
-                label_efficiency=curve, parameters=sum(p.numel() for p in best["net"].parameters() if p.requires_grad),
-                wall_s=round(time.perf_counter() - start, 1))
+                label_efficiency=curve, parameters=best["parameters"],
+                wall_s=round(time.perf_counter() - start, 1))  # this process's share when resumed
+    if journal.read_back:
+        result["fits_read_back"] = journal.read_back  # finished by an earlier, interrupted run (fits.jsonl)
     return result
 
 
@@ -203,12 +218,13 @@ def backbone_markdown(result: dict, reference: dict | None = None) -> str:
 
 
 def run_backbone(model: str, data: str | DataSource, out: str | Path, *, reference: dict | None = None, **kwargs) -> dict:
-    """probe_backbone, then probe-classification.json / .md in `out`."""
-    result = probe_backbone(model, data, **kwargs)
+    """probe_backbone, then probe-classification.json / .md in `out` (and its journal of fits, fits.py)."""
+    result = probe_backbone(model, data, out=out, **kwargs)
     if reference:
         result["reference"] = reference
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe-classification.json").write_text(json.dumps(result, indent=1))
     (out / "probe-classification.md").write_text(backbone_markdown(result, reference))
+    finish_journal(out)
     return result

@@ -388,9 +388,9 @@ def cmd_probe(args) -> None:
     head = check_head(args.task, args.head)  # the task / head table lives beside the heads (protocol.py)
     if args.flip_test and args.task not in ("detection", "segmentation"):
         raise UserError(f"--flip-test applies to --task detection or segmentation, not {args.task}")
-    if args.resume and args.task not in ("detection", "segmentation"):
-        raise UserError(f"--resume applies to --task detection or segmentation (their fits are journalled), not "
-                        f"{args.task}")
+    if args.resume and not (args.task in ("detection", "segmentation") or args.backbone):
+        raise UserError(f"--resume applies to detection / segmentation probes and the backbone rows (their fits are "
+                        f"journalled), not --task {args.task} on frozen features")
     if args.concat > 1 and (args.task != "classification" or args.data):
         raise UserError("--concat applies to --task classification on a feature folder")
     backbone = args.model if args.backbone is True else args.backbone
@@ -496,7 +496,7 @@ def _probe_data(args, head: str | None, backbone: str | None) -> None:
                                     sets=args.sets, seeds=args.seeds, blocks=args.backbone_blocks,
                                     conditioning=args.backbone_conditioning,
                                     lrs=args.backbone_lrs).items() if v is not None}
-    run_backbone(backbone, source, args.out, reference=reference, head=head or "linear",
+    run_backbone(backbone, source, args.out, reference=reference, head=head or "linear", resume=args.resume,
                  fractions=_labelled(args.labelled or ["1%", "10%", "all"], "classification"), **kwargs)
     table = Path(args.out) / "probe-classification.md"
     print(f"{table}\n{table.read_text()}")
@@ -758,8 +758,8 @@ def _probe_arguments(p: argparse.ArgumentParser) -> None:
                    help="detection / segmentation: score each head on the input and its mirror image, averaged "
                         "(CenterNet's flip test; conv and scratch heads: pixel MLPs are unchanged by it)")
     p.add_argument("--resume", action="store_true",
-                   help="detection / segmentation: continue the probe interrupted in --out (its fits.jsonl): the "
-                        "finished fits are read back, the missing ones run")
+                   help="detection / segmentation / the backbone rows: continue the probe interrupted in --out (its "
+                        "fits.jsonl): the finished fits are read back, the missing ones run")
     p.add_argument("--backbone", nargs="?", const=True, default=None, metavar="MODEL",
                    help="fine-tune MODEL's U-Net (default: --model) end to end under the task's head ('backbone'), "
                         "and the same network from fresh weights ('backbone-scratch'); with --features: beside the "
