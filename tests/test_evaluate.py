@@ -294,3 +294,56 @@ def test_bf16_features_are_close_to_fp32_and_cached_apart(toy_npz, small_feature
                     progress=False)
     assert r32.info["reference_cache"] != r16.info["reference_cache"]
     assert torch.allclose(r16.features, b) and torch.allclose(r32.features, a)
+
+
+def test_a_shipped_judge_is_used_for_its_own_data_file_only(toy_npz, tmp_path, monkeypatch):
+    """scripts/ship_judge.py trains the judge as a first evaluation would and ships it under its key; with an empty
+    cache the shipped judge is read (never retrained), and a file with other contents trains its own."""
+    import importlib.util
+    import shutil
+
+    from conftest import REPO
+
+    from imagen_transfer import judge as judges
+    from imagen_transfer.errors import UserError
+
+    spec = importlib.util.spec_from_file_location("ship_judge", REPO / "scripts" / "ship_judge.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    into = tmp_path / "shipped"
+    monkeypatch.setenv("IMAGEN_TRANSFER_CACHE", str(tmp_path / "cache-0"))
+    assert ship.main(["--data", str(toy_npz), "--resolution", "16", "--into", str(into)]) == 0
+    (folder,) = into.iterdir()
+    assert (folder / "README.md").read_text().count("accuracy on the real `test` split") == 1
+    with pytest.raises(UserError, match="shipped already"):
+        ship.main(["--data", str(toy_npz), "--resolution", "16", "--into", str(into)])
+    monkeypatch.setattr(judges, "SHIPPED", into)
+    monkeypatch.setenv("IMAGEN_TRANSFER_CACHE", str(tmp_path / "cache-1"))  # empty: only the shipped one can answer
+    trained = []
+    monkeypatch.setattr(judges, "train_judge", lambda *a, **k: trained.append(1) or judges.build_judge(2).eval())
+    judge, info = judges.load_or_train_judge(str(toy_npz), 16, progress=False)
+    assert info["shipped"] and not trained
+    shipped = judges.load_file(folder / "judge.safetensors")
+    assert all(torch.equal(shipped[k], v) for k, v in judge.state_dict().items())
+    other = tmp_path / "other.npz"
+    shutil.copy(toy_npz, other)
+    with open(other, "ab") as f:  # the same name's content changed: the key changes with it
+        f.write(b"\0")
+    _, info = judges.load_or_train_judge(str(other), 16, progress=False)
+    assert not info["shipped"] and trained == [1]
+
+
+def test_the_demos_data_files_have_their_shipped_judges():
+    """The judges shipped in models/judges/ still answer to the key of the data they were made for (a key change,
+    e.g. JUDGE_VERSION, without shipping again would silently bring back their training)."""
+    from imagen_transfer.errors import UserError
+    from imagen_transfer.judge import SHIPPED, judge_key
+    from imagen_transfer.sources import open_source
+
+    for name in ("pneumoniamnist", "cifar10"):
+        try:
+            source = open_source(name)
+        except UserError:
+            pytest.skip("IMAGEN_TRANSFER_DATA does not hold the shared data sets")
+        folder = SHIPPED / judge_key(source, 32)
+        assert (folder / "judge.json").is_file(), f"no shipped judge for {name} at 32 px: scripts/ship_judge.py"

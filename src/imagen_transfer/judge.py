@@ -4,6 +4,12 @@ image shows the class its caption asked for.
 The judge is a four-block CNN trained for a few epochs at the model's output resolution. It is cached (safetensors +
 JSON, keyed by dataset, split, resolution and seed), and its accuracy on the real evaluation split is reported next to
 the conditioning accuracy: a judge that is 85% right on real images bounds what it can certify on generated ones.
+
+The judges of the data the demo and the shipped cascade are measured on ship with the package (models/judges/, made
+by scripts/ship_judge.py, each with its card), under the same key: the key holds the data file's content hash, so a
+shipped judge is used only for the very file it was trained on, and any other data trains its own on first use. A
+judge is an instrument of the protocol, like the TF-Inception weights: shipping it spares every first evaluation its
+training (about 30 s of a 2-core CPU) without changing what it measures.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +30,7 @@ from .openmp import adapt as adapt_threads
 from .sources import DataSource, open_source
 
 JUDGE_VERSION = 1
+SHIPPED = Path(__file__).parent / "models" / "judges"  # <key hash>/judge.safetensors + judge.json + README.md
 
 
 def build_judge(num_classes: int, width: int = 32) -> nn.Sequential:
@@ -90,13 +98,14 @@ def load_or_train_judge(dataset: str | DataSource, resolution: int, *, split: st
     accuracy on the real `eval_split`)."""
     dataset = open_source(dataset)
     path = dataset.path
-    key = f"{dataset.fingerprint}|{split}|{eval_split}|{resolution}|{seed}|{epochs}|v{JUDGE_VERSION}"
-    folder = cache_root() / "judges" / hashlib.sha1(key.encode()).hexdigest()[:24]
-    if (folder / "judge.json").is_file():
-        info = json.loads((folder / "judge.json").read_text())
-        judge = build_judge(len(info["classes"]))
-        judge.load_state_dict(load_file(folder / "judge.safetensors"))
-        return judge.eval(), info
+    name = judge_key(dataset, resolution, split=split, eval_split=eval_split, seed=seed, epochs=epochs)
+    folder = cache_root() / "judges" / name
+    for found in (SHIPPED / name, folder):
+        if (found / "judge.json").is_file():
+            info = json.loads((found / "judge.json").read_text())
+            judge = build_judge(len(info["classes"]))
+            judge.load_state_dict(load_file(found / "judge.safetensors"))
+            return judge.eval(), dict(info, shipped=found.parent == SHIPPED)
     train = load_dataset(dataset, split, resolution=resolution, channels=3)
     if (train.labels >= 0).sum() == 0 or len(train.label_names) < 2:
         raise ValueError(f"{path}: split '{split}' has no class labels (needs at least two classes)")
@@ -111,7 +120,14 @@ def load_or_train_judge(dataset: str | DataSource, resolution: int, *, split: st
     (tmp / "judge.json").write_text(json.dumps(info, indent=2))
     if not folder.exists():
         os.replace(tmp, folder)
-    return judge, info
+    return judge, dict(info, shipped=False)
+
+
+def judge_key(dataset: DataSource, resolution: int, *, split: str = "train", eval_split: str = "test",
+              seed: int = 0, epochs: int = 8) -> str:
+    """The judge's folder name: a hash of what it depends on, the data file's content included."""
+    key = f"{dataset.fingerprint}|{split}|{eval_split}|{resolution}|{seed}|{epochs}|v{JUDGE_VERSION}"
+    return hashlib.sha1(key.encode()).hexdigest()[:24]
 
 
 def conditioning_accuracy(judge: nn.Module, images_uint8: torch.Tensor, labels: torch.Tensor,
