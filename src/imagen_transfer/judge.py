@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -120,6 +121,8 @@ def load_or_train_judge(dataset: str | DataSource, resolution: int, *, split: st
     (tmp / "judge.json").write_text(json.dumps(info, indent=2))
     if not folder.exists():
         os.replace(tmp, folder)
+    else:  # another process cached the same judge meanwhile: ours is the same, its temporary folder goes
+        shutil.rmtree(tmp)
     return judge, dict(info, shipped=False)
 
 
