@@ -257,3 +257,10 @@ def test_bf16_features_are_fp32_maps_near_fp32s_under_their_own_key(tiny_cascade
         bf16 = b["tiny"][view]
         assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32), view
         assert ((bf16 - fp32).norm(dim=1) / fp32.norm(dim=1)).max() < 0.1, view
+    from imagen_transfer.jobs.cli import main  # the command line passes it through
+
+    assert main(["features", "--model", f"tiny={tiny_cascade_dir}", "--data", str(toy), "--splits", "val",
+                 "--timesteps", "200", "--baselines", "none", "--precision", "bf16", "--batch-size", "16",
+                 "--out", str(tmp_path / "c")]) == 0
+    manifest_c, c = load_features(tmp_path / "c")
+    assert manifest_c["precision"] == "bf16" and all(torch.equal(c["tiny"][v], b["tiny"][v]) for v in b["tiny"])

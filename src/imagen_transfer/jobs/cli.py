@@ -312,6 +312,9 @@ def cmd_features(args) -> None:
     if source.dense:  # detection / segmentation: multi-block maps at the task size
         if "text" in common["baselines"]:
             raise UserError("--baselines text is for captioned data; a dense data set has pixels and random")
+        if args.precision != "no":
+            raise UserError("--precision applies to image-text data sets; dense maps are extracted in fp32 (bf16 "
+                            "not measured for them)")
         out = extract_dense(_named_models(args.model), source, args.out, stage_name=args.stage or "sr",
                             size=tuple(args.size) if args.size else None, stride=args.stride,
                             tile=tuple(args.tile) if args.tile else None, batch_size=args.batch_size or 16,
@@ -321,7 +324,7 @@ def cmd_features(args) -> None:
             raise UserError(f"--size and --tile are for detection and segmentation data sets; {args.data} is an "
                             f"image-text one")
         out = extract(_named_models(args.model), source, args.out, stage_name=args.stage or "base",
-                      batch_size=args.batch_size or 64, pool=not args.spatial, **common)
+                      batch_size=args.batch_size or 64, pool=not args.spatial, precision=args.precision, **common)
     print(f"wrote {out}/manifest.json")
 
 
@@ -728,6 +731,9 @@ def _features_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int_in(1), default=None, help="at most this many images per split (spread over classes)")
     p.add_argument("--noise-draws", type=int_in(1), default=1,
                    help="average every U-Net view over this many noise draws (DIFT uses 8; costs that many passes)")
+    p.add_argument("--precision", choices=["no", "bf16", "auto"], default="no",
+                   help="image-text data: the U-Net under bf16 autocast (auto: where the CPU has native bf16); the "
+                        "demo's probes moved by under 0.01 with it (docs/performance.md); default fp32")
     p.add_argument("--out", default="features")
 
 
