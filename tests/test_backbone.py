@@ -185,6 +185,11 @@ def test_an_interrupted_dense_probe_resumes_to_the_uninterrupted_result(dense_se
     assert len(calls) == 2 * per_set - 3 and resumed["fits_read_back"] == 3
     assert resumed["sets"] == whole["sets"]
     assert json.loads((tmp_path / "cut" / "fits.jsonl").read_text().splitlines()[-1]) == {"complete": True}
+    calls.clear()  # the learning-rate grid may grow on resume: only the new candidate (and its rows if chosen) fit
+    grown = run_dense(folder, tmp_path / "cut", **dict(kw, backbone=dict(kw["backbone"], lrs=(1e-3, 2e-3, 5e-4))),
+                      resume=True)
+    assert [g["lr"] for g in grown["sets"]["backbone"]["grid"]] == [1e-3, 2e-3, 5e-4]
+    assert calls[0] == "backbone" and len(calls) in (1, 1 + 2 + 1) and grown["fits_read_back"] >= 2 * per_set - 3
     _, restored = probe_dense(folder, out=tmp_path / "cut", resume=True, **{k: v for k, v in kw.items() if k != "task"})
     head, again = reference["backbone"][0].state_dict(), restored["backbone"][0].state_dict()
     assert head.keys() == again.keys() and all(torch.equal(head[k], again[k]) for k in head)

@@ -1,5 +1,5 @@
-"""A probe's journal of finished fits, so a probe that takes hours (the dense backbone rows: about 8 minutes of a
-2-core CPU per fit, 26 fits) resumes where it stopped instead of starting over.
+"""A probe's journal of finished fits, so a probe that takes hours (the dense backbone rows on BCCD: about 11 minutes
+of a 2-core CPU per fit, 26 fits) resumes where it stopped instead of starting over.
 
 `OUT/fits.jsonl` holds the probe's settings on its first line, then one line per finished fit: its key (set, label
 count, seed, learning rate) and its scores; the weights of each learning-rate grid fit (the candidate for the chosen
@@ -8,7 +8,8 @@ resumed probe reads every finished fit's scores back and fits only the missing o
 result is the one an uninterrupted run would have written, up to the CPU's floating-point order.
 
 The journal never loses work: a fresh probe into a folder whose journal is unfinished is refused (resume it, or
-delete OUT/fits.jsonl), a resume whose settings differ is refused with the differences named, and a finished
+delete OUT/fits.jsonl), a resume whose settings differ is refused with the differences named (all but the
+learning-rate grid, which may grow: fits are keyed by their learning rate), and a finished
 probe's journal (its last line says so; fits a resume adds after it reopen it) is replaced by a fresh one like the
 probe's other files.
 """
@@ -26,6 +27,9 @@ from .checkpoint import append_jsonl, drop_torn_last_line, read_jsonl, write_ato
 from .errors import UserError
 
 JOURNAL = "fits.jsonl"
+# Settings a resume may change: the learning-rate grid (every fit is keyed by its learning rate, so a grid that grows
+# when validation picks its edge reuses the finished candidates and fits the new ones).
+FREE = ("lrs",)
 WEIGHTS = "fits"  # OUT/fits/<key>.safetensors: the grid fits' weights
 
 
@@ -70,6 +74,11 @@ class FitJournal:
 
 
 
+def _fixed(settings: dict) -> dict:
+    """`settings` without the keys a resume may change (FREE), at any depth."""
+    return {k: _fixed(v) if isinstance(v, dict) else v for k, v in settings.items() if k not in FREE}
+
+
 def finish_journal(out: Path) -> None:
     """Mark the journal in `out` finished, once the probe's result files are written (a later fresh probe there
     may replace it)."""
@@ -99,9 +108,9 @@ def open_journal(out: Path | None, settings: dict, resume: bool) -> FitJournal:
         return FitJournal(path)
     if not records or "settings" not in records[0]:
         raise UserError(f"{path} is missing or holds no probe's settings: nothing to resume; run without --resume")
-    differences = [f"{k}: {records[0]['settings'].get(k)!r} -> {settings.get(k)!r}"
-                   for k in sorted(set(records[0]["settings"]) | set(settings))
-                   if records[0]["settings"].get(k) != settings.get(k)]
+    saved, given = _fixed(records[0]["settings"]), _fixed(settings)
+    differences = [f"{k}: {saved.get(k)!r} -> {given.get(k)!r}" for k in sorted(set(saved) | set(given))
+                   if saved.get(k) != given.get(k)]
     if differences:
         raise UserError(f"{path} was written with other settings ({'; '.join(differences)}): resume with the "
                         "same ones, or pass another --out")
