@@ -172,6 +172,14 @@ def test_an_interrupted_dense_probe_resumes_to_the_uninterrupted_result(dense_se
     monkeypatch.setattr(DenseTask, "fit", dying)
     with pytest.raises(KeyboardInterrupt):
         run_dense(folder, tmp_path / "cut", **kw)
+    limit[0], cli = 0, tmp_path / "cli"  # the command line: killed at its first fit, then resumed there
+    argv = ["probe", "--features", str(folder), "--task", "detection", "--steps", "1", "--seeds", "1", "--labelled",
+            "all", "--sets", "pixels", "--out", str(cli)]
+    assert main(argv) == 130 and (cli / "fits.jsonl").is_file()
+    limit[0] = 100
+    assert main(argv + ["--resume"]) == 0 and (cli / "probe-detection.json").is_file()
+    calls.clear()
+    limit[0] = 3
     journal = (tmp_path / "cut" / "fits.jsonl").read_text().splitlines()
     assert len(journal) == 1 + 3 and not (tmp_path / "cut" / "probe-detection.json").exists()
     with pytest.raises(UserError, match="3 finished fits of an interrupted probe: add --resume"):

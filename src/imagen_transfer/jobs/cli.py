@@ -440,8 +440,9 @@ def _dense_options(args, head: str | None, backbone: str | None) -> dict:
 
 
 def _check_probe_out(out: str) -> None:
-    check_output_dir(Path(out), what="probe folder", overwrite=True,
-                     is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file())
+    check_output_dir(Path(out), what="probe folder", overwrite=True,  # fits.jsonl: an interrupted probe's journal
+                     is_ours=lambda folder: any(folder.glob("probe-*.json")) or (folder / "manifest.json").is_file()
+                     or (folder / "fits.jsonl").is_file())
 
 
 def _probe_dense_data(args, head: str | None, backbone: str | None) -> None:
