@@ -73,7 +73,6 @@ class FitJournal:
         return module.eval()
 
 
-
 def _fixed(settings: dict) -> dict:
     """`settings` without the keys a resume may change (FREE), at any depth."""
     return {k: _fixed(v) if isinstance(v, dict) else v for k, v in settings.items() if k not in FREE}
@@ -97,7 +96,7 @@ def open_journal(out: Path | None, settings: dict, resume: bool) -> FitJournal:
         return FitJournal()
     path = Path(out) / JOURNAL
     settings = json.loads(json.dumps(settings))  # tuples as lists: compared as they are stored
-    records = read_jsonl(path) if path.is_file() else []
+    records = read_jsonl(path)  # [] when there is none
     finished = bool(records) and records[-1].get("complete") is True
     if not resume:
         if records and not finished and len(records) > 1:
