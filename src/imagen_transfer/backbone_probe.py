@@ -34,7 +34,7 @@ from .backbone import (
 from .data import select_subset, to_float
 from .datasets import load_dataset
 from .errors import MissingSplit, UserError
-from .fits import finish_journal, open_journal
+from .fits import finish_journal, fit_key, open_journal
 from .interop import open_model
 from .probe import VAL_FROM_TRAIN, _head, classification_scores
 from .probe_report import LABEL_FRACTIONS, efficiency_table
@@ -168,7 +168,7 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
     with tqdm(total=total, desc="backbone fits", disable=not progress, unit="fit") as bar:
         for set_name in sets:
             start = time.perf_counter()
-            grid = [dict(fitted(f"{set_name}/grid/lr={lr:g}", set_name, torch.arange(len(y)), lr, 0, grid=True),
+            grid = [dict(fitted(fit_key(set_name, lr), set_name, torch.arange(len(y)), lr, 0, grid=True),
                          lr=lr) for lr in lrs]
             best = choose(grid, lambda g: (g["val"]["accuracy"], g["val"]["auc"] or 0))
             curve = {}
@@ -178,7 +178,7 @@ def probe_backbone(model: str, data: str | DataSource, *, stage: str = "base", b
                         s, n_labels = best["test"], len(y)
                     else:
                         idx = select_subset(y, fraction=fraction, seed=seed)
-                        s, n_labels = fitted(f"{set_name}/f={fraction:g}/seed={seed}/lr={best['lr']:g}", set_name,
+                        s, n_labels = fitted(fit_key(set_name, best["lr"], f"f={fraction:g}", seed), set_name,
                                              idx, best["lr"], seed)["test"], len(idx)
                     curve.setdefault(str(fraction), []).append(dict(seed=seed, n_labels=n_labels,
                                                                     accuracy=s["accuracy"], auc=s["auc"]))

@@ -42,7 +42,7 @@ from .dense import load_dense
 from .detection import CenterNetHead, boxes_of, centernet_targets, coco_map, predict, train_detector
 from .errors import UserError
 from .features import FeatureFolder, downsampling_factor, open_features
-from .fits import FitJournal, finish_journal, open_journal
+from .fits import FitJournal, finish_journal, fit_key, open_journal
 from .interop import open_model
 from .probe_report import dense_markdown, overlays
 from .protocol import check_fuse, choose, labelled_subset, standardise
@@ -252,7 +252,7 @@ def _probe_set(task: DenseTask, set_name: str, x: dict, n_train: int, lrs, count
             plain.setdefault(count, []).append(scores["plain"])
 
     def fitted(count: str, index: torch.Tensor, seed: int) -> dict:
-        key = f"{set_name}/n={count}/seed={seed}/lr={best['lr']:g}"
+        key = fit_key(set_name, best["lr"], f"n={count}", seed)
         scores = journal.get(key) or journal.put(key, task.test_scores(
             task.fit(set_name, x["train"], index, best["lr"], seed), x["test"]))
         bar.update()
@@ -279,7 +279,7 @@ def _probe_set(task: DenseTask, set_name: str, x: dict, n_train: int, lrs, count
 def _grid_fit(task: DenseTask, set_name: str, x: dict, n_train: int, lr: float, journal: FitJournal) -> dict:
     """A candidate of the learning-rate grid, every label, seed 0: its val and test scores (the test ones are the
     all-label row's first seed if it is chosen), parameter count, and the head when it was fitted here."""
-    key = f"{set_name}/grid/lr={lr:g}"
+    key = fit_key(set_name, lr)
     scores = journal.get(key)
     if scores is not None:
         return dict(scores, lr=lr, key=key)

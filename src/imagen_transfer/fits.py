@@ -73,6 +73,12 @@ class FitJournal:
         return module.eval()
 
 
+def fit_key(set_name: str, lr: float, subset: str | None = None, seed: int = 0) -> str:
+    """The journal's name of one fit: a learning-rate grid candidate (`{set}/grid/lr=..`: every label, seed 0), or
+    a labelled subset's fit (`{set}/{subset}/seed=../lr=..`, `subset` `n=<count>` images or `f=<fraction>`)."""
+    return f"{set_name}/grid/lr={lr:g}" if subset is None else f"{set_name}/{subset}/seed={seed}/lr={lr:g}"
+
+
 def _fixed(settings: dict) -> dict:
     """`settings` without the keys a resume may change (FREE), at any depth."""
     return {k: _fixed(v) if isinstance(v, dict) else v for k, v in settings.items() if k not in FREE}
