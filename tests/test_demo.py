@@ -92,3 +92,15 @@ def test_a_guide_step_the_run_never_reaches_is_one_line_before_any_work(tmp_path
     with pytest.raises(UserError, match=r"--guide-step 60 must be below every stage's steps \(60\)"):
         run_demo(tmp_path / "d", quick=True, data=str(data), settings=dict(guide_step=60))
     assert not (tmp_path / "d").exists()
+
+
+def test_demo_precision_applies_to_the_feature_passes_too():
+    from imagen_transfer.jobs.cli import build_parser, demo_settings
+
+    def parsed(*argv):
+        return demo_settings(build_parser().parse_args(["demo", *argv]))
+
+    assert parsed() is None  # the job's own defaults (FULL / QUICK)
+    assert parsed("--precision", "no") == dict(precision="no", feature_precision="no")  # fp32 throughout
+    assert parsed("--precision", "bf16", "--guide-weight", "2") == dict(precision="bf16", feature_precision="bf16",
+                                                                      guide_weight=2.0)

@@ -212,12 +212,19 @@ def cmd_export(args) -> None:
     print(f"wrote {out} (stage_I: IFPipeline, stage_II: IFSuperResolutionPipeline; see {out}/README.md)")
 
 
+def demo_settings(args) -> dict | None:
+    """The demo's settings the command line overrides: --precision sets the U-Net's and the feature passes'
+    (TF-Inception, the probes' U-Net features) alike, so `--precision no` is fp32 throughout, as on a CPU without
+    native bf16."""
+    settings = dict(precision=args.precision, feature_precision=args.precision, guide_step=args.guide_step,
+                    guide_weight=args.guide_weight)
+    return {k: v for k, v in settings.items() if v is not None} or None
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    settings = {k: v for k, v in dict(precision=args.precision, guide_step=args.guide_step,
-                                      guide_weight=args.guide_weight).items() if v is not None}
-    run_demo(args.out, quick=args.quick, settings=settings or None)
+    run_demo(args.out, quick=args.quick, settings=demo_settings(args))
 
 
 def cmd_study(args) -> None:
@@ -646,8 +653,9 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guide-weight", type=positive_float, default=None, help="its weight (default 2.5)")
     p.add_argument("--out", default=None, help="run folder (default: runs/demo-<date>-<time>)")
     p.add_argument("--precision", choices=["auto", "no", "bf16"], default=None,
-                   help="autocast of training and sampling (default auto: bf16 where the hardware runs it natively; "
-                        "no: fp32 throughout, as a CPU without native bf16 runs the demo)")
+                   help="precision of training, sampling and the feature passes (TF-Inception, probe features; "
+                        "default auto: bf16 where the hardware runs it natively; no: fp32 throughout, as a CPU "
+                        "without native bf16 runs the demo)")
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:
