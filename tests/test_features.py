@@ -264,3 +264,23 @@ def test_bf16_features_are_fp32_maps_near_fp32s_under_their_own_key(tiny_cascade
                  "--out", str(tmp_path / "c")]) == 0
     manifest_c, c = load_features(tmp_path / "c")
     assert manifest_c["precision"] == "bf16" and all(torch.equal(c["tiny"][v], b["tiny"][v]) for v in b["tiny"])
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_a_probe_head_trains_the_same_alone_or_beside_others(kind):
+    """Every head draws its initialisation and its dropout from its own stream (probe._head_stream), so the grid's
+    joint pass equals training each head by itself: the mlp head's dropout would otherwise take the numbers the
+    heads before it left, and a view's score would depend on which other views the folder holds."""
+    from imagen_transfer.probe import train_heads
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    inputs = {name: torch.randn(40, 6, generator=g) + labels[:, None] for name in ("a@t10", "b@t100", "pixels")}
+    together = train_heads(inputs, labels, 3, head=kind, epochs=3, batch_size=16, progress=False)
+    alone = train_heads({"pixels": inputs["pixels"]}, labels, 3, head=kind, epochs=3, batch_size=16, progress=False)
+    for lr in (1e-3, 1e-2):
+        pairs = zip(together["pixels", lr].state_dict().values(), alone["pixels", lr].state_dict().values())
+        assert all(torch.equal(x, y) for x, y in pairs)
+    start = train_heads({"a@t10": inputs["a@t10"]}, labels, 3, head=kind, epochs=0, progress=False)
+    weights = [next(iter(start["a@t10", lr].state_dict().values())) for lr in (1e-3, 1e-2)]
+    assert not torch.equal(*weights)  # yet each head its own stream: no two start alike

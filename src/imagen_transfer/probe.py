@@ -2,10 +2,10 @@
 on test.
 
 Classification: a grid of heads, one per (feature set, view, learning rate), all trained together in one pass over
-the cached features (each mini-batch updates every head; the heads share nothing, so this equals training them one
-by one, only faster). Features are standardised with the training split's statistics. The head with the best
-validation accuracy per feature set is reported on test: accuracy, AUC (one-vs-rest macro for more than two classes)
-and per-class accuracy. A label-efficiency curve retrains each set's chosen head on 1%, 10% and 100% of the training
+the cached features (each mini-batch updates every head; the heads share nothing, each draws from its own random
+stream, so this equals training them one by one, only faster). Features are standardised with the training split's
+statistics. The head with the best validation accuracy per feature set is reported on test: accuracy, AUC
+(one-vs-rest macro for more than two classes) and per-class accuracy. A label-efficiency curve retrains each set's chosen head on 1%, 10% and 100% of the training
 labels (stratified, several seeds). A heat-map shows validation accuracy per block x timestep.
 
 Retrieval: test images query the training images by cosine similarity of standardised features; recall@k (a
@@ -15,6 +15,7 @@ same-label image among the k nearest), mAP over the whole ranking, and k-NN (k=1
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import torch
@@ -44,12 +45,34 @@ def _head(dim: int, classes: int, kind: str) -> nn.Module:
     raise UserError(f"unknown head '{kind}' (linear | mlp)")
 
 
+def _own_rng(state: torch.Tensor, fn, *args):
+    """fn(*args) with the global CPU generator at `state` (a head's own stream: its initialisation, its dropout), and the
+    state it leaves; the caller's generator is untouched."""
+    saved = torch.get_rng_state()
+    torch.set_rng_state(state)
+    try:
+        return fn(*args), torch.get_rng_state()
+    finally:
+        torch.set_rng_state(saved)
+
+
+def _head_stream(seed: int, name: str, lr: float) -> torch.Tensor:
+    """The starting random state of the head (name, lr): from the seed and the head's own key, so a head draws the
+    same numbers whichever other heads train beside it."""
+    return torch.Generator().manual_seed(seed * 2**32 + zlib.crc32(f"{name}|{lr!r}".encode())).get_state()
+
+
 def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: int, *, lrs=LEARNING_RATES,
                 head: str = "linear", epochs: int = 30, batch_size: int = 256, seed: int = 0,
                 progress: bool = True) -> dict[tuple[str, float], nn.Module]:
-    """One head per (input name, lr), trained together: AdamW, cosine schedule, weight decay 1e-4."""
-    torch.manual_seed(seed)
-    heads = {(name, lr): _head(x.shape[1], classes, head) for name, x in inputs.items() for lr in lrs}
+    """One head per (input name, lr), trained together: AdamW, cosine schedule, weight decay 1e-4. Each head draws
+    its initial weights and dropout from its own random stream (_head_stream) and the mini-batch order is the
+    seed's, so a head comes out the same trained alone or beside any others (test)."""
+    heads, streams = {}, {}
+    for name, x in inputs.items():
+        for lr in lrs:
+            heads[name, lr], streams[name, lr] = _own_rng(_head_stream(seed, name, lr), _head, x.shape[1],
+                                                          classes, head)
     opt = torch.optim.AdamW([dict(params=h.parameters(), lr=lr) for (_, lr), h in heads.items()], weight_decay=1e-4)
     n = len(labels)
     steps = epochs * max(1, -(-n // batch_size))
@@ -63,8 +86,10 @@ def train_heads(inputs: dict[str, torch.Tensor], labels: torch.Tensor, classes: 
             for start in range(0, n, batch_size):
                 adapt_threads()
                 idx = order[start : start + batch_size]
-                loss = sum(nn.functional.cross_entropy(h(inputs[name][idx]), labels[idx])
-                           for (name, _), h in heads.items())
+                loss = 0
+                for (name, lr), h in heads.items():
+                    logits, streams[name, lr] = _own_rng(streams[name, lr], h, inputs[name][idx])
+                    loss = loss + nn.functional.cross_entropy(logits, labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
