@@ -71,6 +71,7 @@ def test_quick_shape_fine_tunes_and_evaluates_the_base_stage_only(tiny_cascade_d
     guided = json.loads((run / "eval-2-autoguidance.json").read_text())["sampling"]
     assert guided["guide_model"] == str(run / "step-1") and guided["guidance"] == 2.5
     assert (run / "checkpoints" / "base" / "step-0000001").is_dir()  # kept for it
+    assert json.loads((run / "features" / "manifest.json").read_text())["timesteps"] == [10]  # --quick's one view
 
 
 def test_demo_without_data_names_the_missing_file(tmp_path, monkeypatch, capsys):

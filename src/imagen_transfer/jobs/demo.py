@@ -49,9 +49,11 @@ FULL = dict(steps=250, sr_steps=800, n_eval=128, n_real=None, feature_limit=800,
 # a seeded subset of 256 real test images, bf16 U-Net calls where native (benchmarks/results/sampler_parity_cpu.md).
 # Their times and results: benchmarks/results/demo_quick_cpu.json and demo_cpu.json (this CPU kind: AMD EPYC),
 # demo_xeon_cpu.json, demo_fp32_cpu.json and demo_quick_xeon_cpu.json (an Intel Xeon with AMX, before #39).
+# probe_timesteps (10,): validation chose t = 10 for every U-Net set in --quick's runs of 2026-12-07, so --quick
+# reads that one view of the three (features.DEFAULT_TIMESTEPS), a third of its feature passes.
 QUICK = dict(steps=60, sr_steps=0, n_eval=64, n_real=256, feature_limit=240, val_every=20, batch=32, probe_epochs=15,
              sample_steps=None, precision="auto", lr=None, aug_level=None, min_delta=0.0002, guide_step=24,
-             guide_weight=2.5, feature_precision="auto")
+             guide_weight=2.5, feature_precision="auto", probe_timesteps=(10,))
 
 
 def _phase(name: str, timings: dict, fn, *args, **kwargs):
@@ -137,6 +139,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     def probe():
         folder = extract({"source": source, "fine-tuned": str(tuned_dir)}, dataset, run / "features",
                          limit=settings["feature_limit"], baselines=("pixels", "random"),
+                         timesteps=settings.get("probe_timesteps"),
                          precision=settings.get("feature_precision") or "no")
         return run_probe(folder, epochs=settings["probe_epochs"],
                          reference=dataset.known.published or None)
