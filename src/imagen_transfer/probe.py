@@ -5,8 +5,9 @@ Classification: a grid of heads, one per (feature set, view, learning rate), all
 the cached features (each mini-batch updates every head; the heads share nothing, each draws from its own random
 stream, so this equals training them one by one, only faster). Features are standardised with the training split's
 statistics. The head with the best validation accuracy per feature set is reported on test: accuracy, AUC
-(one-vs-rest macro for more than two classes) and per-class accuracy. A label-efficiency curve retrains each set's chosen head on 1%, 10% and 100% of the training
-labels (stratified, several seeds). A heat-map shows validation accuracy per block x timestep.
+(one-vs-rest macro for more than two classes) and per-class accuracy. A label-efficiency curve retrains each set's
+chosen head on 1%, 10% and 100% of the training labels (stratified, several seeds). A heat-map shows validation
+accuracy per block x timestep.
 
 Retrieval: test images query the training images by cosine similarity of standardised features; recall@k (a
 same-label image among the k nearest), mAP over the whole ranking, and k-NN (k=10) majority-vote accuracy.
@@ -46,8 +47,8 @@ def _head(dim: int, classes: int, kind: str) -> nn.Module:
 
 
 def _own_rng(state: torch.Tensor, fn, *args):
-    """fn(*args) with the global CPU generator at `state` (a head's own stream: its initialisation, its dropout), and the
-    state it leaves; the caller's generator is untouched."""
+    """fn(*args) with the global CPU generator at `state` (a head's own stream: its initialisation, its dropout),
+    and the state it leaves; the caller's generator is untouched."""
     saved = torch.get_rng_state()
     torch.set_rng_state(state)
     try:

@@ -646,7 +646,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="the base stage only, smaller settings (about 1.5 minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="the base stage only, smaller settings (about 1.5 minutes on 2 CPU cores)")
     p.add_argument("--guide-step", type=int_in(1), default=None, metavar="N",
                    help="the fusion phase autoguides the fine-tune by its own step-N checkpoint, kept for it "
                         "(default 100; --quick 24)")
