@@ -20,10 +20,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
-from .checkpoint import append_jsonl, drop_torn_last_line, read_jsonl, write_atomic
+from .checkpoint import append_jsonl, drop_torn_last_line, read_jsonl, save_safetensors_atomic, write_atomic
 from .errors import UserError
 
 JOURNAL = "fits.jsonl"
@@ -50,12 +50,9 @@ class FitJournal:
     def put(self, key: str, scores: dict, weights: nn.Module | None = None) -> dict:
         """Record a finished fit (its weights first, when given, so a line always names weights that exist)."""
         if self.path is not None:
-            if weights is not None:
-                file = self.weights_file(key)
-                file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = file.with_name(file.name + ".tmp")
-                save_model(weights, str(tmp))
-                tmp.replace(file)
+            if weights is not None:  # cloned: safetensors refuses tensors sharing memory, load_model takes all names
+                save_safetensors_atomic(self.weights_file(key),
+                                        {k: v.detach().clone() for k, v in weights.state_dict().items()})
             append_jsonl(self.path, dict(key=key, scores=scores))
         self.done[key] = scores
         return scores
