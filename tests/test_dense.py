@@ -336,6 +336,18 @@ def test_dense_probe_end_to_end(dense_sets, task):
         run_dense(folder, folder / "other", task="segmentation" if task == "detection" else "detection")
 
 
+def test_end_to_end_fits_show_their_steps(dense_sets, tmp_path, capsys):
+    """A scratch or backbone fit takes minutes on a CPU: with progress on, each shows a bar of its steps, named by
+    its set, label count, lr and seed; the heads on cached maps (seconds) add none."""
+    from imagen_transfer.dense_probe import probe_dense
+
+    probe_dense(dense_sets["detection"], steps=2, scratch_steps=3, seeds=1, labelled=(None,), lrs=(1e-3,),
+                scratch=True, only=["scratch", "pixels"], progress=True)
+    err = capsys.readouterr().err
+    assert "scratch (" in err and "lr 0.001, seed 0)" in err and "3/3" in err
+    assert "pixels (" not in err
+
+
 def test_fused_set_is_its_parts_maps_side_by_side(dense_sets, tmp_path):
     """`fuse`: one more set whose maps are the parts' standardised maps concatenated (U-Net channels, then the 48
     pixel channels), probed like any other; a group naming an unknown set is refused before any head trains."""

@@ -86,6 +86,7 @@ class DenseTask:
     ensemble: int
     flip_test: bool = False
     backbone: dict | None = None  # stage, text, blocks, t, steps: the fine-tuned backbone rows (backbone.py)
+    progress: bool = False  # a bar per end-to-end fit (scratch, backbone rows: minutes each on a CPU)
 
     @property
     def key(self) -> str:
@@ -101,6 +102,8 @@ class DenseTask:
         elif set_name in BACKBONE_SETS:
             kind, steps, extra = "model", self.backbone["steps"], self._backbone(set_name, x[index], lr, seed)
         steps = steps if train else 0
+        if self.progress and kind in ("scratch", "model"):
+            extra["desc"] = f"{set_name} ({len(index)} labelled, lr {lr:g}, seed {seed})"
         if self.detection:
             return train_detector(x[index], {k: v[index] for k, v in self.train_target.items()}, len(self.names),
                                   lr=lr, steps=steps, seed=seed, scratch=kind == "scratch", stride=self.stride,
@@ -166,6 +169,7 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
     backbone = open_backbone(backbone, manifest) if backbone else None
     task = dense_task(manifest, load_targets(folder.path, manifest), steps, scratch_steps, kind, ensemble, flip_test,
                       backbone)
+    task.progress = progress
     lrs = tuple(lrs or (DETECTION_LRS if task.detection else SEGMENTATION_LRS))
     inputs = {name: (lambda n=name: stacked_views(sets[n], manifest["sets"][n]["views"], SPLITS))
               for name in sets}  # each set read when its turn comes (or never, when --sets leaves it out)

@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from .data import random_window
 from .scratch import ScratchUNet
@@ -169,12 +170,13 @@ def coco_map(predictions: list[dict], boxes: list[torch.Tensor], labels: list[to
 
 def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, steps: int, batch_size: int = 16,
                    seed: int = 0, scratch: bool = False, stride: int = 4, model: nn.Module | None = None,
-                   optimizer=None, crop: tuple[int, int] | None = None) -> nn.Module:
+                   optimizer=None, crop: tuple[int, int] | None = None, desc: str | None = None) -> nn.Module:
     """AdamW (weight decay 1e-4), cosine schedule, random horizontal flips of inputs and targets. `x` is a feature
     grid for a CenterNet head, or (scratch) the images themselves for a small U-Net + the same head, or the images
     for a given `model` ending in a CenterNet head (a fine-tuned backbone) with its `optimizer(model) -> (opt,
     schedule)`. `crop` (h, w), multiples of `stride`: each batch trains on one random grid-aligned window of its
-    images and target maps (objects whose centre falls outside it are left out), a fraction of the pixels' cost."""
+    images and target maps (objects whose centre falls outside it are left out), a fraction of the pixels' cost.
+    `desc`: a progress bar of the steps under that name (the end-to-end fits take minutes on a CPU)."""
     torch.manual_seed(seed)
     head = model if model is not None else (
         nn.Sequential(ScratchUNet(x.shape[1], stride=stride), CenterNetHead(ScratchUNet.width_at(stride), classes))
@@ -186,7 +188,7 @@ def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, st
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     head.train()
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=desc is None):
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
         xb, tb = x[idx], {k: v[idx] for k, v in target.items()}
         if crop is not None:

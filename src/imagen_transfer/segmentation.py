@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
+from tqdm.auto import tqdm
 
 from .data import random_window
 from .masks import IGNORE
@@ -80,12 +81,13 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Te
 def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: int, *, lr: float, steps: int,
                     seed: int = 0, ensemble: int = 3, pixels: int = 4096, batch_size: int = 8,
                     model: nn.Module | None = None, optimizer=None,
-                    crop: tuple[int, int] | None = None) -> list[nn.Module]:
+                    crop: tuple[int, int] | None = None, desc: str | None = None) -> list[nn.Module]:
     """`ensemble` pixel MLPs (different seeds), one conv head, or (kind "scratch", `x` the images) a small U-Net
     trained end to end, or (kind "model", `x` the images) a given grid `model` with the (x, size) signature and its
     `optimizer(model) -> (opt, schedule)` (a fine-tuned backbone); AdamW + cosine schedule by default,
     cross-entropy; every path but the pixel MLPs flips left-right. `crop` (h, w): grid paths train each batch on one
-    random window of the images and masks (at a multiple of 4 pixels), a fraction of the pixels' cost."""
+    random window of the images and masks (at a multiple of 4 pixels), a fraction of the pixels' cost. `desc`: a
+    progress bar of the steps under that name (the end-to-end fits take minutes on a CPU)."""
     heads = []
     for member in range(ensemble if kind == "mlp" else 1):
         torch.manual_seed(seed * 100 + member)
@@ -98,7 +100,7 @@ def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: in
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         gen = torch.Generator().manual_seed(seed * 100 + member)
         head.train()
-        for _ in range(steps):
+        for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=desc is None):
             if kind == "mlp":
                 feats, target = sample_pixels(x, masks, pixels, gen)
                 loss = masked_cross_entropy(head(feats), target)
