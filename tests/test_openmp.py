@@ -167,3 +167,28 @@ def test_a_training_run_records_each_thread_change(tmp_path, monkeypatch):
     assert [(r["step"], r["threads"]) for r in records if r.get("event") == "threads"] == [(1, 1)]
     start = next(r for r in records if r.get("event") == "start")
     assert "thread_choice" in start["openmp"] and start["openmp"]["threads"] >= 1
+
+
+@pytest.mark.parametrize("trainer", ["detector", "segmenter", "backbone classifier"])
+def test_the_downstream_fits_follow_the_load_every_step(trainer, monkeypatch):
+    """The dense and backbone fits run for minutes (BCCD: ~11 min each), so each of their steps lets the thread
+    count follow the load like the training and sampling loops do; a fit that never looks keeps both threads
+    beside a competing process, the 3.8x slowdown of issue #39."""
+    import torch
+
+    from imagen_transfer import backbone_probe, detection, segmentation
+
+    module = {"detector": detection, "segmenter": segmentation, "backbone classifier": backbone_probe}[trainer]
+    looks = []
+    monkeypatch.setattr(module, "adapt_threads", lambda: looks.append(1))
+    x = torch.rand(4, 3, 16, 16)
+    if trainer == "detector":
+        target = detection.centernet_targets([torch.tensor([[2.0, 2.0, 8.0, 8.0]])] * 4, [torch.tensor([0])] * 4,
+                                             1, (4, 4), 4)
+        detection.train_detector(x, target, 1, lr=1e-3, steps=3, scratch=True)
+    elif trainer == "segmenter":
+        segmentation.train_segmenter("conv", x, torch.zeros(4, 16, 16, dtype=torch.long), 2, lr=1e-3, steps=3)
+    else:
+        backbone_probe.train_classifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 2)), x,
+                                        torch.tensor([0, 1, 0, 1]), lr=1e-3, steps=3)
+    assert len(looks) == 3

@@ -36,6 +36,7 @@ from .datasets import load_dataset
 from .errors import MissingSplit, UserError
 from .fits import finish_journal, fit_key, open_journal
 from .interop import open_model
+from .openmp import adapt as adapt_threads
 from .probe import VAL_FROM_TRAIN, _head, classification_scores
 from .probe_report import LABEL_FRACTIONS, efficiency_table
 from .protocol import choose
@@ -68,6 +69,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: 
     order, at = torch.randperm(len(x), generator=gen), 0
     model.train()
     for _ in range(steps):
+        adapt_threads()
         if at + batch_size > len(order):  # a new epoch (a set smaller than a batch: the whole set each step)
             order, at = torch.randperm(len(x), generator=gen), 0
         idx = order[at:at + batch_size]

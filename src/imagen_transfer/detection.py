@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .data import random_window
+from .openmp import adapt as adapt_threads
 from .scratch import ScratchUNet
 
 HEADS = ("centernet",)  # the head --task detection trains (always)
@@ -189,6 +190,7 @@ def train_detector(x: torch.Tensor, target: dict, classes: int, *, lr: float, st
     head.train()
     gen = torch.Generator().manual_seed(seed)
     for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=desc is None):
+        adapt_threads()
         idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
         xb, tb = x[idx], {k: v[idx] for k, v in target.items()}
         if crop is not None:

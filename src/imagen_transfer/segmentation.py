@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import random_window
 from .masks import IGNORE
+from .openmp import adapt as adapt_threads
 from .scratch import ScratchSegmenter
 
 HEADS = ("mlp", "conv")  # --head for --task segmentation; the first is the default
@@ -101,6 +102,7 @@ def train_segmenter(kind: str, x: torch.Tensor, masks: torch.Tensor, classes: in
         gen = torch.Generator().manual_seed(seed * 100 + member)
         head.train()
         for _ in tqdm(range(steps), desc=desc, unit="step", leave=False, disable=desc is None):
+            adapt_threads()
             if kind == "mlp":
                 feats, target = sample_pixels(x, masks, pixels, gen)
                 loss = masked_cross_entropy(head(feats), target)
