@@ -138,7 +138,8 @@ class DenseTask:
 
 
 def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: int | None, kind: str,
-               ensemble: int, flip_test: bool = False, backbone: dict | None = None) -> DenseTask:
+               ensemble: int, flip_test: bool = False, backbone: dict | None = None,
+               progress: bool = False) -> DenseTask:
     detection = manifest["task"] == "detection"
     names, stride = manifest["label_names"], manifest["stride"]
     steps = steps or (600 if detection else 300)
@@ -148,7 +149,7 @@ def dense_task(manifest: dict, targets: dict, steps: int | None, scratch_steps: 
     else:
         truth, train_target = {s: targets[f"{s}/masks"] for s in SPLITS}, None
     return DenseTask(detection, names, stride, tuple(manifest["size"]), truth, train_target, steps,
-                     scratch_steps or steps, kind, ensemble, flip_test, backbone)
+                     scratch_steps or steps, kind, ensemble, flip_test, backbone, progress)
 
 
 def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None, seeds: int = 3, lrs=None, kind: str = "mlp",
@@ -168,8 +169,7 @@ def probe_dense(folder: str | Path | FeatureFolder, *, steps: int | None = None,
             raise UserError(f"{folder} has no '{split}' split (extract with --splits train val test)")
     backbone = open_backbone(backbone, manifest) if backbone else None
     task = dense_task(manifest, load_targets(folder.path, manifest), steps, scratch_steps, kind, ensemble, flip_test,
-                      backbone)
-    task.progress = progress
+                      backbone, progress)
     lrs = tuple(lrs or (DETECTION_LRS if task.detection else SEGMENTATION_LRS))
     inputs = {name: (lambda n=name: stacked_views(sets[n], manifest["sets"][n]["views"], SPLITS))
               for name in sets}  # each set read when its turn comes (or never, when --sets leaves it out)
