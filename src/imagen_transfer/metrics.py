@@ -138,7 +138,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     if min(len(real), len(fake)) < 2:
         raise UserError("FID needs at least 2 real and 2 generated images")
     real, fake = real.double(), fake.double()
-    a_r, a_f = ((x - x.mean(0)) / (len(x) - 1) ** 0.5 for x in (real, fake))
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    a_r, a_f = (real - mu_r) / (len(real) - 1) ** 0.5, (fake - mu_f) / (len(fake) - 1) ** 0.5
     small, big = sorted((a_r, a_f), key=len)
     if len(small) <= real.shape[1]:
         inner = small @ (big.T @ big) @ small.T
@@ -147,8 +148,7 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
         root = (vectors * values.clamp(min=0).sqrt()) @ vectors.T
         inner = root @ (a_f.T @ a_f) @ root
     trace_sqrt = torch.linalg.eigvalsh(inner).clamp(min=0).sqrt().sum()
-    mean_term = (real.mean(0) - fake.mean(0)).square().sum()
-    return float(mean_term + a_r.square().sum() + a_f.square().sum() - 2 * trace_sqrt)
+    return float((mu_r - mu_f).square().sum() + a_r.square().sum() + a_f.square().sum() - 2 * trace_sqrt)
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
