@@ -34,8 +34,8 @@ BACKBONE_LR_RATIO = 0.1  # backbone learning rate / head learning rate
 WARMUP_SHARE = 0.1  # share of the steps with a linear warm-up
 WEIGHT_DECAY = 1e-4
 SETS = ("backbone", "backbone-scratch")  # the probe rows: pretrained weights, and the same network from scratch
-ORDER = ("down", "mid", "up")
-CONDITIONING = ("empty", "learned")  # the text the trunk is conditioned on: the empty prompt's, or learnt from it  # the order a U-Net runs its blocks in
+ORDER = ("down", "mid", "up")  # the order a U-Net runs its blocks in
+CONDITIONING = ("empty", "learned")  # the text the trunk is conditioned on: the empty prompt's, or learnt from it
 
 
 class _Enough(Exception):
