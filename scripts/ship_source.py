@@ -27,9 +27,10 @@ import torch
 import yaml
 
 from imagen_transfer.cascade import load_cascade, resolve_model, save_cascade
-from imagen_transfer.checkpoint import read_jsonl, write_atomic
+from imagen_transfer.checkpoint import read_jsonl
 from imagen_transfer.config import config_by_key, load_config
 from imagen_transfer.errors import UserError
+from imagen_transfer.outputs import write_atomic
 from imagen_transfer.sampling import sample_cascade, save_grid
 
 STAGES = ("base", "sr")

@@ -171,3 +171,24 @@ def test_a_disk_that_fills_up_mid_run_gives_one_line(tiny_cascade_dir, tmp_path,
                  "--out", str(tmp_path / "g.png")])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0] and "g.png" in lines[0]
+
+
+def test_a_result_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """write_atomic (every result file: probe JSON, reports, manifests, configs): a disk that fills up mid-write
+    leaves the previous file as it was, no temporary file beside it, and an error that names the file."""
+    import errno
+
+    from imagen_transfer import outputs
+
+    target = tmp_path / "probe-detection.json"
+    outputs.write_atomic(target, '{"old": 1}')
+    assert target.read_text() == '{"old": 1}' and os.listdir(tmp_path) == ["probe-detection.json"]
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "fsync", full)
+    with pytest.raises(OSError, match="no space left") as err:
+        outputs.write_atomic(target, '{"new": 2}')
+    assert err.value.filename == str(target)
+    assert target.read_text() == '{"old": 1}' and os.listdir(tmp_path) == ["probe-detection.json"]

@@ -37,6 +37,7 @@ from .errors import MissingSplit, UserError
 from .fits import finish_journal, fit_key, open_journal
 from .interop import open_model
 from .openmp import adapt as adapt_threads
+from .outputs import write_atomic
 from .probe import VAL_FROM_TRAIN, _head, classification_scores
 from .probe_report import LABEL_FRACTIONS, efficiency_table
 from .protocol import choose
@@ -226,7 +227,7 @@ def run_backbone(model: str, data: str | DataSource, out: str | Path, *, referen
         result["reference"] = reference
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe-classification.json").write_text(json.dumps(result, indent=1))
-    (out / "probe-classification.md").write_text(backbone_markdown(result, reference))
+    write_atomic(out / "probe-classification.json", json.dumps(result, indent=1))
+    write_atomic(out / "probe-classification.md", backbone_markdown(result, reference))
     finish_journal(out)
     return result

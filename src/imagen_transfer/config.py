@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .outputs import write_atomic
 
 
 def rule(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, low: float | None = None,
@@ -384,4 +385,4 @@ def config_yaml(config: RunConfig) -> str:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(config_yaml(config))
+    write_atomic(Path(path), config_yaml(config))

@@ -44,6 +44,7 @@ from .errors import UserError
 from .features import FeatureFolder, downsampling_factor, open_features
 from .fits import FitJournal, finish_journal, fit_key, open_journal
 from .interop import open_model
+from .outputs import write_atomic
 from .probe_report import dense_markdown, overlays
 from .protocol import check_fuse, choose, labelled_subset, standardise
 from .scratch import ScratchUNet
@@ -337,7 +338,7 @@ def run_dense(features: str | Path | FeatureFolder, out: str | Path | None = Non
     result.update(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"])
     test = _extracted(manifest, "test")  # None when the data set changed since extraction: no wrong pairs drawn
     result["plots"] = [] if test is None else overlays(manifest, chosen, test, out, flip_test=result["flip_test"])
-    (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
-    (out / f"probe-{task}.md").write_text(dense_markdown(result))
+    write_atomic(out / f"probe-{task}.json", json.dumps(result, indent=1))
+    write_atomic(out / f"probe-{task}.md", dense_markdown(result))
     finish_journal(out)
     return result

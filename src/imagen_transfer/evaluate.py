@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from . import __version__
 from .cascade import resolve_model
-from .checkpoint import save_safetensors_atomic, write_atomic
+from .checkpoint import save_safetensors_atomic
 from .datasets import load_dataset
 from .errors import UserError
 from .interop import open_model
@@ -41,6 +41,7 @@ from .measure import (
     reference,
 )
 from .metrics import extract_features, inception_score, kid, load_feature_net
+from .outputs import write_atomic
 from .sampling import sample_cascade, save_grid
 from .sources import DataSource, open_source
 

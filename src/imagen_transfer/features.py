@@ -44,7 +44,7 @@ from .diffusion import add_noise, condition_lowres, denoise
 from .errors import UserError
 from .interop import open_model
 from .openmp import adapt as adapt_threads
-from .outputs import cache_root
+from .outputs import cache_root, write_atomic
 from .sampling import randn
 from .sources import DataSource, open_source
 from .task_size import DEFAULT_BUDGET_S, expected_seconds, gflop_rate, object_side, plan_size
@@ -442,7 +442,7 @@ def _write(out: Path, sets: dict, manifest: dict) -> None:
                                       dims={v: list(tensors[f"{split}/{v}"].shape[1:]) for v in views},
                                       megabytes=round(sum(t.numel() * t.element_size() for t in tensors.values())
                                                       / 2**20, 1))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1))  # written last: it marks the folder complete
 
 
 class FeatureSets(Mapping):

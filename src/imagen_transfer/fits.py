@@ -23,8 +23,9 @@ from pathlib import Path
 from safetensors.torch import load_model
 from torch import nn
 
-from .checkpoint import append_jsonl, drop_torn_last_line, read_jsonl, save_safetensors_atomic, write_atomic
+from .checkpoint import append_jsonl, drop_torn_last_line, read_jsonl, save_safetensors_atomic
 from .errors import UserError
+from .outputs import write_atomic
 
 JOURNAL = "fits.jsonl"
 # Settings a resume may change: the learning-rate grid (every fit is keyed by its learning rate, so a grid that grows

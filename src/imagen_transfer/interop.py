@@ -42,7 +42,7 @@ from .cascade import (
 from .checkpoint import latest_checkpoint, read_jsonl, stage_dir, step_name
 from .config import RunConfig, load_config
 from .errors import UserError
-from .outputs import check_output_dir
+from .outputs import check_output_dir, write_atomic
 from .sampling import make_scheduler
 from .text import TextEncoderSpec, load_text_encoder, minilm_path, text_dim
 from .transfer import finish_transfer, prepare_transfer
@@ -196,7 +196,7 @@ def export_diffusers(cascade, out: str | Path) -> Path:
             pipe, folder = IFSuperResolutionPipeline(image_noising_scheduler=noising, **common), out / "stage_II"
         pipe.save_pretrained(folder, safe_serialization=True)
         written.append((stage, folder))
-    (out / "README.md").write_text(_model_card(cascade, written))
+    write_atomic(out / "README.md", _model_card(cascade, written))
     return out
 
 

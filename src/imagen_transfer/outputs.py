@@ -124,6 +124,22 @@ def _disk_full(path: Path, needed: int | None) -> OSError:
                    "space and rerun", str(path))
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path` and rename it into place (the module's rule): a crash or a full disk leaves the
+    old file or the new one, never half of one, and no temporary file behind."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with disk_full_as_oserror(path, len(text.encode())), open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def remove_stale_partials(out: Path) -> int:
     """Remove the `.NAME.partial-*` / `.NAME.old-*` folders a killed save of `out` left beside it (names only this
     tool makes, see fresh_sibling and replace_dir); call it after a successful save, under the run's lock."""

@@ -28,6 +28,7 @@ from .data import select_subset
 from .errors import UserError
 from .features import FeatureFolder, open_features
 from .openmp import adapt as adapt_threads
+from .outputs import write_atomic
 from .probe_report import LABEL_FRACTIONS, efficiency_plot, heatmap, probe_markdown
 from .protocol import check_fuse, choose, standardise
 
@@ -304,6 +305,6 @@ def run_probe(features: str | Path | FeatureFolder, *, task: str = "classificati
         raise UserError(f"unknown task '{task}' (classification | retrieval)")
     if reference:
         result["reference"] = reference
-    (out / f"probe-{task}.json").write_text(json.dumps(result, indent=1))
-    (out / f"probe-{task}.md").write_text(probe_markdown(result))
+    write_atomic(out / f"probe-{task}.json", json.dumps(result, indent=1))
+    write_atomic(out / f"probe-{task}.md", probe_markdown(result))
     return result

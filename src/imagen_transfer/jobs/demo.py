@@ -25,6 +25,7 @@ from ..config import load_config
 from ..errors import UserError
 from ..evaluate import evaluate
 from ..features import extract
+from ..outputs import write_atomic
 from ..probe import run_probe
 from ..sources import open_source
 from ..train import train
@@ -156,7 +157,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
                    bicubic_baseline={k: {m: v["bicubic_baseline"].get(m) for m in ("kid_mean", "precision", "recall")}
                                      for k, v in results.items() if v.get("bicubic_baseline")},
                    probe_test_accuracy={k: v["test"]["accuracy"] for k, v in probe_result["best"].items()})
-    (run / "demo.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(run / "demo.json", json.dumps(summary, indent=2))
     print(f"\ndemo done in {timings['total']} s: {html_path}")
     for name, value in summary["kid"].items():
         print(f"  {name:20s} KID {value:.4f}  conditioning accuracy {summary['conditioning_accuracy'][name]:.3f}")

@@ -19,7 +19,7 @@ import yaml
 
 from ..checkpoint import read_jsonl
 from ..errors import UserError
-from ..outputs import check_writable_dir
+from ..outputs import check_writable_dir, write_atomic
 
 EVAL_COLUMNS = [("resolution", "px"), ("n_generated", "N gen"), ("n_real", "N real"), ("fid", "FID"), ("kid_mean", "KID"),
                 ("kid_std", "KID std"), ("precision", "precision"), ("recall", "recall"),
@@ -133,8 +133,8 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     summaries = stage_summaries(rows)
     tables = _tables(summaries, evals, probe) + _dense_tables(dense)
     html_path, md_path = run / "report.html", run / "report.md"
-    html_path.write_text(_html(run, tables, evals, images, config))
-    md_path.write_text(_markdown(run, tables, images, config))
+    write_atomic(html_path, _html(run, tables, evals, images, config))
+    write_atomic(md_path, _markdown(run, tables, images, config))
     return html_path, md_path
 
 

@@ -37,13 +37,13 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import read_jsonl, save_safetensors_atomic, write_atomic
+from ..checkpoint import read_jsonl, save_safetensors_atomic
 from ..config import load_config
 from ..datasets import load_dataset
 from ..errors import UserError
 from ..interop import open_model
 from ..measure import draw_captions, generate_images, reference, stage_generator
-from ..outputs import check_output_dir
+from ..outputs import check_output_dir, write_atomic
 from ..sources import open_source
 from ..text import EmbeddingCache, default_cache_dir, load_text_encoder
 from ..train import train

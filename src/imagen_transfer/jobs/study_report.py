@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from ..checkpoint import write_atomic
+from ..outputs import write_atomic
 
 
 def _pm(cell: dict, scale: float = 1.0, digits: int = 1) -> str:
