@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from imagen_transfer import openmp
 from imagen_transfer.probe import run_probe
 
 RECIPES = {"linear": dict(head="linear"), "linear, 3 best views": dict(head="linear", concat=3),
@@ -51,6 +52,9 @@ if __name__ == "__main__":
     parser.add_argument("root", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="write the table (and a .json beside it) here")
     args = parser.parse_args()
+    # the probes run in this process: their thread count follows the load (or IMAGEN_TRANSFER_THREADS) as the
+    # command line's does; at torch's default beside other jobs the MLP heads' small steps ran ~70x slower
+    openmp.auto_threads()
     text, rows = table(args.root)
     print(text)
     if args.out:
