@@ -24,21 +24,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .outputs import disk_full_as_oserror, nbytes, require_space, write_atomic
+from .outputs import disk_full_as_oserror, nbytes, replaced_atomically, require_space, write_atomic
 
 
 def save_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors (made contiguous) to a temporary file, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with disk_full_as_oserror(path, nbytes(tensors)):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    with replaced_atomically(path, nbytes(tensors)) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def cached_pieces(items: torch.Tensor, piece_size: int, file_for, compute, *, progress: bool = True,
@@ -110,9 +104,8 @@ def drop_torn_last_line(path: Path) -> bool:
         return False
     if _record(lines[-1]) is not None:  # a whole record whose newline was cut off: append_jsonl adds it later
         return False
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(b"".join(lines[:-1]))
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(b"".join(lines[:-1]))
     return True
 
 

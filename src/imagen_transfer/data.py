@@ -21,7 +21,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -32,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import MissingSplit, UserError
-from .outputs import cache_root
+from .outputs import cache_root, replaced_atomically
 from .sources import (
     IMAGE_SUFFIXES,
     SPLIT_SEED,
@@ -359,12 +358,11 @@ def _decoded(source: DataSource, split: str, resolution: int, channels: int, ski
     stacked = np.stack(images)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, images=stacked, texts=np.array([t or "" for t in texts]),
-                 has_text=np.array([t is not None for t in texts]), labels=np.array([lab or "" for lab in labels]),
-                 has_label=np.array([lab is not None for lab in labels]), skipped=np.array(skipped),
-                 seeded=np.array(seeded))
-        os.replace(tmp, cache)
+        with replaced_atomically(cache, stacked.nbytes, suffix=".npz") as tmp:  # np.savez adds .npz to other names
+            np.savez(tmp, images=stacked, texts=np.array([t or "" for t in texts]),
+                     has_text=np.array([t is not None for t in texts]), labels=np.array([lab or "" for lab in labels]),
+                     has_label=np.array([lab is not None for lab in labels]), skipped=np.array(skipped),
+                     seeded=np.array(seeded))
     return torch.from_numpy(stacked), texts, labels, skipped, seeded
 
 

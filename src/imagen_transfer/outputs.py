@@ -124,20 +124,28 @@ def _disk_full(path: Path, needed: int | None) -> OSError:
                    "space and rerun", str(path))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` beside `path` and rename it into place (the module's rule): a crash or a full disk leaves the
-    old file or the new one, never half of one, and no temporary file behind."""
+@contextmanager
+def replaced_atomically(path: Path, needed: int | None = None, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path` (ending in `suffix`, for writers that insist on one) for the block to write;
+    renamed onto `path` when the block ends, removed when it fails, a full disk reported as one line naming `path`
+    (disk_full_as_oserror). The module's rule: readers see the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}{suffix}")
     try:
-        with disk_full_as_oserror(path, len(text.encode())), open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with disk_full_as_oserror(path, needed):
+            yield tmp
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`text` written to `path` through replaced_atomically, flushed to disk before the rename."""
+    with replaced_atomically(path, len(text.encode())) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def remove_stale_partials(out: Path) -> int:
