@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import publish_fusion
 
+from imagen_transfer import openmp
 from imagen_transfer.evaluate import evaluate
 
 FIELDS = ("fid", "kid_mean", "kid_std", "precision", "recall", "conditioning_accuracy")
@@ -79,6 +80,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/autoguidance")
     p.add_argument("--table", default=None)
     args = p.parse_args()
+    openmp.auto_threads()  # results, not timings: the thread count follows the load as the command line's does
     rows = rows_of(args)
     if args.cfg is None:
         args.cfg = json.loads((Path(args.out) / "eval-0.json").read_text())["sampling"]["guidance"]

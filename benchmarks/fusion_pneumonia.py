@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from imagen_transfer import openmp
 from imagen_transfer.cascade import load_cascade, save_cascade
 from imagen_transfer.evaluate import evaluate
 from imagen_transfer.fusion import merge_cascades
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/fusion")
     p.add_argument("--table", default=None)
     args = p.parse_args()
+    openmp.auto_threads()  # results, not timings: the thread count follows the load as the command line's does
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     source, tuned, second = load_cascade(args.source), load_cascade(args.finetuned), load_cascade(args.second)

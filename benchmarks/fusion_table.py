@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import publish_fusion
 
+from imagen_transfer import openmp
 from imagen_transfer.cascade import load_cascade, save_cascade
 from imagen_transfer.evaluate import evaluate
 from imagen_transfer.fusion import merge_cascades
@@ -103,6 +104,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/fusion-table")
     p.add_argument("--table", default=None)
     args = p.parse_args()
+    openmp.auto_threads()  # results, not timings: the thread count follows the load as the command line's does
     rows = []
     for path in [*args.autoguidance, args.soup]:  # the soup's single is autoguidance's, the same model and protocol
         rows += [r for r in read_rows(path) if r["name"] not in {seen["name"] for seen in rows}]

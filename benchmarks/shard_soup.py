@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import publish_fusion
 
+from imagen_transfer import openmp
 from imagen_transfer.cascade import load_cascade, save_cascade
 from imagen_transfer.config import load_config
 from imagen_transfer.evaluate import evaluate
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/soup")
     p.add_argument("--table", default=None)
     args = p.parse_args()
+    openmp.auto_threads()  # results, not timings: the thread count follows the load as the command line's does
     whole = Path(args.single) if args.single else finetune(args, "all", 1)
     parts = [finetune(args, f"shard-{k}", args.shards, f"data.shards={args.shards}",
                       f"data.shard={k}") for k in range(args.shards)]

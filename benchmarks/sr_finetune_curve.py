@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+from imagen_transfer import openmp
 from imagen_transfer.cascade import save_cascade
 from imagen_transfer.evaluate import evaluate
 from imagen_transfer.jobs.demo import FULL, finetune_config
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--table", type=Path, default=None)
     args = parser.parse_args()
+    openmp.auto_threads()  # results, not timings: the thread count follows the load as the command line's does
     if args.every < 1 or args.sr_steps < args.every:
         parser.error("--every must be between 1 and --sr-steps")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from imagen_transfer import openmp
 from imagen_transfer.cascade import load_cascade
 from imagen_transfer.data import resize, to_float
 from imagen_transfer.datasets import load_dataset
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=None, help="default: the cascade's")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    openmp.auto_threads()  # results, not timings: the thread count follows the load as the command line's does
     if args.real_lowres == args.split:
         parser.error("--real-lowres needs a split other than --split (whose images are the reference)")
 

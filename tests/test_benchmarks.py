@@ -48,6 +48,21 @@ def test_every_benchmark_script_has_a_smoke_test():
     assert scripts <= tested, f"no smoke test for {sorted(scripts - tested)}"
 
 
+# Scripts that time contenders side by side (a thread count that moved mid-run would time the load, not the code)
+# or only start commands (which follow the load themselves) or run on a GPU.
+FIXED_COUNT = {"fid_speed.py", "guidance_cost.py", "inception_bf16.py", "gpu_mfu.py", "finetune_methods.py"}
+
+
+def test_benchmarks_that_compute_in_process_choose_their_threads():
+    """A benchmark that trains, samples or probes in its own process calls openmp.auto_threads() (the thread count
+    follows the load, or IMAGEN_TRANSFER_THREADS) or fixes the count itself: at torch's default beside another job
+    the probe's small heads ran ~70x slower (7.7 against 0.11 s per step)."""
+    loose = [p.name for p in sorted(BENCHMARKS.glob("*.py"))
+             if "from imagen_transfer" in (text := p.read_text()) and p.name not in FIXED_COUNT | {"common.py"}
+             and not any(call in text for call in ("openmp.auto_threads()", "torch.set_num_threads("))]
+    assert not loose, f"these benchmarks compute at torch's default thread count: {loose}"
+
+
 def test_train_throughput(tmp_path):
     out = _run("train_throughput.py", "--preset", "tiny", "--steps", "1", "--repeats", "1", "--batch", "4",
                "--threads", "1", "--out", tmp_path / "t.md")
