@@ -22,9 +22,7 @@ from torchmetrics.image.fid import _compute_fid
 
 import imagen_transfer  # noqa: F401  (first: it configures OpenMP before torch loads it)
 from imagen_transfer.metrics import fid
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from under_load import cpu_name  # noqa: E402
+from imagen_transfer.openmp import cpu
 
 # (real, generated): --quick's evaluation, the demo's, `evaluate` on cifar10 (N = 500 against its 10k test images),
 # and two sets larger than d
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
               f"| {r['fid']:.4f} | {r['gap']:.1e} |")
     if args.out:
         args.out.write_text(json.dumps(dict(
-            machine=f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}", dim=args.dim,
+            machine=f"{cpu()['name']}, {torch.get_num_threads()} threads, torch {torch.__version__}", dim=args.dim,
             repeats=args.repeats, command="python benchmarks/fid_speed.py " + " ".join(argv or sys.argv[1:]),
             rows=rows), indent=1) + "\n")
 

@@ -26,9 +26,7 @@ import torch
 import imagen_transfer  # noqa: F401  (first: it configures OpenMP before torch loads it)
 from imagen_transfer.datasets import load_dataset
 from imagen_transfer.metrics import extract_features, fid, kid, load_feature_net, precision_recall
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from under_load import cpu_name  # noqa: E402
+from imagen_transfer.openmp import cpu
 
 
 def blurred(images: torch.Tensor) -> torch.Tensor:
@@ -97,7 +95,7 @@ def main() -> None:
               f"{a['precision']:.3f} / {a['recall']:.3f} | {b['precision']:.3f} / {b['recall']:.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(dict(
-            cpu=cpu_name(), threads=torch.get_num_threads(), images=len(everything), n_real=len(real),
+            cpu=cpu(), threads=torch.get_num_threads(), images=len(everything), n_real=len(real),
             images_per_s=speed, speedup=speed["bf16"] / speed["fp32"], seconds=seconds,
             feature_change=dict(median=float(drift.median()), max=float(drift.max())), rows=rows,
             command="python " + " ".join([os.path.relpath(__file__), *sys.argv[1:]])), indent=1))

@@ -37,7 +37,6 @@ import argparse
 import importlib.util
 import json
 import multiprocessing as mp
-import platform
 import resource
 import statistics
 import sys
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import our_step, plain_diffusers_step, publish, timed_steps  # noqa: E402
 
 from imagen_transfer.memory import peak_memory_mb  # noqa: E402
+from imagen_transfer.openmp import cpu  # noqa: E402
 
 TRAIN = ("ours", "ours-fp32", "ours-freeze", "ours-freeze3", "plain", "plain-cached", "plain-bf16", "imagen-pytorch",
          "imagen-pytorch-bf16")
@@ -318,9 +318,8 @@ def main() -> None:
                 result = measure(task, name, options)
                 results[task][name].append(result)
                 print(f"[repeat {repeat + 1}/{args.repeats}] {task} {name}: {result}", flush=True)
-    cpu = platform.processor() or platform.machine()
     lines = [f"# Our base stage against the peers (preset `{args.preset}`, batch {args.batch}, {args.threads} threads)",
-             "", f"device: CPU ({cpu}; AMX bf16: {torch.cpu._is_amx_tile_supported()}), torch {torch.__version__}; "
+             "", f"device: CPU ({cpu()['name']}; AMX bf16: {torch.cpu._is_amx_tile_supported()}), torch {torch.__version__}; "
              f"{args.repeats} alternating repeats, each contender in a fresh process; wall time "
              f"{time.time() - started:.0f} s", ""]
     if train_names:

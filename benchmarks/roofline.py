@@ -31,11 +31,11 @@ from common import our_step, publish  # noqa: E402
 from imagen_transfer.cascade import load_cascade  # noqa: E402
 from imagen_transfer.config import load_config  # noqa: E402
 from imagen_transfer.diffusion import denoise  # noqa: E402
+from imagen_transfer.openmp import cpu  # noqa: E402
 from imagen_transfer.step import Captioned  # noqa: E402
 from imagen_transfer.text import cat_encodings, load_text_encoder  # noqa: E402
 from imagen_transfer.unet import precision_choice  # noqa: E402
 
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 FAMILIES = {  # operator name fragments -> family, first match wins
     "convolution / matmul (compute-bound)": ("convolution", "mkldnn_conv", "::mm", "bmm", "addmm", "matmul", "linear"),
     "optimizer and EMA (foreach, fused AdamW)": ("_foreach", "adam", "lerp", "addcdiv", "addcmul"),
@@ -43,13 +43,6 @@ FAMILIES = {  # operator name fragments -> family, first match wins
     "activations and elementwise": ("gelu", "silu", "add", "mul", "sub", "div", "softmax", "exp", "sigmoid", "where"),
     "copies and layout": ("copy_", "_to_copy", "contiguous", "cat", "clone", "fill_", "zero_", "empty"),
 }
-
-
-def cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return dict(name=name, cores=os.cpu_count(), flags=[f for f in FLAGS if f in flags])
 
 
 def best_seconds(fn, repeats: int = 5) -> float:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from imagen_transfer.openmp import cpu  # stdlib only: torch still loads in the worker
 
 # name -> environment added to the training process (the competing load always runs with none of it)
 SETTINGS = {
@@ -123,15 +124,8 @@ def time_command(args) -> None:
     print(f"\n| command | alone (s) | beside a 2-thread load (s) | slowdown |\n|---|---|---|---|\n"
           f"| `{args.command}` | {results['alone']['seconds']} | {results['loaded']['seconds']} | {slowdown:.2f}x |")
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(cpu=cpu_name(), cores=os.cpu_count(), command=args.command,
+        Path(args.out).write_text(json.dumps(dict(cpu=cpu(), command=args.command,
                                                   load=LOAD, slowdown=round(slowdown, 2), **results), indent=1))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -170,7 +164,7 @@ def main() -> None:
     for row in rows:
         print(f"| {row['setting']} | {row['alone_images_per_s']} | {row['loaded_images_per_s']} | {row['slowdown']}x |")
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(cpu=cpu_name(), cores=os.cpu_count(), steps=args.steps,
+        Path(args.out).write_text(json.dumps(dict(cpu=cpu(), steps=args.steps,
                                                   batch=args.batch, repeats=args.repeats, load=LOAD, rows=rows),
                                              indent=1))
 

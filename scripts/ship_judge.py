@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import torch
 
 from imagen_transfer.errors import UserError
 from imagen_transfer.judge import JUDGE_VERSION, SHIPPED, judge_key, load_or_train_judge
+from imagen_transfer.openmp import cpu
 from imagen_transfer.sources import open_source
 
 
@@ -54,22 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{info['trained_on']}.", "",
             f"- data file: `{source.path.name}`, content key `{source.fingerprint}`",
             f"- accuracy on the real `{info['real_split']}` split: **{info['real_accuracy']:.4f}**",
-            f"- wall time {wall:.0f} s (training and its real-split accuracy) on {_cpu()}, "
+            f"- wall time {wall:.0f} s (training and its real-split accuracy) on {cpu()['name']}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}",
             "", "judge.json holds the same facts; evaluate reports them beside the conditioning accuracy."]
     with open(os.path.join(target, "README.md"), "w") as f:
         f.write("\n".join(card) + "\n")
     print(json.dumps(dict(folder=target, **info), indent=1))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        info = open("/proc/cpuinfo").read()
-    except OSError:
-        return platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
 
 
 if __name__ == "__main__":

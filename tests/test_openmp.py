@@ -49,6 +49,17 @@ def test_configure_on_an_environment_records_the_choice(monkeypatch):
     assert openmp.record()["OMP_WAIT_POLICY"] == "PASSIVE" and "PASSIVE" in openmp.describe()
 
 
+def test_cpu_names_the_model_and_the_kernel_tiers_it_has(tmp_path):
+    info = tmp_path / "cpuinfo"  # two cores of a machine with AVX2 and AVX512-BF16 but no AMX
+    core = "processor\t: {}\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\n"
+    info.write_text(core.format(0) + core.format(1))
+    c = openmp.cpu(info)
+    assert c["name"] == "Example CPU 9000" and c["flags"] == ["avx2", "avx512f", "avx512_bf16"] and c["cores"] >= 1
+    missing = openmp.cpu(tmp_path / "none")  # no /proc (macOS, Windows): still a name, no flags
+    assert missing["name"] and missing["flags"] == []
+    assert openmp.record()["cpu"] == openmp.cpu() and openmp.describe().startswith(f"CPU: {openmp.cpu()['name']} (")
+
+
 # --- the thread count chosen from the load (openmp.auto_threads / adapt) ---
 
 @pytest.mark.parametrize("cores, busy, threads", [

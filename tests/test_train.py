@@ -332,6 +332,7 @@ def test_auto_precision_runs_here_and_is_recorded_with_its_reason(pneumonia_npz,
     start = next(r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == "start")
     assert start["precision"] == resolve_precision("auto", cuda=False) and start["precision_reason"].startswith("auto")
     assert start["openmp"]["threads"] == torch.get_num_threads() and start["openmp"]["set_by"]  # how threads wait
+    assert start["openmp"]["cpu"]["name"] and start["openmp"]["torch"] == torch.__version__  # what a time ran on
     assert load_cascade(run / "cascade").stages[0].unet.dtype == torch.float32  # trained, saved, loadable
 
 

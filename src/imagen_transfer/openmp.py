@@ -15,11 +15,16 @@ The thread count is the lever, so the command line chooses it from the load (`au
 `adapt` reads how many cores other processes kept busy since its last look (/proc/stat less this process's own CPU
 time) and runs one thread per core they left free, at least one. IMAGEN_TRANSFER_THREADS=N, OMP_NUM_THREADS or
 train.threads fix the count instead; a library caller's own torch.set_num_threads is never overridden.
+
+`cpu` names the CPU (model, cores, the instruction sets torch's kernels choose by) for a run's start record and the
+benchmarks' tables: a time compares only on the same CPU (environment notes: an AMD EPYC without AMX trained bf16
+1.32x faster than fp32, an Intel Xeon with AMX differently).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +33,8 @@ SPINCOUNT: str | None = None  # a value to set when the user set none; None: lib
 VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 THREADS_VARIABLE = "IMAGEN_TRANSFER_THREADS"  # "auto" (the command line's default) or a fixed count
 EVERY_S = 2.0  # how often `adapt` looks at the load: /proc/stat counts in 10 ms ticks, 2 cores x 2 s = 400 of them
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # the tiers torch's CPU kernels pick from
 
 _chosen: dict = {}
 _auto: dict = dict(on=False)
@@ -138,16 +145,36 @@ def adapt(every_s: float = EVERY_S) -> int | None:
     return n
 
 
+def cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """{name, cores, flags}: the CPU's model name (from Linux's /proc/cpuinfo, else what `platform` knows), the cores
+    this process may use, and which of CPU_FLAGS it has. Reads no torch: benchmarks call it before torch loads."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        lines = []
+
+    def field(key: str) -> str | None:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), None)
+    flags = (field("flags") or "").split()
+    return dict(name=field("model name") or platform.processor() or platform.machine() or "unknown",
+                cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                flags=[f for f in CPU_FLAGS if f in flags])
+
+
 def record() -> dict:
-    """The process's threads, how they are chosen and the OpenMP wait settings, for a run's start record."""
+    """The process's threads, how they are chosen, the OpenMP wait settings, the CPU and torch's version, for a
+    run's start record."""
     import torch  # here, not at the top: configure() must run before torch loads libgomp
 
-    return dict(threads=torch.get_num_threads(), thread_choice=_auto.get("how", "torch's default"), **_chosen)
+    return dict(threads=torch.get_num_threads(), thread_choice=_auto.get("how", "torch's default"), **_chosen,
+                cpu=cpu(), torch=torch.__version__)
 
 
 def describe() -> str:
-    """One line for a run's start: threads and how they wait."""
+    """One line for a run's start: the CPU, its threads and how they wait."""
     r = record()
     wait = ", ".join(f"{k}={r[k]}" for k in VARIABLES if k in r) or "libgomp's defaults"
-    return (f"CPU: {r['threads']} threads ({r['thread_choice']}), OpenMP wait {wait} (set by {r['set_by']}; "
+    c = r["cpu"]
+    return (f"CPU: {c['name']} ({c['cores']} cores; {', '.join(c['flags']) or 'none of ' + '/'.join(CPU_FLAGS)}), "
+            f"{r['threads']} threads ({r['thread_choice']}), OpenMP wait {wait} (set by {r['set_by']}; "
             "OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment override it)")
