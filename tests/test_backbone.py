@@ -293,7 +293,7 @@ def test_the_classification_backbone_probe_and_its_command(tmp_path, tiny_cascad
         assert [p["n_labels"] for p in r["label_efficiency"]["0.1"]] == [4, 4]  # 10% of each class, 2 seeds
         assert [p["n_labels"] for p in r["label_efficiency"]["1.0"]] == [40, 40]
         assert 0 < r["parameters"] and 0 <= r["test"]["accuracy"] <= 1
-    assert result["stage"] == "base" and result["blocks"] == ["mid", "up0"]
+    assert result["stage"] == "base" and result["blocks"] == ["mid", "up0"] and result["machine"]["cpu"]["name"]
     assert main(["probe", "--model", str(tiny_cascade_dir), "--data", str(data), "--backbone", "--backbone-steps", "2",
                  "--seeds", "2", "--labelled", "10%", "all", "--out", str(out), "--resume"]) == 0  # all read back
     resumed = json.loads((out / "probe-classification.json").read_text())

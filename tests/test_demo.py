@@ -26,6 +26,7 @@ def test_demo_runs_every_phase_into_one_report(tiny_cascade_dir, tmp_path):
     assert set(summary["kid"]) == {"source", "fine-tuned", "autoguidance 2.5 (step 1)"}  # the table's winner only
     assert set(summary["probe_test_accuracy"]) == {"source", "fine-tuned", "random", "pixels"}
     assert summary["timings_s"]["total"] > 0 and len(summary["timings_s"]) == 6
+    assert summary["machine"]["cpu"]["name"] and summary["machine"]["threads"] >= 1  # what the timings ran on
     for name in ("eval-0-source.json", "eval-1-finetuned.json", "eval-2-autoguidance.json", "report.html",
                  "cascade/cascade.json", "features/probe-classification.json"):
         assert (run / name).is_file(), name

@@ -384,6 +384,7 @@ def test_cli_features_and_probe_on_a_dense_data_set(tmp_path, tiny_cascade_dir, 
     assert main(["probe", "--features", str(out), "--task", "segmentation", "--steps", "3", "--sets", "scratch",
                  "--scratch", "--labelled", "2", "all", "--seeds", "2", "--out", str(tmp_path / "scratch")]) == 0
     scratch = json.loads((tmp_path / "scratch" / "probe-segmentation.json").read_text())
+    assert scratch["machine"]["cpu"]["name"] and scratch["machine"]["threads"] >= 1  # what the fits ran on
     assert list(scratch["sets"]) == ["scratch"] and [len(v) for v in scratch["sets"]["scratch"]["label_efficiency"]
                                                      .values()] == [2, 2]
     capsys.readouterr()

@@ -11,6 +11,8 @@ import pytest
 import torch
 from conftest import REPO, make_npz
 
+from imagen_transfer import openmp
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -136,6 +138,7 @@ def test_probe_learns_toy_classes_and_writes_outputs(feature_dir):
     assert len(result["label_efficiency"]["pixels"]["0.1"]) == 3
     assert (feature_dir / "heatmap-tiny.png").is_file() and (feature_dir / "label_efficiency.png").is_file()
     assert "| pixels | pixels |" in (feature_dir / "probe-classification.md").read_text()
+    assert json.loads((feature_dir / "probe-classification.json").read_text())["machine"]["cpu"] == openmp.cpu()
     retrieval = run_probe(feature_dir, task="retrieval", progress=False)["retrieval"]
     assert retrieval["pixels"]["test"]["recall@1"] > 0.9
 

@@ -37,6 +37,7 @@ from .errors import MissingSplit, UserError
 from .fits import finish_journal, fit_key, open_journal
 from .interop import open_model
 from .openmp import adapt as adapt_threads
+from .openmp import record as machine
 from .outputs import write_atomic
 from .probe import VAL_FROM_TRAIN, _head, classification_scores
 from .probe_report import LABEL_FRACTIONS, efficiency_table
@@ -225,6 +226,7 @@ def run_backbone(model: str, data: str | DataSource, out: str | Path, *, referen
     result = probe_backbone(model, data, out=out, **kwargs)
     if reference:
         result["reference"] = reference
+    result["machine"] = machine()  # this process's CPU and threads (a resumed probe's earlier fits: its journal's)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "probe-classification.json", json.dumps(result, indent=1))

@@ -44,6 +44,7 @@ from .errors import UserError
 from .features import FeatureFolder, downsampling_factor, open_features
 from .fits import FitJournal, finish_journal, fit_key, open_journal
 from .interop import open_model
+from .openmp import record as machine
 from .outputs import write_atomic
 from .probe_report import dense_markdown, overlays
 from .protocol import check_fuse, choose, labelled_subset, standardise
@@ -335,7 +336,8 @@ def run_dense(features: str | Path | FeatureFolder, out: str | Path | None = Non
                         f"extract a {task} data set with `imagen-transfer features --data ...`")
     out = Path(out or features.path)
     result, chosen = probe_dense(features, out=out, **kwargs)
-    result.update(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"])
+    result.update(features=str(features), dataset=manifest["dataset"], stage=manifest["stage"],
+                  machine=machine())  # this process's CPU and threads (a resumed probe's earlier fits: its journal's)
     test = _extracted(manifest, "test")  # None when the data set changed since extraction: no wrong pairs drawn
     result["plots"] = [] if test is None else overlays(manifest, chosen, test, out, flip_test=result["flip_test"])
     write_atomic(out / f"probe-{task}.json", json.dumps(result, indent=1))

@@ -28,6 +28,7 @@ from .data import select_subset
 from .errors import UserError
 from .features import FeatureFolder, open_features
 from .openmp import adapt as adapt_threads
+from .openmp import record as machine
 from .outputs import write_atomic
 from .probe_report import LABEL_FRACTIONS, efficiency_plot, heatmap, probe_markdown
 from .protocol import check_fuse, choose, standardise
@@ -305,6 +306,7 @@ def run_probe(features: str | Path | FeatureFolder, *, task: str = "classificati
         raise UserError(f"unknown task '{task}' (classification | retrieval)")
     if reference:
         result["reference"] = reference
+    result["machine"] = machine()  # the CPU, threads and torch the scores and times came from
     write_atomic(out / f"probe-{task}.json", json.dumps(result, indent=1))
     write_atomic(out / f"probe-{task}.md", probe_markdown(result))
     return result

@@ -25,6 +25,7 @@ from ..config import load_config
 from ..errors import UserError
 from ..evaluate import evaluate
 from ..features import extract
+from ..openmp import record as machine
 from ..outputs import write_atomic
 from ..probe import run_probe
 from ..sources import open_source
@@ -150,6 +151,7 @@ def run_demo(out: str | Path | None = None, *, quick: bool = False, source: str 
     html_path, _ = _phase("5/5 report", timings, write_report, run)
     timings["total"] = round(time.time() - started, 1)
     summary = dict(quick=quick, source=source, data=data, method=method, settings=settings, timings_s=timings,
+                   machine=machine(),  # what the timings ran on: the CPU, its threads, torch's version
                    kid={k: v["kid_mean"] for k, v in results.items()},
                    conditioning_accuracy={k: v.get("conditioning_accuracy") for k, v in results.items()},
                    precision={k: v.get("precision") for k, v in results.items()},
