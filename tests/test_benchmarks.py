@@ -222,7 +222,8 @@ def test_frozen_recipes_table(tmp_path, tiny_cascade_dir):
             timesteps=[10, 100], baselines=(), progress=False)
     (tmp_path / "r" / "timings.jsonl").write_text(json.dumps(dict(name="base-k1", args="--stage base", features_s=1,
                                                                   probe_s=1, bytes=1000)) + "\n")
-    out = _run("frozen_recipes_table.py", tmp_path / "r", "--out", tmp_path / "t.md")
+    out = _run("frozen_recipes_table.py", tmp_path / "r", "--out", tmp_path / "t.md",
+               timeout=900)  # ~20 s alone; beside two busy jobs on 2 cores it passed 300 s (session 25)
     rows = table_rows(out)
     assert [r["head"] for r in rows] == ["linear", "linear, 3 best views", "mlp", "mlp, 3 best views"]
     assert rows[1]["view chosen"].count("@t") in (1, 3) and all(0 <= number(r["test acc"]) <= 1 for r in rows)
